@@ -1,0 +1,153 @@
+"""cl-tool checkpoints: one ``.safetensors`` file that rebuilds its model on its own.
+
+Layout: the model's full ``state_dict`` (parameters and buffers) as tensors, and in
+``__metadata__`` (string → string):
+
+- ``cl_tool.format``: ``"1"``
+- ``cl_tool.model``: JSON of :class:`cl_tool.models.ModelSpec` (arch, kwargs, input shape,
+  number of classes, mean/std normalisation, source builtin|timm)
+- ``cl_tool.history``: JSON list, one entry per command that produced this file (command,
+  data, penalty, λ, epochs, ...), oldest first
+- ``cl_tool.fingerprint``: :func:`cl_tool.safetensors_io.fingerprint` of the tensors
+- ``cl_tool.extra``: JSON dict for command-specific records (e.g. pruning scores/sparsity)
+
+A timm-style folder (``config.json`` + ``model.safetensors``, as ``timm.models.push_to_hf_hub``'s
+``save_for_hf`` writes) is accepted as input too. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_tool.errors import BadInputError, IncompatibleError
+from cl_tool.models import ModelSpec
+
+FORMAT_VERSION = "1"
+HISTORY_LIMIT = 50
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    state: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        from cl_tool.safetensors_io import fingerprint
+
+        if not hasattr(self, "_fp"):
+            self._fp = fingerprint(self.state)
+        return self._fp
+
+
+def _json_meta(metadata: dict[str, str], key: str, path, default):
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a cl-tool checkpoint file or a timm-style folder; validate its metadata."""
+    from cl_tool.safetensors_io import load_tensors
+
+    p = Path(path)
+    if p.is_dir():
+        return _load_timm_folder(p)
+    tensors, metadata = load_tensors(p, "Checkpoint")
+    if "cl_tool.model" not in metadata:
+        if metadata.get("cl_tool.sidecar"):
+            raise BadInputError(f"{p} is an importance sidecar, not a checkpoint; pass the model checkpoint (e.g. the file without '.importance').")
+        raise BadInputError(
+            f"Checkpoint {p} has no cl-tool model metadata; create checkpoints with `cl-tool init`, or put the weights in a timm folder (config.json + model.safetensors)."
+        )
+    spec = ModelSpec.from_dict(_json_meta(metadata, "cl_tool.model", p, {}))
+    history = _json_meta(metadata, "cl_tool.history", p, [])
+    extra = _json_meta(metadata, "cl_tool.extra", p, {})
+    ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {}, path=str(p))
+    return ckpt
+
+
+def _load_timm_folder(folder: Path) -> Checkpoint:
+    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
+    from cl_tool.safetensors_io import load_tensors
+
+    cfg_path = folder / "config.json"
+    weights = folder / "model.safetensors"
+    if not cfg_path.is_file():
+        raise BadInputError(f"Folder {folder} is not a timm model folder (no config.json); give a .safetensors checkpoint or a folder with config.json + model.safetensors.")
+    if not weights.is_file():
+        if (folder / "pytorch_model.bin").is_file():
+            raise BadInputError(f"Folder {folder} has only pytorch_model.bin; cl-tool reads safetensors only: convert it with safetensors.torch.save_file.")
+        raise BadInputError(f"Folder {folder} has no model.safetensors next to config.json.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        arch = cfg.get("architecture") or cfg["model_name"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{cfg_path} is not a valid timm config.json (needs JSON with an 'architecture' key).") from exc
+    pre = cfg.get("pretrained_cfg", {}) or {}
+    kwargs = dict(cfg.get("model_args", {}) or {})
+    num_classes = int(kwargs.pop("num_classes", cfg.get("num_classes", pre.get("num_classes", 1000))))
+    input_shape = tuple(int(x) for x in pre.get("input_size", (3, 224, 224)))
+    if "in_chans" in kwargs:
+        input_shape = (int(kwargs["in_chans"]),) + input_shape[1:]
+    if "img_size" in kwargs:
+        s = kwargs["img_size"]
+        s = (s, s) if isinstance(s, int) else tuple(s)
+        input_shape = (input_shape[0],) + tuple(int(v) for v in s)
+    mean = tuple(pre.get("mean", IMAGENET_MEAN))
+    std = tuple(pre.get("std", IMAGENET_STD))
+    if len(mean) != input_shape[0]:
+        mean, std = (0.5,) * input_shape[0], (0.5,) * input_shape[0]
+    spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, source="timm")
+    tensors, _ = load_tensors(weights, "Checkpoint")
+    return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+
+
+def instantiate(ckpt: Checkpoint):
+    """Build the model described by ``ckpt.spec`` and load its tensors, validating names, shapes and dtypes."""
+    from cl_tool.models import build_model
+
+    model = build_model(ckpt.spec)
+    expected = model.state_dict()
+    where = ckpt.path or "the checkpoint"
+    for name, ref in expected.items():
+        if name not in ckpt.state:
+            raise IncompatibleError(f"Checkpoint {where} lacks tensor {name!r} that architecture {ckpt.spec.arch} needs; it belongs to another model.")
+        got = ckpt.state[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise IncompatibleError(f"Tensor {name!r} in {where} has shape {list(got.shape)}, but {ckpt.spec.arch} needs {list(ref.shape)}; the file does not match its metadata.")
+        if got.dtype != ref.dtype and not (got.dtype.is_floating_point and ref.dtype.is_floating_point):
+            raise IncompatibleError(f"Tensor {name!r} in {where} has dtype {got.dtype}, but {ckpt.spec.arch} needs {ref.dtype}.")
+    unexpected = [k for k in ckpt.state if k not in expected]
+    if unexpected:
+        raise IncompatibleError(f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {ckpt.spec.arch} does not have; it belongs to another model.")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state.items()}, strict=True)
+    return model
+
+
+def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, state: dict[str, Any], history: list[dict[str, Any]], *,
+                    extra: dict[str, Any] | None = None, force: bool = False) -> str:
+    """Write a checkpoint atomically; return its fingerprint."""
+    from cl_tool.safetensors_io import fingerprint, save_tensors
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    fp = fingerprint(state)
+    metadata = {
+        "cl_tool.format": FORMAT_VERSION,
+        "cl_tool.model": json.dumps(spec.to_dict()),
+        "cl_tool.history": json.dumps(history[-HISTORY_LIMIT:]),
+        "cl_tool.fingerprint": fp,
+        "cl_tool.extra": json.dumps(extra or {}),
+    }
+    save_tensors(path, state, metadata, force=force)
+    return fp

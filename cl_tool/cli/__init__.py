@@ -1,0 +1,196 @@
+"""The ``cl-tool`` command line: one module per command, one error path for all of them.
+
+Importing this package must not import torch, timm or datasets (``cl-tool --help`` stays
+fast); the command functions import them inside.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cl_tool import __version__
+from cl_tool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED_INT, EXIT_USAGE, ClToolError, UsageError
+
+app = typer.Typer(
+    name="cl-tool",
+    help="Continue training a saved model on a new task without forgetting the old one (stabilized EWC), "
+         "compute weight importances, evaluate forgetting and prune - on safetensors checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog="Examples:\n\n"
+           "  cl-tool init --arch mlp --input-shape 1x28x28 -o a0.safetensors\n\n"
+           "  cl-tool train-next a0.safetensors --data ./task_a --penalty none -o a.safetensors\n\n"
+           "  cl-tool importance a.safetensors --data ./task_a --method fisher\n\n"
+           "  cl-tool train-next a.safetensors --data ./task_b --lambda 200 -o b.safetensors\n\n"
+           "  cl-tool evaluate a.safetensors b.safetensors --data A=./task_a --data B=./task_b\n\n"
+           "  cl-tool prune b.safetensors --by importance --sparsity 0.9 -o b90.safetensors\n\n"
+           "Global flags: --debug (show tracebacks), --version.",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"cl-tool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout with --json)."),
+):
+    """cl-tool: continual learning with stabilized EWC, importances and pruning from the shell."""
+    from cl_tool.output import set_quiet
+
+    set_quiet(quiet)
+
+
+def _register() -> None:
+    from cl_tool.cli import evaluate, importance, init, prune, train
+
+    app.command("init", epilog=init.EPILOG)(init.init)
+    app.command("train-next", epilog=train.EPILOG)(train.train_next)
+    app.command("importance", epilog=importance.EPILOG)(importance.importance)
+    app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
+    app.command("prune", epilog=prune.EPILOG)(prune.prune)
+
+
+_register()
+
+
+def _find_command(argv: list[str], names: set[str]) -> str | None:
+    for a in argv:
+        if a in names:
+            return a
+        if not a.startswith("-"):
+            return None
+    return None
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise UsageError("--config needs a file path.")
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def config_default_map(command, path: str) -> dict[str, Any]:
+    """Read a TOML (or YAML) config for ``command`` and map its keys onto click parameter names."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path} does not exist or is not a file.")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml  # type: ignore
+            except ImportError as exc:
+                raise UsageError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); or use TOML.") from exc
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text.decode("utf-8"))
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise UsageError(f"--config {path} is not valid TOML/YAML ({str(exc).splitlines()[0]}).") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold a table of option names and values.")
+    if command.name in data and isinstance(data[command.name], dict):
+        data = data[command.name]
+    by_key: dict[str, Any] = {}
+    for param in command.params:
+        if param.param_type_name != "option":
+            continue
+        for opt in param.opts + param.secondary_opts:
+            if opt.startswith("--"):
+                by_key[opt[2:]] = param
+                by_key[opt[2:].replace("-", "_")] = param
+        by_key.setdefault(param.name, param)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        param = by_key.get(key)
+        if param is None or param.name == "config":
+            valid = sorted({o[2:] for prm in command.params if prm.param_type_name == "option" for o in prm.opts if o.startswith("--") and o != "--config"})
+            raise UsageError(f"--config {path}: unknown key {key!r} for {command.name}; valid keys: {', '.join(valid)}.")
+        if getattr(param, "multiple", False) and not isinstance(value, list):
+            value = [value]
+        if isinstance(value, (dict,)):
+            raise UsageError(f"--config {path}: key {key!r} must be a value, not a table.")
+        out[param.name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turn known failures into one sentence and an exit code."""
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CL_TOOL_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    code = 0
+    try:
+        group = typer.main.get_command(app)
+        extra: dict[str, Any] = {}
+        cmd_name = _find_command(argv, set(group.commands))  # type: ignore[attr-defined]
+        cfg = _config_path(argv) if cmd_name else None
+        if cmd_name and cfg and not any(a in ("-h", "--help") for a in argv):
+            extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
+        rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        code = EXIT_INTERRUPTED_INT
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except ClToolError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(exc.message)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _print_error("Interrupted; nothing was written.")
+        code = EXIT_INTERRUPTED_INT
+    except Exception as exc:  # noqa: BLE001 - last resort: one sentence unless --debug
+        if debug:
+            raise
+        _print_error(f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback.")
+        code = EXIT_INTERNAL
+    finally:
+        _shutdown_distributed()
+    sys.exit(code)
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+def _shutdown_distributed() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+__all__ = ["app", "main", "EXIT_USAGE"]

@@ -1,0 +1,293 @@
+"""Datasets for cl-tool: Hugging Face ``datasets`` in, normalised image tensors out.
+
+``--data`` accepts a folder written by ``Dataset.save_to_disk`` (or a ``DatasetDict``), an
+``imagefolder`` folder, parquet/csv/json(l) files, or a hub id (online only). An optional
+``name=`` prefix names the task (``--data old=./task_a``).
+
+Images become float32 tensors of the model's input shape (C, H, W): PIL images are converted
+to L/RGB and resized (bilinear) when their size differs; array columns are reshaped when they
+hold exactly C·H·W values (integer arrays are read as 0..255, float arrays as 0..1).
+Task-deriving transforms act on the [0, 1] image, in this order: ``--rotate DEG``
+(counter-clockwise), ``--invert`` (x → 1 − x), ``--permute SEED`` (one fixed permutation of
+the H·W pixel positions, the same for every channel and sample). Then per-channel
+normalisation (x − mean) / std from the checkpoint. The whole task is held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_tool.errors import BadInputError, EnvironmentProblem, UsageError
+
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "pixels", "x", "input", "features")
+LABEL_COLUMN_NAMES = ("label", "labels", "target", "targets", "y", "class", "fine_label")
+_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+_SPLIT_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)?(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+@dataclass
+class TaskSpec:
+    """What the user asked for on the command line (one --data)."""
+
+    source: str
+    name: str | None = None
+    split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    permute: int | None = None
+    rotate: float | None = None
+    invert: bool = False
+    limit: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name or self.source,
+            "source": self.source,
+            "split": self.split,
+            "transforms": {"rotate": self.rotate, "invert": self.invert, "permute": self.permute},
+            "limit": self.limit,
+        }
+
+
+@dataclass
+class TaskData:
+    x: Any  # float32 (N, C, H, W), normalised
+    y: Any  # int64 (N,)
+    spec: TaskSpec
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def describe(self) -> dict[str, Any]:
+        d = self.spec.describe()
+        d.update(self.info)
+        d["samples"] = len(self)
+        return d
+
+
+def parse_data_option(value: str) -> tuple[str | None, str]:
+    """``name=path`` → (name, path); a plain path → (None, path)."""
+    if "=" in value:
+        name, _, rest = value.partition("=")
+        if re.fullmatch(r"[A-Za-z0-9_.-]+", name) and rest and not Path(value).exists():
+            return name, rest
+    return None, value
+
+
+def _parse_split(split: str | None) -> tuple[str | None, int | None, int | None]:
+    if not split:
+        return None, None, None
+    m = _SPLIT_RE.match(split.strip())
+    if not m:
+        raise UsageError(f"--split {split!r} is not understood; use a split name with an optional slice, e.g. train or train[:8000] or test[-2000:].")
+    to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
+    return m.group("name"), to_int(m.group("start")), to_int(m.group("stop"))
+
+
+def _load_raw(source: str, split_name: str | None):
+    """Return a ``datasets.Dataset`` for ``source`` (and chosen split)."""
+    import datasets
+
+    p = Path(source)
+    try:
+        if p.is_dir():
+            if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(str(p))
+            else:
+                ds = datasets.load_dataset("imagefolder", data_dir=str(p))
+        elif p.is_file():
+            builder = _FILE_BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                raise BadInputError(f"--data {source}: unsupported file type {p.suffix!r}; use a save_to_disk folder, an imagefolder, or parquet/csv/json files.")
+            ds = datasets.load_dataset(builder, data_files=str(p))
+        elif p.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")) or os.sep in source and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise BadInputError(f"--data {source} does not exist; check the path.")
+        else:
+            ds = _load_hub(source)
+    except BadInputError:
+        raise
+    except EnvironmentProblem:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"--data {source} could not be read as a dataset ({msg}).") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds.keys())
+        if split_name is None:
+            split_name = "train" if "train" in ds else names[0]
+            if len(names) > 1 and "train" not in ds:
+                raise UsageError(f"--data {source} has splits {names}; choose one with --split.")
+        if split_name not in ds:
+            raise UsageError(f"--split {split_name} is not in --data {source}; available splits: {', '.join(names)}.")
+        ds = ds[split_name]
+    elif split_name not in (None, "train", "all") and not p.exists():
+        pass
+    return ds, split_name
+
+
+def _load_hub(source: str):
+    import datasets
+
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise BadInputError(f"--data {source} does not exist; check the path.")
+    try:
+        return datasets.load_dataset(source)
+    except Exception as exc:  # noqa: BLE001 - hub failures come in many types
+        text = str(exc)
+        if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower() or "network" in text.lower() or "Max retries" in text:
+            raise EnvironmentProblem(f"--data {source} is not a local path and the Hugging Face Hub cannot be reached; download it on a connected machine and pass the local folder.") from exc
+        raise BadInputError(f"--data {source} is neither a local path nor a loadable hub dataset ({text.splitlines()[0] if text else type(exc).__name__}).") from exc
+
+
+def _find_column(ds, wanted: str | None, kind: str, option: str, names: tuple[str, ...], feature_types: tuple[str, ...]) -> str:
+    cols = list(ds.column_names)
+    if wanted:
+        if wanted not in cols:
+            raise BadInputError(f"{option} {wanted!r} is not a column of the dataset; its columns are {cols}.")
+        return wanted
+    for col, feat in ds.features.items():
+        if type(feat).__name__ in feature_types:
+            return col
+    for n in names:
+        if n in cols:
+            return n
+    raise BadInputError(f"The dataset has no {kind} column (columns: {cols}); name it with {option}.")
+
+
+def _to_array(value, c: int, h: int, w: int, row: int, source: str):
+    import numpy as np
+
+    if hasattr(value, "convert") and hasattr(value, "size"):  # PIL image
+        img = value.convert("L" if c == 1 else "RGB")
+        if img.size != (w, h):
+            img = img.resize((w, h), resample=2)  # bilinear
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise BadInputError(f"Image in row {row} of --data {source} is not a regular array; use an Image column or fixed-size pixel arrays.")
+    scale = 255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0
+    arr = arr.astype(np.float32) / scale
+    if arr.size == c * h * w:
+        if arr.ndim == 3 and arr.shape[-1] == c and arr.shape[0] == h and c != h:
+            arr = arr.transpose(2, 0, 1)
+        return arr.reshape(c, h, w)
+    if arr.ndim in (2, 3):
+        from PIL import Image
+
+        hw = arr if arr.ndim == 2 else arr
+        u8 = (np.clip(hw, 0, 1) * 255).round().astype(np.uint8)
+        return _to_array(Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0]), c, h, w, row, source)
+    raise BadInputError(f"Image in row {row} of --data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model.")
+
+
+def _rotate(x, degrees: float):
+    import torch
+    import torch.nn.functional as F
+
+    k = degrees / 90.0
+    if abs(k - round(k)) < 1e-9:
+        return torch.rot90(x, int(round(k)) % 4, dims=(2, 3)) if x.shape[2] == x.shape[3] or int(round(k)) % 2 == 0 else _rotate_general(x, degrees)
+    return _rotate_general(x, degrees)
+
+
+def _rotate_general(x, degrees: float):
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    t = math.radians(degrees)
+    theta = torch.tensor([[math.cos(t), math.sin(t), 0.0], [-math.sin(t), math.cos(t), 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def pixel_permutation(seed: int, n_pixels: int):
+    """The fixed permutation of ``n_pixels`` positions that ``--permute SEED`` applies."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_pixels, generator=g)
+
+
+def apply_task_transforms(x, spec: TaskSpec):
+    """Rotate, invert, permute a (N, C, H, W) batch of [0, 1] images as ``spec`` asks."""
+    if spec.rotate:
+        x = _rotate(x, float(spec.rotate))
+    if spec.invert:
+        x = 1.0 - x
+    if spec.permute is not None:
+        n, c, h, w = x.shape
+        perm = pixel_permutation(spec.permute, h * w)
+        x = x.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w)
+    return x
+
+
+def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, progress=None) -> TaskData:
+    """Load one task's data as normalised tensors of ``input_shape`` plus int64 labels."""
+    import numpy as np
+    import torch
+
+    split_name, start, stop = _parse_split(spec.split)
+    ds, split_name = _load_raw(spec.source, split_name)
+    img_col = _find_column(ds, spec.image_column, "image", "--image-column", IMAGE_COLUMN_NAMES, ("Image", "Array2D", "Array3D"))
+    lab_col = _find_column(ds, spec.label_column, "label", "--label-column", LABEL_COLUMN_NAMES, ("ClassLabel",))
+    if img_col == lab_col:
+        raise BadInputError(f"--data {spec.source}: the image and label columns are both {img_col!r}; set --image-column / --label-column.")
+    n_total = len(ds)
+    idx = range(n_total)[slice(start, stop)]
+    if spec.limit is not None:
+        idx = idx[: spec.limit]
+    if len(idx) == 0:
+        raise BadInputError(f"--data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset.")
+    if len(idx) != n_total:
+        ds = ds.select(idx)
+    c, h, w = input_shape
+    xs = np.empty((len(ds), c, h, w), dtype=np.float32)
+    ys = np.empty((len(ds),), dtype=np.int64)
+    ds = ds.select_columns([img_col, lab_col])
+    row = 0
+    for batch in ds.iter(batch_size=1024):
+        for img, lab in zip(batch[img_col], batch[lab_col]):
+            if lab is None:
+                raise BadInputError(f"Row {row} of --data {spec.source} has no label; remove unlabeled rows.")
+            try:
+                ys[row] = int(lab)
+            except (TypeError, ValueError) as exc:
+                raise BadInputError(f"Label {lab!r} in row {row} of --data {spec.source} is not an integer class id; encode labels as integers or a ClassLabel.") from exc
+            if img is None:
+                raise BadInputError(f"Row {row} of --data {spec.source} has no image.")
+            xs[row] = _to_array(img, c, h, w, row, spec.source)
+            row += 1
+        if progress:
+            progress(len(batch[lab_col]))
+    bad = ~np.isfinite(xs.reshape(len(xs), -1)).all(axis=1)
+    if bad.any():
+        raise BadInputError(f"Image in row {int(np.argmax(bad))} of --data {spec.source} has NaN or infinite pixel values; clean the data.")
+    x = apply_task_transforms(torch.from_numpy(xs), spec)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = (x - m) / s
+    info = {"split": split_name if start is None and stop is None else spec.split, "image_column": img_col, "label_column": lab_col}
+    if spec.name is None:
+        spec.name = Path(spec.source).name or spec.source
+    return TaskData(x=x, y=torch.from_numpy(ys), spec=spec, info=info)
+
+
+def check_labels(task: TaskData, num_classes: int, what: str = "--data") -> None:
+    """Refuse labels outside [0, num_classes)."""
+    lo, hi = int(task.y.min()), int(task.y.max())
+    if lo < 0 or hi >= num_classes:
+        from cl_tool.errors import IncompatibleError
+
+        bad = hi if hi >= num_classes else lo
+        raise IncompatibleError(
+            f"{what} {task.spec.source} has label {bad}, outside the model's {num_classes} classes (0..{num_classes - 1}); "
+            f"use a model with more classes (or --grow-head in train-next)."
+        )

@@ -1,0 +1,96 @@
+"""Known failures and their exit codes.
+
+Every command raises one of these for a failure the user can fix; the CLI turns it into a
+single sentence on stderr and the exit code below. Anything else is a bug: it exits 1 and
+``--debug`` shows the traceback. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+# Documented in README.md ("Exit codes"); tests/test_exit_codes.py checks each is produced.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_INCOMPATIBLE = 4
+EXIT_DIVERGED = 5
+EXIT_OUTPUT = 6
+EXIT_ENVIRONMENT = 7
+EXIT_GATE = 8
+EXIT_INTERRUPTED_INT = 130
+EXIT_INTERRUPTED_TERM = 143
+
+
+class ClToolError(Exception):
+    """A failure with a one-sentence message that says what is wrong and what to do."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(ClToolError):
+    """An option value or a combination of options is invalid."""
+
+    exit_code = EXIT_USAGE
+
+
+class BadInputError(ClToolError):
+    """An input file or dataset is missing, unreadable, corrupt or malformed."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class IncompatibleError(ClToolError):
+    """Inputs are each valid but do not belong together (fingerprints, classes, shapes)."""
+
+    exit_code = EXIT_INCOMPATIBLE
+
+
+class DivergedError(ClToolError):
+    """Training produced a non-finite loss or gradient; nothing was written."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class OutputError(ClToolError):
+    """An output cannot be written (exists without --force, is an input, disk full, ...)."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class EnvironmentProblem(ClToolError):
+    """The machine lacks something: a device, an optional package, network access."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class GateFailed(ClToolError):
+    """A quality gate (evaluate --fail-under-acc / --fail-over-forgetting) did not pass."""
+
+    exit_code = EXIT_GATE
+
+
+class Interrupted(ClToolError):
+    """SIGINT/SIGTERM arrived; a resumable state may have been written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+EXIT_CODE_TABLE = [
+    (EXIT_OK, "success"),
+    (EXIT_INTERNAL, "internal error (a bug): rerun with --debug and report the traceback"),
+    (EXIT_USAGE, "invalid option, option value, combination of options or config file"),
+    (EXIT_BAD_INPUT, "an input file or dataset is missing, unreadable, corrupt or malformed"),
+    (EXIT_INCOMPATIBLE, "inputs do not belong together (sidecar of another checkpoint, labels outside the model's classes, wrong shapes)"),
+    (EXIT_DIVERGED, "training diverged (non-finite loss or gradient); nothing was written"),
+    (EXIT_OUTPUT, "an output cannot be written (exists without --force, is one of the inputs, folder not writable, disk full)"),
+    (EXIT_ENVIRONMENT, "the machine lacks something (device, optional package, network)"),
+    (EXIT_GATE, "a quality gate failed (evaluate --fail-under-acc / --fail-over-forgetting)"),
+    (EXIT_INTERRUPTED_INT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
+    (EXIT_INTERRUPTED_TERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
+]

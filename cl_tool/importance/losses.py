@@ -1,0 +1,94 @@
+"""Per-sample losses whose gradients define the importance statistics.
+
+Every gradient-based statistic is written as a sum over *passes* ``k`` of a per-sample scalar
+loss ``ℓₙ⁽ᵏ⁾`` (shape ``(B, P)`` for a batch), and a per-element statistic ``f`` of its gradient:
+
+    S(θ) = Σₙ Σₖ f(∂ℓₙ⁽ᵏ⁾/∂θ),   f = square (fisher) or abs (mas).
+
+* ``fisher`` / ``empirical``: P = 1, ℓₙ = −log p(yₙ|xₙ) with the true label (nats).
+* ``fisher`` / ``sampled``:   P = 1, the same with yₙ ~ softmax(f(xₙ)) drawn once per batch.
+* ``fisher`` / ``exact``:     P = K (classes), ℓₙ⁽ʸ⁾ = √p(y|xₙ)·(−log p(y|xₙ)) with √p detached, so
+  Σ_y (∂ℓₙ⁽ʸ⁾/∂θ)² = Σ_y p(y|xₙ)·gₙ,ᵧ² — the expectation of the squared score under the model.
+* ``mas``:                    P = 1, ℓₙ = ‖o(xₙ)‖₂² with o = logits or softmax (squared output units).
+
+Fisher statistics are in nats²/parameter-unit², MAS in output-units²/parameter-unit (both per
+sample before :func:`finalize_importance` divides by the sample count).
+Functions here are pure and work unchanged on a single sample inside ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cl_tool.errors import IncompatibleError, UsageError
+
+FISHER_LABELS = ("empirical", "sampled", "exact")
+MAS_OUTPUTS = ("logits", "softmax")
+GRAD_METHODS = ("fisher", "mas")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which per-sample loss and which gradient statistic a method uses."""
+
+    method: str
+    fisher_labels: str = "empirical"
+    mas_output: str = "logits"
+
+    def __post_init__(self) -> None:
+        if self.method not in GRAD_METHODS:
+            raise UsageError(f"Importance method {self.method!r} has no per-sample loss; use one of {', '.join(GRAD_METHODS)}.")
+        if self.method == "fisher" and self.fisher_labels not in FISHER_LABELS:
+            raise UsageError(f"Unknown Fisher label mode {self.fisher_labels!r}; use one of {', '.join(FISHER_LABELS)}.")
+        if self.method == "mas" and self.mas_output not in MAS_OUTPUTS:
+            raise UsageError(f"Unknown MAS output {self.mas_output!r}; use one of {', '.join(MAS_OUTPUTS)}.")
+
+    @property
+    def stat(self) -> str:
+        """``"sq"`` (Σ g²) for Fisher, ``"abs"`` (Σ |g|) for MAS."""
+        return "sq" if self.method == "fisher" else "abs"
+
+    def passes(self, num_classes: int) -> int:
+        """Number P of per-sample losses (backward passes) per batch."""
+        return num_classes if (self.method == "fisher" and self.fisher_labels == "exact") else 1
+
+
+def stat_fn(stat: str):
+    """The element-wise statistic: ``sq`` → x², ``abs`` → |x|."""
+    return torch.square if stat == "sq" else torch.abs
+
+
+def make_targets(logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """Per-sample int64 targets for :func:`per_sample_losses` (shape ``(B,)``, on ``logits.device``).
+
+    ``empirical``: the true labels (checked against the number of classes); ``sampled``: one draw
+    per sample from softmax(logits) with ``generator`` (drawn on the generator's device, CPU by
+    default, so a seeded CPU generator gives the same labels on any device); otherwise zeros.
+    """
+    batch, num_classes = logits.shape
+    if spec.method == "fisher" and spec.fisher_labels == "empirical":
+        y = y.to(device=logits.device, dtype=torch.int64).reshape(-1)
+        if y.numel() != batch:
+            raise IncompatibleError(f"A batch has {batch} inputs but {y.numel()} labels; they must match.")
+        if batch and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise IncompatibleError(f"Labels must lie in 0..{num_classes - 1} (the model's classes) but a batch has {int(y.min())}..{int(y.max())}.")
+        return y
+    if spec.method == "fisher" and spec.fisher_labels == "sampled":
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        probs = torch.softmax(logits.detach().float(), dim=-1).to(gen_device)
+        return torch.multinomial(probs, 1, generator=generator).reshape(-1).to(logits.device)
+    return torch.zeros(batch, dtype=torch.int64, device=logits.device)
+
+
+def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """Per-sample, per-pass losses ``ℓ`` of shape ``(B, P)`` from float32 logits ``(B, K)``."""
+    if spec.method == "fisher":
+        logp = F.log_softmax(logits, dim=-1)
+        if spec.fisher_labels == "exact":
+            return -(0.5 * logp.detach()).exp() * logp  # √p(y|x)·(−log p(y|x)), √p constant
+        return -logp.gather(-1, targets.reshape(-1, 1))
+    out = logits if spec.mas_output == "logits" else torch.softmax(logits, dim=-1)
+    return out.square().sum(dim=-1, keepdim=True)

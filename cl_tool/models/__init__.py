@@ -1,0 +1,138 @@
+"""Model registry: built-in paper architectures by name, everything else through timm.
+
+``build_model(ModelSpec)`` rebuilds a model from what a checkpoint's metadata holds. A
+registry (not an if-chain) maps built-in names to builder functions; any other name is
+handed to ``timm.create_model`` with its keyword args.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+_BUILTIN: dict[str, Callable[..., Any]] = {}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def register_model(name: str):
+    """Decorator: register a builder ``fn(input_shape, num_classes, **kwargs) -> nn.Module``."""
+
+    def deco(fn):
+        _BUILTIN[name] = fn
+        return fn
+
+    return deco
+
+
+def builtin_names() -> list[str]:
+    _load_builtins()
+    return sorted(_BUILTIN)
+
+
+def _load_builtins() -> None:
+    from cl_tool.models import paper  # noqa: F401  (registers mlp and cnn)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model; stored as JSON in a checkpoint's metadata.
+
+    ``input_shape`` is (C, H, W); ``mean``/``std`` are per-channel normalisation applied to
+    images scaled to [0, 1].
+    """
+
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    source: str = "builtin"  # "builtin" or "timm"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        from cl_tool.errors import BadInputError
+
+        try:
+            spec = cls(
+                arch=str(d["arch"]),
+                kwargs=dict(d.get("kwargs") or {}),
+                input_shape=tuple(int(x) for x in d["input_shape"]),
+                num_classes=int(d["num_classes"]),
+                mean=tuple(float(x) for x in d.get("mean", (0.0,))),
+                std=tuple(float(x) for x in d.get("std", (1.0,))),
+                source=str(d.get("source", "builtin")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInputError(f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged.") from exc
+        if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
+            raise BadInputError(f"The checkpoint metadata has an invalid input shape {list(spec.input_shape)}; expected C,H,W with positive sizes.")
+        return spec
+
+
+def is_builtin(arch: str) -> bool:
+    _load_builtins()
+    return arch in _BUILTIN
+
+
+def build_model(spec: ModelSpec):
+    """Build an (untrained) ``nn.Module`` for ``spec``; raise a clear error for unknown names."""
+    from cl_tool.errors import BadInputError, UsageError
+
+    _load_builtins()
+    if spec.arch in _BUILTIN:
+        try:
+            return _BUILTIN[spec.arch](tuple(spec.input_shape), spec.num_classes, **spec.kwargs)
+        except TypeError as exc:
+            raise UsageError(f"Invalid --arch-arg for {spec.arch}: {exc}.") from exc
+    import timm
+
+    if not timm.is_model(spec.arch):
+        raise BadInputError(
+            f"Unknown architecture {spec.arch!r}: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
+        )
+    kwargs = dict(spec.kwargs)
+    kwargs.setdefault("in_chans", spec.input_shape[0])
+    try:
+        return timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise UsageError(f"timm could not build {spec.arch} with {kwargs}: {exc}.") from exc
+
+
+def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int, int] | None, num_classes: int | None) -> ModelSpec:
+    """Fill in input shape, classes and normalisation defaults for ``arch``."""
+    from cl_tool.errors import BadInputError
+
+    _load_builtins()
+    if arch in _BUILTIN:
+        shape = input_shape or (1, 28, 28)
+        return ModelSpec(arch=arch, kwargs=kwargs, input_shape=shape, num_classes=num_classes or 10,
+                         mean=(0.0,) * shape[0], std=(1.0,) * shape[0], source="builtin")
+    import timm
+
+    if not timm.is_model(arch):
+        raise BadInputError(
+            f"Unknown architecture {arch!r}: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
+        )
+    cfg = {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch).to_dict()  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - a model without a pretrained cfg is fine
+        cfg = {}
+    shape = input_shape or tuple(cfg.get("input_size", (3, 224, 224)))
+    c = shape[0]
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    if len(mean) != c:
+        mean, std = (0.5,) * c, (0.5,) * c
+    return ModelSpec(arch=arch, kwargs=kwargs, input_shape=tuple(shape), num_classes=num_classes or int(cfg.get("num_classes", 1000)),
+                     mean=mean, std=std, source="timm")

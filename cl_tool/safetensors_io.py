@@ -1,0 +1,119 @@
+"""Reading and writing safetensors files with careful validation and clear errors.
+
+The header is parsed by hand first (8-byte little-endian length, then JSON), so a
+truncated or foreign file gets one precise sentence instead of a library traceback.
+Nothing here unpickles anything. torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from cl_tool.errors import BadInputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{what} {p} does not exist; check the path.")
+    if p.is_dir():
+        raise BadInputError(f"{what} {p} is a directory, not a file; give the .safetensors file inside it.")
+    if p.stat().st_size == 0:
+        raise BadInputError(f"{what} {p} is empty (0 bytes); it was not written completely, regenerate it.")
+    if not os.access(p, os.R_OK):
+        raise BadInputError(f"{what} {p} is not readable; check its permissions.")
+    return p
+
+
+def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str, Any], dict[str, str]]:
+    """Return (tensor entries, ``__metadata__``) of a safetensors file, validating its layout.
+
+    Checks: the length prefix fits in the file, the header is a JSON object, every tensor's
+    byte range lies inside the data section and matches its dtype and shape.
+    """
+    p = check_input_file(path, what)
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise BadInputError(f"{what} {p} is too short to be a safetensors file ({size} bytes); it is truncated or not safetensors.")
+        (n,) = struct.unpack("<Q", prefix)
+        if n == 0 or n > MAX_HEADER_BYTES:
+            raise BadInputError(f"{what} {p} is not a safetensors file (invalid header length {n}); give a .safetensors file written by cl-tool or safetensors.")
+        if 8 + n > size:
+            raise BadInputError(f"{what} {p} is truncated: its header says {n} bytes but the file has {size - 8} after the length prefix; regenerate or re-download it.")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file.") from exc
+    if not isinstance(header, dict):
+        raise BadInputError(f"{what} {p} is not a safetensors file (its header is not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadInputError(f"{what} {p} has malformed metadata (must map strings to strings).")
+    data_len = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            numel = 1
+            for s in shape:
+                if int(s) < 0:
+                    raise ValueError
+                numel *= int(s)
+            ok = dtype in _DTYPE_SIZES and 0 <= start <= end <= data_len and end - start == numel * _DTYPE_SIZES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 \
+                    and isinstance(entry["data_offsets"][1], int) and entry["data_offsets"][1] > data_len:
+                raise BadInputError(f"{what} {p} is truncated: tensor {name!r} extends past the end of the file; regenerate or re-download it.")
+            raise BadInputError(f"{what} {p} is corrupt: the header entry of tensor {name!r} is invalid.")
+    return header, metadata
+
+
+def load_tensors(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate and load all tensors (on CPU) and the metadata of a safetensors file."""
+    _, metadata = read_header(path, what)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(f"{what} {path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it.") from exc
+    return tensors, metadata
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str], *, force: bool) -> None:
+    """Write tensors + metadata atomically (temp file in the same folder, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    from cl_tool.atomic import atomic_path
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path, force=force) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def fingerprint(tensors: dict[str, Any]) -> str:
+    """A 16-hex-digit BLAKE2b digest of names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()

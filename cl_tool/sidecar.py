@@ -1,0 +1,127 @@
+"""Sidecar importance files: ``<checkpoint stem>.importance.safetensors``.
+
+One float32 tensor Ω per trainable parameter name of the checkpoint, and in
+``__metadata__``:
+
+- ``cl_tool.sidecar``: ``"1"``
+- ``method`` (fisher, mas, si, signal, magnitude) and ``options`` (JSON: label mode, output, ξ, ...)
+- ``data``: JSON description of the data it was computed on (path, split, transforms, samples)
+- ``fingerprint``: fingerprint of the checkpoint whose parameters θ* it belongs to
+- ``tasks``: JSON list of every task accumulated into Ω so far (oldest first)
+- ``decay``: γ of the last accumulation (Ω = γ·Ω_prev + Ω_new; 1 = plain sum, the paper's rule)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_tool.errors import BadInputError, IncompatibleError
+
+SUFFIX = ".importance.safetensors"
+
+
+def default_sidecar_path(checkpoint_path: str | os.PathLike) -> Path:
+    """``a.safetensors`` → ``a.importance.safetensors``; a timm folder ``m/`` → ``m.importance.safetensors``."""
+    p = Path(checkpoint_path)
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(stem + SUFFIX)
+
+
+@dataclass
+class Sidecar:
+    tensors: dict[str, Any]
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    fingerprint: str = ""
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    decay: float = 1.0
+    path: str | None = None
+
+
+def save_sidecar(path: str | os.PathLike, sc: Sidecar, *, force: bool = False) -> None:
+    from cl_tool.safetensors_io import save_tensors
+
+    validate_values(sc.tensors, str(path))
+    metadata = {
+        "cl_tool.sidecar": "1",
+        "method": sc.method,
+        "options": json.dumps(sc.options),
+        "data": json.dumps(sc.data),
+        "fingerprint": sc.fingerprint,
+        "tasks": json.dumps(sc.tasks),
+        "decay": repr(float(sc.decay)),
+    }
+    save_tensors(path, {k: v.float() for k, v in sc.tensors.items()}, metadata, force=force)
+
+
+def validate_values(tensors: dict[str, Any], where: str) -> None:
+    """Refuse NaN, Inf or negative importances, naming the first offending tensor."""
+    import torch
+
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise BadInputError(f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower --lr or check the data) instead of using it.")
+        if (t < 0).any():
+            raise BadInputError(f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it.")
+
+
+def load_sidecar(path: str | os.PathLike) -> Sidecar:
+    from cl_tool.safetensors_io import load_tensors
+
+    tensors, meta = load_tensors(path, "Importance file")
+    if meta.get("cl_tool.sidecar") != "1":
+        if "cl_tool.model" in meta:
+            raise BadInputError(f"{path} is a checkpoint, not an importance sidecar; pass the .importance.safetensors file written by `cl-tool importance`.")
+        raise BadInputError(f"{path} is not a cl-tool importance sidecar (no 'cl_tool.sidecar' metadata); create it with `cl-tool importance`.")
+    try:
+        sc = Sidecar(
+            tensors={k: v.float() for k, v in tensors.items()},
+            method=meta["method"],
+            options=json.loads(meta.get("options", "{}")),
+            data=json.loads(meta.get("data", "null")),
+            fingerprint=meta["fingerprint"],
+            tasks=json.loads(meta.get("tasks", "[]")),
+            decay=float(meta.get("decay", "1.0")),
+            path=str(path),
+        )
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"Importance file {path} has malformed metadata ({exc!s}); recompute it with `cl-tool importance`.") from exc
+    validate_values(sc.tensors, str(path))
+    return sc
+
+
+def check_belongs_to(sc: Sidecar, fingerprint: str, checkpoint_path: str) -> None:
+    """Refuse a sidecar computed for other parameters than the anchor checkpoint's."""
+    if sc.fingerprint != fingerprint:
+        raise IncompatibleError(
+            f"Importance file {sc.path} belongs to another checkpoint (fingerprint {sc.fingerprint}, but {checkpoint_path} has {fingerprint}); "
+            f"recompute it with `cl-tool importance {checkpoint_path}`."
+        )
+
+
+def check_covers(sc: Sidecar, named_params: dict[str, Any], checkpoint_path: str) -> None:
+    """Every trainable parameter needs an importance tensor of its shape."""
+    for name, p in named_params.items():
+        if name not in sc.tensors:
+            raise IncompatibleError(f"Importance file {sc.path} has no entry for parameter {name!r} of {checkpoint_path}; recompute it for this checkpoint.")
+        if tuple(sc.tensors[name].shape) != tuple(p.shape):
+            raise IncompatibleError(
+                f"Importance of {name!r} in {sc.path} has shape {list(sc.tensors[name].shape)}, but the parameter has {list(p.shape)}; recompute it for this checkpoint."
+            )
+
+
+def combine(prev: Sidecar, new: dict[str, Any], decay: float) -> dict[str, Any]:
+    """Ω = γ·Ω_prev + Ω_new (γ = 1: the paper's multi-task sum; γ < 1: online EWC)."""
+    out = {}
+    for name, t in new.items():
+        if name not in prev.tensors:
+            raise IncompatibleError(f"--accumulate {prev.path} has no entry for parameter {name!r}; it was computed for a different architecture.")
+        if prev.tensors[name].shape != t.shape:
+            raise IncompatibleError(f"--accumulate {prev.path}: parameter {name!r} has shape {list(prev.tensors[name].shape)} there but {list(t.shape)} here.")
+        out[name] = decay * prev.tensors[name] + t
+    return out

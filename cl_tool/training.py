@@ -1,0 +1,404 @@
+"""The training loop behind ``train-next``: optimiser, schedule, penalty, AMP, guard, resume, DDP.
+
+Learning rate η in force at global step t (0-based), with ``warmup`` steps and T total steps:
+``constant``: η_t = η·min(1, (t+1)/warmup); ``cosine``: the same warm-up, then
+η_t = η·½(1 + cos(π·(t − warmup)/(T − warmup))). The stabilized penalty uses η_t.
+
+Data order: epoch e visits the samples in ``randperm(N)`` drawn from a generator seeded
+with (seed, e), so a resumed run sees exactly the batches an uninterrupted one would. Under
+torch.distributed each global batch of B samples is split into world-size contiguous
+shares; DDP averages the gradients, which equals the single-process mean gradient when B
+is divisible by the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cl_tool.errors import DivergedError, Interrupted, UsageError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 64
+    seed: int = 0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    eval_batch_size: int = 512
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer {self.optimizer} is unknown; use one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule {self.schedule} is unknown; use one of {', '.join(SCHEDULES)}.")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}.")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise UsageError("--momentum and --weight-decay must be non-negative.")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise UsageError("--nesterov needs --optimizer sgd with --momentum > 0.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}.")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise UsageError("--warmup-steps and --checkpoint-every must be non-negative.")
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """η_t for global step ``step`` (see module docstring)."""
+    warm = cfg.warmup_steps
+    if warm and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "cosine" and total_steps > warm:
+        frac = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    import torch
+
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def resolve_device(name: str):
+    """``auto`` → cuda if available, else mps, else cpu; validate explicit names."""
+    import torch
+
+    from cl_tool.errors import EnvironmentProblem
+
+    name = (name or "auto").strip()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"--device {name} was asked for but CUDA is not available on this machine; use --device cpu or auto.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick an index below that.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise EnvironmentProblem(f"--device {name} was asked for but MPS is not available on this machine; use --device cpu or auto.")
+    return dev
+
+
+def autocast_ctx(device, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def evaluate_task(model, x, y, *, device, batch_size: int = 512, precision: str = "fp32") -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on (x, y), batched, under inference_mode."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, int(y.shape[0])
+    with torch.inference_mode(), autocast_ctx(device, precision):
+        for i in range(0, n, batch_size):
+            xb = x[i:i + batch_size].to(device, non_blocking=True)
+            yb = y[i:i + batch_size].to(device, non_blocking=True)
+            out = model(xb).float()
+            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    model.train(was_training)
+    return correct / max(1, n), loss_sum / max(1, n)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (restores handlers on exit)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _check_finite_grads(params) -> bool:
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None,
+          eval_sets: list[tuple[str, Any, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
+          state_io=None, dist: DistInfo | None = None, progress=None) -> TrainResult:
+    """Train ``model`` on (x, y) with cross-entropy + penalty; return per-epoch records.
+
+    ``state_io`` (optional) has ``save(state: dict)`` and ``load() -> dict | None`` for resumable
+    state; ``masks`` maps parameter names to {0,1} tensors kept applied after every step.
+    Raises DivergedError on a non-finite loss/gradient, Interrupted on SIGTERM/SIGINT.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dist = dist or DistInfo()
+    cfg.validate()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    train_model = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = make_optimizer(cfg, params)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    n = int(y.shape[0])
+    if cfg.batch_size % dist.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({dist.world}).")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    mask_list = [(p, masks[nm].to(device, p.dtype)) for nm, p in named if masks and nm in masks]
+    x_dev, y_dev = x.to(device), y.to(device)
+
+    start_epoch, start_batch, global_step = 0, 0, 0
+    result = TrainResult(steps=0)
+    if state_io is not None:
+        st = state_io.load()
+        if st is not None:
+            start_epoch, start_batch, global_step = st["epoch"], st["batch"], st["global_step"]
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            torch.set_rng_state(st["rng"])
+            if si is not None and st.get("si"):
+                si.load_state_dict(st["si"])
+            result.epochs = st.get("epochs", [])
+
+    def snapshot(epoch: int, batch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "batch": batch, "global_step": global_step, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": torch.get_rng_state(), "si": si.state_dict() if si is not None else None, "epochs": result.epochs}
+
+    t_start = time.perf_counter()
+    model.train()
+    with _SignalFlag() as flag:
+        for epoch in range(start_epoch, cfg.epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=gen)
+            sum_loss = sum_task = 0.0
+            correct = seen = 0
+            t_epoch = time.perf_counter()
+            first = start_batch if epoch == start_epoch else 0
+            for b in range(first, steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                if dist.world > 1:
+                    share = math.ceil(len(idx) / dist.world)
+                    idx = idx[dist.rank * share:(dist.rank + 1) * share]
+                idx = idx.to(device)
+                xb, yb = x_dev[idx], y_dev[idx]
+                lr = lr_at(cfg, global_step, total_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                with autocast_ctx(device, cfg.precision):
+                    out = train_model(xb)
+                    task_loss = F.cross_entropy(out.float(), yb)
+                if not torch.isfinite(task_loss):
+                    raise DivergedError(_diverged_msg(global_step, epoch, "the loss", penalty, lr))
+                scaler.scale(task_loss).backward()
+                scaler.unscale_(opt)
+                if penalty is not None:
+                    penalty.add_gradient_(lr)
+                if cfg.precision != "fp16" and not _check_finite_grads(params):
+                    raise DivergedError(_diverged_msg(global_step, epoch, "a gradient", penalty, lr))
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if si is not None:
+                    si.pre_step()
+                scaler.step(opt)
+                scaler.update()
+                if si is not None:
+                    si.post_step()
+                if mask_list:
+                    with torch.no_grad():
+                        torch._foreach_mul_([p for p, _ in mask_list], [m for _, m in mask_list])
+                global_step += 1
+                bs = int(yb.shape[0])
+                sum_task += float(task_loss.detach()) * bs
+                correct += int((out.detach().argmax(1) == yb).sum())
+                seen += bs
+                if progress:
+                    progress(1)
+                if state_io is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and dist.is_main:
+                    state_io.save(snapshot(epoch, b + 1))
+                if flag.signum is not None:
+                    if state_io is not None and dist.is_main:
+                        state_io.save(snapshot(epoch, b + 1))
+                    name = "SIGTERM" if flag.signum == signal.SIGTERM else "SIGINT"
+                    saved = f"resumable state written to {state_io.path}; rerun the same command with --resume to continue" if state_io is not None else "nothing was written (use --checkpoint-every N to make runs resumable)"
+                    raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
+            pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
+            dt = time.perf_counter() - t_epoch
+            record = {"epoch": epoch + 1, "steps": global_step, "task_loss": sum_task / max(1, seen), "penalty": pen_val,
+                      "loss": sum_task / max(1, seen) + pen_val, "train_accuracy": correct / max(1, seen),
+                      "lr": lr_at(cfg, max(0, global_step - 1), total_steps), "samples_per_s": seen * dist.world / max(dt, 1e-9)}
+            for name, ex, ey in eval_sets:
+                acc, loss = evaluate_task(model, ex, ey, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+                record[f"eval/{name}/accuracy"] = acc
+                record[f"eval/{name}/loss"] = loss
+            result.epochs.append(record)
+            if log:
+                log(record)
+            model.train()
+    result.steps = global_step
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _diverged_msg(step: int, epoch: int, what: str, penalty, lr: float) -> str:
+    hint = "lower --lr"
+    if penalty is not None and penalty.kind in ("ewc", "online-ewc") and penalty.active:
+        bound = lr * penalty.lam * penalty.omega_max()
+        hint = f"η·λ·max Ω = {bound:.3g} (plain EWC under SGD diverges once it is ≥ 2): use --penalty stabilized or lower --lambda/--lr"
+    elif penalty is not None and penalty.active:
+        hint = "lower --lr or --lambda"
+    return f"Training diverged at step {step + 1} (epoch {epoch + 1}): {what} became NaN or infinite; nothing was written; {hint}."
+
+
+class ResumeState:
+    """Resumable training state in one safetensors file (no pickle): tensors + JSON metadata."""
+
+    def __init__(self, path: str | Path, *, fingerprint: str, config: dict[str, Any]):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.config = config
+
+    def save(self, st: dict[str, Any]) -> None:
+        from cl_tool.safetensors_io import save_tensors
+
+        tensors: dict[str, Any] = {f"model/{k}": v for k, v in st["model"].items()}
+        opt = st["optimizer"]
+        opt_meta = {"param_groups": opt["param_groups"], "state_keys": {}}
+        for idx, s in opt["state"].items():
+            keys = []
+            for k, v in s.items():
+                import torch
+
+                t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                tensors[f"opt/{idx}/{k}"] = t
+                keys.append([k, isinstance(v, torch.Tensor)])
+            opt_meta["state_keys"][str(idx)] = keys
+        tensors["rng/torch"] = st["rng"]
+        if st.get("si"):
+            for k, v in st["si"].items():
+                tensors[f"si/{k}"] = v
+        meta = {"cl_tool.resume": "1", "fingerprint": self.fingerprint, "config": json.dumps(self.config, sort_keys=True),
+                "position": json.dumps({"epoch": st["epoch"], "batch": st["batch"], "global_step": st["global_step"]}),
+                "optimizer": json.dumps(opt_meta), "scaler": json.dumps(st.get("scaler")), "epochs": json.dumps(st.get("epochs", []))}
+        save_tensors(self.path, tensors, meta, force=True)
+
+    def load(self) -> dict[str, Any] | None:
+        from cl_tool.errors import IncompatibleError
+        from cl_tool.safetensors_io import load_tensors
+
+        if not self.path.exists():
+            return None
+        tensors, meta = load_tensors(self.path, "Resume state")
+        if meta.get("cl_tool.resume") != "1":
+            from cl_tool.errors import BadInputError
+
+            raise BadInputError(f"{self.path} is not a cl-tool resume state; remove it or pass another --state-file.")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise IncompatibleError(f"Resume state {self.path} was written for another input checkpoint (fingerprint {meta.get('fingerprint')} vs {self.fingerprint}); delete it to start afresh.")
+        saved_cfg = json.loads(meta.get("config", "{}"))
+        if saved_cfg != json.loads(json.dumps(self.config, sort_keys=True)):
+            diff = sorted(k for k in set(saved_cfg) | set(self.config) if saved_cfg.get(k) != self.config.get(k))
+            raise IncompatibleError(f"Resume state {self.path} was written with other training options ({', '.join(diff)}); rerun with the same options or delete it.")
+        pos = json.loads(meta["position"])
+        opt_meta = json.loads(meta["optimizer"])
+        state = {}
+        for idx, keys in opt_meta["state_keys"].items():
+            state[int(idx)] = {k: (tensors[f"opt/{idx}/{k}"] if is_t else tensors[f"opt/{idx}/{k}"].item()) for k, is_t in keys}
+        scaler = json.loads(meta.get("scaler", "null"))
+        return {**pos, "model": {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+                "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]}, "scaler": scaler,
+                "rng": tensors["rng/torch"], "si": {k[len("si/"):]: v for k, v in tensors.items() if k.startswith("si/")} or None,
+                "epochs": json.loads(meta.get("epochs", "[]"))}
+
+    def remove(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            self.path.unlink()

@@ -1,0 +1,288 @@
+"""What ``cl-tool train-next`` does, separated from option parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from cl_tool.errors import BadInputError, IncompatibleError, OutputError, UsageError
+from cl_tool.output import Progress, emit_json, log, warn
+
+DEFAULT_LAMBDA = 100.0
+
+
+@dataclass
+class TrainNextArgs:
+    checkpoint: Path
+    data: list[str]
+    output: Path
+    penalty: str = "stabilized"
+    lam: Optional[float] = None
+    importance: Optional[Path] = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    epochs: int = 1
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    deterministic: bool = False
+    si_out: Optional[Path] = None
+    si_xi: float = 0.1
+    mask: Optional[Path] = None
+    grow_head: bool = False
+    eval_data: list[str] = field(default_factory=list)
+    log_json: Optional[Path] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    state_file: Optional[Path] = None
+    split: Optional[str] = None
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    permute: Optional[int] = None
+    rotate: Optional[float] = None
+    invert: bool = False
+    limit: Optional[int] = None
+    force: bool = False
+    json_out: bool = False
+
+
+def _validate(a: TrainNextArgs) -> None:
+    from cl_tool.penalty import PENALTIES
+    from cl_tool.training import TrainConfig
+
+    if a.penalty not in PENALTIES:
+        raise UsageError(f"--penalty {a.penalty} is unknown; use one of {', '.join(PENALTIES)}.")
+    if a.lam is not None and not (a.lam >= 0 and math.isfinite(a.lam)):
+        raise UsageError(f"--lambda must be a non-negative number, got {a.lam}.")
+    if a.penalty == "none" and a.importance is not None:
+        raise UsageError("--penalty none and --importance contradict each other; drop one.")
+    if a.penalty == "none" and a.lam:
+        raise UsageError("--penalty none and --lambda contradict each other; drop one.")
+    if not a.si_xi > 0:
+        raise UsageError(f"--si-xi must be positive, got {a.si_xi}.")
+    if a.resume and not (a.checkpoint_every or a.state_file):
+        pass  # --resume alone uses the default state path
+    if len(a.data) != 1:
+        raise UsageError(f"train-next takes exactly one --data (got {len(a.data)}); train tasks one after another.")
+    TrainConfig(**_train_config_kwargs(a)).validate()
+
+
+def _train_config_kwargs(a: TrainNextArgs) -> dict[str, Any]:
+    return dict(optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay, epochs=a.epochs,
+                batch_size=a.batch_size, seed=a.seed, schedule=a.schedule, warmup_steps=a.warmup_steps, grad_clip=a.grad_clip,
+                precision=a.precision, checkpoint_every=a.checkpoint_every)
+
+
+def default_state_path(output: Path) -> Path:
+    name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(name + ".resume.safetensors")
+
+
+def grow_classifier(ckpt, new_classes: int):
+    """Rebuild ``ckpt``'s model with ``new_classes`` outputs, copying every old tensor (old rows of the head)."""
+    import torch
+
+    from cl_tool.models import build_model
+
+    spec = ckpt.spec
+    if spec.arch == "mlp" and "sizes" in spec.kwargs:
+        sizes = [int(s) for s in str(spec.kwargs["sizes"]).split(",")]
+        sizes[-1] = new_classes
+        spec.kwargs["sizes"] = ",".join(map(str, sizes))
+    spec.num_classes = new_classes
+    model = build_model(spec)
+    new_state = model.state_dict()
+    grown = []
+    for name, old in ckpt.state.items():
+        new = new_state[name]
+        if tuple(new.shape) == tuple(old.shape):
+            new_state[name] = old
+        elif new.ndim == old.ndim and new.shape[1:] == old.shape[1:] and new.shape[0] > old.shape[0]:
+            t = new.clone()
+            t[: old.shape[0]] = old
+            new_state[name] = t
+            grown.append(name)
+        else:
+            raise IncompatibleError(f"--grow-head cannot map tensor {name!r} from {list(old.shape)} to {list(new.shape)}.")
+    model.load_state_dict(new_state)
+    ckpt.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, grown
+
+
+def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
+    import torch
+
+    from cl_tool import distributed
+    from cl_tool.atomic import check_output
+    from cl_tool.checkpoint import save_checkpoint
+    from cl_tool.cli._common import argv_text, data_specs, history_entry, seed_everything
+    from cl_tool.penalty import QuadraticPenalty, divergence_bound
+    from cl_tool.sidecar import Sidecar, check_belongs_to, check_covers, default_sidecar_path, load_sidecar, save_sidecar
+    from cl_tool.training import ResumeState, TrainConfig, train
+    from cl_tool.workflows.common import load_model, load_tasks, trainable
+
+    _validate(a)
+    inputs = [a.checkpoint, a.importance, a.mask]
+    check_output(a.output, force=a.force or a.resume, inputs=inputs)
+    if a.si_out is not None:
+        check_output(a.si_out, force=a.force or a.resume, inputs=inputs + [a.output], option="--si-out")
+    if a.log_json is not None and a.log_json.exists() and not (a.force or a.resume):
+        raise OutputError(f"--log-json {a.log_json} already exists; pass --force to overwrite it or choose another path.")
+    state_path = a.state_file or default_state_path(a.output)
+    if a.resume and not a.checkpoint_every and a.state_file is None and not state_path.exists():
+        warn(f"--resume: no resumable state at {state_path}; starting from the beginning.")
+
+    dist, device = distributed.setup(a.device)
+    if a.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(a.seed)
+    ckpt, model = load_model(a.checkpoint)
+    anchor_fp = ckpt.fingerprint
+    spec = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
+                      rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
+    (task,) = load_tasks([spec], ckpt.spec)
+    n_classes_data = int(task.y.max()) + 1
+    if int(task.y.min()) < 0:
+        raise IncompatibleError(f"--data {spec.source} has negative label {int(task.y.min())}; labels must be class ids 0..C-1.")
+    grown: list[str] = []
+    if n_classes_data > ckpt.spec.num_classes:
+        if not a.grow_head:
+            raise IncompatibleError(
+                f"--data {spec.source} has label {n_classes_data - 1}, outside the model's {ckpt.spec.num_classes} classes (0..{ckpt.spec.num_classes - 1}); "
+                f"pass --grow-head to add output rows."
+            )
+        model, grown = grow_classifier(ckpt, n_classes_data)
+        log(f"Grew the classifier to {n_classes_data} classes ({', '.join(grown)}); the new rows have importance 0.")
+    eval_specs = data_specs(a.eval_data) if a.eval_data else []
+    eval_tasks = load_tasks(eval_specs, ckpt.spec, num_classes=ckpt.spec.num_classes, what="--eval-data")
+    model.to(device)
+    named = trainable(model)
+
+    # ----- the penalty: find and check the importance sidecar -----
+    sidecar_path = a.importance or (None if a.penalty == "none" else default_sidecar_path(a.checkpoint))
+    pen = None
+    sc = None
+    lam = a.lam
+    if sidecar_path is not None:
+        if not sidecar_path.exists():
+            if a.importance is not None:
+                raise BadInputError(f"--importance {a.importance} does not exist; compute it with `cl-tool importance {a.checkpoint} --data ...`.")
+            if a.lam:
+                raise BadInputError(f"--lambda was given but there is no importance file {sidecar_path} beside {a.checkpoint}; compute it with `cl-tool importance` or pass --importance FILE.")
+            log(f"No importance file {sidecar_path}: training without a penalty (first task).")
+            sidecar_path = None
+        else:
+            sc = load_sidecar(sidecar_path)
+            check_belongs_to(sc, anchor_fp, str(a.checkpoint))
+            omegas = {}
+            for name, p in named.items():
+                om = sc.tensors.get(name)
+                if name in grown and om is not None and om.shape[0] < p.shape[0]:
+                    pad = torch.zeros_like(p, dtype=torch.float32, device="cpu")
+                    pad[: om.shape[0]] = om
+                    om = pad
+                omegas[name] = om
+            sc.tensors.update({k: v for k, v in omegas.items() if v is not None})
+            check_covers(sc, named, str(a.checkpoint))
+            lam = DEFAULT_LAMBDA if lam is None else lam
+            if a.penalty == "online-ewc" and sc.decay == 1.0:
+                warn("--penalty online-ewc with an importance file accumulated without --decay: this is plain EWC on summed importances.")
+            pen = QuadraticPenalty(a.penalty, list(named.values()), [p.detach() for p in named.values()],
+                                   [omegas[n] for n in named], lam)
+            bound = divergence_bound(pen.omega_max(), lam, a.lr)
+            if a.penalty in ("ewc", "online-ewc") and bound >= 2:
+                warn(f"η·λ·max Ω = {bound:.3g} ≥ 2: plain EWC can diverge (it does under SGD); consider --penalty stabilized or a lower --lambda/--lr.")
+    penalty_used = a.penalty if pen is not None and pen.active else "none"
+
+    si = None
+    if a.si_out is not None:
+        from cl_tool.importance import SIAccumulator
+
+        si = SIAccumulator(named, xi=a.si_xi)
+    masks = None
+    if a.mask is not None:
+        masks = load_mask(a.mask, named)
+
+    cfg = TrainConfig(**_train_config_kwargs(a))
+    run_cfg = {**_train_config_kwargs(a), "penalty": penalty_used, "lambda": lam, "data": spec.describe(), "world": dist.world}
+    state_io = ResumeState(state_path, fingerprint=anchor_fp, config=run_cfg) if (a.checkpoint_every or a.resume) else None
+    if state_io is not None and not a.resume and state_path.exists():
+        raise OutputError(f"A resumable state {state_path} exists from an earlier run; pass --resume to continue it or delete it.")
+
+    log_fh = None
+    if a.log_json is not None and dist.is_main:
+        log_fh = open(a.log_json, "a" if a.resume else "w", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        if log_fh is not None:
+            log_fh.write(json.dumps(rec) + "\n")
+            log_fh.flush()
+        if dist.is_main:
+            evals = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/") and k.endswith("/accuracy"))
+            log(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} (task {rec['task_loss']:.4f} + penalty {rec['penalty']:.4g}), "
+                f"train acc {rec['train_accuracy']:.4f}, lr {rec['lr']:.3g}, {rec['samples_per_s']:.0f} samples/s{(' | eval ' + evals) if evals else ''}")
+
+    steps = math.ceil(len(task) / a.batch_size) * a.epochs
+    try:
+        with Progress(f"training on {spec.name}", steps if dist.is_main else None) as bar:
+            result = train(model, task.x, task.y, cfg, device=device, penalty=pen, si=si, masks=masks,
+                           eval_sets=[(t.spec.name, t.x, t.y) for t in eval_tasks], log=on_epoch, state_io=state_io, dist=dist,
+                           progress=bar.advance if dist.is_main else None)
+    finally:
+        if log_fh is not None:
+            log_fh.close()
+
+    out: dict[str, Any] = {"output": str(a.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
+                           "importance": str(sidecar_path) if sidecar_path else None, "epochs": result.epochs, "steps": result.steps,
+                           "seconds": round(result.seconds, 3), "samples": len(task)}
+    if dist.is_main:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        hist = ckpt.history + [history_entry("train-next", argv=argv_text(), data=task.describe(), penalty=penalty_used,
+                                             **{"lambda": lam if penalty_used != "none" else None},
+                                             importance=str(sidecar_path) if sidecar_path else None,
+                                             importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
+                                             optimizer=a.optimizer, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed,
+                                             anchor_fingerprint=anchor_fp, grown=grown or None, mask=str(a.mask) if a.mask else None)]
+        extra = dict(ckpt.extra)
+        fp = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force or a.resume)
+        out["fingerprint"] = fp
+        if si is not None:
+            omega = {k: v.detach().float().cpu() for k, v in si.omega().items()}
+            task_rec = {"method": "si", "data": task.describe(), "checkpoint": str(a.output), "fingerprint": fp, "xi": a.si_xi}
+            save_sidecar(a.si_out, Sidecar(tensors=omega, method="si", options={"xi": a.si_xi}, data=task.describe(), fingerprint=fp,
+                                           tasks=[task_rec]), force=a.force or a.resume)
+            out["si_out"] = str(a.si_out)
+        if state_io is not None:
+            state_io.remove()
+        last = result.epochs[-1] if result.epochs else {}
+        log(f"Wrote {a.output} after {result.steps} steps in {result.seconds:.1f}s (penalty {penalty_used}"
+            f"{f', λ={lam:g}' if penalty_used != 'none' else ''}); final train acc {last.get('train_accuracy', float('nan')):.4f}.")
+        if a.json_out:
+            emit_json(out)
+    distributed.barrier()
+    return out
+
+
+def load_mask(path: Path, named: dict[str, Any]) -> dict[str, Any]:
+    """Read a mask file written by ``prune --mask-out`` (1 = keep, 0 = pruned) and check it fits."""
+    from cl_tool.safetensors_io import load_tensors
+
+    tensors, meta = load_tensors(path, "Mask file")
+    if meta.get("cl_tool.mask") != "1":
+        raise BadInputError(f"--mask {path} is not a cl-tool mask file; write one with `cl-tool prune --mask-out`.")
+    for name, m in tensors.items():
+        if name not in named:
+            raise IncompatibleError(f"--mask {path} has an entry for {name!r}, which the model does not have.")
+        if tuple(m.shape) != tuple(named[name].shape):
+            raise IncompatibleError(f"--mask {path}: {name!r} has shape {list(m.shape)}, the parameter {list(named[name].shape)}.")
+    return {k: v.to(named[k].dtype) for k, v in tensors.items()}
