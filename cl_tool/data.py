@@ -93,6 +93,8 @@ def _load_raw(source: str, split_name: str | None):
     """Return a ``datasets.Dataset`` for ``source`` (and chosen split)."""
     import datasets
 
+    datasets.disable_progress_bars()  # cl-tool shows its own, on terminals only
+
     p = Path(source)
     try:
         if p.is_dir():

@@ -54,13 +54,14 @@ def _root(
 
 
 def _register() -> None:
-    from cl_tool.cli import evaluate, importance, init, prune, train
+    from cl_tool.cli import demo, evaluate, importance, init, prune, train
 
     app.command("init", epilog=init.EPILOG)(init.init)
     app.command("train-next", epilog=train.EPILOG)(train.train_next)
     app.command("importance", epilog=importance.EPILOG)(importance.importance)
     app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
     app.command("prune", epilog=prune.EPILOG)(prune.prune)
+    app.command("demo-data", epilog=demo.EPILOG)(demo.demo_data)
 
 
 _register()
