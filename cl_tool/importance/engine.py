@@ -1,0 +1,234 @@
+"""Batch engines: one forward pass, hooks, one backward pass per loss pass, rules, fallback.
+
+``GradEngine`` (fisher, mas): for a batch x (B samples) it
+1. runs the model once with forward hooks on every layer a rule handles (``record_calls``),
+2. forms the per-sample losses ℓ (B, P) and, for each pass k, takes the gradient of Σₙ ℓₙ⁽ᵏ⁾
+   w.r.t. the recorded layer outputs — row n of that gradient is sample n's, because the loss is
+   a sum of per-sample terms and eval-mode layers do not mix samples,
+3. hands (input, output-gradient) pairs to the layer rules, additive taps serve ViT-style
+   token/position parameters, and the exact ``PerSampleFallback`` gets everything else.
+
+A layer rule is trusted for a parameter only if (a) the parameter belongs to that one module,
+(b) every call of the module this batch had a tensor input/output with B rows and an output
+in the graph, and (c) the graph uses the parameter exactly once per recorded call (no other,
+hidden use such as weight tying through a functional call). Otherwise the fallback is used.
+Models whose BatchNorm layers have no running statistics mix samples even in eval mode; all
+their parameters go through the fallback (statistic of each sample run on its own).
+
+``SignalEngine``: forward only, the rules' ``signal`` contributions summed over calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cl_tool.errors import IncompatibleError
+from cl_tool.importance.capture import record_calls, on_forward
+from cl_tool.importance.fallback import PerSampleFallback
+from cl_tool.importance.graph import AdditiveTap, GraphIndex
+from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses
+from cl_tool.importance.rules import Rule, rule_for
+
+
+@dataclass
+class RuleModule:
+    """A module handled by a rule; ``names`` maps its local parameter names to model names."""
+
+    module: nn.Module
+    rule: Rule
+    names: dict[str, str]
+
+
+@dataclass
+class Plan:
+    """Static view of a model: trainable parameters and the modules rules can handle."""
+
+    params: dict[str, nn.Parameter]
+    rule_modules: list[RuleModule]
+    exclusive: list[RuleModule]  # rule modules whose trainable parameters no other module owns
+    mixes_samples: bool
+    signal_owned: set[str] = field(default_factory=set)
+
+
+def make_plan(model: nn.Module) -> Plan:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    name_of = {id(p): n for n, p in params.items()}
+    owners: dict[int, set[int]] = defaultdict(set)
+    modules: dict[int, nn.Module] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        modules[id(m)] = m
+        for _, p in m.named_parameters(recurse=False):
+            owners[id(p)].add(id(m))
+    rule_modules, exclusive = [], []
+    for m in modules.values():
+        rule = rule_for(m)
+        local = {ln: name_of[id(p)] for ln, p in m.named_parameters(recurse=False) if id(p) in name_of}
+        if rule is None or not local:
+            continue
+        rm = RuleModule(m, rule, local)
+        rule_modules.append(rm)
+        if all(len(owners[id(params[n])]) == 1 for n in local.values()):
+            exclusive.append(rm)
+    mixes = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in modules.values())
+    owned = {n for rm in rule_modules for n in rm.names.values()}
+    return Plan(params, rule_modules, exclusive, mixes, owned)
+
+
+def _check_logits(logits, batch: int) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise IncompatibleError(f"The model must return logits of shape (batch, classes) but returned {shape}.")
+    return logits.float()
+
+
+def _usable(calls, batch: int) -> bool:
+    return bool(calls) and all(
+        c is not None and c.inp.shape[0] == batch and c.out.dim() > 0 and c.out.shape[0] == batch and c.out.requires_grad
+        for c in calls)
+
+
+class GradEngine:
+    """Accumulates Σₙ Σₖ f(∂ℓₙ⁽ᵏ⁾/∂θ) over batches for every trainable parameter (float32)."""
+
+    def __init__(self, model: nn.Module, spec: LossSpec, *, autocast=nullcontext, budget_bytes: int = 512 << 20,
+                 generator: torch.Generator | None = None):
+        self.model, self.spec, self.autocast = model, spec, autocast
+        self.budget_bytes, self.generator = budget_bytes, generator
+        self.plan = make_plan(model)
+        self.sums = {n: torch.zeros(p.shape, device=p.device) for n, p in self.plan.params.items()}
+        self.copy: set[nn.Module] = set()
+        self.fallback = PerSampleFallback(model, spec, autocast, budget_bytes)
+        self.fallback_names: set[str] = set()  # for reporting: parameters that needed the fallback
+
+    def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.plan.mixes_samples:
+            self._add_all_fallback(x, y)
+            return
+        batch = x.shape[0]
+        calls, logits = self._forward(x)
+        logits = _check_logits(logits, batch)
+        targets = make_targets(logits.detach(), y, self.spec, self.generator)
+        losses = per_sample_losses(logits, targets, self.spec)
+        if not losses.requires_grad:
+            return
+        graph = GraphIndex(losses.grad_fn)
+        ruled, rest = self._split(calls, graph, batch)
+        taps = {n: t for n in rest if (t := AdditiveTap.find(graph.consumers(self.plan.params[n]))) is not None}
+        fallback = [n for n in rest if n not in taps]
+        del graph
+        failed = self._backward_passes(losses, ruled, taps, batch)
+        fallback += failed
+        self.fallback_names.update(fallback)
+        for n, s in self.fallback.stats(fallback, x, targets, losses.shape[1]).items():
+            self.sums[n] += s
+
+    def _forward(self, x):
+        modules = [rm.module for rm in self.plan.exclusive]
+        for _ in range(2):
+            with record_calls(modules, self.copy) as calls, torch.enable_grad(), self.autocast():
+                logits = self.model(x)
+            overwritten = {m for m, cs in calls.items() if any(c is not None and c.overwritten() for c in cs)}
+            if not overwritten - self.copy:
+                return calls, logits
+            self.copy |= overwritten  # an in-place op overwrote a layer's output: redo with copies
+        return calls, logits
+
+    def _split(self, calls, graph: GraphIndex, batch: int):
+        """(rule modules whose calls cover their parameters, other used parameter names)."""
+        ruled, covered = [], set()
+        for rm in self.plan.exclusive:
+            cs = calls[rm.module]
+            uses = {n: len(graph.consumers(self.plan.params[n])) for n in rm.names.values()}
+            if not any(uses.values()):
+                covered.update(rm.names.values())  # not used this batch: exactly zero
+            elif _usable(cs, batch) and all(u == len(cs) for u in uses.values()):
+                ruled.append((rm, cs))
+                covered.update(rm.names.values())
+        rest = [n for n, p in self.plan.params.items() if n not in covered and graph.consumers(p)]
+        return ruled, rest
+
+    def _backward_passes(self, losses, ruled, taps, batch: int) -> list[str]:
+        """Run the P backward passes; add rule and tap statistics; return taps that failed."""
+        outs = [c.out for _, cs in ruled for c in cs]
+        tap_params = [self.plan.params[n] for n in taps]
+        if not outs and not tap_params:
+            return []
+        tap_sums = {n: torch.zeros_like(self.sums[n]) for n in taps}
+        failed: set[str] = set()
+        for t in taps.values():
+            t.attach()
+        f = torch.square if self.spec.stat == "sq" else torch.abs
+        try:
+            passes = losses.shape[1]
+            for k in range(passes):
+                grads = torch.autograd.grad(losses[:, k].sum(), outs + tap_params, retain_graph=k + 1 < passes,
+                                            allow_unused=True, materialize_grads=True)
+                self._apply_rules(ruled, grads[:len(outs)])
+                for n, t in taps.items():
+                    g = t.take(self.plan.params[n].shape, batch)
+                    if g is None:
+                        failed.add(n)
+                    elif n not in failed:
+                        tap_sums[n] += f(g).sum(0)
+        finally:
+            for t in taps.values():
+                t.detach()
+        for n, s in tap_sums.items():
+            if n not in failed:
+                self.sums[n] += s
+        return sorted(failed)
+
+    def _apply_rules(self, ruled, grads) -> None:
+        i = 0
+        for rm, cs in ruled:
+            pairs = [(c.inp, g) for c, g in zip(cs, grads[i:i + len(cs)])]
+            i += len(cs)
+            for local, s in rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes).items():
+                self.sums[rm.names[local]] += s
+
+    def _add_all_fallback(self, x, y) -> None:
+        logits = _check_logits(self.fallback.logits(x), x.shape[0])
+        targets = make_targets(logits, y, self.spec, self.generator)
+        names = list(self.plan.params)
+        self.fallback_names.update(names)
+        for n, s in self.fallback.stats(names, x, targets, self.spec.passes(logits.shape[1])).items():
+            self.sums[n] += s
+
+
+class SignalEngine:
+    """Accumulates the paper's signal statistic (forward only); see ``rules`` for each layer.
+
+    Parameters of no supported layer get |θ|·N (N samples seen): the linear rule for a weight
+    whose input is the constant 1 in every sample (a bias-like, additive parameter).
+    """
+
+    def __init__(self, model: nn.Module, *, autocast=nullcontext):
+        self.model, self.autocast = model, autocast
+        self.plan = make_plan(model)
+        self.sums = {n: torch.zeros(p.shape, device=p.device) for n, p in self.plan.params.items()}
+        self.count = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        by_module = {rm.module: rm for rm in self.plan.rule_modules}
+
+        def add(module, inp, out):
+            rm = by_module[module]
+            for local, s in rm.rule.signal(module, inp, out).items():
+                if local in rm.names:
+                    self.sums[rm.names[local]] += s
+
+        with torch.no_grad(), on_forward(list(by_module), add), self.autocast():
+            self.model(x)
+        self.count += x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = dict(self.sums)
+        for n, p in self.plan.params.items():
+            if n not in self.plan.signal_owned:
+                out[n] = p.detach().float().abs() * float(self.count)
+        return out

@@ -1,0 +1,89 @@
+"""Shared fixtures: an in-process CLI runner and small datasets/checkpoints made inside the tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_line(self) -> str:
+        lines = [ln for ln in self.err.splitlines() if ln.startswith("Error:")]
+        return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``cl-tool ARGS`` in this process (the same entry point as the console script)."""
+    from cl_tool.cli import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def run_subprocess(*args: str, cwd=None, env=None, timeout=300) -> Result:
+    """Run ``python -m cl_tool ARGS`` in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "cl_tool", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small MNIST-like DatasetDict on disk (train 1200, test 400)."""
+    import datasets
+
+    from cl_tool.demo import make_dataset
+
+    datasets.disable_progress_bars()
+    path = tmp_path_factory.mktemp("data") / "demo"
+    datasets.DatasetDict({"train": make_dataset(1200, seed=0), "test": make_dataset(400, seed=1)}).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_mlp(tmp_path_factory, demo_dir) -> Path:
+    """An MLP 784-64-10 trained briefly on the demo data (no penalty)."""
+    from cl_tool.cli import main
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    a0, a = folder / "a0.safetensors", folder / "a.safetensors"
+    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+                 ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(x) for x in argv])
+        assert exc.value.code == 0
+    return a
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def snapshot_dir(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every file in ``folder`` (to assert nothing appeared or changed)."""
+    return {str(p.relative_to(folder)): file_digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}

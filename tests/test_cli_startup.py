@@ -1,0 +1,40 @@
+"""`cl-tool --help` and every command's --help answer without importing torch, timm or datasets."""
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["init", "train-next", "importance", "evaluate", "prune", "demo-data"]
+
+PROBE = """
+import sys
+from cl_tool.cli import main
+try:
+    main({args!r})
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "timm", "datasets") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+print("CODE=" + str(code))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"]] + [[c, "--help"] for c in COMMANDS])
+def test_help_does_not_import_heavy_packages(args):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, timeout=120)
+    assert "CODE=0" in proc.stdout, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout
+    assert "Usage" in proc.stdout
+
+
+def test_every_command_help_has_examples(cli):
+    for c in COMMANDS:
+        r = cli(c, "--help")
+        assert r.code == 0
+        assert "Examples" in r.out and "cl-tool " + c in r.out
+
+
+def test_python_dash_m_works():
+    proc = subprocess.run([sys.executable, "-m", "cl_tool", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("cl-tool ")

@@ -1,0 +1,182 @@
+"""train-next for real jobs: penalty maths, divergence guard, resume after SIGTERM, torchrun/DDP, head growth."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import run_subprocess
+
+
+def test_stabilized_coefficient_never_overshoots():
+    from cl_tool.penalty import ewc_coefficient, stabilized_coefficient
+
+    omega = torch.logspace(-4, 6, 50)
+    for lam in (1.0, 100.0, 1e4):
+        for lr in (1e-3, 0.05, 1.0):
+            factor_stab = 1 - 2 * lr * stabilized_coefficient(omega, lam, lr)
+            assert torch.all(factor_stab > 0) and torch.all(factor_stab <= 1)
+            factor_ewc = 1 - 2 * lr * ewc_coefficient(omega, lam)
+            # plain EWC overshoots exactly where lr*lam*omega > 2
+            assert torch.equal(factor_ewc < -1, lr * lam * omega > 2)
+
+
+def test_penalty_gradient_and_value_match_autograd():
+    from cl_tool.penalty import QuadraticPenalty
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    anchors = [p.detach() + torch.randn_like(p) for p in params]
+    omegas = [torch.rand_like(p) * 10 for p in params]
+    for kind in ("ewc", "stabilized"):
+        pen = QuadraticPenalty(kind, params, anchors, omegas, lam=7.0)
+        lr = 0.03
+        coef = [(7.0 * o / 2) if kind == "ewc" else 7.0 * o / (2 * (1 + lr * 7.0 * o)) for o in omegas]
+        ref = sum((c * (p - a) ** 2).sum() for c, p, a in zip(coef, params, anchors))
+        for p in params:
+            p.grad = None
+        ref.backward()
+        expected = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        pen.add_gradient_(lr)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e)
+        assert pen.value(lr) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def anchored(tmp_path_factory, demo_dir):
+    """A trained MLP with a Fisher sidecar beside it."""
+    from cl_tool.cli import main
+
+    d = tmp_path_factory.mktemp("anch")
+    a0, a = d / "a0.safetensors", d / "a.safetensors"
+    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+                 ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a],
+                 ["importance", a, "--data", demo_dir, "--method", "fisher", "--device", "cpu", "--samples", "600"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(x) for x in argv])
+        assert exc.value.code == 0
+    return a
+
+
+def test_divergence_guard_plain_ewc_vs_stabilized(cli, anchored, demo_dir, tmp_path):
+    common = ["--data", f"{demo_dir}::permute=1", "--optimizer", "sgd", "--lr", "0.5", "--lambda", "1e6", "--epochs", "1",
+              "--device", "cpu", "--limit", "600"]
+    out_ewc = tmp_path / "ewc.safetensors"
+    r = cli("train-next", anchored, *common, "--penalty", "ewc", "-o", out_ewc)
+    assert r.code == 5, r.err
+    assert "diverged" in r.error_line and "stabilized" in r.error_line
+    assert "warning" in r.err  # the η·λ·max Ω bound was reported before training
+    assert not out_ewc.exists() and not any(p.name.startswith(".cl-tool-tmp") for p in tmp_path.iterdir())
+    out_st = tmp_path / "st.safetensors"
+    r = cli("train-next", anchored, *common, "--penalty", "stabilized", "-o", out_st, "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in res["epochs"])
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(anchored, demo_dir, tmp_path):
+    args = ["train-next", anchored, "--data", f"{demo_dir}::permute=2", "--epochs", "40", "--batch-size", "32", "--device", "cpu",
+            "--deterministic", "--lambda", "50", "--si-out"]
+    ref = tmp_path / "ref.safetensors"
+    r = run_subprocess(*args, tmp_path / "ref.si.safetensors", "-o", ref)
+    assert r.code == 0, r.err
+    out = tmp_path / "out.safetensors"
+    state = tmp_path / "out.resume.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "cl_tool", *map(str, args), tmp_path / "out.si.safetensors", "-o", out,
+                             "--checkpoint-every", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted; make the run longer"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume" in err and state.exists() and not out.exists()
+    r = run_subprocess(*args, tmp_path / "out.si.safetensors", "-o", out, "--checkpoint-every", "20", "--resume")
+    assert r.code == 0, r.err
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    si_a, si_b = _weights(tmp_path / "ref.si.safetensors"), _weights(tmp_path / "out.si.safetensors")
+    for k in si_a:
+        torch.testing.assert_close(si_a[k], si_b[k], rtol=1e-6, atol=1e-9)
+    assert not state.exists()  # removed after the successful finish
+
+
+def _torchrun(nproc, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+                           "-m", "cl_tool", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    return proc
+
+
+def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
+    common = ["--data", f"{demo_dir}::permute=3,limit=512", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--lambda", "10",
+              "--optimizer", "sgd", "--lr", "0.05"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    p1 = _torchrun(1, "train-next", anchored, *common, "-o", one)
+    assert p1.returncode == 0, p1.stderr
+    p2 = _torchrun(2, "train-next", anchored, *common, "-o", two)
+    assert p2.returncode == 0, p2.stderr
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    imp = ["--data", f"{demo_dir}::limit=300", "--method", "fisher", "--device", "cpu", "--batch-size", "32"]
+    i1, i2 = tmp_path / "i1.safetensors", tmp_path / "i2.safetensors"
+    p1 = _torchrun(1, "importance", one, *imp, "-o", i1)
+    assert p1.returncode == 0, p1.stderr
+    p2 = _torchrun(2, "importance", one, *imp, "-o", i2)
+    assert p2.returncode == 0, p2.stderr
+    a, b = _weights(i1), _weights(i2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-9)
+
+
+def test_grow_head(cli, anchored, tmp_path):
+    import datasets
+
+    from cl_tool.demo import make_dataset
+
+    ds = make_dataset(200, classes=12, seed=3)
+    path = tmp_path / "twelve"
+    ds.save_to_disk(str(path))
+    out = tmp_path / "g.safetensors"
+    r = cli("train-next", anchored, "--data", path, "--device", "cpu", "-o", out)
+    assert r.code == 4 and "--grow-head" in r.error_line and not out.exists()
+    r = cli("train-next", anchored, "--data", path, "--device", "cpu", "--grow-head", "-o", out)
+    assert r.code == 0, r.err
+    from cl_tool.checkpoint import load_checkpoint
+
+    old, new = load_checkpoint(anchored), load_checkpoint(out)
+    assert new.spec.num_classes == 12
+    w_old, w_new = old.state["net.3.weight"], new.state["net.3.weight"]
+    assert w_new.shape[0] == 12 and w_old.shape[0] == 10
+
+
+def test_log_json_and_eval_data(cli, anchored, demo_dir, tmp_path):
+    log = tmp_path / "log.jsonl"
+    out = tmp_path / "o.safetensors"
+    r = cli("train-next", anchored, "--data", f"{demo_dir}::permute=4,limit=300", "--epochs", "2", "--device", "cpu",
+            "--eval-data", f"old={demo_dir}::split=test", "--log-json", log, "--schedule", "cosine", "--warmup-steps", "3",
+            "--optimizer", "adamw", "--weight-decay", "0.01", "-o", out)
+    assert r.code == 0, r.err
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    for key in ("loss", "task_loss", "penalty", "lr", "samples_per_s", "eval/old/accuracy"):
+        assert key in lines[0]
+    assert lines[1]["lr"] < lines[0]["lr"]  # cosine decays
