@@ -35,6 +35,7 @@ float64 and integer scores in float64 (integers above 2**53 lose exactness).
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 import struct
@@ -64,6 +65,7 @@ _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _CHUNK = 1 << 20          # elements per chunk when locating the n-th tie
 _SAMPLE = 1 << 17         # size of the random sample that brackets the threshold
 _MIN_CAP = 1 << 20        # bracket size (elements) below which candidates are copied out
+_GUIDED = 8               # at most this many sample-guided probe pairs before plain bisection
 
 
 # ----------------------------------------------------------------------------- selection
@@ -290,11 +292,12 @@ def _sample(ts: list[torch.Tensor], total: int, cdtype: torch.dtype) -> torch.Te
     return torch.cat(parts).sort().values
 
 
-def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: float, hi_val: float) -> tuple[float, int]:
-    """Return ``(v, #{x < v})`` where ``v`` is the k-th smallest (1-based) of all values.
+def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: float, hi_val: float) -> tuple[float, int, list[int] | None]:
+    """Return ``(v, #{x < v}, eq)`` where ``v`` is the k-th smallest (1-based) of all values.
 
     ``ts`` are non-empty tensors without NaN whose overall minimum and maximum are
-    ``lo_val`` and ``hi_val``; ``1 <= k <= total number of elements``.
+    ``lo_val`` and ``hi_val``; ``1 <= k <= total number of elements``. ``eq[i]`` is the
+    number of elements of ``ts[i]`` equal to ``v`` when it came for free, else None.
     """
     keys = _Keys(cdtype)
     n_all = sum(t.numel() for t in ts)
@@ -303,19 +306,21 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
     hi, c_hi = keys.key(hi_val), n_all                         # invariant: #{<= value(hi)} >= k
 
     probes: list[int] = []
-    if n_all > cap:
-        smp = _sample(ts, _SAMPLE, cdtype)
-        s = smp.numel()
+    smp: list[float] = []
+    if n_all > cap and _SAMPLE > 0:
+        smp = _sample(ts, _SAMPLE, cdtype).tolist()
+        s = len(smp)
         p = k / n_all
         d = 4.0 * math.sqrt(s * p * (1.0 - p)) + 2.0
-        a = smp[max(0, min(s - 1, math.floor(p * s - d)))].item()
-        b = smp[max(0, min(s - 1, math.ceil(p * s + d)))].item()
+        a = smp[max(0, min(s - 1, math.floor(p * s - d)))]
+        b = smp[max(0, min(s - 1, math.ceil(p * s + d)))]
+        # Bracket [a, b]: count just below a and up to b (Floyd-Rivest style).
         probes = [keys.key(a) - 1, keys.key(b)]
-    tried_below_hi = False
+    guided = 0
 
     while True:
         if hi - lo <= 1:
-            return keys.value(hi), c_lo
+            return keys.value(hi), c_lo, None
         if c_hi - c_lo <= cap:
             break
         probe = None
@@ -323,10 +328,19 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
             q = probes.pop(0)
             if lo < q < hi:
                 probe = q
-        if probe is None and not tried_below_hi:
-            # Many ties at value(hi) keep the bracket large; one count just below settles it.
-            tried_below_hi = True
-            probe = hi - 1
+        if probe is None and smp and guided < _GUIDED:
+            # The bracket is still large (ties, or the sample missed): take the sampled
+            # value u at the target rank inside the bracket and isolate it by counting just
+            # below u and up to u. A heavily tied u is settled by these two counts.
+            lo_v = -math.inf if lo_virtual else keys.value(lo)
+            hi_v = keys.value(hi)
+            i0, i1 = bisect.bisect_right(smp, lo_v), bisect.bisect_right(smp, hi_v)
+            if i1 > i0:
+                guided += 1
+                q = (k - c_lo) / (c_hi - c_lo)
+                u = smp[min(i1 - 1, i0 + int(q * (i1 - i0)))]
+                probes = [keys.key(u) - 1, keys.key(u)]
+                continue
         if probe is None:
             probe = lo + (hi - lo) // 2
         c = _count_le(ts, keys.value(probe), cdtype)
@@ -338,20 +352,23 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
     hi_v = keys.value(hi)
     lo_v = None if lo_virtual else keys.value(lo)
     cand = torch.empty(c_hi - c_lo, dtype=cdtype, device=ts[0].device)
-    pos = 0
+    bounds = [0]
     for t in ts:
         f = _as(t, cdtype)
         sel = f <= hi_v
         if lo_v is not None:
             sel &= f > lo_v
         vals = f[sel]
+        pos = bounds[-1]
         cand[pos:pos + vals.numel()] = vals.to(cand.device)
-        pos += vals.numel()
+        bounds.append(pos + vals.numel())
         del f, sel, vals
-    assert pos == cand.numel()
+    assert bounds[-1] == cand.numel()
     v = cand.kthvalue(k - c_lo).values.item()
     c_lt = c_lo + int((cand < v).sum())
-    return v, c_lt
+    # Every element equal to v lies in the bracket, so the segments give the tie counts.
+    eq = [int((cand[a:b] == v).sum()) for a, b in zip(bounds, bounds[1:])]
+    return v, c_lt, eq
 
 
 def _nth_true(flat_bool: torch.Tensor, n: int) -> int:
@@ -369,17 +386,26 @@ def _select(items: list[tuple[str, torch.Tensor]], k: int, cdtype: torch.dtype, 
     """Keep-masks pruning exactly the k lowest scores (ties: earlier tensor, lower index)."""
     if k <= 0:
         return {name: torch.ones(t.shape, dtype=torch.bool, device=t.device) for name, t in items}
-    v, c_lt = _kth_smallest([t for _, t in items if t.numel()], k, cdtype, *minmax)
+    nonempty = [t for _, t in items if t.numel()]
+    v, c_lt, eq_counts = _kth_smallest(nonempty, k, cdtype, *minmax)
+    eq_iter = iter(eq_counts) if eq_counts is not None else None
     remaining = k - c_lt                       # elements equal to v still to prune
     masks = {}
     for name, t in items:
+        if t.numel() == 0:
+            masks[name] = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+            continue
         f = _flat(t, cdtype)
+        known = next(eq_iter) if eq_iter is not None else None
         if remaining == 0:
             keep = f >= v
+        elif known is not None and known <= remaining:
+            keep = f > v
+            remaining -= known
         else:
             keep = f > v
             eq = f == v
-            e = int(eq.sum())
+            e = int(eq.sum()) if known is None else known
             if e <= remaining:
                 remaining -= e
             else:

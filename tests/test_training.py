@@ -16,11 +16,12 @@ from tests.conftest import run_subprocess
 def test_stabilized_coefficient_never_overshoots():
     from cl_tool.penalty import ewc_coefficient, stabilized_coefficient
 
-    omega = torch.logspace(-4, 6, 50)
+    omega = torch.logspace(-4, 6, 50, dtype=torch.float64)
     for lam in (1.0, 100.0, 1e4):
         for lr in (1e-3, 0.05, 1.0):
             factor_stab = 1 - 2 * lr * stabilized_coefficient(omega, lam, lr)
-            assert torch.all(factor_stab > 0) and torch.all(factor_stab <= 1)
+            assert torch.all(factor_stab >= 0) and torch.all(factor_stab <= 1)
+            torch.testing.assert_close(factor_stab, 1 / (1 + lr * lam * omega))
             factor_ewc = 1 - 2 * lr * ewc_coefficient(omega, lam)
             # plain EWC overshoots exactly where lr*lam*omega > 2
             assert torch.equal(factor_ewc < -1, lr * lam * omega > 2)
@@ -120,7 +121,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(anchored, demo_dir, tmp_pa
 
 def _torchrun(nproc, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                            "-m", "cl_tool", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
     return proc
 

@@ -137,10 +137,11 @@ def config_default_map(command, path: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
-    import click
-
+    click = _click()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CL_TOOL_DEBUG") == "1"
+    if "-q" in argv or "--quiet" in argv:  # global flags, accepted anywhere on the line
+        argv = ["--quiet"] + [a for a in argv if a not in ("-q", "--quiet")]
     argv = [a for a in argv if a != "--debug"]
     code = 0
     try:
@@ -152,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
         rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         code = EXIT_INTERRUPTED_INT
     except click.exceptions.ClickException as exc:
         exc.show()
@@ -177,6 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         _shutdown_distributed()
     sys.exit(code)
+
+
+def _click():
+    """The click that typer uses (recent typer vendors it as typer._click)."""
+    try:
+        from typer import _click as click  # type: ignore[attr-defined]
+    except ImportError:  # typer < 0.20 uses the click package
+        import click
+    return click
 
 
 def _print_error(message: str) -> None:

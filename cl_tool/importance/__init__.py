@@ -115,7 +115,10 @@ def importance_sums(model: nn.Module, batches: Iterable, method: str, *, fisher_
             x, y = _batch_tensors(batch, device)
             if x.shape[0] == 0:
                 continue
-            engine.add_batch(x) if method == "signal" else engine.add_batch(x, y)
+            if method == "signal":
+                engine.add_batch(x)
+            else:
+                engine.add_batch(x, y)
             count += x.shape[0]
             if progress is not None:
                 progress(x.shape[0])

@@ -58,6 +58,11 @@ def _abs_sum_except(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
 
+def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """Concatenate several calls of a layer along the position axis (no copy for one call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def per_sample_outer_stat(G: torch.Tensor, A: torch.Tensor, f) -> torch.Tensor:
     """Σₙ f(gₙ aₙᵀ) = f(G)ᵀ f(A) for one position per sample (f multiplicative: x², |x|).
 
@@ -108,19 +113,24 @@ class LinearRule(Rule):
 
     def grad_stat(self, module, calls, stat, budget_bytes):
         f = stat_fn(stat)
-        A = torch.cat([a.float().reshape(a.shape[0], -1, module.in_features) for a, _ in calls], 1)
-        G = torch.cat([g.float().reshape(g.shape[0], -1, module.out_features) for _, g in calls], 1)
+        A = _cat_positions([a.float().reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
+        G = _cat_positions([g.float().reshape(g.shape[0], -1, module.out_features) for _, g in calls])
         batch, positions = A.shape[0], A.shape[1]
         out: dict[str, torch.Tensor] = {}
+        if positions == 1:
+            G, A = G[:, 0], A[:, 0]
+            fG = f(G)
+            if module.weight.requires_grad:
+                out["weight"] = fG.T @ f(A)
+            if module.bias is not None:
+                out["bias"] = fG.sum(0)
+            return out
         if module.weight.requires_grad:
-            if positions == 1:
-                out["weight"] = per_sample_outer_stat(G[:, None, 0], A[:, None, 0], f)[0]
-            else:
-                per = module.in_features * module.out_features + positions * (module.in_features + module.out_features)
-                step = chunk_size(per, budget_bytes, batch)
-                Gt, At = G.transpose(1, 2).unsqueeze(1), A.transpose(1, 2).unsqueeze(1)
-                out["weight"] = sum(per_sample_matmul_stat(Gt[s:s + step], At[s:s + step], stat)[0]
-                                    for s in range(0, batch, step))
+            per = module.in_features * module.out_features + positions * (module.in_features + module.out_features)
+            step = chunk_size(per, budget_bytes, batch)
+            Gt, At = G.transpose(1, 2).unsqueeze(1), A.transpose(1, 2).unsqueeze(1)
+            out["weight"] = sum(per_sample_matmul_stat(Gt[s:s + step], At[s:s + step], stat)[0]
+                                for s in range(0, batch, step))
         if module.bias is not None:
             out["bias"] = f(G.sum(1)).sum(0)
         return out
@@ -179,8 +189,8 @@ class ConvRule(Rule):
         weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device)
         bias = torch.zeros(c_out, device=weight.device)
         for s in range(0, batch, step):
-            P = torch.cat([self.patches(module, a[s:s + step].float()) for a, _ in calls], 2)
-            G = torch.cat([gr[s:s + step].float().reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
+            P = _cat_positions([self.patches(module, a[s:s + step].float()) for a, _ in calls], 2)
+            G = _cat_positions([gr[s:s + step].float().reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
             n = P.shape[0]
             P, G = P.reshape(n, g, ik, -1), G.reshape(n, g, c_out // g, -1)
             if module.weight.requires_grad:

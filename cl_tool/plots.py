@@ -1,0 +1,138 @@
+"""PNG plots of continual-learning results (matplotlib is optional: ``cl-tool[plot]``).
+
+matplotlib is imported inside the functions and rendered with the Agg canvas directly
+(no pyplot, no global backend switch). Each plot is rendered into memory and written
+atomically with :func:`cl_tool.atomic.write_bytes_atomic`, so a reader sees either no
+file or the complete PNG. An existing file is only replaced with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Mapping, Sequence
+
+from cl_tool.atomic import check_output, write_bytes_atomic
+from cl_tool.errors import EnvironmentProblem
+
+
+def _figure(figsize):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise EnvironmentProblem("--plot needs matplotlib: pip install 'cl-tool[plot]'.") from exc
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path, force: bool) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    write_bytes_atomic(path, buf.getvalue(), force=force)
+
+
+def _scale(values: Sequence[float]) -> tuple[float, str]:
+    """Upper end of the color scale and the annotation format: fractions or percent."""
+    top = max(values, default=1.0)
+    if top <= 1.0:
+        return 1.0, "{:.3f}"
+    if top <= 100.0:
+        return 100.0, "{:.1f}"
+    return top, "{:.3g}"
+
+
+def plot_accuracy_matrix(
+    R: Sequence[Sequence[float]],
+    stage_names: Sequence[str],
+    task_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    title: str | None = None,
+    option: str = "--plot",
+) -> None:
+    """Write a PNG: left, a heat map of ``R[stage][task]`` with each value printed;
+    right, each task's accuracy across stages (one line per task).
+
+    The color scale is 0..1 for fractions, 0..100 for percentages. ``stage_names`` and
+    ``task_names`` label the rows and columns (lengths must match ``R``). Raises
+    :class:`~cl_tool.errors.OutputError` if ``path`` exists and ``force`` is false
+    (``option`` names the flag in that message) and
+    :class:`~cl_tool.errors.EnvironmentProblem` if matplotlib is missing.
+    """
+    k = len(R)
+    m = len(R[0]) if k else 0
+    if k == 0 or m == 0 or any(len(row) != m for row in R):
+        raise ValueError("R must be a non-empty rectangular matrix")
+    if len(stage_names) != k or len(task_names) != m:
+        raise ValueError(f"need {k} stage names and {m} task names, got {len(stage_names)} and {len(task_names)}")
+    check_output(path, force=force, option=option)
+    values = [float(x) for row in R for x in row]
+    vmax, fmt = _scale([v for v in values if math.isfinite(v)])
+
+    fig = _figure((max(9.0, 4.0 + 1.2 * (m + k)), max(4.0, 1.5 + 0.5 * k)))
+    ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(m, 2), max(k, 3)]})
+    im = ax_h.imshow(R, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+    ax_h.set_xticks(range(m), [str(t) for t in task_names], rotation=45 if m > 4 else 0, ha="right" if m > 4 else "center")
+    ax_h.set_yticks(range(k), [str(s) for s in stage_names])
+    ax_h.set_xlabel("evaluated on task")
+    ax_h.set_ylabel("checkpoint after stage")
+    for i in range(k):
+        for j in range(m):
+            v = float(R[i][j])
+            light = math.isfinite(v) and v / vmax > 0.6
+            ax_h.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="black" if light else "white")
+    fig.colorbar(im, ax=ax_h, fraction=0.046, pad=0.04, label="accuracy")
+
+    xs = list(range(k))
+    for j in range(m):
+        ax_l.plot(xs, [float(R[i][j]) for i in range(k)], marker="o", label=str(task_names[j]))
+    ax_l.set_xticks(xs, [str(s) for s in stage_names], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax_l.set_xlabel("checkpoint after stage")
+    ax_l.set_ylabel("accuracy")
+    ax_l.set_ylim(0.0, vmax * 1.02)
+    ax_l.grid(True, alpha=0.3)
+    ax_l.legend(title="task", fontsize=8, loc="best")
+    fig.suptitle(title or "Accuracy per stage and task")
+    fig.tight_layout()
+    _save(fig, path, force)
+
+
+def plot_prune_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    title: str = "Accuracy vs sparsity",
+    *,
+    force: bool = False,
+    option: str = "--plot",
+) -> None:
+    """Write a PNG of accuracy (y) against sparsity (x), one line per score type.
+
+    ``curves`` maps a label (e.g. ``"ewc"``, ``"magnitude"``) to ``(sparsity,
+    accuracy)`` points; points are sorted by sparsity. Sparsity is drawn in percent when
+    given as a fraction (all values <= 1). Same errors as :func:`plot_accuracy_matrix`.
+    """
+    if not curves:
+        raise ValueError("curves is empty")
+    check_output(path, force=force, option=option)
+    all_x = [float(x) for pts in curves.values() for x, _ in pts]
+    all_y = [float(y) for pts in curves.values() for _, y in pts]
+    x_mul = 100.0 if all_x and max(all_x) <= 1.0 else 1.0
+    ymax, _ = _scale([y for y in all_y if math.isfinite(y)])
+
+    fig = _figure((7.0, 4.5))
+    ax = fig.subplots()
+    for label, pts in curves.items():
+        pts = sorted((float(x), float(y)) for x, y in pts)
+        ax.plot([x * x_mul for x, _ in pts], [y for _, y in pts], marker="o", label=str(label))
+    ax.set_xlabel("sparsity (%)" if x_mul == 100.0 else "sparsity")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, ymax * 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="scores", loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path, force)

@@ -1,0 +1,306 @@
+"""Pruning masks: exact count, deterministic ties, equality with a stable-sort reference."""
+
+import pytest
+import torch
+
+import cl_tool.pruning as P
+from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.pruning import (
+    DEFAULT_EXCLUDE,
+    apply_masks,
+    classifier_param_names,
+    global_masks,
+    layer_masks,
+    num_to_prune,
+    select_prunable,
+    sparsity_report,
+)
+
+SPARSITIES = [0.0, 0.1, 0.25, 0.5, 0.73, 0.9, 0.999]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_masks(scores, sparsity):
+    """First k positions of a stable ascending sort of the concatenated scores are pruned."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in scores.values()])
+    k = num_to_prune(flat.numel(), sparsity)
+    order = torch.sort(flat, stable=True).indices
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = False
+    out, pos = {}, 0
+    for name, t in scores.items():
+        out[name] = keep[pos:pos + t.numel()].view(t.shape)
+        pos += t.numel()
+    return out
+
+
+def assert_masks_equal(got, want):
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == torch.bool
+        assert got[name].shape == want[name].shape
+        assert torch.equal(got[name], want[name]), name
+
+
+def tie_scores(seed, shapes=((7, 9), (0,), (33,), (4, 3, 2, 2), (50, 11))):
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randint(0, 6, s, generator=g).float() for i, s in enumerate(shapes)}
+
+
+@pytest.fixture(params=["direct", "sampled", "bisection"])
+def small_cap(request, monkeypatch):
+    """Run each selection three ways: candidates copied out at once (small inputs), and
+    with a tiny candidate cap so the sample-guided probes, or pure bisection on the
+    float keys (sampling off), narrow the threshold first."""
+    if request.param != "direct":
+        monkeypatch.setattr(P, "_MIN_CAP", 5)
+    if request.param == "bisection":
+        monkeypatch.setattr(P, "_SAMPLE", 0)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize(
+    "n, s, k",
+    [(10, 0.25, 3), (10, 0.24, 2), (4, 0.125, 1), (8, 0.0625, 1), (10, 0.0, 0), (1, 0.5, 1), (1, 0.49, 0),
+     (86_567_656, 0.9, 77_910_890), (3, 0.999, 3), (0, 0.5, 0)],
+)
+def test_num_to_prune_rounds_half_up_on_the_decimal(n, s, k):
+    assert num_to_prune(n, s) == k
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), float("inf"), "0.5", None, True])
+def test_bad_sparsity(bad):
+    scores = tie_scores(0)
+    for fn in (global_masks, layer_masks):
+        with pytest.raises(UsageError, match=r"--sparsity must be"):
+            fn(scores, bad)
+
+
+def test_bad_sparsity_message():
+    with pytest.raises(UsageError) as exc:
+        global_masks(tie_scores(0), 1.5)
+    assert exc.value.message == "--sparsity must be in [0, 1), got 1.5."
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_global_matches_stable_sort_with_ties(seed, sparsity, small_cap):
+    scores = tie_scores(seed)
+    masks = global_masks(scores, sparsity)
+    assert_masks_equal(masks, reference_masks(scores, sparsity))
+    n = sum(t.numel() for t in scores.values())
+    _, total = sparsity_report(masks)
+    assert total.pruned == num_to_prune(n, sparsity)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_layer_matches_stable_sort_with_ties(seed, sparsity, small_cap):
+    scores = tie_scores(seed)
+    masks = layer_masks(scores, sparsity)
+    for name, t in scores.items():
+        assert_masks_equal({name: masks[name]}, reference_masks({name: t}, sparsity))
+        assert int((~masks[name]).sum()) == num_to_prune(t.numel(), sparsity)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_continuous_signed_and_special_values(sparsity, small_cap):
+    g = torch.Generator().manual_seed(7)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.0, -3.0])
+    scores = {
+        "a": torch.randn(40, 13, generator=g),
+        "b": special[torch.randint(0, 8, (200,), generator=g)],
+        "c": torch.randn(17, generator=g).abs(),
+        "d": torch.zeros(5, 5),
+    }
+    assert_masks_equal(global_masks(scores, sparsity), reference_masks(scores, sparsity))
+
+
+def test_mixed_dtypes_and_non_contiguous(small_cap):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 4, (30, 20), generator=g)
+    scores = {
+        "t": base.float().t(),                       # non-contiguous view
+        "h": torch.randint(0, 4, (64,), generator=g).half(),
+        "d": (torch.randint(0, 4, (25,), generator=g).double() + 1e-12),   # differs from 1.0f only in float64
+        "i": torch.randint(0, 4, (9,), generator=g),  # integer scores
+    }
+    for s in (0.2, 0.5, 0.8):
+        assert_masks_equal(global_masks(scores, s), reference_masks(scores, s))
+
+
+def test_float64_distinctions_are_kept():
+    # 1.0 and 1.0 + 1e-12 are equal in float32 but not in float64: float64 scores must see the difference.
+    scores = {"a": torch.tensor([1.0 + 1e-12, 1.0 + 1e-12], dtype=torch.float64), "b": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    m = global_masks(scores, 0.5)
+    assert m["a"].tolist() == [True, True] and m["b"].tolist() == [False, False]
+
+
+def test_all_equal_ties_prune_in_dict_then_index_order():
+    scores = {"x": torch.ones(2, 3), "y": torch.ones(4)}
+    m = global_masks(scores, 0.5)   # k = 5 of 10
+    # k = floor(0.5 * 10 + 0.5) = 5: the first 5 in (dict, flat index) order.
+    assert m["x"].flatten().tolist() == [False, False, False, False, False, True]
+    assert m["y"].tolist() == [True, True, True, True]
+
+
+def test_sparsity_zero_keeps_everything_and_shapes_devices():
+    scores = tie_scores(1)
+    m = global_masks(scores, 0.0)
+    for name, t in scores.items():
+        assert m[name].shape == t.shape and m[name].device == t.device and bool(m[name].all())
+
+
+def test_empty_and_parameters():
+    lin = torch.nn.Linear(6, 4)
+    scores = {"w": lin.weight, "empty": torch.empty(0, 3), "b": lin.bias}  # Parameters requiring grad
+    m = global_masks(scores, 0.5)
+    assert m["empty"].shape == (0, 3)
+    assert_masks_equal(m, reference_masks(scores, 0.5))
+
+
+@pytest.mark.parametrize("fn", [global_masks, layer_masks])
+def test_nan_scores_refused_naming_the_tensor(fn):
+    scores = tie_scores(0)
+    scores["layer3.weight"][1, 2, 0, 1] = float("nan")
+    with pytest.raises(BadInputError, match="layer3.weight"):
+        fn(scores, 0.5)
+
+
+def test_peak_memory_path_does_not_concatenate(monkeypatch):
+    # global_masks must never concatenate all scores: forbid torch.cat on more than the cap.
+    real_cat = torch.cat
+
+    def guarded_cat(tensors, *a, **kw):
+        assert sum(t.numel() for t in tensors) <= P._SAMPLE + 1000
+        return real_cat(tensors, *a, **kw)
+
+    scores = {f"l{i}": torch.rand(200, 200) for i in range(28)}   # 1.12 M elements > cap
+    monkeypatch.setattr(torch, "cat", guarded_cat)
+    masks = global_masks(scores, 0.9)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert_masks_equal(masks, reference_masks(scores, 0.9))
+
+
+# ----------------------------------------------------------------------------- apply / report
+
+
+def test_apply_masks_and_report():
+    state = {"a": torch.arange(1.0, 7.0).view(2, 3), "b": torch.tensor([5.0, -1.0, 2.0, 0.5])}
+    scores = {k: v.abs() for k, v in state.items()}
+    masks = global_masks(scores, 0.5)   # k = 5 of 10: 0.5, 1, 1, 2, 2 -> a[0,0], a[0,1], b[1], b[2], b[3]
+    frac = apply_masks(state, masks)
+    assert state["a"].tolist() == [[0.0, 0.0, 3.0], [4.0, 5.0, 6.0]]
+    assert state["b"].tolist() == [5.0, 0.0, 0.0, 0.0]
+    assert frac == {"a": pytest.approx(2 / 6), "b": pytest.approx(3 / 4)}
+    rows, total = sparsity_report(masks)
+    assert [(r.name, r.numel, r.pruned) for r in rows] == [("a", 6, 2), ("b", 4, 3)]
+    assert total == ("total", 10, 5, 0.5)
+
+
+def test_apply_masks_on_model_state_dict_prunes_model():
+    lin = torch.nn.Linear(8, 8)
+    sd = lin.state_dict()
+    masks = global_masks({"weight": sd["weight"].abs()}, 0.75)
+    apply_masks(sd, masks)
+    assert int((lin.weight == 0).sum()) == 48
+    apply_masks(dict(lin.named_parameters()), masks)   # in place on Parameters too
+
+
+def test_apply_masks_mismatch():
+    with pytest.raises(IncompatibleError, match="'x'"):
+        apply_masks({"a": torch.ones(2)}, {"x": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(IncompatibleError, match="shape"):
+        apply_masks({"a": torch.ones(2)}, {"a": torch.ones(3, dtype=torch.bool)})
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@pytest.fixture(scope="module")
+def vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("resnet10t", pretrained=False, num_classes=10)
+
+
+def test_select_vit_defaults(vit):
+    params = dict(vit.named_parameters())
+    assert classifier_param_names(vit) == ("head.weight", "head.bias")
+    want = [f"blocks.{i}.{n}.weight" for i in range(12) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert select_prunable(params, classifier_names=classifier_param_names(vit)) == want
+    assert select_prunable(params) == want          # classifier guessed: last >= 2-D tensor and its bias
+    with_cls = select_prunable(params, include_classifier=True)
+    assert with_cls == want + ["head.weight"]
+    with_bias = select_prunable(params, include_bias=True)
+    assert "blocks.0.attn.qkv.bias" in with_bias and "patch_embed.proj.bias" not in with_bias and "head.bias" not in with_bias
+    assert "norm.weight" not in with_bias
+    with_norm = select_prunable(params, include_norm=True)
+    assert "blocks.0.norm1.weight" in with_norm and "norm.weight" in with_norm and "norm.bias" not in with_norm
+
+
+def test_select_vit_patterns(vit):
+    params = dict(vit.named_parameters())
+    # Explicit include wins over the defaults (embedding, classifier, biases).
+    assert select_prunable(params, include=["patch_embed.*", "head.*"]) == [
+        "patch_embed.proj.weight", "patch_embed.proj.bias", "head.weight", "head.bias"]
+    got = select_prunable(params, include=["blocks.*"], exclude=["*.bias", "*norm*", "blocks.1[01].*"])
+    assert got == [f"blocks.{i}.{n}.weight" for i in range(10) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    got = select_prunable(params, exclude=["*.mlp.*"])
+    assert got and all(".attn." in n for n in got)
+    with pytest.raises(UsageError, match="--include pattern 'blokcs.*'"):
+        select_prunable(params, include=["blokcs.*"])
+    with pytest.raises(UsageError, match="--exclude"):
+        select_prunable(params, exclude=["nope"])
+    with pytest.raises(UsageError, match="No parameter"):
+        select_prunable(params, exclude=["blocks.*"])
+    assert "*embed*" in DEFAULT_EXCLUDE and "*cls_token*" in DEFAULT_EXCLUDE
+
+
+def test_select_resnet_defaults(resnet):
+    params = dict(resnet.named_parameters())
+    assert classifier_param_names(resnet) == ("fc.weight", "fc.bias")
+    want = [n for n, p in params.items() if p.ndim == 4]      # every conv kernel, incl. stem and downsample
+    got = select_prunable(params, classifier_names=classifier_param_names(resnet))
+    assert got == want and "conv1.0.weight" in got and "layer4.0.downsample.1.weight" in got
+    assert select_prunable(params) == want
+    # A full state dict: BN running statistics and num_batches_tracked are never selected.
+    sd = resnet.state_dict()
+    assert select_prunable(sd) == want
+    everything = select_prunable(sd, include=["*"])
+    assert not any(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in everything)
+    assert "fc.weight" in everything and "bn1.weight" in everything
+
+
+def test_select_sequential_mlp():
+    mlp = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    params = dict(mlp.named_parameters())
+    assert classifier_param_names(mlp) == ("4.weight", "4.bias")
+    assert select_prunable(params) == ["0.weight", "2.weight"]
+    assert select_prunable(params, classifier_names=()) == ["0.weight", "2.weight", "4.weight"]
+    assert select_prunable(params, include_bias=True, include_classifier=True) == [
+        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+
+
+def test_end_to_end_on_selected_vit_params(vit):
+    params = dict(vit.named_parameters())
+    names = select_prunable(params, include=["blocks.[0-2].*"], include_bias=True)
+    scores = {n: params[n].detach().abs() for n in names}
+    masks = global_masks(scores, 0.9)
+    assert_masks_equal(masks, reference_masks(scores, 0.9))
+    lm = layer_masks(scores, 0.9)
+    rows, total = sparsity_report(lm)
+    assert all(r.pruned == num_to_prune(r.numel, 0.9) for r in rows)
