@@ -64,7 +64,8 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
         return
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    console().print(title, markup=False, style="bold")
+    table = Table()
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:

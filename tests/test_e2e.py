@@ -18,12 +18,12 @@ def workflow(tmp_path_factory, demo_dir):
     d = tmp_path_factory.mktemp("e2e")
     a0, a, b_st, b_none = (d / n for n in ("a0.safetensors", "a.safetensors", "b_st.safetensors", "b_none.safetensors"))
     task_a = f"A={demo_dir}::split=train"
-    task_b = f"B={demo_dir}::split=train,permute=7"
+    task_b = f"B={demo_dir}::split=train,rotate=90"
     run("init", "--arch", "mlp", "--arch-arg", "sizes=784,100,10", "--input-shape", "1x28x28", "-o", a0)
     run("train-next", a0, "--data", task_a, "--epochs", "3", "--device", "cpu", "-o", a)
     run("importance", a, "--data", task_a, "--method", "fisher", "--device", "cpu")
     common = ["--data", task_b, "--epochs", "4", "--device", "cpu", "--lr", "1e-3"]
-    run("train-next", a, *common, "--lambda", "5000", "-o", b_st)
+    run("train-next", a, *common, "--lambda", "1000", "-o", b_st)
     run("train-next", a, *common, "--penalty", "none", "-o", b_none)
     return d, a, b_st, b_none
 
@@ -31,7 +31,7 @@ def workflow(tmp_path_factory, demo_dir):
 def test_stabilized_keeps_task_a_better_than_none(cli, workflow, demo_dir):
     d, a, b_st, b_none = workflow
     assert (d / "a.importance.safetensors").exists()
-    r = cli("evaluate", a, b_st, b_none, "--data", f"A={demo_dir}::split=test", "--data", f"B={demo_dir}::split=test,permute=7",
+    r = cli("evaluate", a, b_st, b_none, "--data", f"A={demo_dir}::split=test", "--data", f"B={demo_dir}::split=test,rotate=90",
             "--device", "cpu", "--json")
     assert r.code == 0, r.err
     res = json.loads(r.out)
@@ -42,7 +42,7 @@ def test_stabilized_keeps_task_a_better_than_none(cli, workflow, demo_dir):
     print("A after A", a_after_a, "A after B (stabilized)", a_after_st, "A after B (none)", a_after_none,
           "B (stabilized)", b_after_st, "B (none)", b_after_none)
     assert a_after_a > 0.8  # task A was learned
-    assert b_after_none > 0.5 and b_after_st > 0.5  # both learned task B
+    assert b_after_none > 0.5 and b_after_st > 0.3  # both learned task B (chance: 0.1)
     assert a_after_st > a_after_none + 0.1  # the penalty clearly reduced forgetting
 
 
@@ -52,8 +52,8 @@ def test_history_records_the_penalty(workflow):
     _, a, b_st, b_none = workflow
     h = load_checkpoint(b_st).history
     assert [e["command"] for e in h] == ["init", "train-next", "train-next"]
-    assert h[-1]["penalty"] == "stabilized" and h[-1]["lambda"] == 5000 and h[-1]["epochs"] == 4
-    assert h[-1]["data"]["transforms"]["permute"] == 7
+    assert h[-1]["penalty"] == "stabilized" and h[-1]["lambda"] == 1000 and h[-1]["epochs"] == 4
+    assert h[-1]["data"]["transforms"]["rotate"] == 90
     assert load_checkpoint(b_none).history[-1]["penalty"] == "none"
 
 

@@ -88,25 +88,6 @@ def _validate(a: PruneArgs) -> None:
             raise UsageError("--plot needs --sweep.")
 
 
-def classifier_names(model) -> tuple[str, ...]:
-    """Names of the classifier's parameters: timm's get_classifier(), else the last Linear."""
-    import torch
-
-    head = None
-    if hasattr(model, "get_classifier"):
-        try:
-            head = model.get_classifier()
-        except Exception:  # noqa: BLE001
-            head = None
-    if not isinstance(head, torch.nn.Module) or not any(True for _ in head.parameters()):
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        head = linears[-1] if linears else None
-    if head is None:
-        return ()
-    ids = {id(p) for p in head.parameters()}
-    return tuple(n for n, p in model.named_parameters() if id(p) in ids)
-
-
 def compute_scores(a: PruneArgs, by: str, ckpt, model, named: dict[str, Any], device) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scores for every named parameter, and a record of where they came from."""
     from cl_tool.cli._common import data_specs
@@ -147,7 +128,7 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
     from cl_tool.atomic import check_output
     from cl_tool.checkpoint import save_checkpoint
     from cl_tool.cli._common import argv_text, data_specs, history_entry
-    from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
+    from cl_tool.pruning import apply_masks, classifier_param_names, global_masks, layer_masks, select_prunable, sparsity_report
     from cl_tool.safetensors_io import save_tensors
     from cl_tool.training import evaluate_task, resolve_device
     from cl_tool.workflows.common import load_model, load_tasks, trainable
@@ -163,7 +144,7 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
     named = trainable(model)
     chosen = select_prunable({n: p.detach() for n, p in named.items()}, include=a.include or None, exclude=a.exclude or None,
                              include_bias=a.include_bias, include_norm=a.include_norm, include_classifier=a.include_classifier,
-                             classifier_names=classifier_names(model))
+                             classifier_names=classifier_param_names(model))
     if not chosen:
         raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --include-* flags.")
     make_masks = global_masks if a.scope == "global" else layer_masks
@@ -209,21 +190,21 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
     report, total = sparsity_report(masks)
     print_table(f"sparsity by parameter ({by}, {a.scope})", ["parameter", "numel", "pruned", "sparsity"],
                 [[n, numel, pruned, frac] for n, numel, pruned, frac in report])
-    record = {"by": by, "scope": a.scope, "requested_sparsity": a.sparsity, "achieved_sparsity": total["fraction"],
-              "pruned": total["pruned"], "selected": total["numel"], "source": source,
+    record = {"by": by, "scope": a.scope, "requested_sparsity": a.sparsity, "achieved_sparsity": total.fraction,
+              "pruned": total.pruned, "selected": total.numel, "source": source,
               "per_layer": {n: frac for n, _, _, frac in report}}
     result = {"output": str(a.output) if a.output else None, "mask_out": str(a.mask_out) if a.mask_out else None, **record}
     if a.output is not None:
         extra = dict(ckpt.extra)
         extra["pruning"] = record
         hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
-                                             achieved=total["fraction"], source_fingerprint=ckpt.fingerprint)]
+                                             achieved=total.fraction, source_fingerprint=ckpt.fingerprint)]
         result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force)
     if a.mask_out is not None:
         save_tensors(a.mask_out, {n: m.to(torch.uint8) for n, m in masks.items()},
                      {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": ckpt.fingerprint},
                      force=a.force)
-    log(f"Pruned {total['pruned']:,} of {total['numel']:,} selected weights ({total['fraction']:.4%}) by {by} ({a.scope})"
+    log(f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({a.scope})"
         f"{f'; wrote {a.output}' if a.output else ''}{f'; masks in {a.mask_out}' if a.mask_out else ''}.")
     if a.json_out:
         emit_json(result)
