@@ -68,23 +68,61 @@ def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def per_sample_outer_stat(G: torch.Tensor, A: torch.Tensor, f) -> torch.Tensor:
-    """Σₙ f(gₙ aₙᵀ) = f(G)ᵀ f(A) for one position per sample (f multiplicative: x², |x|).
+#: Up to this many positions per sample, Σₙ(Gₙ Aₙᵀ)² is computed from position pairs by one GEMM.
+PAIRWISE_MAX_POSITIONS = 4
 
-    ``G``: (B, g, o), ``A``: (B, g, i) → (g, o, i).
+
+def _outer_stat(G: torch.Tensor, A: torch.Tensor, f) -> torch.Tensor:
+    """One position: Σₙ f(gₙ aₙᵀ) = f(G)ᵀ f(A) (f multiplicative: x², |x|). (n,g,o),(n,g,i) → (g,o,i)."""
+    return torch.einsum("ngo,ngi->goi", f(G), f(A))
+
+
+def _pairwise_sq_stat(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Σₙ (Σₜ Gₙₜ Aₙₜᵀ)² = Σₙ Σ_{t≤t'} c_tt' (Gₙₜ∘Gₙₜ')(Aₙₜ∘Aₙₜ')ᵀ, c = 1 (t = t') or 2.
+
+    One GEMM with T(T+1)/2 terms per sample instead of materialising per-sample gradients;
+    faster for few positions. (n,g,o,T),(n,g,i,T) → (g,o,i).
     """
-    return torch.einsum("bgo,bgi->goi", f(G), f(A))
+    T = G.shape[-1]
+    G, A = G.movedim(-1, 0).contiguous(), A.movedim(-1, 0).contiguous()  # (T, n, g, ·)
+    first, second = torch.triu_indices(T, T, device=G.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(G.device).reshape(-1, 1, 1, 1)
+    GG = G[first] * G[second] * weight
+    AA = A[first] * A[second]
+    return torch.einsum("kngo,kngi->goi", GG, AA)
 
 
-def per_sample_matmul_stat(G: torch.Tensor, A: torch.Tensor, stat: str, groups: int = 1) -> torch.Tensor:
-    """Σₙ f(Gₙ Aₙ): materialise per-sample gradients by ``bmm`` and reduce over samples.
-
-    ``G``: (n·groups, o, T), ``A``: (n·groups, T, i) — transposed views are fine (no copy);
-    callers keep n small (:func:`chunk_size`). Returns (groups, o, i).
-    """
-    per_sample = torch.bmm(G, A)
+def _materialised_stat(G: torch.Tensor, A: torch.Tensor, stat: str) -> torch.Tensor:
+    """Σₙ f(Gₙ Aₙᵀ) by ``bmm`` of per-sample gradients (n·g, o, i), then f and a sum over n."""
+    n, g, o, T = G.shape
+    per_sample = torch.bmm(G.reshape(n * g, o, T), A.reshape(n * g, A.shape[2], T).transpose(1, 2))
     per_sample = per_sample.square_() if stat == "sq" else per_sample.abs_()
-    return per_sample.reshape(-1, groups, *per_sample.shape[1:]).sum(0)
+    return per_sample.reshape(n, g, o, -1).sum(0)
+
+
+def weight_stat(G: torch.Tensor, A: torch.Tensor, stat: str, budget_bytes: int) -> torch.Tensor:
+    """Σₙ f(∂ℓₙ/∂W) with ∂ℓₙ/∂W = Gₙ Aₙᵀ per group (the weight gradient of a linear map).
+
+    ``G``: (n, g, o, T) output gradients, ``A``: (n, g, i, T) inputs, T positions per sample
+    (views are fine). Picks the cheapest exact formula: T = 1 outer-product identity; f = x² and
+    T ≤ :data:`PAIRWISE_MAX_POSITIONS` position pairs; otherwise materialised per-sample
+    gradients in cache-sized chunks. Returns float32 (g, o, i).
+    """
+    n, g, o, T = G.shape
+    i = A.shape[2]
+    f = stat_fn(stat)
+    if T == 1:
+        return _outer_stat(G[..., 0], A[..., 0], f)
+    if stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
+        step = chunk_size(g * (o + i) * T * (T + 1) // 2, budget_bytes, n)
+        parts = (_pairwise_sq_stat(G[s:s + step], A[s:s + step]) for s in range(0, n, step))
+    else:
+        step = chunk_size(g * o * i, budget_bytes, n, working_set=True)
+        parts = (_materialised_stat(G[s:s + step], A[s:s + step], stat) for s in range(0, n, step))
+    total = next(parts)
+    for part in parts:
+        total += part
+    return total
 
 
 class Rule:
@@ -121,23 +159,9 @@ class LinearRule(Rule):
         f = stat_fn(stat)
         A = _cat_positions([a.float().reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
         G = _cat_positions([g.float().reshape(g.shape[0], -1, module.out_features) for _, g in calls])
-        batch, positions = A.shape[0], A.shape[1]
         out: dict[str, torch.Tensor] = {}
-        if positions == 1:
-            G, A = G[:, 0], A[:, 0]
-            fG = f(G)
-            if module.weight.requires_grad:
-                out["weight"] = fG.T @ f(A)
-            if module.bias is not None:
-                out["bias"] = fG.sum(0)
-            return out
         if module.weight.requires_grad:
-            per = module.in_features * module.out_features + positions * (module.in_features + module.out_features)
-            step = chunk_size(per, budget_bytes, batch, working_set=True)
-            weight = torch.zeros(module.weight.shape, device=G.device)
-            for s in range(0, batch, step):
-                weight += per_sample_matmul_stat(G[s:s + step].transpose(1, 2), A[s:s + step], stat)[0]
-            out["weight"] = weight
+            out["weight"] = weight_stat(G.transpose(1, 2)[:, None], A.transpose(1, 2)[:, None], stat, budget_bytes)[0]
         if module.bias is not None:
             out["bias"] = f(G.sum(1)).sum(0)
         return out
@@ -191,8 +215,7 @@ class ConvRule(Rule):
         ik = module.in_channels // g * math.prod(module.kernel_size)
         batch = calls[0][0].shape[0]
         positions = sum(math.prod(gr.shape[2:]) for _, gr in calls)
-        per = c_out * ik + positions * (module.in_channels * math.prod(module.kernel_size) + c_out)
-        step = chunk_size(per, budget_bytes, batch, working_set=True)
+        step = chunk_size(positions * (module.in_channels * math.prod(module.kernel_size) + c_out), budget_bytes, batch)
         weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device)
         bias = torch.zeros(c_out, device=weight.device)
         for s in range(0, batch, step):
@@ -200,11 +223,7 @@ class ConvRule(Rule):
             G = _cat_positions([gr[s:s + step].float().reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
             n, L = P.shape[0], P.shape[-1]
             if module.weight.requires_grad:
-                if L == 1:
-                    weight += per_sample_outer_stat(G.reshape(n, g, -1), P.reshape(n, g, ik), f)
-                else:
-                    weight += per_sample_matmul_stat(G.reshape(n * g, c_out // g, L),
-                                                     P.reshape(n * g, ik, L).transpose(1, 2), stat, g)
+                weight += weight_stat(G.reshape(n, g, c_out // g, L), P.reshape(n, g, ik, L), stat, budget_bytes)
             bias += f(G.sum(-1)).sum(0)
         out = {}
         if module.weight.requires_grad:
