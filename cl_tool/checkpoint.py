@@ -113,13 +113,29 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
     return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
 
 
-def instantiate(ckpt: Checkpoint):
-    """Build the model described by ``ckpt.spec`` and load its tensors, validating names, shapes and dtypes."""
+def structure(ckpt: Checkpoint):
+    """The model of ``ckpt`` built on the ``meta`` device (no memory, no init), validated against its tensors.
+
+    Enough for parameter names, shapes and module types (e.g. to choose what to prune)
+    without materialising a second copy of the weights.
+    """
+    import torch
+
+    from cl_tool.errors import UsageError
     from cl_tool.models import build_model
 
-    model = build_model(ckpt.spec)
-    expected = model.state_dict()
     where = ckpt.path or "the checkpoint"
+    try:
+        with torch.device("meta"):
+            model = build_model(ckpt.spec)
+    except UsageError as exc:
+        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool.") from exc
+    _validate_state(ckpt, model.state_dict(), where)
+    return model
+
+
+def _validate_state(ckpt: Checkpoint, expected: dict[str, Any], where: str) -> None:
+    """Every tensor the architecture needs is present with the right shape and dtype kind; nothing extra."""
     for name, ref in expected.items():
         if name not in ckpt.state:
             raise IncompatibleError(f"Checkpoint {where} lacks tensor {name!r} that architecture {ckpt.spec.arch} needs; it belongs to another model.")
@@ -131,6 +147,20 @@ def instantiate(ckpt: Checkpoint):
     unexpected = [k for k in ckpt.state if k not in expected]
     if unexpected:
         raise IncompatibleError(f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {ckpt.spec.arch} does not have; it belongs to another model.")
+
+
+def instantiate(ckpt: Checkpoint):
+    """Build the model described by ``ckpt.spec`` and load its tensors, validating names, shapes and dtypes."""
+    from cl_tool.errors import UsageError
+    from cl_tool.models import build_model
+
+    where = ckpt.path or "the checkpoint"
+    try:
+        model = build_model(ckpt.spec)
+    except UsageError as exc:  # the arguments came from the file's metadata, not from the command line
+        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool.") from exc
+    expected = model.state_dict()
+    _validate_state(ckpt, expected, where)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state.items()}, strict=True)
     return model
 

@@ -90,7 +90,7 @@ def _weights(path):
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(anchored, demo_dir, tmp_path):
-    args = ["train-next", anchored, "--data", f"{demo_dir}::permute=2", "--epochs", "40", "--batch-size", "32", "--device", "cpu",
+    args = ["train-next", anchored, "--data", f"{demo_dir}::permute=2,limit=480", "--epochs", "20", "--batch-size", "32", "--device", "cpu",
             "--deterministic", "--lambda", "50", "--si-out"]
     ref = tmp_path / "ref.safetensors"
     r = run_subprocess(*args, tmp_path / "ref.si.safetensors", "-o", ref)

@@ -82,14 +82,19 @@ def _validate(a: PruneArgs) -> None:
         _check_sparsity(a.sparsity)
         if a.output is None and a.mask_out is None:
             raise UsageError("prune needs --output (and/or --mask-out) to write the result.")
+        if a.output is not None and a.mask_out is not None and Path(a.output).resolve() == Path(a.mask_out).resolve():
+            raise UsageError("--output and --mask-out name the same file; give two different paths.")
         if len(a.by) != 1:
             raise UsageError("Several --by values only make sense with --sweep; give one score.")
         if a.plot is not None:
             raise UsageError("--plot needs --sweep.")
 
 
-def compute_scores(a: PruneArgs, by: str, ckpt, model, named: dict[str, Any], device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Scores for every named parameter, and a record of where they came from."""
+def compute_scores(a: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Scores for every named parameter, and a record of where they came from.
+
+    ``get_model()`` returns the materialised model; it is only called for scores computed on data.
+    """
     from cl_tool.cli._common import data_specs
     from cl_tool.importance import compute_importance
     from cl_tool.sidecar import check_belongs_to, default_sidecar_path, load_sidecar
@@ -118,7 +123,7 @@ def compute_scores(a: PruneArgs, by: str, ckpt, model, named: dict[str, Any], de
     spec = data_specs(sources, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
                       rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
     (task,) = load_tasks([spec], ckpt.spec, num_classes=ckpt.spec.num_classes)
-    scores = compute_importance(model, batches_of(task.x, task.y, a.batch_size), by, device=device)
+    scores = compute_importance(get_model(), batches_of(task.x, task.y, a.batch_size), by, device=device)
     return {n: scores[n].cpu() for n in named}, {"by": by, "computed_on": task.describe()}
 
 
@@ -126,12 +131,12 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
     import torch
 
     from cl_tool.atomic import check_output
-    from cl_tool.checkpoint import save_checkpoint
+    from cl_tool.checkpoint import instantiate, load_checkpoint, save_checkpoint, structure
     from cl_tool.cli._common import argv_text, data_specs, history_entry
     from cl_tool.pruning import apply_masks, classifier_param_names, global_masks, layer_masks, select_prunable, sparsity_report
     from cl_tool.safetensors_io import save_tensors
     from cl_tool.training import evaluate_task, resolve_device
-    from cl_tool.workflows.common import load_model, load_tasks, trainable
+    from cl_tool.workflows.common import load_tasks
 
     _validate(a)
     inputs = [a.checkpoint, a.importance]
@@ -139,12 +144,20 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
         if out is not None:
             check_output(out, force=a.force, inputs=inputs, option=opt)
     device = resolve_device(a.device)
-    ckpt, model = load_model(a.checkpoint)
-    model.to(device)
-    named = trainable(model)
-    chosen = select_prunable({n: p.detach() for n, p in named.items()}, include=a.include or None, exclude=a.exclude or None,
+    ckpt = load_checkpoint(a.checkpoint)
+    skeleton = structure(ckpt)  # names and module types only; weights stay those read from the file
+    live: dict[str, Any] = {}
+
+    def get_model():
+        """The real model (built once, only when data has to flow through it); shares ckpt.state's values."""
+        if "model" not in live:
+            live["model"] = instantiate(ckpt).to(device)
+        return live["model"]
+
+    named = {n: ckpt.state[n] for n, p in skeleton.named_parameters() if p.requires_grad}
+    chosen = select_prunable(named, include=a.include or None, exclude=a.exclude or None,
                              include_bias=a.include_bias, include_norm=a.include_norm, include_classifier=a.include_classifier,
-                             classifier_names=classifier_param_names(model))
+                             classifier_names=classifier_param_names(skeleton))
     if not chosen:
         raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --include-* flags.")
     make_masks = global_masks if a.scope == "global" else layer_masks
@@ -154,18 +167,20 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
         spec = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
                           rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
         (test,) = load_tasks([spec], ckpt.spec, num_classes=ckpt.spec.num_classes)
+        model = get_model()
+        params = dict(model.named_parameters())
         original = {k: v.detach().clone() for k, v in model.state_dict().items()}
         base_acc, _ = evaluate_task(model, test.x, test.y, device=device, batch_size=a.batch_size)
         curves: dict[str, list[tuple[float, float]]] = {}
         for by in a.by:
-            scores, _src = compute_scores(a, by, ckpt, model, named, device)
+            scores, _src = compute_scores(a, by, ckpt, get_model, named, device)
             scores = {n: scores[n] for n in chosen}
             curve = []
             for s in levels:
                 masks = make_masks(scores, s)
                 with torch.no_grad():
                     for n, m in masks.items():
-                        named[n].mul_(m.to(named[n].device, named[n].dtype))
+                        params[n].mul_(m.to(params[n].device, params[n].dtype))
                 acc, _ = evaluate_task(model, test.x, test.y, device=device, batch_size=a.batch_size)
                 curve.append((s, acc))
                 model.load_state_dict(original)
@@ -183,10 +198,12 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
         return result
 
     by = a.by[0]
-    scores, source = compute_scores(a, by, ckpt, model, named, device)
+    scores, source = compute_scores(a, by, ckpt, get_model, named, device)
     masks = make_masks({n: scores[n] for n in chosen}, a.sparsity)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    per_layer = apply_masks(state, masks)
+    del scores
+    source_fp = ckpt.fingerprint
+    state = {k: v.detach().cpu() for k, v in (live["model"].state_dict() if "model" in live else ckpt.state).items()}
+    apply_masks(state, masks)
     report, total = sparsity_report(masks)
     print_table(f"sparsity by parameter ({by}, {a.scope})", ["parameter", "numel", "pruned", "sparsity"],
                 [[n, numel, pruned, frac] for n, numel, pruned, frac in report])
@@ -198,11 +215,11 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
         extra = dict(ckpt.extra)
         extra["pruning"] = record
         hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
-                                             achieved=total.fraction, source_fingerprint=ckpt.fingerprint)]
+                                             achieved=total.fraction, source_fingerprint=source_fp)]
         result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force)
     if a.mask_out is not None:
         save_tensors(a.mask_out, {n: m.to(torch.uint8) for n, m in masks.items()},
-                     {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": ckpt.fingerprint},
+                     {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": source_fp},
                      force=a.force)
     log(f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({a.scope})"
         f"{f'; wrote {a.output}' if a.output else ''}{f'; masks in {a.mask_out}' if a.mask_out else ''}.")

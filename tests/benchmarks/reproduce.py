@@ -1,0 +1,290 @@
+"""Run a whole continual-learning experiment from one TOML config, through cl-tool's own CLI.
+
+For every run of the config (a penalty, an importance method and a list of λ) it does
+init → (train-next → importance [accumulated]) for each task → evaluate (accuracy matrix),
+picks the best λ of each run by final average accuracy, optionally runs a pruning sweep,
+and writes under --out: every checkpoint and sidecar, ``results.json``, ``results.md`` (the
+tables the README shows), ``lambda_sweep.png`` and ``prune_curves.png``.
+
+    python tests/benchmarks/reproduce.py sample_configs/experiments/permuted_mnist_mlp.toml \
+        --data ../shared/data/mnist-t10k --out runs/permuted_mnist
+
+--data is a folder with the MNIST IDX files (converted once to a datasets folder) or any dataset
+folder cl-tool reads. --set section.key=value overrides the config (e.g. --set train.epochs=1).
+The commands are run in-process through ``cl_tool.cli.main`` (the console script's entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class CommandFailed(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def cl(*args: Any) -> dict:
+    """Run ``cl-tool ARGS --json`` in this process; return its JSON (or raise CommandFailed)."""
+    from cl_tool.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["-q", *map(str, args), "--json"])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    if code != 0:
+        lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("Error:")]
+        raise CommandFailed(code, lines[-1] if lines else err.getvalue()[-500:])
+    text = out.getvalue().strip()
+    return json.loads(text) if text else {}
+
+
+def kv_args(options: dict[str, Any]) -> list[str]:
+    """{"lr": 0.001, "grad-clip": 1.0, "invert": True} → ["--lr", "0.001", "--grad-clip", "1.0", "--invert"]."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def task_ref(data: Path, split: str, task: dict[str, Any]) -> str:
+    opts = [f"split={split}"] + [f"{k}={v}" for k, v in task.items() if k not in ("name",)]
+    return f"{task['name']}={data}::{','.join(opts)}"
+
+
+def resolve_data(path: str, work: Path) -> Path:
+    p = Path(path)
+    if any(p.glob("t10k-images-idx3-ubyte*")):
+        from _mnist import mnist_dataset_dir
+
+        return mnist_dataset_dir(p, work / "_mnist_dataset")
+    return p
+
+
+def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    model, dcfg, train = cfg["model"], cfg["data"], dict(cfg.get("train", {}))
+    tasks = dcfg["tasks"]
+    penalty, method = run.get("penalty", "none"), run.get("method", "fisher")
+    train.update(run.get("train", {}))
+    imp_opts = dict(cfg.get("importance", {}))
+    imp_opts.update(run.get("importance", {}))
+    prev = folder / "init.safetensors"
+    init_args = kv_args({"arch": model["arch"], "arch-arg": [f"{k}={v}" for k, v in model.get("arch-args", {}).items()],
+                         "input-shape": model.get("input-shape"), "num-classes": model.get("num-classes"), "seed": train.get("seed", 0)})
+    cl("init", *init_args, "-o", prev, "--force")
+    ckpts, sidecar, t0 = [], None, time.perf_counter()
+    for t, task in enumerate(tasks):
+        out = folder / f"task{t + 1}.safetensors"
+        use_pen = t > 0 and penalty != "none"
+        pen = ["--penalty", penalty, "--lambda", lam, "--importance", sidecar] if use_pen else ["--penalty", "none"]
+        si = ["--si-out", folder / f"task{t + 1}.si.safetensors"] if method == "si" and penalty != "none" else []
+        cl("train-next", prev, "--data", task_ref(data, dcfg["train-split"], task), *kv_args(train), *pen, *si, "-o", out, "--force")
+        if penalty != "none" and t < len(tasks) - 1:
+            new = folder / f"task{t + 1}.importance.safetensors"
+            if method == "si":
+                _accumulate_si(sidecar, si[1], new)
+            else:
+                acc = ["--accumulate", sidecar] if sidecar else []
+                cl("importance", out, "--data", task_ref(data, dcfg["train-split"], task), "--method", method, *kv_args(imp_opts),
+                   *acc, "-o", new, "--force")
+            sidecar = new
+        ckpts.append(out)
+        prev = out
+    tests = [x for task in tasks for x in ("--data", task_ref(data, dcfg["test-split"], task))]
+    ev = cl("evaluate", *ckpts, *tests, *kv_args({k: v for k, v in cfg.get("evaluate", {}).items()}))
+    return {"accuracy": ev["accuracy"], "summary": ev["summary"], "tasks": ev["tasks"], "checkpoints": [str(c) for c in ckpts],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _accumulate_si(prev: Path | None, new: Path, out: Path) -> None:
+    """SI sidecars come from train-next; Ω over tasks is their sum (fingerprint: the newest checkpoint)."""
+    from cl_tool.sidecar import load_sidecar, save_sidecar
+
+    sc = load_sidecar(new)
+    if prev is not None:
+        p = load_sidecar(prev)
+        sc.tensors = {k: v + p.tensors[k] for k, v in sc.tensors.items()}
+        sc.tasks = p.tasks + sc.tasks
+    save_sidecar(out, sc, force=True)
+
+
+def run_experiment(cfg: dict, data: Path, out: Path) -> dict:
+    results: dict[str, Any] = {"name": cfg.get("name", ""), "description": cfg.get("description", ""), "runs": []}
+    for run in cfg["runs"]:
+        lams = run.get("lambdas", [None]) if run.get("penalty", "none") != "none" else [None]
+        sweep = []
+        for lam in lams:
+            label = run["name"] + ("" if lam is None else f"-lam{lam:g}")
+            try:
+                res = run_sequence(cfg, data, out / label, run, lam)
+                entry = {"lambda": lam, **res}
+            except CommandFailed as exc:
+                if exc.code != 5:
+                    raise
+                entry = {"lambda": lam, "diverged": str(exc)}
+            sweep.append(entry)
+            acc = entry.get("summary", {}).get("average_accuracy")
+            print(f"{label:>32}: " + (f"ACC {acc:.4f}  BWT {entry['summary']['bwt']:+.4f}  [{entry['seconds']} s]" if acc is not None
+                                       else f"DIVERGED: {entry['diverged']}"), flush=True)
+        ok = [e for e in sweep if "summary" in e]
+        best = max(ok, key=lambda e: e["summary"]["average_accuracy"]) if ok else None
+        results["runs"].append({"name": run["name"], "penalty": run.get("penalty", "none"), "method": run.get("method"),
+                                "train": run.get("train", {}), "sweep": sweep, "best": best})
+    if "prune" in cfg:
+        results["prune"] = run_prune(cfg, data, out, results)
+    return results
+
+
+def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
+    p = cfg["prune"]
+    source_run = next(r for r in results["runs"] if r["name"] == p.get("run", results["runs"][0]["name"]))
+    ckpt = Path((source_run["best"] or source_run["sweep"][0])["checkpoints"][p.get("task", 1) - 1])
+    task = cfg["data"]["tasks"][p.get("task", 1) - 1]
+    train_ref, test_ref = task_ref(data, cfg["data"]["train-split"], task), task_ref(data, cfg["data"]["test-split"], task)
+    imp = dict(cfg.get("importance", {}))
+    curves = {}
+    for by in p["by"]:
+        extra = []
+        if by in ("fisher", "mas"):
+            side = out / f"prune_{by}.importance.safetensors"
+            cl("importance", ckpt, "--data", train_ref, "--method", by, *kv_args(imp), "-o", side, "--force")
+            extra = ["--importance", side]
+        res = cl("prune", ckpt, "--by", by, *extra, "--score-data", train_ref, "--data", test_ref, "--sweep", p["sweep"],
+                 "--scope", p.get("scope", "global"))
+        curves[by] = res["curves"][by]
+        base = res["unpruned_accuracy"]
+    plot = out / "prune_curves.png"
+    try:
+        from cl_tool.plots import plot_prune_curves
+
+        plot_prune_curves({b: [(c["sparsity"], c["accuracy"]) for c in v] for b, v in curves.items()}, plot,
+                          title=f"one-shot global pruning of {ckpt.name}", force=True)
+    except Exception as exc:  # noqa: BLE001 - matplotlib is optional
+        print(f"(no pruning plot: {exc})")
+        plot = None
+    return {"checkpoint": str(ckpt), "unpruned_accuracy": base, "curves": curves, "plot": str(plot) if plot else None}
+
+
+def lambda_plot(results: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in results["runs"]:
+        pts = [(e["lambda"], e["summary"]["average_accuracy"]) for e in run["sweep"] if e["lambda"] is not None and "summary" in e]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=run["name"])
+        elif run["penalty"] == "none" and run["best"]:
+            ax.axhline(run["best"]["summary"]["average_accuracy"], color="grey", linestyle="--", label=run["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("final average accuracy")
+    ax.set_title(results.get("name", ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
+             "| run | best λ | final avg acc | BWT | λ sweep (final avg acc) |", "|---|---|---|---|---|"]
+    for run in results["runs"]:
+        b = run["best"]
+        sweep = ", ".join(f"{e['lambda']:g}: " + (f"{e['summary']['average_accuracy']:.3f}" if "summary" in e else "diverged")
+                          for e in run["sweep"] if e["lambda"] is not None)
+        if b is None:
+            lines.append(f"| {run['name']} | – | diverged | – | {sweep} |")
+        else:
+            lam = "–" if b["lambda"] is None else f"{b['lambda']:g}"
+            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {b['summary']['bwt']:+.4f} | {sweep or '–'} |")
+    if "prune" in results:
+        pr = results["prune"]
+        bys = list(pr["curves"])
+        lines += ["", f"Pruning {Path(pr['checkpoint']).name} (unpruned accuracy {pr['unpruned_accuracy']:.4f}):", "",
+                  "| sparsity | " + " | ".join(bys) + " |", "|---" * (len(bys) + 1) + "|"]
+        for i, pt in enumerate(pr["curves"][bys[0]]):
+            lines.append(f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def apply_overrides(cfg: dict, sets: list[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for item in sets:
+        key, _, raw = item.partition("=")
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node[last] = value
+        if path == ["train"]:  # a train override also beats per-run train settings
+            for run in cfg.get("runs", []):
+                run.get("train", {}).pop(last, None)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--data", required=True, help="MNIST IDX folder or a dataset folder cl-tool reads")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--max-lambdas", type=int, default=None, help="keep only the first N λ of each run (quick checks)")
+    args = p.parse_args(argv)
+    cfg = apply_overrides(tomllib.loads(Path(args.config).read_text()), args.set)
+    if args.max_lambdas:
+        for run in cfg["runs"]:
+            if "lambdas" in run:
+                run["lambdas"] = run["lambdas"][: args.max_lambdas]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = resolve_data(args.data, out)
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, data, out)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["config"] = cfg
+    results["lambda_plot"] = lambda_plot(results, out / "lambda_sweep.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    print(md)
+    print(f"wall time {results['seconds']} s; results in {out}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
