@@ -20,14 +20,19 @@ exactly and deterministically:
   (:class:`~cl_tool.errors.BadInputError` naming the tensor).
 * **Scale.** Nothing is concatenated or sorted globally. The k-th smallest score ``v`` is
   found by counting, tensor by tensor, how many scores are ``<= x`` for probe values
-  ``x``: first two probes from a small seeded random sample (a Floyd–Rivest style
-  bracket), then bisection on the order-preserving integer key of the float bit pattern
-  (exact: at most 33 counting passes for float32, 65 for float64). As soon as the bracket
-  holds at most ``max(largest tensor, 2**20)`` elements they are copied out and
-  ``kthvalue`` finishes the job. Then ``m = k - #{score < v}`` elements equal to ``v`` are
-  pruned in (tensor, flat index) order. Extra memory besides the returned masks is a few
-  times the largest single tensor; on a random-init ViT-B/16 (86 M scores) this takes
-  about a second on 2 CPU cores (see ``tests/benchmarks/bench_prune_core.py``).
+  ``x``: two probes bracketing the target rank in a seeded random sample of 2**17 scores
+  (Floyd–Rivest style), up to 8 pairs of sample-guided probes that isolate one sampled
+  value (this settles heavy ties in two counts), then bisection on the order-preserving
+  integer key of the float bit pattern (at most 33 more passes for float32, 65 for
+  float64). Typically 2 counting passes suffice. As soon as the bracket holds at most
+  ``max(largest tensor, 2**20)`` elements they are copied out and a selection
+  (``numpy.partition`` on CPU, ``torch.kthvalue`` elsewhere) finishes the job. Then
+  ``m = k - #{score < v}`` elements equal to ``v`` are pruned in (tensor, flat index)
+  order. Extra memory besides the returned masks is a few
+  times the largest single tensor. On a random-init ViT-B/16 (86.6 M scores) it takes
+  about 0.4 s with 2 threads on an idle 2-core machine and 1-2 s with 1 thread on a
+  heavily loaded one; ``torch.nn.utils.prune.global_unstructured`` needs over 4 GiB extra
+  and tens of seconds there (``tests/benchmarks/bench_prune_core.py``).
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
 float64 and integer scores in float64 (integers above 2**53 lose exactness).
@@ -191,7 +196,7 @@ def select_prunable(
         if chosen:
             selected.append(name)
     if not selected:
-        raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --prune-* flags.")
+        raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --include-* flags.")
     return selected
 
 
@@ -351,24 +356,44 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
 
     hi_v = keys.value(hi)
     lo_v = None if lo_virtual else keys.value(lo)
-    cand = torch.empty(c_hi - c_lo, dtype=cdtype, device=ts[0].device)
-    bounds = [0]
-    for t in ts:
-        f = _as(t, cdtype)
-        sel = f <= hi_v
-        if lo_v is not None:
-            sel &= f > lo_v
-        vals = f[sel]
-        pos = bounds[-1]
-        cand[pos:pos + vals.numel()] = vals.to(cand.device)
-        bounds.append(pos + vals.numel())
-        del f, sel, vals
+    if c_hi - c_lo == n_all and len(ts) == 1:
+        cand = _flat(ts[0], cdtype)            # the whole (single) tensor: no copy needed
+        bounds = [0, n_all]
+    else:
+        cand = torch.empty(c_hi - c_lo, dtype=cdtype, device=ts[0].device)
+        bounds = [0]
+        for t in ts:
+            f = _as(t, cdtype)
+            if c_hi - c_lo == n_all:
+                vals = f.reshape(-1)
+            else:
+                sel = f <= hi_v
+                if lo_v is not None:
+                    sel &= f > lo_v
+                vals = f[sel]
+                del sel
+            pos = bounds[-1]
+            cand[pos:pos + vals.numel()] = vals.to(cand.device)
+            bounds.append(pos + vals.numel())
+            del f, vals
     assert bounds[-1] == cand.numel()
-    v = cand.kthvalue(k - c_lo).values.item()
+    v = _kth_value(cand, k - c_lo)
     c_lt = c_lo + int((cand < v).sum())
     # Every element equal to v lies in the bracket, so the segments give the tie counts.
     eq = [int((cand[a:b] == v).sum()) for a, b in zip(bounds, bounds[1:])]
     return v, c_lt, eq
+
+
+def _kth_value(x: torch.Tensor, r: int) -> float:
+    """The r-th smallest (1-based) element of the 1-D tensor ``x`` (introselect)."""
+    if x.device.type == "cpu":
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+        else:
+            return float(np.partition(x.numpy(), r - 1)[r - 1])
+    return x.kthvalue(r).values.item()
 
 
 def _nth_true(flat_bool: torch.Tensor, n: int) -> int:

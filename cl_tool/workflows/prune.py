@@ -180,7 +180,7 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
                 masks = make_masks(scores, s)
                 with torch.no_grad():
                     for n, m in masks.items():
-                        params[n].mul_(m.to(params[n].device, params[n].dtype))
+                        params[n].masked_fill_(m.to(params[n].device).logical_not(), 0)
                 acc, _ = evaluate_task(model, test.x, test.y, device=device, batch_size=a.batch_size)
                 curve.append((s, acc))
                 model.load_state_dict(original)

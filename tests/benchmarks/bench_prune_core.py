@@ -14,6 +14,11 @@ Each method runs in its own subprocess on the same randomly initialised timm mod
   importance_scores=scores, amount=k)`` followed by ``prune.remove`` on every parameter,
   with the same integer ``k = floor(s*N + 1/2)``.
 
+Timing is wall-clock of one cold call in a fresh process. On an oversubscribed machine
+torch's OpenMP threads spin at barriers while a sibling is descheduled, which can make
+2 threads several times slower than 1; ``--threads 1`` measures without that effect, and
+the 1-minute load average is printed next to each row.
+
 Peak memory: after building the model and the scores, the worker resets the kernel's
 peak-RSS mark (``/proc/self/clear_refs``, value 5), reads the current RSS, runs the method,
 and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` minus that RSS: the extra peak
@@ -54,7 +59,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(method: str, model_name: str, sparsity: float, dump: str | None = None, repeat: int = 3) -> dict:
+def worker(method: str, model_name: str, sparsity: float, dump: str | None = None, repeat: int = 3, threads: int = 0) -> dict:
     import timm
     import torch
     from torch.nn.utils import prune
@@ -62,6 +67,8 @@ def worker(method: str, model_name: str, sparsity: float, dump: str | None = Non
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     from cl_tool.pruning import apply_masks, global_masks, num_to_prune
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False)
     model.eval()
@@ -149,13 +156,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the workers (0: torch's default)")
     ap.add_argument("--repeat", type=int, default=3, help="warm repeats of global_masks after the measured call")
     ap.add_argument("--json", action="store_true", help="print one JSON object per method")
     ap.add_argument("--worker", choices=["cl_tool", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.sparsity, args.dump, args.repeat)))
+        print(json.dumps(worker(args.worker, args.model, args.sparsity, args.dump, args.repeat, args.threads)))
         return 0
     import numpy as np
 
@@ -165,7 +173,8 @@ def main(argv=None) -> int:
             dump = os.path.join(tmp, method + ".npy")
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--worker", method, "--model", args.model,
-                 "--sparsity", str(args.sparsity), "--dump", dump, "--repeat", str(args.repeat)],
+                 "--sparsity", str(args.sparsity), "--dump", dump, "--repeat", str(args.repeat),
+                 "--threads", str(args.threads)],
                 check=True, capture_output=True, text=True,
             ).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))

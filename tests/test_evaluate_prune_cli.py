@@ -1,0 +1,83 @@
+"""evaluate's matrix, CSV, plot and CI gates; prune's sweep, masks and train-next --mask."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, demo_dir):
+    from cl_tool.cli import main
+
+    d = tmp_path_factory.mktemp("two")
+    a0, a, b = d / "a0.safetensors", d / "a.safetensors", d / "b.safetensors"
+    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+                 ["train-next", a0, "--data", f"{demo_dir}::limit=600", "--epochs", "2", "--device", "cpu", "-o", a],
+                 ["train-next", a, "--data", f"{demo_dir}::limit=600,rotate=90", "--epochs", "2", "--device", "cpu", "-o", b]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(x) for x in argv])
+        assert exc.value.code == 0
+    return d, a0, a, b
+
+
+def test_matrix_csv_plot_and_names(cli, two_stage, demo_dir, tmp_path):
+    d, a0, a, b = two_stage
+    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
+    r = cli("evaluate", a, b, "--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90",
+            "--device", "cpu", "--json", "--csv", csv_path, "--plot", png)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["tasks"] == ["old", "new"] and len(res["accuracy"]) == 2
+    R = res["accuracy"]
+    assert res["summary"]["bwt"] == pytest.approx(R[1][0] - R[0][0])
+    assert res["summary"]["average_accuracy"] == pytest.approx((R[1][0] + R[1][1]) / 2)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 4 and {r["task"] for r in rows} == {"old", "new"}
+    assert float(rows[0]["accuracy"]) == pytest.approx(R[0][0], abs=1e-6)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gates(cli, two_stage, demo_dir):
+    d, a0, a, b = two_stage
+    tasks = ["--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90", "--device", "cpu"]
+    r = cli("evaluate", a, b, *tasks, "--fail-under-acc", "0.99")
+    assert r.code == 8 and "average accuracy" in r.error_line
+    r = cli("evaluate", a, b, *tasks, "--fail-over-forgetting", "0.0001")
+    assert r.code == 8 and "forgetting" in r.error_line
+    r = cli("evaluate", a, b, *tasks, "--fail-under-acc", "0.01", "--fail-over-forgetting", "1.0")
+    assert r.code == 0, r.err
+
+
+def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
+    d, a0, a, b = two_stage
+    png = tmp_path / "curve.png"
+    r = cli("prune", a, "--by", "magnitude", "--by", "signal", "--score-data", f"{demo_dir}::limit=200", "--data", f"{demo_dir}::split=test",
+            "--sweep", "0.5,0.9,0.99", "--plot", png, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert set(res["curves"]) == {"magnitude", "signal"}
+    for curve in res["curves"].values():
+        accs = [p["accuracy"] for p in curve]
+        assert [p["sparsity"] for p in curve] == [0.5, 0.9, 0.99]
+        assert accs[-1] <= res["unpruned_accuracy"] + 0.05
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("*.safetensors"))  # a sweep writes no checkpoint
+
+    mask, pruned = tmp_path / "m.safetensors", tmp_path / "p.safetensors"
+    r = cli("prune", a, "--by", "magnitude", "--sparsity", "0.8", "-o", pruned, "--mask-out", mask)
+    assert r.code == 0, r.err
+    out = tmp_path / "next.safetensors"
+    r = cli("train-next", pruned, "--data", f"{demo_dir}::limit=300,rotate=90", "--device", "cpu", "--mask", mask, "--penalty", "none", "-o", out)
+    assert r.code == 0, r.err
+    from safetensors.torch import load_file
+
+    masks, w = load_file(str(mask)), load_file(str(out))
+    for name, m in masks.items():
+        assert torch.all(w[name][m == 0] == 0), name  # pruned weights stayed zero
+        assert torch.count_nonzero(w[name][m == 1]) > 0
+    from cl_tool.checkpoint import load_checkpoint
+
+    rec = load_checkpoint(pruned).extra["pruning"]
+    assert rec["by"] == "magnitude" and abs(rec["achieved_sparsity"] - 0.8) < 1e-3 and rec["per_layer"]
