@@ -148,7 +148,7 @@ def run_experiment(cfg: dict, data: Path, out: Path) -> dict:
                 entry = {"lambda": lam, "diverged": str(exc)}
             sweep.append(entry)
             acc = entry.get("summary", {}).get("average_accuracy")
-            print(f"{label:>32}: " + (f"ACC {acc:.4f}  BWT {entry['summary']['bwt']:+.4f}  [{entry['seconds']} s]" if acc is not None
+            print(f"{label:>32}: " + (f"ACC {acc:.4f}  BWT {_fmt(entry['summary']['bwt'], '+.4f')}  [{entry['seconds']} s]" if acc is not None
                                        else f"DIVERGED: {entry['diverged']}"), flush=True)
         ok = [e for e in sweep if "summary" in e]
         best = max(ok, key=lambda e: e["summary"]["average_accuracy"]) if ok else None
@@ -216,6 +216,10 @@ def lambda_plot(results: dict, path: Path) -> str | None:
     return str(path)
 
 
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def markdown(results: dict) -> str:
     lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
              "| run | best λ | final avg acc | BWT | λ sweep (final avg acc) |", "|---|---|---|---|---|"]
@@ -227,7 +231,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {run['name']} | – | diverged | – | {sweep} |")
         else:
             lam = "–" if b["lambda"] is None else f"{b['lambda']:g}"
-            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {b['summary']['bwt']:+.4f} | {sweep or '–'} |")
+            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {_fmt(b['summary']['bwt'], '+.4f')} | {sweep or '–'} |")
     if "prune" in results:
         pr = results["prune"]
         bys = list(pr["curves"])
