@@ -40,10 +40,18 @@ def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str |
         raise OutputError(f"{option} {out} already exists; pass --force to overwrite it or choose another path.")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
+        if parent.exists():
+            raise OutputError(f"{option} {out} cannot be written: {parent} is a file, not a folder; choose another path.")
         raise OutputError(f"The folder of {option} {out} does not exist; create {parent} first.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"The folder {parent} of {option} {out} is not writable; choose a writable location.")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -74,6 +82,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):  # mkstemp (and the safetensors writer) make 0600 files; use what open() would
+            os.chmod(tmp, 0o666 & ~_umask())
         if dest.exists() and not force:
             raise OutputError(f"{dest} appeared while this command ran; pass --force to overwrite it.")
         os.replace(tmp, dest)

@@ -52,7 +52,7 @@ def _json_meta(metadata: dict[str, str], key: str, path, default):
         return default
     try:
         return json.loads(metadata[key])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInputError(f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
 
 
@@ -92,7 +92,7 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
     try:
         cfg = json.loads(cfg_path.read_text())
         arch = cfg.get("architecture") or cfg["model_name"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
         raise BadInputError(f"{cfg_path} is not a valid timm config.json (needs JSON with an 'architecture' key).") from exc
     pre = cfg.get("pretrained_cfg", {}) or {}
     kwargs = dict(cfg.get("model_args", {}) or {})

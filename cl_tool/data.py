@@ -115,8 +115,12 @@ def _load_raw(source: str, split_name: str | None):
         raise
     except EnvironmentProblem:
         raise
+    except IndexError as exc:  # datasets.load_from_disk of a saved 0-row Dataset (no arrow files)
+        raise BadInputError(f"--data {source} holds no data (an empty dataset); give a non-empty dataset.") from exc
     except (FileNotFoundError, ValueError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "corresponds to no data" in msg:  # a parquet/csv/json file without rows
+            raise BadInputError(f"--data {source} has no samples; give a non-empty dataset.") from exc
         raise BadInputError(f"--data {source} could not be read as a dataset ({msg}).") from exc
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds.keys())
@@ -170,9 +174,12 @@ def _to_array(value, c: int, h: int, w: int, row: int, source: str):
             img = img.resize((w, h), resample=2)  # bilinear
         arr = np.asarray(img, dtype=np.float32) / 255.0
         return arr[None] if c == 1 else arr.transpose(2, 0, 1)
-    arr = np.asarray(value)
-    if arr.dtype == object:
-        raise BadInputError(f"Image in row {row} of --data {source} is not a regular array; use an Image column or fixed-size pixel arrays.")
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # ragged nested lists
+        raise BadInputError(f"Image in row {row} of --data {source} is not a regular array; use an Image column or fixed-size pixel arrays.") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise BadInputError(f"Image in row {row} of --data {source} is not a regular array of numbers (dtype {arr.dtype}); use an Image column or fixed-size pixel arrays.")
     scale = 255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0
     arr = arr.astype(np.float32) / scale
     if arr.size == c * h * w:
@@ -260,8 +267,10 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
             if lab is None:
                 raise BadInputError(f"Row {row} of --data {spec.source} has no label; remove unlabeled rows.")
             try:
+                if isinstance(lab, float) and not lab.is_integer():
+                    raise ValueError(lab)
                 ys[row] = int(lab)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise BadInputError(f"Label {lab!r} in row {row} of --data {spec.source} is not an integer class id; encode labels as integers or a ClassLabel.") from exc
             if img is None:
                 raise BadInputError(f"Row {row} of --data {spec.source} has no image.")

@@ -54,7 +54,7 @@ def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str,
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise BadInputError(f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file.") from exc
     if not isinstance(header, dict):
         raise BadInputError(f"{what} {p} is not a safetensors file (its header is not a JSON object).")
@@ -96,11 +96,10 @@ def load_tensors(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str], *, force: bool) -> None:
     """Write tensors + metadata atomically (temp file in the same folder, fsync, rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from cl_tool.atomic import atomic_path
-
-    from safetensors import SafetensorError
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, force=force) as tmp:

@@ -89,8 +89,13 @@ def load_sidecar(path: str | os.PathLike) -> Sidecar:
             decay=float(meta.get("decay", "1.0")),
             path=str(path),
         )
-    except (KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"Importance file {path} has malformed metadata ({exc!s}); recompute it with `cl-tool importance`.") from exc
+    except KeyError as exc:
+        raise BadInputError(f"Importance file {path} lacks the metadata key {exc.args[0]!r}; recompute it with `cl-tool importance`.") from exc
+    except (ValueError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadInputError(f"Importance file {path} has malformed metadata ({str(exc)[:200]}); recompute it with `cl-tool importance`.") from exc
+    if not isinstance(sc.options, dict) or not isinstance(sc.tasks, list) or not all(isinstance(t, dict) for t in sc.tasks) \
+            or not (sc.data is None or isinstance(sc.data, dict)):
+        raise BadInputError(f"Importance file {path} has malformed metadata (options, data or tasks of the wrong type); recompute it with `cl-tool importance`.")
     validate_values(sc.tensors, str(path))
     return sc
 

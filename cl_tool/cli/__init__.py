@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
         rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
         code = rv if isinstance(rv, int) else 0
+        if code == EXIT_INTERRUPTED_INT:  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
+            _print_error("Interrupted by Ctrl-C; nothing was written.")
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:

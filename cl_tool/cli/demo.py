@@ -27,6 +27,7 @@ def demo_data(
     json_out: JsonOpt = False,
 ):
     """Write synthetic 28x28 grey images of noisy class prototypes (MNIST-like layout) to a folder."""
+    import os
     import shutil
     import tempfile
 
@@ -39,21 +40,35 @@ def demo_data(
         raise OutputError(f"{output} already exists; pass --force to replace it or choose another folder.")
     parent = output.resolve().parent
     if not parent.is_dir():
+        if parent.exists():
+            raise OutputError(f"{output} cannot be written: {parent} is a file, not a folder; choose another path.")
         raise OutputError(f"The folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"The folder {parent} of {output} is not writable; choose a writable location.")
     import datasets
 
     datasets.disable_progress_bars()
     from cl_tool.demo import make_dataset
 
     dd = datasets.DatasetDict({"train": make_dataset(train, classes=classes, seed=seed), "test": make_dataset(test, classes=classes, seed=seed + 1)})
-    tmp = Path(tempfile.mkdtemp(prefix=".cl-tool-tmp-", dir=parent))
+    import errno
+
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=".cl-tool-tmp-", dir=parent))
         dd.save_to_disk(str(tmp / "ds"))
-        if output.exists():
+        if output.is_dir() and not output.is_symlink():
             shutil.rmtree(output)
+        elif output.exists() or output.is_symlink():
+            output.unlink()
         (tmp / "ds").rename(output)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"No space left on the device while writing {output}; free some space and run again (nothing was written).") from exc
+        raise OutputError(f"Could not write {output}: {exc.strerror or exc}; choose a writable location.") from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     log(f"Wrote {output}: {train} train and {test} test images, 28x28, {classes} classes.")
     if json_out:
         emit_json({"output": str(output), "train": train, "test": test, "classes": classes})

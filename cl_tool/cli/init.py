@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,6 +31,8 @@ def _floats(text: Optional[str], option: str, n: int) -> Optional[tuple[float, .
         vals = tuple(float(v) for v in text.split(","))
     except ValueError as exc:
         raise UsageError(f"{option} {text!r} must be comma-separated numbers.") from exc
+    if not all(math.isfinite(v) for v in vals):
+        raise UsageError(f"{option} {text!r} must be finite numbers.")
     if len(vals) == 1:
         vals = vals * n
     if len(vals) != n:
@@ -64,7 +67,12 @@ def init(
         if reserved in kwargs:
             raise UsageError(f"--arch-arg {reserved}= is not allowed; use {'--num-classes' if reserved == 'num_classes' else 'init (weights are random)'} instead.")
     if "sizes" in kwargs and arch == "mlp" and num_classes is None:
-        num_classes = int(str(kwargs["sizes"]).split(",")[-1])
+        try:
+            num_classes = int(str(kwargs["sizes"]).split(",")[-1])
+        except ValueError as exc:
+            raise UsageError(f"--arch-arg sizes={kwargs['sizes']} must be comma-separated positive integers, e.g. sizes=784,300,150,10.") from exc
+    if "in_chans" in kwargs and (isinstance(kwargs["in_chans"], bool) or not isinstance(kwargs["in_chans"], int) or kwargs["in_chans"] < 1):
+        raise UsageError(f"--arch-arg in_chans={kwargs['in_chans']} must be a positive integer.")
     if "in_chans" in kwargs and shape is not None and int(kwargs["in_chans"]) != shape[0]:
         raise UsageError(f"--arch-arg in_chans={kwargs['in_chans']} disagrees with --input-shape {input_shape}.")
 

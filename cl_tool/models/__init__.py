@@ -76,6 +76,14 @@ class ModelSpec:
             raise BadInputError(f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged.") from exc
         if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
             raise BadInputError(f"The checkpoint metadata has an invalid input shape {list(spec.input_shape)}; expected C,H,W with positive sizes.")
+        import math
+
+        c = spec.input_shape[0]
+        if spec.num_classes < 1:
+            raise BadInputError(f"The checkpoint metadata has an invalid number of classes {spec.num_classes}; the file is damaged.")
+        if len(spec.mean) != c or len(spec.std) != c or not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0:
+            raise BadInputError(f"The checkpoint metadata has invalid normalisation (mean {list(spec.mean)}, std {list(spec.std)}) for {c} channel(s); "
+                                f"it needs {c} finite value(s) each and a positive std; the file is damaged.")
         return spec
 
 
@@ -92,8 +100,8 @@ def build_model(spec: ModelSpec):
     if spec.arch in _BUILTIN:
         try:
             return _BUILTIN[spec.arch](tuple(spec.input_shape), spec.num_classes, **spec.kwargs)
-        except TypeError as exc:
-            raise UsageError(f"Invalid --arch-arg for {spec.arch}: {exc}.") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. sizes=784,abc,10 or a negative width
+            raise UsageError(f"Invalid --arch-arg for {spec.arch}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from exc
     import timm
 
     if not timm.is_model(spec.arch):
@@ -110,7 +118,7 @@ def build_model(spec: ModelSpec):
 
 def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int, int] | None, num_classes: int | None) -> ModelSpec:
     """Fill in input shape, classes and normalisation defaults for ``arch``."""
-    from cl_tool.errors import BadInputError
+    from cl_tool.errors import UsageError
 
     _load_builtins()
     if arch in _BUILTIN:
@@ -120,8 +128,8 @@ def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int,
     import timm
 
     if not timm.is_model(arch):
-        raise BadInputError(
-            f"Unknown architecture {arch!r}: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
+        raise UsageError(
+            f"--arch {arch!r} is unknown: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
         )
     cfg = {}
     try:

@@ -13,7 +13,10 @@ from cl_tool.models import register_model
 def _parse_sizes(sizes) -> list[int]:
     if isinstance(sizes, str):
         sizes = [s for s in sizes.replace(";", ",").split(",") if s.strip()]
-    return [int(s) for s in sizes]
+    out = [int(s) for s in sizes]
+    if any(v < 1 for v in out):
+        raise ValueError(f"widths must be positive integers, got {','.join(map(str, out))}")
+    return out
 
 
 class MLP(nn.Module):

@@ -93,6 +93,8 @@ def run_evaluate(a: EvaluateArgs) -> dict[str, Any]:
     for opt, val in (("--fail-under-acc", a.fail_under_acc), ("--fail-over-forgetting", a.fail_over_forgetting)):
         if val is not None and not (0.0 <= val <= 1.0):
             raise UsageError(f"{opt} must be in [0, 1], got {val}.")
+    if a.csv is not None and a.plot is not None and Path(a.csv).resolve() == Path(a.plot).resolve():
+        raise UsageError("--csv and --plot name the same file; give two different paths.")
     for out, opt in ((a.csv, "--csv"), (a.plot, "--plot")):
         if out is not None:
             check_output(out, force=a.force, inputs=a.checkpoints, option=opt)

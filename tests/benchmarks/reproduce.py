@@ -222,16 +222,18 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(results: dict) -> str:
     lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
-             "| run | best λ | final avg acc | BWT | λ sweep (final avg acc) |", "|---|---|---|---|---|"]
+             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA |", "|---|---|---|---|---|---|"]
     for run in results["runs"]:
         b = run["best"]
-        sweep = ", ".join(f"{e['lambda']:g}: " + (f"{e['summary']['average_accuracy']:.3f}" if "summary" in e else "diverged")
+        sweep = ", ".join(f"{e['lambda']:g}: " + (f"{e['summary']['average_accuracy']:.3f} / {_fmt(e['summary']['learning_accuracy'], '.3f')}"
+                                                   if "summary" in e else "diverged")
                           for e in run["sweep"] if e["lambda"] is not None)
         if b is None:
-            lines.append(f"| {run['name']} | – | diverged | – | {sweep} |")
+            lines.append(f"| {run['name']} | – | diverged | – | – | {sweep} |")
         else:
             lam = "–" if b["lambda"] is None else f"{b['lambda']:g}"
-            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {_fmt(b['summary']['bwt'], '+.4f')} | {sweep or '–'} |")
+            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {_fmt(b['summary']['bwt'], '+.4f')} | "
+                         f"{_fmt(b['summary']['learning_accuracy'], '.4f')} | {sweep or '–'} |")
     if "prune" in results:
         pr = results["prune"]
         bys = list(pr["curves"])
@@ -263,12 +265,23 @@ def apply_overrides(cfg: dict, sets: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("--data", required=True, help="MNIST IDX folder or a dataset folder cl-tool reads")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("config", help="experiment TOML, or with --render a results.json to turn into results.md again")
+    p.add_argument("--render", action="store_true", help="only re-render results.md (and the λ plot) from CONFIG=results.json")
+    p.add_argument("--data", required=False, help="MNIST IDX folder or a dataset folder cl-tool reads")
+    p.add_argument("--out", required=False, help="output folder (created)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--max-lambdas", type=int, default=None, help="keep only the first N λ of each run (quick checks)")
     args = p.parse_args(argv)
+    if args.render:
+        res_path = Path(args.config)
+        results = json.loads(res_path.read_text())
+        results["lambda_plot"] = lambda_plot(results, res_path.with_name("lambda_sweep.png"))
+        md = markdown(results)
+        res_path.with_name("results.md").write_text(md)
+        print(md)
+        return results
+    if not (args.data and args.out):
+        p.error("--data and --out are required to run an experiment")
     cfg = apply_overrides(tomllib.loads(Path(args.config).read_text()), args.set)
     if args.max_lambdas:
         for run in cfg["runs"]:
