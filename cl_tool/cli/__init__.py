@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     code = 0
     try:
-        group = typer.main.get_command(app)
+        group = _command_tree()
         extra: dict[str, Any] = {}
         cmd_name = _find_command(argv, set(group.commands))  # type: ignore[attr-defined]
         cfg = _config_path(argv) if cmd_name else None
@@ -180,6 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         _shutdown_distributed()
     sys.exit(code)
+
+
+_TREE: list = []
+
+
+def _command_tree():
+    """typer's click command tree for ``app``, built once per process (in-process callers reuse it)."""
+    if not _TREE:
+        _TREE.append(typer.main.get_command(app))
+    return _TREE[0]
 
 
 def _click():
