@@ -65,16 +65,27 @@ def _eval_on(model: nn.Module, device: torch.device):
     modes = [(m, m.training) for m in model.modules()]
     first = next(model.parameters(), None)
     old_device = first.device if first is not None else device
+    move = not _same_device(old_device, device)
     model.eval()
-    if old_device != device:
+    if move:
         model.to(device)
     try:
         yield
     finally:
-        if old_device != device:
+        if move:
             model.to(old_device)
         for m, mode in modes:
             m.training = mode
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current device) count as the same."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
 
 
 def _batch_tensors(batch, device: torch.device):
@@ -102,15 +113,18 @@ def importance_sums(model: nn.Module, batches: Iterable, method: str, *, fisher_
     _check_method(method)
     device = torch.device(device)
     if method == "magnitude":
-        return {n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}, 0
+        return check_finite({n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}), 0
     autocast = _autocast(device, precision)
-    if method != "signal":
-        spec = LossSpec(method, fisher_labels, mas_output)
+    spec = None if method == "signal" else LossSpec(method, fisher_labels, mas_output)
+    if not float(memory_budget_mb) > 0:
+        raise UsageError(f"The memory budget must be positive, got {memory_budget_mb} MB.")
     budget = max(1, int(float(memory_budget_mb) * (1 << 20)))
     count = 0
     with _eval_on(model, device):
-        engine = SignalEngine(model, autocast=autocast) if method == "signal" else \
-            GradEngine(model, spec, autocast=autocast, budget_bytes=budget, generator=generator)
+        if spec is None:
+            engine = SignalEngine(model, autocast=autocast)
+        else:
+            engine = GradEngine(model, spec, autocast=autocast, budget_bytes=budget, generator=generator)
         for batch in batches:
             x, y = _batch_tensors(batch, device)
             if x.shape[0] == 0:

@@ -2,11 +2,16 @@
 
 ``GradEngine`` (fisher, mas): for a batch x (B samples) it
 1. runs the model once with forward hooks on every layer a rule handles (``record_calls``),
-2. forms the per-sample losses ℓ (B, P) and, for each pass k, takes the gradient of Σₙ ℓₙ⁽ᵏ⁾
-   w.r.t. the recorded layer outputs — row n of that gradient is sample n's, because the loss is
-   a sum of per-sample terms and eval-mode layers do not mix samples,
-3. hands (input, output-gradient) pairs to the layer rules, additive taps serve ViT-style
+2. forms the per-sample losses ℓ (B, P) and, for each pass k, back-propagates Σₙ ℓₙ⁽ᵏ⁾ to the
+   recorded layer outputs (not to the parameters) — row n of an output gradient is sample n's,
+   because the loss is a sum of per-sample terms and eval-mode layers do not mix samples,
+3. hands each (input, output-gradient) pair to the layer's rule from a tensor hook as soon as
+   the gradient exists (so output gradients do not pile up); additive taps serve ViT-style
    token/position parameters, and the exact ``PerSampleFallback`` gets everything else.
+
+Cost: about one forward and one backward pass per batch and loss pass, the per-sample weight
+gradients taking the place of the usual weight-gradient GEMMs. Memory: one batch's
+activations plus a budget-bounded chunk of per-sample gradients.
 
 A layer rule is trusted for a parameter only if (a) the parameter belongs to that one module,
 (b) every call of the module this batch had a tensor input/output with B rows and an output
@@ -28,10 +33,10 @@ import torch
 from torch import nn
 
 from cl_tool.errors import IncompatibleError
-from cl_tool.importance.capture import record_calls, on_forward
+from cl_tool.importance.capture import on_forward, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
-from cl_tool.importance.graph import AdditiveTap, GraphIndex
-from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses
+from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
+from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses, wide, wide_dtype
 from cl_tool.importance.rules import Rule, rule_for
 
 
@@ -83,7 +88,7 @@ def _check_logits(logits, batch: int) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise IncompatibleError(f"The model must return logits of shape (batch, classes) but returned {shape}.")
-    return logits.float()
+    return wide(logits)
 
 
 def _usable(calls, batch: int) -> bool:
@@ -93,14 +98,18 @@ def _usable(calls, batch: int) -> bool:
 
 
 class GradEngine:
-    """Accumulates Σₙ Σₖ f(∂ℓₙ⁽ᵏ⁾/∂θ) over batches for every trainable parameter (float32)."""
+    """Accumulates Σₙ Σₖ f(∂ℓₙ⁽ᵏ⁾/∂θ) over batches for every trainable parameter.
+
+    Sums are float32, or float64 for float64 parameters (used to check exactness without
+    float32 round-off); ``importance_sums`` always returns float32.
+    """
 
     def __init__(self, model: nn.Module, spec: LossSpec, *, autocast=nullcontext, budget_bytes: int = 512 << 20,
                  generator: torch.Generator | None = None):
         self.model, self.spec, self.autocast = model, spec, autocast
         self.budget_bytes, self.generator = budget_bytes, generator
         self.plan = make_plan(model)
-        self.sums = {n: torch.zeros(p.shape, device=p.device) for n, p in self.plan.params.items()}
+        self.sums = {n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()}
         self.copy: set[nn.Module] = set()
         self.fallback = PerSampleFallback(model, spec, autocast, budget_bytes)
         self.fallback_names: set[str] = set()  # for reporting: parameters that needed the fallback
@@ -153,11 +162,20 @@ class GradEngine:
         return ruled, rest
 
     def _backward_passes(self, losses, ruled, taps, batch: int) -> list[str]:
-        """Run the P backward passes; add rule and tap statistics; return taps that failed."""
-        outs = [c.out for _, cs in ruled for c in cs]
+        """Run the P backward passes; add rule and tap statistics; return taps that failed.
+
+        Tensor hooks on the recorded layer outputs hand each output gradient to its rule as soon
+        as the backward pass produces it (once all calls of that layer have one), so at most a
+        few output gradients are alive at a time. Autograd is asked only for the outputs without
+        a recorded ancestor and for the tap parameters.
+        """
         tap_params = [self.plan.params[n] for n in taps]
-        if not outs and not tap_params:
+        sources = without_hooked_ancestors([c.out for _, cs in ruled for c in cs])
+        if not sources and not tap_params:
             return []
+        pending = [[None] * len(cs) for _, cs in ruled]
+        handles = [c.out.register_hook(self._grad_hook(ruled, pending, j, k))
+                   for j, (_, cs) in enumerate(ruled) for k, c in enumerate(cs)]
         tap_sums = {n: torch.zeros_like(self.sums[n]) for n in taps}
         failed: set[str] = set()
         for t in taps.values():
@@ -166,9 +184,8 @@ class GradEngine:
         try:
             passes = losses.shape[1]
             for k in range(passes):
-                grads = torch.autograd.grad(losses[:, k].sum(), outs + tap_params, retain_graph=k + 1 < passes,
-                                            allow_unused=True, materialize_grads=True)
-                self._apply_rules(ruled, grads[:len(outs)])
+                torch.autograd.grad(losses[:, k].sum(), sources + tap_params, retain_graph=k + 1 < passes, allow_unused=True)
+                self._flush(ruled, pending)
                 for n, t in taps.items():
                     g = t.take(self.plan.params[n].shape, batch)
                     if g is None:
@@ -176,6 +193,8 @@ class GradEngine:
                     elif n not in failed:
                         tap_sums[n] += f(g).sum(0)
         finally:
+            for h in handles:
+                h.remove()
             for t in taps.values():
                 t.detach()
         for n, s in tap_sums.items():
@@ -183,13 +202,27 @@ class GradEngine:
                 self.sums[n] += s
         return sorted(failed)
 
-    def _apply_rules(self, ruled, grads) -> None:
-        i = 0
-        for rm, cs in ruled:
-            pairs = [(c.inp, g) for c, g in zip(cs, grads[i:i + len(cs)])]
-            i += len(cs)
-            for local, s in rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes).items():
-                self.sums[rm.names[local]] += s
+    def _grad_hook(self, ruled, pending, j: int, k: int):
+        def hook(grad):
+            pending[j][k] = grad
+            if all(g is not None for g in pending[j]):
+                self._apply_rule(ruled[j], pending[j])
+                pending[j] = [None] * len(pending[j])
+        return hook
+
+    def _flush(self, ruled, pending) -> None:
+        """After a pass: layers with some calls outside the loss's graph (zero gradient there)."""
+        for j, grads in enumerate(pending):
+            if any(g is not None for g in grads):
+                cs = ruled[j][1]
+                self._apply_rule(ruled[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)])
+                pending[j] = [None] * len(grads)
+
+    def _apply_rule(self, ruled_module, grads) -> None:
+        rm, cs = ruled_module
+        pairs = [(c.inp, g) for c, g in zip(cs, grads)]
+        for local, s in rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes).items():
+            self.sums[rm.names[local]] += s
 
     def _add_all_fallback(self, x, y) -> None:
         logits = _check_logits(self.fallback.logits(x), x.shape[0])
@@ -204,13 +237,15 @@ class SignalEngine:
     """Accumulates the paper's signal statistic (forward only); see ``rules`` for each layer.
 
     Parameters of no supported layer get |θ|·N (N samples seen): the linear rule for a weight
-    whose input is the constant 1 in every sample (a bias-like, additive parameter).
+    whose input is the constant 1 in every sample (a bias-like, additive parameter). A supported
+    layer that never ran gets 0 (no signal reached it); a weight shared by several supported
+    layers gets the sum of their contributions.
     """
 
     def __init__(self, model: nn.Module, *, autocast=nullcontext):
         self.model, self.autocast = model, autocast
         self.plan = make_plan(model)
-        self.sums = {n: torch.zeros(p.shape, device=p.device) for n, p in self.plan.params.items()}
+        self.sums = {n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()}
         self.count = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -230,5 +265,5 @@ class SignalEngine:
         out = dict(self.sums)
         for n, p in self.plan.params.items():
             if n not in self.plan.signal_owned:
-                out[n] = p.detach().float().abs() * float(self.count)
+                out[n] = wide(p.detach()).abs() * float(self.count)
         return out

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from cl_tool.importance.losses import LossSpec, per_sample_losses, stat_fn
+from cl_tool.importance.losses import LossSpec, per_sample_losses, stat_fn, wide, wide_dtype
 from cl_tool.importance.rules import chunk_size
 
 
@@ -60,7 +60,7 @@ class PerSampleFallback:
     def _loss_one(self, sub: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             z = functional_call(self.model, sub, (xi.unsqueeze(0),), strict=False)
-        return per_sample_losses(z.float(), ti.reshape(1), self.spec)[0]
+        return per_sample_losses(wide(z), ti.reshape(1), self.spec)[0]
 
     def _vmap(self, names, x, targets, passes):
         f = stat_fn(self.spec.stat)
@@ -68,35 +68,35 @@ class PerSampleFallback:
         numel = sum(t.numel() for t in sub.values())
         step = chunk_size(2 * passes * numel, self.budget_bytes, x.shape[0])
         per_sample_jac = vmap(jacrev(self._loss_one), in_dims=(None, 0, 0))
-        acc = {n: torch.zeros(t.shape, device=t.device) for n, t in sub.items()}
+        acc = {n: torch.zeros(t.shape, device=t.device, dtype=wide_dtype(t.dtype)) for n, t in sub.items()}
         with torch.no_grad(), unfused_attention(self.model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for s in range(0, x.shape[0], step):
                 jac = per_sample_jac(sub, x[s:s + step], targets[s:s + step])
                 for n in names:
-                    acc[n] += f(jac[n].float()).sum(dim=(0, 1))
+                    acc[n] += f(wide(jac[n])).sum(dim=(0, 1))
         return acc
 
     def _loop(self, names, x, targets):
         f = stat_fn(self.spec.stat)
         params = [self.params[n] for n in names]
-        acc = [torch.zeros(p.shape, device=p.device) for p in params]
+        acc = [torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for p in params]
         for i in range(x.shape[0]):
             with torch.enable_grad(), self.autocast():
                 z = self.model(x[i:i + 1])
-            losses = per_sample_losses(z.float(), targets[i:i + 1], self.spec)[0]
+            losses = per_sample_losses(wide(z), targets[i:i + 1], self.spec)[0]
             for k in range(losses.shape[0]):
                 grads = torch.autograd.grad(losses[k], params, retain_graph=k + 1 < losses.shape[0], allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:
-                        a += f(g.float())
+                        a += f(wide(g))
         return dict(zip(names, acc))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of each sample on its own (batch of one), (B, K)."""
+        """Float32 (float64) logits of each sample on its own (batch of one), (B, K)."""
         outs = []
         for i in range(x.shape[0]):
             with self.autocast():
-                outs.append(self.model(x[i:i + 1]).float())
+                outs.append(wide(self.model(x[i:i + 1])))
         return torch.cat(outs)

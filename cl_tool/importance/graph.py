@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cl_tool.importance.losses import wide
+
 _CASTS = {"ToCopyBackward0"}
 _ADDITIVE = {"AddBackward0", "SubBackward0", "ExpandBackward0"}
 
@@ -53,6 +55,30 @@ class GraphIndex:
         return out
 
 
+def without_hooked_ancestors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors none of whose forward ancestors is among ``tensors`` ("sources").
+
+    Asking autograd for the gradients of just the sources runs the backward pass through every
+    other tensor of the list too (each depends on a source), so their hooks fire while only the
+    sources' gradients are returned and held.
+    """
+    hooked = {t.grad_fn for t in tensors if t.grad_fn is not None}
+    below: dict = {}  # node -> a hooked node is reachable through next_functions
+    for root in hooked:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in below:
+                continue
+            children = [nxt for nxt, _ in node.next_functions if nxt is not None]
+            if expanded:
+                below[node] = any(c in hooked or below[c] for c in children)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in below)
+    return [t for t in tensors if t.grad_fn is None or not below[t.grad_fn]]
+
+
 def reduce_per_sample(grad: torch.Tensor, shape: torch.Size, batch: int) -> torch.Tensor | None:
     """Per-sample gradient (B, *shape) of a parameter broadcast into ``grad``'s shape (B, …).
 
@@ -70,7 +96,7 @@ def reduce_per_sample(grad: torch.Tensor, shape: torch.Size, batch: int) -> torc
             if padded[d] != 1:
                 return None
             axes.append(d)
-    out = grad.float().sum(axes, keepdim=True) if axes else grad.float()
+    out = wide(grad).sum(axes, keepdim=True) if axes else wide(grad)
     return out.reshape(batch, *shape)
 
 

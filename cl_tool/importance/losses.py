@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cl_tool.errors import IncompatibleError, UsageError
+from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 
 FISHER_LABELS = ("empirical", "sampled", "exact")
 MAS_OUTPUTS = ("logits", "softmax")
@@ -56,6 +56,16 @@ class LossSpec:
         return num_classes if (self.method == "fisher" and self.fisher_labels == "exact") else 1
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the accumulation precision: float32, or float64 if it already is float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for values of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def stat_fn(stat: str):
     """The element-wise statistic: ``sq`` → x², ``abs`` → |x|."""
     return torch.square if stat == "sq" else torch.abs
@@ -70,6 +80,8 @@ def make_targets(logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generato
     """
     batch, num_classes = logits.shape
     if spec.method == "fisher" and spec.fisher_labels == "empirical":
+        if not isinstance(y, torch.Tensor):
+            raise BadInputError("The empirical Fisher needs the true labels, but a batch came without labels.")
         y = y.to(device=logits.device, dtype=torch.int64).reshape(-1)
         if y.numel() != batch:
             raise IncompatibleError(f"A batch has {batch} inputs but {y.numel()} labels; they must match.")
@@ -78,13 +90,13 @@ def make_targets(logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generato
         return y
     if spec.method == "fisher" and spec.fisher_labels == "sampled":
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        probs = torch.softmax(logits.detach().float(), dim=-1).to(gen_device)
+        probs = torch.softmax(wide(logits.detach()), dim=-1).to(gen_device)
         return torch.multinomial(probs, 1, generator=generator).reshape(-1).to(logits.device)
     return torch.zeros(batch, dtype=torch.int64, device=logits.device)
 
 
 def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """Per-sample, per-pass losses ``ℓ`` of shape ``(B, P)`` from float32 logits ``(B, K)``."""
+    """Per-sample, per-pass losses ``ℓ`` of shape ``(B, P)`` from float32/64 logits ``(B, K)``."""
     if spec.method == "fisher":
         logp = F.log_softmax(logits, dim=-1)
         if spec.fisher_labels == "exact":

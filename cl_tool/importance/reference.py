@@ -16,7 +16,7 @@ from torch import nn
 
 from cl_tool.importance import _eval_on
 from cl_tool.importance.engine import SignalEngine
-from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses, stat_fn
+from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses, stat_fn, wide, wide_dtype
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -25,7 +25,7 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "empirical", mas_output: str = "logits",
                generator: torch.Generator | None = None, device="cpu") -> tuple[dict[str, torch.Tensor], int]:
-    """Per-sample loop: same contract as ``importance_sums`` (fp32 only)."""
+    """Per-sample loop: same contract as ``importance_sums`` (fp32 only; float64 sums for a float64 model)."""
     device = torch.device(device)
     params = _trainable(model)
     with _eval_on(model, device):
@@ -37,21 +37,21 @@ def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "
             return {n: t.cpu() for n, t in engine.result().items()}, engine.count
         spec = LossSpec(method, fisher_labels, mas_output)
         f = stat_fn(spec.stat)
-        sums = {n: torch.zeros(p.shape, device=device) for n, p in params.items()}
+        sums = {n: torch.zeros(p.shape, device=device, dtype=wide_dtype(p.dtype)) for n, p in params.items()}
         count = 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
-                logits = torch.cat([model(x[i:i + 1]).float() for i in range(x.shape[0])])
+                logits = torch.cat([wide(model(x[i:i + 1])) for i in range(x.shape[0])])
             targets = make_targets(logits, y, spec, generator)
             for i in range(x.shape[0]):
-                losses = per_sample_losses(model(x[i:i + 1]).float(), targets[i:i + 1], spec)[0]
+                losses = per_sample_losses(wide(model(x[i:i + 1])), targets[i:i + 1], spec)[0]
                 for k in range(losses.shape[0]):
                     grads = torch.autograd.grad(losses[k], list(params.values()), retain_graph=k + 1 < losses.shape[0],
                                                 allow_unused=True)
                     for n, g in zip(params, grads):
                         if g is not None:
-                            sums[n] += f(g.float())
+                            sums[n] += f(wide(g))
             count += x.shape[0]
     return {n: t.cpu() for n, t in sums.items()}, count
 
@@ -64,17 +64,17 @@ def batch_mean_sums(model: nn.Module, batches, method: str = "fisher", *, fisher
     params = _trainable(model)
     spec = LossSpec(method, fisher_labels, mas_output)
     f = stat_fn(spec.stat)
-    sums = {n: torch.zeros(p.shape, device=device) for n, p in params.items()}
+    sums = {n: torch.zeros(p.shape, device=device, dtype=wide_dtype(p.dtype)) for n, p in params.items()}
     count = 0
     with _eval_on(model, device):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            logits = model(x).float()
+            logits = wide(model(x))
             targets = make_targets(logits.detach(), y, spec, generator)
             loss = per_sample_losses(logits, targets, spec).sum(1).mean()
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for n, g in zip(params, grads):
                 if g is not None:
-                    sums[n] += x.shape[0] * f(g.float())
+                    sums[n] += x.shape[0] * f(wide(g))
             count += x.shape[0]
     return {n: t.cpu() for n, t in sums.items()}, count

@@ -4,7 +4,7 @@ Each rule turns what forward/backward hooks saw for one layer — its input ``A`
 call of the layer) and the gradient ``G`` of the *summed* per-sample loss with respect to its
 output — into the per-sample statistic summed over the batch, without a loop over samples:
 
-    S(θ) = Σₙ f(∂ℓₙ/∂θ),   f = square ("sq") or abs ("abs"), result in float32.
+    S(θ) = Σₙ f(∂ℓₙ/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
 
 Row ``n`` of ``A`` and ``G`` belongs to sample ``n`` (the engine checks dim 0 equals the batch
 size). When a layer is called several times in one forward pass, the calls are concatenated
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_tool.importance.losses import stat_fn
+from cl_tool.importance.losses import stat_fn, wide, wide_dtype
 
 FLOAT_BYTES = 4
 #: Target size of one chunk of materialised per-sample gradients: small enough to stay in the
@@ -59,7 +59,7 @@ def _only_weight_bias(module: nn.Module) -> bool:
 
 def _abs_sum_except(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Σ|t| over every axis but ``dim`` (float32)."""
-    t = t.float().abs().movedim(dim, 0)
+    t = wide(t).abs().movedim(dim, 0)
     return t.reshape(t.shape[0], -1).sum(1)
 
 
@@ -157,8 +157,8 @@ class LinearRule(Rule):
 
     def grad_stat(self, module, calls, stat, budget_bytes):
         f = stat_fn(stat)
-        A = _cat_positions([a.float().reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
-        G = _cat_positions([g.float().reshape(g.shape[0], -1, module.out_features) for _, g in calls])
+        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
+        G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])
         out: dict[str, torch.Tensor] = {}
         if module.weight.requires_grad:
             out["weight"] = weight_stat(G.transpose(1, 2)[:, None], A.transpose(1, 2)[:, None], stat, budget_bytes)[0]
@@ -167,10 +167,10 @@ class LinearRule(Rule):
         return out
 
     def signal(self, module, inp, out):
-        a = inp.float().abs().reshape(-1, module.in_features).sum(0)
-        res = {"weight": module.weight.detach().float().abs() * a[None, :]}
+        a = wide(inp).abs().reshape(-1, module.in_features).sum(0)
+        res = {"weight": wide(module.weight.detach()).abs() * a[None, :]}
         if module.bias is not None:
-            res["bias"] = out.float().abs().reshape(-1, module.out_features).sum(0)
+            res["bias"] = wide(out).abs().reshape(-1, module.out_features).sum(0)
         return res
 
 
@@ -216,11 +216,12 @@ class ConvRule(Rule):
         batch = calls[0][0].shape[0]
         positions = sum(math.prod(gr.shape[2:]) for _, gr in calls)
         step = chunk_size(positions * (module.in_channels * math.prod(module.kernel_size) + c_out), budget_bytes, batch)
-        weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device)
-        bias = torch.zeros(c_out, device=weight.device)
+        dtype = wide_dtype(calls[0][1].dtype)
+        weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device, dtype=dtype)
+        bias = torch.zeros(c_out, device=weight.device, dtype=dtype)
         for s in range(0, batch, step):
-            P = _cat_positions([self.patches(module, a[s:s + step].float()) for a, _ in calls], 2)
-            G = _cat_positions([gr[s:s + step].float().reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
+            P = _cat_positions([self.patches(module, wide(a[s:s + step])) for a, _ in calls], 2)
+            G = _cat_positions([wide(gr[s:s + step]).reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
             n, L = P.shape[0], P.shape[-1]
             if module.weight.requires_grad:
                 weight += weight_stat(G.reshape(n, g, c_out // g, L), P.reshape(n, g, ik, L), stat, budget_bytes)
@@ -234,9 +235,9 @@ class ConvRule(Rule):
 
     def signal(self, module, inp, out):
         g = module.groups
-        col = self.patches(module, inp.float()).abs().sum(dim=(0, 2))  # (C_in·k,)
+        col = self.patches(module, wide(inp)).abs().sum(dim=(0, 2))  # (C_in·k,)
         col = col.reshape(g, 1, -1).expand(g, module.out_channels // g, col.numel() // g)
-        res = {"weight": module.weight.detach().float().abs() * col.reshape(module.weight.shape)}
+        res = {"weight": wide(module.weight.detach()).abs() * col.reshape(module.weight.shape)}
         if module.bias is not None:
             res["bias"] = _abs_sum_except(out, 1)
         return res
@@ -262,9 +263,9 @@ class _NormRule(Rule):
         f = stat_fn(stat)
         gw = gb = 0
         for a, gr in calls:
-            gr = gr.float()
+            gr = wide(gr)
             if module.weight is not None and module.weight.requires_grad:
-                gw = gw + self.per_sample(module, gr * self.normalized(module, a.float()))
+                gw = gw + self.per_sample(module, gr * self.normalized(module, wide(a)))
             if module.bias is not None:
                 gb = gb + self.per_sample(module, gr)
         out = {}
@@ -277,10 +278,10 @@ class _NormRule(Rule):
     def signal(self, module, inp, out):
         res = {}
         if module.weight is not None:
-            xhat = self.normalized(module, inp.float()).abs()
-            res["weight"] = module.weight.detach().float().abs() * self.per_sample(module, xhat).sum(0)
+            xhat = self.normalized(module, wide(inp)).abs()
+            res["weight"] = wide(module.weight.detach()).abs() * self.per_sample(module, xhat).sum(0)
         if module.bias is not None:
-            res["bias"] = self.per_sample(module, out.float().abs()).sum(0)
+            res["bias"] = self.per_sample(module, wide(out).abs()).sum(0)
         return res
 
 
@@ -309,7 +310,7 @@ class BatchNormRule(_NormRule):
                 and module.running_mean is not None and module.running_var is not None)
 
     def normalized(self, module, x):
-        return F.batch_norm(x, module.running_mean.float(), module.running_var.float(), None, None, False, 0.0, module.eps)
+        return F.batch_norm(x, wide(module.running_mean), wide(module.running_var), None, None, False, 0.0, module.eps)
 
 
 class GroupNormRule(_NormRule):
@@ -345,19 +346,19 @@ class EmbeddingRule(Rule):
             batch = idx.shape[0]
             sample = torch.arange(batch, device=idx.device).reshape(batch, *([1] * (idx.dim() - 1)))
             keys.append((sample * vocab + idx).reshape(-1))
-            rows.append(gr.float().reshape(-1, dim))
+            rows.append(wide(gr).reshape(-1, dim))
         keys, rows = torch.cat(keys), torch.cat(rows)
         if module.padding_idx is not None:
             keep = keys % vocab != module.padding_idx
             keys, rows = keys[keep], rows[keep]
         uniq, inverse = torch.unique(keys, return_inverse=True)
-        per_sample_rows = torch.zeros(uniq.numel(), dim, device=rows.device).index_add_(0, inverse, rows)
-        weight = torch.zeros(vocab, dim, device=rows.device).index_add_(0, uniq % vocab, f(per_sample_rows))
+        per_sample_rows = rows.new_zeros(uniq.numel(), dim).index_add_(0, inverse, rows)
+        weight = rows.new_zeros(vocab, dim).index_add_(0, uniq % vocab, f(per_sample_rows))
         return {"weight": weight}
 
     def signal(self, module, inp, out):
-        counts = torch.bincount(inp.reshape(-1), minlength=module.num_embeddings).float()
-        return {"weight": module.weight.detach().float().abs() * counts[:, None]}
+        counts = torch.bincount(inp.reshape(-1), minlength=module.num_embeddings).to(wide_dtype(module.weight.dtype))
+        return {"weight": wide(module.weight.detach()).abs() * counts[:, None]}
 
 
 RULES: tuple[Rule, ...] = (LinearRule(), ConvRule(), LayerNormRule(), BatchNormRule(), GroupNormRule(), EmbeddingRule())

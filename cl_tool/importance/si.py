@@ -30,20 +30,29 @@ class SIAccumulator:
         self.start = {n: p.detach().float().clone() for n, p in self.params.items()}
         self.W = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
         self._before: dict[str, torch.Tensor] | None = None
+        self._grads: dict[str, torch.Tensor] | None = None
 
-    def pre_step(self) -> None:
-        """Remember θ right before ``optimizer.step()``."""
+    def pre_step(self, grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Remember θ right before ``optimizer.step()``.
+
+        ``grads`` (optional, by parameter name) replaces ``p.grad`` as g in :meth:`post_step`,
+        e.g. the gradient of the task loss alone when ``p.grad`` also holds a penalty's gradient
+        (Zenke et al. integrate the unregularised loss).
+        """
         self._before = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self._grads = None if grads is None else {n: g.detach().float().clone() for n, g in grads.items() if n in self.params}
 
     def post_step(self) -> None:
-        """W += −g·Δθ with g = ``p.grad`` (unchanged by the step) and Δθ = θ_after − θ_before."""
+        """W += −g·Δθ with g = ``p.grad`` (the gradient the step used; it must not change in
+        between) or the ``grads`` given to :meth:`pre_step`, and Δθ = θ_after − θ_before."""
         if self._before is None:
             raise RuntimeError("SIAccumulator.post_step() called without pre_step().")
         for n, p in self.params.items():
-            if p.grad is not None:
+            g = p.grad if self._grads is None else self._grads.get(n)
+            if g is not None:
                 delta = p.detach().float() - self._before[n]
-                self.W[n].sub_(p.grad.detach().float() * delta)
-        self._before = None
+                self.W[n].sub_(g.detach().float() * delta)
+        self._before = self._grads = None
 
     def omega(self) -> dict[str, torch.Tensor]:
         """Ω = max(W, 0) / ((θ_now − θ_start)² + ξ), float32 on CPU."""
@@ -73,4 +82,4 @@ class SIAccumulator:
                     raise IncompatibleError(f"The SI state for {n!r} has shape {tuple(t.shape)} but the parameter has {tuple(p.shape)}.")
                 store[n] = t.detach().to(device=p.device, dtype=torch.float32).clone()
         self.xi = float(sd["xi"])
-        self._before = None
+        self._before = self._grads = None
