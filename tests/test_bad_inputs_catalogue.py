@@ -115,24 +115,6 @@ class Ctx:
         return self.dataset(name, datasets.Dataset.from_dict({column: images, "label": labels}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _build_click_tree_once():
-    """typer rebuilds the (stateless) click command tree on every main() call, ~50 ms; build it once for this module."""
-    import typer.main
-
-    real, cache = typer.main.get_command, {}
-
-    def get_command(app):
-        if id(app) not in cache:
-            cache[id(app)] = real(app)
-        return cache[id(app)]
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(typer.main, "get_command", get_command)
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def good_sidecar(small_mlp, tmp_path_factory):
     from cl_tool.cli import main

@@ -199,28 +199,8 @@ def test_random_metadata_strings(base, kind, changes):
 # CLI option values
 
 
-@pytest.fixture(scope="module")
-def cached_click_group():
-    """typer rebuilds the click command tree on every main() call (~50 ms, most of a cheap command's time);
-    the tree is stateless, so the fuzz loops build it once. Only test speed changes, not the code under test."""
-    import typer.main
-
-    real = typer.main.get_command
-    cache = {}
-
-    def get_command(app):
-        if id(app) not in cache:
-            cache[id(app)] = real(app)
-        return cache[id(app)]
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(typer.main, "get_command", get_command)
-    yield
-    mp.undo()
-
-
 @pytest.fixture
-def run(capsys, cached_click_group):
+def run(capsys):
     from cl_tool.cli import main
 
     def go(*argv):
