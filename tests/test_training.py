@@ -181,3 +181,17 @@ def test_log_json_and_eval_data(cli, anchored, demo_dir, tmp_path):
     for key in ("loss", "task_loss", "penalty", "lr", "samples_per_s", "eval/old/accuracy"):
         assert key in lines[0]
     assert lines[1]["lr"] < lines[0]["lr"]  # cosine decays
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_penalty_in_fp32(cli, anchored, demo_dir, tmp_path, precision):
+    out = tmp_path / f"{precision}.safetensors"
+    r = cli("train-next", anchored, "--data", f"{demo_dir}::limit=256,rotate=90", "--device", "cpu", "--precision", precision,
+            "--lambda", "100", "-o", out, "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["penalty"] == "stabilized" and res["epochs"][-1]["penalty"] > 0
+    from safetensors.torch import load_file
+
+    w = load_file(str(out))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())  # weights stay fp32 under autocast
