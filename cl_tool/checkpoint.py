@@ -37,6 +37,7 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    layout: dict[str, Any] | None = None  # recorded at save time: see model_layout()
 
     @property
     def fingerprint(self) -> str:
@@ -73,7 +74,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     spec = ModelSpec.from_dict(_json_meta(metadata, "cl_tool.model", p, {}))
     history = _json_meta(metadata, "cl_tool.history", p, [])
     extra = _json_meta(metadata, "cl_tool.extra", p, {})
-    ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {}, path=str(p))
+    layout = _json_meta(metadata, "cl_tool.layout", p, None)
+    if layout is not None and not (isinstance(layout, dict) and isinstance(layout.get("parameters"), list)
+                                   and isinstance(layout.get("classifier"), list) and isinstance(layout.get("tensors"), dict)):
+        raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
+    ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {},
+                      path=str(p), layout=layout)
     return ckpt
 
 
@@ -111,6 +117,42 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
     spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, source="timm")
     tensors, _ = load_tensors(weights, "Checkpoint")
     return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+
+
+def spec_digest(spec: ModelSpec) -> str:
+    """A short digest of the model description, so a layout is only trusted together with the spec it was saved with."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_layout(model) -> dict[str, Any]:
+    """What a model looks like, recorded in a checkpoint so that tools which only need names and shapes
+    (prune) can validate the file and pick tensors without rebuilding the architecture:
+    trainable parameter names, the classifier's parameter names, and name → [shape, dtype] of every tensor."""
+    from cl_tool.pruning import classifier_param_names
+
+    return {
+        "parameters": [n for n, p in model.named_parameters() if p.requires_grad],
+        "classifier": list(classifier_param_names(model)),
+        "tensors": {n: [list(t.shape), str(t.dtype).replace("torch.", "")] for n, t in model.state_dict().items()},
+    }
+
+
+def validate_layout(ckpt: Checkpoint) -> None:
+    """Check the file's tensors against the layout recorded in its metadata (same rules as against the model)."""
+    import torch
+
+    where = ckpt.path or "the checkpoint"
+    if ckpt.layout.get("spec") != spec_digest(ckpt.spec):
+        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built as saved (its model metadata was changed after writing); the file is damaged or was not written by cl-tool.")
+    expected = {}
+    for name, (shape, dtype) in ckpt.layout["tensors"].items():
+        expected[name] = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).new_empty(shape, device="meta")
+    _validate_state(ckpt, expected, where)
+    missing = [n for n in ckpt.layout["parameters"] + ckpt.layout["classifier"] if n not in expected]
+    if missing:
+        raise BadInputError(f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged.")
 
 
 def structure(ckpt: Checkpoint):
@@ -166,7 +208,7 @@ def instantiate(ckpt: Checkpoint):
 
 
 def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, state: dict[str, Any], history: list[dict[str, Any]], *,
-                    extra: dict[str, Any] | None = None, force: bool = False) -> str:
+                    extra: dict[str, Any] | None = None, force: bool = False, layout: dict[str, Any] | None = None) -> str:
     """Write a checkpoint atomically; return its fingerprint."""
     from cl_tool.safetensors_io import fingerprint, save_tensors
 
@@ -179,5 +221,7 @@ def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, state: dict[str, A
         "cl_tool.fingerprint": fp,
         "cl_tool.extra": json.dumps(extra or {}),
     }
+    if layout is not None:
+        metadata["cl_tool.layout"] = json.dumps({**layout, "spec": spec_digest(spec)})
     save_tensors(path, state, metadata, force=force)
     return fp

@@ -96,7 +96,10 @@ def init(
     if out.ndim != 2 or out.shape[1] != spec.num_classes:
         raise UsageError(f"{arch} with these arguments outputs shape {list(out.shape)}, not (batch, {spec.num_classes}); check --arch-arg and --input-shape.")
     n_params = sum(p.numel() for p in model.parameters())
-    fp = save_checkpoint(output, spec, model.state_dict(), [history_entry("init", arch=arch, kwargs=kwargs, seed=seed)], force=force)
+    from cl_tool.checkpoint import model_layout
+
+    fp = save_checkpoint(output, spec, model.state_dict(), [history_entry("init", arch=arch, kwargs=kwargs, seed=seed)], force=force,
+                         layout=model_layout(model))
     result = {"output": str(output), "arch": arch, "kwargs": kwargs, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes,
               "parameters": n_params, "fingerprint": fp}
     if json_out:

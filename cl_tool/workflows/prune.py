@@ -131,9 +131,9 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
     import torch
 
     from cl_tool.atomic import check_output
-    from cl_tool.checkpoint import instantiate, load_checkpoint, save_checkpoint, structure
+    from cl_tool.checkpoint import instantiate, load_checkpoint, model_layout, save_checkpoint, structure, validate_layout
     from cl_tool.cli._common import argv_text, data_specs, history_entry
-    from cl_tool.pruning import apply_masks, classifier_param_names, global_masks, layer_masks, select_prunable, sparsity_report
+    from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
     from cl_tool.safetensors_io import save_tensors
     from cl_tool.training import evaluate_task, resolve_device
     from cl_tool.workflows.common import load_tasks
@@ -145,7 +145,11 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
             check_output(out, force=a.force, inputs=inputs, option=opt)
     device = resolve_device(a.device)
     ckpt = load_checkpoint(a.checkpoint)
-    skeleton = structure(ckpt)  # names and module types only; weights stay those read from the file
+    if ckpt.layout is not None:  # written by cl-tool: names/shapes are recorded, no need to rebuild the architecture
+        validate_layout(ckpt)
+        layout = ckpt.layout
+    else:  # e.g. a timm folder: build the architecture on the meta device (no memory) to learn its layout
+        layout = model_layout(structure(ckpt))
     live: dict[str, Any] = {}
 
     def get_model():
@@ -154,10 +158,10 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
             live["model"] = instantiate(ckpt).to(device)
         return live["model"]
 
-    named = {n: ckpt.state[n] for n, p in skeleton.named_parameters() if p.requires_grad}
+    named = {n: ckpt.state[n] for n in layout["parameters"]}
     chosen = select_prunable(named, include=a.include or None, exclude=a.exclude or None,
                              include_bias=a.include_bias, include_norm=a.include_norm, include_classifier=a.include_classifier,
-                             classifier_names=classifier_param_names(skeleton))
+                             classifier_names=tuple(layout["classifier"]))
     if not chosen:
         raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --include-* flags.")
     make_masks = global_masks if a.scope == "global" else layer_masks
@@ -216,7 +220,7 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
         extra["pruning"] = record
         hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
                                              achieved=total.fraction, source_fingerprint=source_fp)]
-        result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force)
+        result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force, layout=layout)
     if a.mask_out is not None:
         save_tensors(a.mask_out, {n: m.to(torch.uint8) for n, m in masks.items()},
                      {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": source_fp},

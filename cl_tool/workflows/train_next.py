@@ -254,7 +254,9 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
                                              optimizer=a.optimizer, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed,
                                              anchor_fingerprint=anchor_fp, grown=grown or None, mask=str(a.mask) if a.mask else None)]
         extra = dict(ckpt.extra)
-        fp = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force or a.resume)
+        from cl_tool.checkpoint import model_layout
+
+        fp = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force or a.resume, layout=model_layout(model))
         out["fingerprint"] = fp
         if si is not None:
             omega = {k: v.detach().float().cpu() for k, v in si.omega().items()}
