@@ -145,7 +145,7 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
             check_output(out, force=a.force, inputs=inputs, option=opt)
     device = resolve_device(a.device)
     ckpt = load_checkpoint(a.checkpoint)
-    if ckpt.layout is not None:  # written by cl-tool: names/shapes are recorded, no need to rebuild the architecture
+    if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes are recorded, no rebuild needed
         validate_layout(ckpt)
         layout = ckpt.layout
     else:  # e.g. a timm folder: build the architecture on the meta device (no memory) to learn its layout
