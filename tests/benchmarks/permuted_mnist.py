@@ -6,10 +6,12 @@ after each task on its training images and accumulated (summed) over tasks; the 
 previous checkpoint with the penalty. A run whose training diverges (exit code 5) is reported as such.
 
 Issue 2 figures (Adam 1e-3, 6 epochs, 3 tasks):
-    python tests/benchmarks/permuted_mnist.py --data ../shared/data/mnist-t10k --penalties none,stabilized --lams 5000
+    python tests/benchmarks/permuted_mnist.py --data MNIST_DIR --penalties none,stabilized --lams 5000
 Issue 4 figures (SGD 0.05, 3 epochs, 3 tasks; plain EWC, stabilized, plain EWC with clipping):
-    python tests/benchmarks/permuted_mnist.py --data ../shared/data/mnist-t10k --optimizer sgd --lr 0.05 --epochs 3 \
+    python tests/benchmarks/permuted_mnist.py --data MNIST_DIR --optimizer sgd --lr 0.05 --epochs 3 \
         --penalties ewc,stabilized,ewc+clip --lams 100,1000,10000
+
+MNIST_DIR is a folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.
 """
 
 from __future__ import annotations

@@ -7,11 +7,13 @@ and writes under --out: every checkpoint and sidecar, ``results.json``, ``result
 tables the README shows), ``lambda_sweep.png`` and ``prune_curves.png``.
 
     python tests/benchmarks/reproduce.py sample_configs/experiments/permuted_mnist_mlp.toml \
-        --data ../shared/data/mnist-t10k --out runs/permuted_mnist
+        --data MNIST_DIR --out runs/permuted_mnist
 
 --data is a folder with the MNIST IDX files (converted once to a datasets folder) or any dataset
 folder cl-tool reads. --set section.key=value overrides the config (e.g. --set train.epochs=1).
 The commands are run in-process through ``cl_tool.cli.main`` (the console script's entry point).
+
+MNIST_DIR is a folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.
 """
 
 from __future__ import annotations
