@@ -53,9 +53,13 @@ class Ctx:
 
     def ckpt_with(self, name: str, edit_tensors: Callable | None = None, edit_meta: Callable | None = None) -> Path:
         """A copy of the checkpoint with its tensors and/or metadata edited (keeping the cl-tool metadata otherwise)."""
+        tensors, meta = self.tensors_and_meta()
+        return self._write_edited(name, tensors, meta, edit_tensors, edit_meta)
+
+    def _write_edited(self, name: str, tensors, meta, edit_tensors: Callable | None, edit_meta: Callable | None) -> Path:
+        """Apply the edits (an edit returning None keeps its input) and write a safetensors file ``name``."""
         from safetensors.torch import save_file
 
-        tensors, meta = self.tensors_and_meta()
         if edit_tensors:
             new = edit_tensors(dict(tensors))
             tensors = tensors if new is None else new
@@ -82,20 +86,10 @@ class Ctx:
         return p
 
     def sidecar_with(self, name: str, edit_tensors: Callable | None = None, edit_meta: Callable | None = None) -> Path:
-        from safetensors.torch import save_file
-
         good = self.sidecar(".tmp-good.importance.safetensors")
         tensors, meta = self.tensors_and_meta(good)
         good.unlink()
-        if edit_tensors:
-            new = edit_tensors(dict(tensors))
-            tensors = tensors if new is None else new
-        if edit_meta:
-            new = edit_meta(dict(meta))
-            meta = meta if new is None else new
-        p = self.d / name
-        save_file(tensors, str(p), metadata=meta)
-        return p
+        return self._write_edited(name, tensors, meta, edit_tensors, edit_meta)
 
     def raw_safetensors(self, name: str, header: bytes, body: bytes = b"\0" * 16, length: int | None = None) -> Path:
         n = len(header) if length is None else length
