@@ -7,7 +7,6 @@ Nothing here unpickles anything. torch is imported inside the functions.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -94,21 +93,52 @@ def load_tensors(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str
     return tensors, metadata
 
 
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+                       "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write contiguous CPU tensors to ``filename`` in the safetensors format, straight from their memory.
+
+    Layout as the safetensors library writes it: an 8-byte little-endian header length, the JSON
+    header (``__metadata__`` plus name → dtype, shape, data_offsets) padded with spaces so the data
+    starts 8-byte aligned, then the tensors back to back, ordered by descending item size and then
+    name (each one stays aligned to its item size). Unlike ``safetensors.torch.save_file`` no copy
+    of the tensors is made (it converts each one to ``bytes`` first), which matters for large models.
+    I/O errors (disk full, ...) propagate as ``OSError``.
+    """
+    import torch
+
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        kind = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if kind is None:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(filename, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str], *, force: bool) -> None:
     """Write tensors + metadata atomically (temp file in the same folder, fsync, rename)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     from cl_tool.atomic import atomic_path
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, force=force) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as exc:  # the Rust writer reports I/O failures (disk full, ...) as SafetensorError
-            text = str(exc)
-            full = "os error 28" in text or "No space left" in text or "os error 122" in text
-            raise OSError(errno.ENOSPC if full else errno.EIO, text.splitlines()[0] if text else "write failed") from exc
+        write_safetensors_file(tensors, tmp, metadata)
 
 
 def fingerprint(tensors: dict[str, Any]) -> str:

@@ -54,3 +54,36 @@ def test_mlp_sizes_must_match_input(cli, tmp_path):
     r = cli("init", "--arch", "mlp", "--arch-arg", "sizes=100,10", "--input-shape", "1x28x28", "-o", tmp_path / "x.safetensors")
     assert r.code == 2 and "784" in r.error_line
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_writer_output_reads_back_through_the_safetensors_library(tmp_path, with_metadata):
+    """cl-tool writes safetensors itself (no copy of the tensors); the library must read every dtype back bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cl_tool.safetensors_io import read_header, write_safetensors_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(3, 5, generator=gen), "d": torch.randn(7, dtype=torch.float64, generator=gen),
+        "h": torch.randn(4, generator=gen).half(), "b": torch.randn(2, 2, generator=gen).bfloat16(),
+        "i": torch.arange(-3, 3, dtype=torch.int64), "q": torch.arange(9, dtype=torch.int8).reshape(3, 3),
+        "u": torch.arange(5, dtype=torch.uint8), "m": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4), "a_bool_then_float": torch.ones(1, dtype=torch.bool),
+    }
+    meta = {"cl_tool.x": "1", "note": "ünïcode"} if with_metadata else {}
+    path = tmp_path / "t.safetensors"
+    write_safetensors_file(tensors, path, meta)
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    with safe_open(str(path), "pt") as fh:
+        assert (fh.metadata() or {}) == meta
+    header, _ = read_header(path)
+    raw_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + raw_len) % 8 == 0
+    for entry in header.values():  # every tensor starts aligned to its item size
+        size = {"F64": 8, "I64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(entry["dtype"], 1)
+        assert entry["data_offsets"][0] % size == 0
