@@ -41,11 +41,16 @@ def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "
         count = 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                logits = torch.cat([wide(model(x[i:i + 1])) for i in range(x.shape[0])])
-            targets = make_targets(logits, y, spec, generator)
+            targets = None
+            if spec.method == "fisher" and spec.fisher_labels == "sampled":
+                # One draw per batch from all its logits, like the engine (same generator sequence).
+                with torch.no_grad():
+                    logits = torch.cat([wide(model(x[i:i + 1])) for i in range(x.shape[0])])
+                targets = make_targets(logits, y, spec, generator)
             for i in range(x.shape[0]):
-                losses = per_sample_losses(wide(model(x[i:i + 1])), targets[i:i + 1], spec)[0]
+                logits_i = wide(model(x[i:i + 1]))
+                target_i = targets[i:i + 1] if targets is not None else make_targets(logits_i.detach(), y[i:i + 1], spec, generator)
+                losses = per_sample_losses(logits_i, target_i, spec)[0]
                 for k in range(losses.shape[0]):
                     grads = torch.autograd.grad(losses[k], list(params.values()), retain_graph=k + 1 < losses.shape[0],
                                                 allow_unused=True)
