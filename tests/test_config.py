@@ -34,7 +34,23 @@ def test_wrong_type_is_a_usage_error(cli, small_mlp, tmp_path):
     cfg.write_text('epochs = "many"\n')
     r = cli("train-next", small_mlp, "--data", "x", "--config", cfg, "-o", tmp_path / "o.safetensors")
     assert r.code == 2 and "epochs" in r.err
+    assert str(cfg) in r.error_line  # the sentence names the file to fix, not only the option
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("command,line,key", [
+    ("train-next", "lr = \"fast\"", "lr"),
+    ("train-next", "epochs = 2.5", "epochs"),
+    ("prune", "sparsity = [0.5, 0.9]", "sparsity"),
+    ("evaluate", "batch-size = \"big\"", "batch-size"),
+])
+def test_wrong_type_names_file_and_key(cli, small_mlp, tmp_path, command, line, key):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(line + "\n")
+    r = cli(command, small_mlp, "--config", cfg)
+    assert r.code == 2, r.err
+    assert str(cfg) in r.error_line and f"key {key!r}" in r.error_line, r.error_line
+    assert "Traceback" not in r.err
 
 
 def test_invalid_toml(cli, small_mlp, tmp_path):

@@ -131,8 +131,24 @@ def config_default_map(command, path: str) -> dict[str, Any]:
             value = [value]
         if isinstance(value, (dict,)):
             raise UsageError(f"--config {path}: key {key!r} must be a value, not a table.")
+        _check_config_value(param, key, value, path)
         out[param.name] = value
     return out
+
+
+def _check_config_value(param, key: str, value: Any, path: str) -> None:
+    """Convert ``value`` as the option would, so a wrong type names the config file and key."""
+    click = _click()
+    try:
+        if hasattr(param, "get_runtime_param"):  # typer >= 0.20: its own coercion
+            param.get_runtime_param().coerce(value, param=param, ctx=None)
+        else:
+            for v in value if getattr(param, "multiple", False) else [value]:
+                param.type.convert(v, param, None)
+    except click.exceptions.BadParameter as exc:
+        raise UsageError(f"--config {path}: key {key!r} has an invalid value {value!r} ({exc.message.rstrip('.')}); fix it in the file.") from exc
+    except Exception:  # noqa: BLE001 - a type that needs a context: the option's own check reports it later
+        return
 
 
 def main(argv: list[str] | None = None) -> None:
