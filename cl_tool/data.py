@@ -107,7 +107,8 @@ def _load_raw(source: str, split_name: str | None):
             if builder is None:
                 raise BadInputError(f"--data {source}: unsupported file type {p.suffix!r}; use a save_to_disk folder, an imagefolder, or parquet/csv/json files.")
             ds = datasets.load_dataset(builder, data_files=str(p))
-        elif p.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")) or os.sep in source and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        elif p.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")) or os.sep in source and (
+                not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or p.parent.is_dir()):  # `runs/task_b` with ./runs present: a path
             raise BadInputError(f"--data {source} does not exist; check the path.")
         else:
             ds = _load_hub(source)

@@ -105,3 +105,15 @@ def test_existing_output_without_force(cli, ws):
     _no_new_files(d, before)
     r = cli("prune", ck, "--by", "magnitude", "--sparsity", "0.5", "-o", out, "--force")
     assert r.code == 0 and out.read_bytes() != b"precious"
+
+
+def test_missing_relative_data_folder_is_a_path_not_a_hub_id(cli, ws, monkeypatch):
+    """`runs/task_b` looks like a hub id (owner/name), but ./runs exists here: it is a missing path (exit 3)."""
+    d, ck = ws
+    (d / "runs").mkdir()
+    monkeypatch.chdir(d)
+    before = snapshot_dir(d)
+    r = cli("evaluate", ck, "--data", "runs/task_b", "--device", "cpu")
+    assert r.code == 3, r.err
+    assert "runs/task_b does not exist" in r.error_line and "Hub" not in r.error_line
+    _no_new_files(d, before)
