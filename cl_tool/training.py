@@ -44,6 +44,7 @@ class TrainConfig:
     precision: str = "fp32"
     checkpoint_every: int = 0
     eval_batch_size: int = 512
+    freeze_bn_stats: bool = False
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -66,6 +67,23 @@ class TrainConfig:
             raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}.")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise UsageError("--warmup-steps and --checkpoint-every must be non-negative.")
+
+
+def set_training_mode(model, freeze_bn_stats: bool) -> None:
+    """``model.train()``; with ``freeze_bn_stats`` its BatchNorm layers stay in eval mode.
+
+    Eval-mode BatchNorm normalises with its stored running mean/variance and does not update
+    them. The penalty protects parameters only; the running statistics are buffers, and training
+    on a new task otherwise moves them to the new data, which can undo the old task however
+    large λ is. The affine weight and bias still train (and are penalised) either way.
+    """
+    from torch import nn
+
+    model.train()
+    if freeze_bn_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -252,7 +270,7 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 "rng": torch.get_rng_state(), "si": si.state_dict() if si is not None else None, "epochs": result.epochs}
 
     t_start = time.perf_counter()
-    model.train()
+    set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -321,7 +339,7 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
             result.epochs.append(record)
             if log:
                 log(record)
-            model.train()
+            set_training_mode(model, cfg.freeze_bn_stats)
     result.steps = global_step
     result.seconds = time.perf_counter() - t_start
     return result

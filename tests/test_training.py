@@ -195,3 +195,24 @@ def test_mixed_precision_keeps_penalty_in_fp32(cli, anchored, demo_dir, tmp_path
 
     w = load_file(str(out))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())  # weights stay fp32 under autocast
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_bn_stats_keeps_running_statistics(cli, demo_dir, tmp_path, freeze):
+    """--freeze-bn-stats: BatchNorm running mean/var (and the batch counter) stay as in the anchor, while
+    the BatchNorm affine parameters still train; without it the statistics follow the new data."""
+    from cl_tool.checkpoint import load_checkpoint
+
+    a0, a = tmp_path / "a0.safetensors", tmp_path / "a.safetensors"
+    assert cli("init", "--arch", "cnn", "--arch-arg", "widths=4,4,4", "-o", a0).code == 0
+    argv = ["train-next", a0, "--data", f"{demo_dir}::limit=128", "--penalty", "none", "--device", "cpu", "-o", a]
+    r = cli(*argv, *(["--freeze-bn-stats"] if freeze else []))
+    assert r.code == 0, r.err
+    before, after = load_checkpoint(a0), load_checkpoint(a)
+    stats = [k for k in before.state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(stats) == 9
+    unchanged = [torch.equal(before.state[k], after.state[k]) for k in stats]
+    assert all(unchanged) if freeze else not any(unchanged)
+    bn_weights = [k for k in before.state if k.startswith("features.1.") and k.endswith(("weight", "bias"))]
+    assert bn_weights and not any(torch.equal(before.state[k], after.state[k]) for k in bn_weights)
+    assert after.history[-1].get("freeze_bn_stats") is (True if freeze else None)

@@ -44,6 +44,7 @@ def train_next(
     schedule: Annotated[str, typer.Option("--schedule", help="constant or cosine.", rich_help_panel="Optimisation")] = "constant",
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.", rich_help_panel="Optimisation")] = 0,
     grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", metavar="NORM", help="Clip the total gradient norm (task + penalty) to NORM.", rich_help_panel="Optimisation")] = None,
+    freeze_bn_stats: Annotated[bool, typer.Option("--freeze-bn-stats", help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, not these statistics, which otherwise drift to the new task.", rich_help_panel="Penalty")] = False,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs over the new task.", rich_help_panel="Optimisation")] = 1,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = 0,

@@ -30,6 +30,7 @@ class TrainNextArgs:
     schedule: str = "constant"
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
+    freeze_bn_stats: bool = False
     epochs: int = 1
     batch_size: int = 64
     seed: int = 0
@@ -80,7 +81,7 @@ def _validate(a: TrainNextArgs) -> None:
 def _train_config_kwargs(a: TrainNextArgs) -> dict[str, Any]:
     return dict(optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay, epochs=a.epochs,
                 batch_size=a.batch_size, seed=a.seed, schedule=a.schedule, warmup_steps=a.warmup_steps, grad_clip=a.grad_clip,
-                precision=a.precision, checkpoint_every=a.checkpoint_every)
+                precision=a.precision, checkpoint_every=a.checkpoint_every, freeze_bn_stats=a.freeze_bn_stats)
 
 
 def default_state_path(output: Path) -> Path:
@@ -203,6 +204,8 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
             if a.penalty in ("ewc", "online-ewc") and bound >= 2:
                 warn(f"η·λ·max Ω = {bound:.3g} ≥ 2: plain EWC can diverge (it does under SGD); consider --penalty stabilized or a lower --lambda/--lr.")
     penalty_used = a.penalty if pen is not None and pen.active else "none"
+    if penalty_used != "none" and not a.freeze_bn_stats and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        log("The model has BatchNorm running statistics, which the penalty does not protect; --freeze-bn-stats keeps them fixed.")
 
     si = None
     if a.si_out is not None:
@@ -252,6 +255,7 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
                                              importance=str(sidecar_path) if sidecar_path else None,
                                              importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
                                              optimizer=a.optimizer, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed,
+                                             freeze_bn_stats=a.freeze_bn_stats or None,
                                              anchor_fingerprint=anchor_fp, grown=grown or None, mask=str(a.mask) if a.mask else None)]
         extra = dict(ckpt.extra)
         from cl_tool.checkpoint import model_layout
