@@ -297,14 +297,14 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                     raise DivergedError(_diverged_msg(global_step, epoch, "the loss", penalty, lr))
                 scaler.scale(task_loss).backward()
                 scaler.unscale_(opt)
+                if si is not None:  # θ before the step and g = the task loss's gradient, before the penalty's is added
+                    si.pre_step()
                 if penalty is not None:
                     penalty.add_gradient_(lr)
                 if cfg.precision != "fp16" and not _check_finite_grads(params):
                     raise DivergedError(_diverged_msg(global_step, epoch, "a gradient", penalty, lr))
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if si is not None:
-                    si.pre_step()
                 scaler.step(opt)
                 scaler.update()
                 if si is not None:

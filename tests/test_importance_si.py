@@ -105,3 +105,17 @@ def test_incompatible_state_and_bad_xi():
         acc.load_state_dict({"xi": torch.tensor(0.1)})
     with pytest.raises(UsageError):
         SIAccumulator({"w": nn.Parameter(torch.zeros(2))}, xi=0.0)
+
+
+def test_gradient_is_the_one_present_at_pre_step():
+    """train-next calls pre_step right after the task loss's backward pass; a penalty gradient (or clipping)
+    applied to p.grad afterwards must not enter W (Zenke et al. integrate the unregularised loss)."""
+    theta = nn.Parameter(torch.zeros(2))
+    acc = SIAccumulator({"theta": theta})
+    theta.grad = torch.tensor([1.0, -2.0])  # task loss
+    acc.pre_step()
+    theta.grad += torch.tensor([100.0, 100.0])  # the penalty's gradient, added later
+    with torch.no_grad():
+        theta -= torch.tensor([0.5, 0.25])
+    acc.post_step()
+    torch.testing.assert_close(acc.W["theta"], torch.tensor([0.5, -0.5]))

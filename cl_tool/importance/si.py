@@ -1,12 +1,16 @@
 """Synaptic Intelligence (Zenke et al. 2017) path-integral importance, accumulated during training.
 
-For every optimiser step t with gradient gₜ (the one the step used) and update Δθₜ:
+For every optimiser step t with task-loss gradient gₜ and update Δθₜ:
 
     W += −gₜ·Δθₜ                                  (loss units: the step's first-order loss drop)
     Ω  = max(W, 0) / ((θ_end − θ_start)² + ξ)      (loss units / parameter-unit²)
 
 θ_start is the parameter value when the accumulator was created (start of the task), θ_end the
-value when :meth:`SIAccumulator.omega` is called. W can be negative (a step that increased the
+value when :meth:`SIAccumulator.omega` is called. gₜ is the gradient of the task loss alone, as
+in Zenke et al.'s own implementation (the unregularised loss): ``train-next`` calls
+:meth:`~SIAccumulator.pre_step` before it adds the penalty's gradient and before clipping, so an
+importance measures how much the new task's loss fell along each parameter, not the tug-of-war
+between the task and the penalty of earlier tasks. W can be negative (a step that increased the
 first-order loss, e.g. momentum overshoot or noise); a negative weight would *reward* moving a
 parameter in a quadratic penalty, so it is clamped to 0. Everything is kept in float32.
 """
@@ -33,22 +37,23 @@ class SIAccumulator:
         self._grads: dict[str, torch.Tensor] | None = None
 
     def pre_step(self, grads: dict[str, torch.Tensor] | None = None) -> None:
-        """Remember θ right before ``optimizer.step()``.
+        """Remember θ (before ``optimizer.step()``) and g for :meth:`post_step`.
 
-        ``grads`` (optional, by parameter name) replaces ``p.grad`` as g in :meth:`post_step`,
-        e.g. the gradient of the task loss alone when ``p.grad`` also holds a penalty's gradient
-        (Zenke et al. integrate the unregularised loss).
+        g is ``grads`` (by parameter name) if given, else a copy of ``p.grad`` as it is now:
+        call this after the task loss's backward pass and before anything else (a penalty's
+        gradient, clipping) changes ``p.grad``.
         """
         self._before = {n: p.detach().float().clone() for n, p in self.params.items()}
-        self._grads = None if grads is None else {n: g.detach().float().clone() for n, g in grads.items() if n in self.params}
+        if grads is None:
+            grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        self._grads = {n: g.detach().float().clone() for n, g in grads.items() if n in self.params}
 
     def post_step(self) -> None:
-        """W += −g·Δθ with g = ``p.grad`` (the gradient the step used; it must not change in
-        between) or the ``grads`` given to :meth:`pre_step`, and Δθ = θ_after − θ_before."""
-        if self._before is None:
+        """W += −g·Δθ with g recorded by :meth:`pre_step` and Δθ = θ_after − θ_before."""
+        if self._before is None or self._grads is None:
             raise RuntimeError("SIAccumulator.post_step() called without pre_step().")
         for n, p in self.params.items():
-            g = p.grad if self._grads is None else self._grads.get(n)
+            g = self._grads.get(n)
             if g is not None:
                 delta = p.detach().float() - self._before[n]
                 self.W[n].sub_(g.detach().float() * delta)
