@@ -380,6 +380,7 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
     ("init-bad-input-shape", 2, "is not of the form CxHxW", lambda c: ["init", "--arch", "mlp", "--input-shape", "1x28", "-o", c.out]),
     ("init-non-numeric-sizes", 2, "Invalid --arch-arg for mlp", lambda c: ["init", "--arch", "mlp", "--arch-arg", "sizes=784,abc,10", "-o", c.out]),
     ("init-negative-width", 2, "positive integers", lambda c: ["init", "--arch", "cnn", "--arch-arg", "widths=-1,2,3", "-o", c.out]),
+    ("init-absurd-input-shape", 2, "values per sample", lambda c: ["init", "--arch", "cnn", "--input-shape", "1x100000x100000", "-o", c.out]),
     ("init-arch-arg-not-key-value", 2, "must look like key=value", lambda c: ["init", "--arch", "mlp", "--arch-arg", "sizes", "-o", c.out]),
     ("init-std-nan", 2, "must be finite numbers", lambda c: ["init", "--arch", "mlp", "--std", "nan", "-o", c.out]),
     ("init-num-classes-zero", 2, "--num-classes must be at least 1", lambda c: ["init", "--arch", "mlp", "--num-classes", "0", "-o", c.out]),

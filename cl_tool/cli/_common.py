@@ -78,6 +78,10 @@ def parse_shape(text: str | None, option: str = "--input-shape") -> tuple[int, i
         raise UsageError(f"{option} {text!r} is not of the form CxHxW, e.g. 1x28x28.") from exc
     if len(vals) != 3 or min(vals) < 1:
         raise UsageError(f"{option} {text!r} is not of the form CxHxW with positive sizes, e.g. 1x28x28.")
+    from cl_tool.models import MAX_INPUT_VALUES
+
+    if vals[0] * vals[1] * vals[2] > MAX_INPUT_VALUES:
+        raise UsageError(f"{option} {text!r} has {vals[0] * vals[1] * vals[2]:,} values per sample, more than cl-tool's limit of {MAX_INPUT_VALUES:,}; check the sizes.")
     return vals  # type: ignore[return-value]
 
 

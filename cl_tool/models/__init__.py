@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+MAX_INPUT_VALUES = 1 << 26  # values per sample: 3x4096x4096 fits; more is a typo, and building a model for it would exhaust memory
+
 _BUILTIN: dict[str, Callable[..., Any]] = {}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,6 +79,9 @@ class ModelSpec:
         if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
             raise BadInputError(f"The checkpoint metadata has an invalid input shape {list(spec.input_shape)}; expected C,H,W with positive sizes.")
         import math
+
+        if math.prod(spec.input_shape) > MAX_INPUT_VALUES:
+            raise BadInputError(f"The checkpoint metadata has an input shape {list(spec.input_shape)} of more than {MAX_INPUT_VALUES:,} values per sample; the file is damaged.")
 
         c = spec.input_shape[0]
         if spec.num_classes < 1:
