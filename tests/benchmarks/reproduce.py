@@ -224,12 +224,19 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(results: dict) -> str:
     lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
-             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA |", "|---|---|---|---|---|---|"]
+             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA (wall time of the sequence) |",
+             "|---|---|---|---|---|---|"]
+
+    def took(e) -> str:
+        return f" ({e['seconds']:.0f} s)" if e.get("seconds") is not None else ""
+
     for run in results["runs"]:
         b = run["best"]
         sweep = ", ".join(f"{e['lambda']:g}: " + (f"{e['summary']['average_accuracy']:.3f} / {_fmt(e['summary']['learning_accuracy'], '.3f')}"
-                                                   if "summary" in e else "diverged")
+                                                   if "summary" in e else "diverged") + took(e)
                           for e in run["sweep"] if e["lambda"] is not None)
+        if not sweep:  # no penalty: one sequence
+            sweep = "–" + "".join(took(e) for e in run["sweep"])
         if b is None:
             lines.append(f"| {run['name']} | – | diverged | – | – | {sweep} |")
         else:
@@ -243,6 +250,8 @@ def markdown(results: dict) -> str:
                   "| sparsity | " + " | ".join(bys) + " |", "|---" * (len(bys) + 1) + "|"]
         for i, pt in enumerate(pr["curves"][bys[0]]):
             lines.append(f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |")
+    if results.get("seconds") is not None:
+        lines += ["", f"Wall time {results['seconds']:,.0f} s in all, on CPU."]
     return "\n".join(lines) + "\n"
 
 
