@@ -146,7 +146,8 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
             for v in value if getattr(param, "multiple", False) else [value]:
                 param.type.convert(v, param, None)
     except click.exceptions.BadParameter as exc:
-        raise UsageError(f"--config {path}: key {key!r} has an invalid value {value!r} ({exc.message.rstrip('.')}); fix it in the file.") from exc
+        option = next((o for o in param.opts if o.startswith("--")), param.name)
+        raise UsageError(f"--config {path}: key {key!r} ({option}) has an invalid value {value!r} ({exc.message.rstrip('.')}); fix it in the file.") from exc
     except Exception:  # noqa: BLE001 - a type that needs a context: the option's own check reports it later
         return
 
