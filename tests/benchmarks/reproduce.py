@@ -24,6 +24,7 @@ import copy
 import io
 import json
 import sys
+import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -209,7 +210,7 @@ def lambda_plot(results: dict, path: Path) -> str | None:
     ax.set_xscale("log")
     ax.set_xlabel("λ")
     ax.set_ylabel("final average accuracy")
-    ax.set_title(results.get("name", ""))
+    ax.set_title(textwrap.fill(results.get("name", ""), 70), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
