@@ -87,3 +87,14 @@ def file_digest(path: Path) -> str:
 def snapshot_dir(folder: Path) -> dict[str, str]:
     """name -> sha256 of every file in ``folder`` (to assert nothing appeared or changed)."""
     return {str(p.relative_to(folder)): file_digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP start-up/sync cost dominating on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

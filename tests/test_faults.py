@@ -48,14 +48,21 @@ class _Evil:
 
 
 @pytest.fixture
-def evil(tmp_path, small_mlp):
-    """A workspace with a good checkpoint and hostile pickles in both torch formats."""
-    import torch
-
+def ws(tmp_path, small_mlp):
+    """A workspace folder holding a copy of the small trained MLP."""
     d = tmp_path / "ws"
     d.mkdir()
     ck = d / "m.safetensors"
     shutil.copy(small_mlp, ck)
+    return d, ck
+
+
+@pytest.fixture
+def evil(tmp_path, ws):
+    """A workspace with a good checkpoint and hostile pickles in both torch formats."""
+    import torch
+
+    d, ck = ws
     marker = tmp_path / "PWNED"
     (d / "evil.pt").write_bytes(pickle.dumps({"net.1.weight": _Evil(marker)}, protocol=2))  # plain pickle
     torch.save({"state_dict": _Evil(marker)}, d / "evil.bin")  # torch's zip format, pickle inside
@@ -238,15 +245,6 @@ def _full_disk_writer(tensors, filename, metadata=None):
     with open(filename, "wb") as fh:
         fh.write(b"\0" * 1000)  # a partial file that must not survive
     raise OSError(errno.ENOSPC, "No space left on device")
-
-
-@pytest.fixture
-def ws(tmp_path, small_mlp):
-    d = tmp_path / "ws"
-    d.mkdir()
-    ck = d / "m.safetensors"
-    shutil.copy(small_mlp, ck)
-    return d, ck
 
 
 def _full_disk_cases(d: Path, ck: Path, demo: Path):

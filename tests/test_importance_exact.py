@@ -21,13 +21,7 @@ from cl_tool.models import ModelSpec, build_model
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP start-up/sync cost dominating on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [
     ("fisher", {"fisher_labels": "empirical"}),
     ("fisher", {"fisher_labels": "sampled"}),
