@@ -156,6 +156,16 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, wait for it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new-destination", "existing-destination"])
 def test_sigkill_during_a_slow_write_leaves_no_partial_file(tmp_path, existing):
     dest = tmp_path / "ck.safetensors"
@@ -172,11 +182,7 @@ def test_sigkill_during_a_slow_write_leaves_no_partial_file(tmp_path, existing):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        _reap(proc)
     assert proc.returncode == -signal.SIGKILL
     if existing:
         assert dest.read_bytes() == old
@@ -217,10 +223,7 @@ def test_sigkill_during_a_real_200mb_write(tmp_path):
             time.sleep(0.001)
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        _reap(proc)
     try:
         if killed_mid_write and proc.returncode == -signal.SIGKILL:
             assert not dest.exists(), "a killed writer left a destination file"
