@@ -69,7 +69,7 @@ def plot_accuracy_matrix(
         raise ValueError("R must be a non-empty rectangular matrix")
     if len(stage_names) != k or len(task_names) != m:
         raise ValueError(f"need {k} stage names and {m} task names, got {len(stage_names)} and {len(task_names)}")
-    check_output(path, force=force, option=option)
+    check_output(path, force=force, role=option)
     values = [float(x) for row in R for x in row]
     vmax, fmt = _scale([v for v in values if math.isfinite(v)])
 
@@ -117,7 +117,7 @@ def plot_prune_curves(
     """
     if not curves:
         raise ValueError("curves is empty")
-    check_output(path, force=force, option=option)
+    check_output(path, force=force, role=option)
     all_x = [float(x) for pts in curves.values() for x, _ in pts]
     all_y = [float(y) for pts in curves.values() for _, y in pts]
     x_mul = 100.0 if all_x and max(all_x) <= 1.0 else 1.0

@@ -220,11 +220,13 @@ def _check_finite_grads(params) -> bool:
 
 def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None,
           eval_sets: list[tuple[str, Any, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
+          on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
           state_io=None, dist: DistInfo | None = None, progress=None) -> TrainResult:
     """Train ``model`` on (x, y) with cross-entropy + penalty; return per-epoch records.
 
     ``state_io`` (optional) has ``save(state: dict)`` and ``load() -> dict | None`` for resumable
-    state; ``masks`` maps parameter names to {0,1} tensors kept applied after every step.
+    state (``on_restore`` receives the epoch records of a restored state); a state is saved every
+    ``cfg.checkpoint_every`` steps and, when that is set, on SIGTERM/SIGINT; ``masks`` maps parameter names to {0,1} tensors kept applied after every step.
     Raises DivergedError on a non-finite loss/gradient, Interrupted on SIGTERM/SIGINT.
     """
     import torch
@@ -263,6 +265,8 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
             if si is not None and st.get("si"):
                 si.load_state_dict(st["si"])
             result.epochs = st.get("epochs", [])
+            if on_restore is not None:
+                on_restore(result.epochs)
 
     def snapshot(epoch: int, batch: int) -> dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "global_step": global_step, "model": model.state_dict(),
@@ -322,10 +326,11 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 if state_io is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and dist.is_main:
                     state_io.save(snapshot(epoch, b + 1))
                 if flag.signum is not None:
-                    if state_io is not None and dist.is_main:
+                    resumable = state_io is not None and cfg.checkpoint_every > 0
+                    if resumable and dist.is_main:
                         state_io.save(snapshot(epoch, b + 1))
                     name = "SIGTERM" if flag.signum == signal.SIGTERM else "SIGINT"
-                    saved = f"resumable state written to {state_io.path}; rerun the same command with --resume to continue" if state_io is not None else "nothing was written (use --checkpoint-every N to make runs resumable)"
+                    saved = f"resumable state written to {state_io.path}; rerun the same command with --resume to continue" if resumable else "nothing was written (use --checkpoint-every N to make runs resumable)"
                     raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
             pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
             dt = time.perf_counter() - t_epoch

@@ -189,7 +189,14 @@ def test_sigkill_during_a_slow_write_leaves_no_partial_file(tmp_path, existing):
     else:
         assert not dest.exists()
     left = _leftovers(tmp_path, {dest.name})
-    assert all(n.startswith(TMP_PREFIX + dest.name + ".") for n in left), left
+    assert left and all(n.startswith(f"{TMP_PREFIX}{proc.pid}@") and dest.name in n for n in left), left
+    # The next successful write into the folder removes what the killed writer left, and only that.
+    from cl_tool.atomic import tmp_prefix, write_text_atomic
+
+    live = tmp_path / (tmp_prefix("other.safetensors") + "x")  # a temporary file of a live writer (this process)
+    live.write_bytes(b"in progress")
+    write_text_atomic(tmp_path / "next.txt", "ok")
+    assert _leftovers(tmp_path, {dest.name, "next.txt"}) == [live.name]
 
 
 _BIG_WRITER = textwrap.dedent("""

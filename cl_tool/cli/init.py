@@ -51,21 +51,27 @@ def init(
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    config: ConfigOpt = None,  # noqa: ARG001 - read by the CLI entry point
+    config: ConfigOpt = None,
 ):
     """Create an initialised model checkpoint (random weights) that records how to rebuild the model."""
-    from cl_tool.atomic import check_output
+    from cl_tool.atomic import FileRoles
     from cl_tool.errors import UsageError
     from cl_tool.output import emit_json, log
 
-    check_output(output, force=force)
+    roles = FileRoles(force=force)
+    roles.input(config, "--config")
+    roles.output(output, "--output")
+    roles.check()
     kwargs = parse_kv(arch_arg, "--arch-arg")
     if num_classes is not None and num_classes < 1:
         raise UsageError(f"--num-classes must be at least 1, got {num_classes}.")
     shape = parse_shape(input_shape)
-    for reserved in ("num_classes", "pretrained"):
-        if reserved in kwargs:
-            raise UsageError(f"--arch-arg {reserved}= is not allowed; use {'--num-classes' if reserved == 'num_classes' else 'init (weights are random)'} instead.")
+    from cl_tool.models import forbidden_kwarg
+
+    if "num_classes" in kwargs:
+        raise UsageError("--arch-arg num_classes= is not allowed; use --num-classes instead.")
+    if forbidden_kwarg(kwargs) is not None:
+        raise UsageError(f"--arch-arg {forbidden_kwarg(kwargs)}= would make the model read files or the network; cl-tool checkpoints start from random weights (import trained weights as a timm folder).")
     if "sizes" in kwargs and arch == "mlp" and num_classes is None:
         try:
             num_classes = int(str(kwargs["sizes"]).split(",")[-1])

@@ -59,13 +59,13 @@ class SIAccumulator:
                 self.W[n].sub_(g.detach().float() * delta)
         self._before = self._grads = None
 
-    def omega(self) -> dict[str, torch.Tensor]:
-        """Ω = max(W, 0) / ((θ_now − θ_start)² + ξ), float32 on CPU."""
+    def omega(self, check: bool = True) -> dict[str, torch.Tensor]:
+        """Ω = max(W, 0) / ((θ_now − θ_start)² + ξ), float32 on CPU (``check``: raise if not finite)."""
         out = {}
         for n, p in self.params.items():
             drift = p.detach().float() - self.start[n]
             out[n] = (self.W[n].clamp(min=0) / (drift.square() + self.xi)).cpu()
-        return check_finite(out)
+        return check_finite(out) if check else out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``W.<name>``, ``start.<name>`` and ``xi`` (0-d) as CPU tensors, for resuming."""

@@ -29,5 +29,14 @@ def load_tasks(specs, model_spec, *, num_classes: int | None = None, what: str =
     return tasks
 
 
+def register_data(roles, specs, role: str) -> None:
+    """Register the local files and folders behind ``specs`` (TaskSpecs) as inputs of ``roles`` (hub ids are not local)."""
+    import os
+
+    for spec in specs:
+        if os.path.lexists(spec.source):
+            roles.input(spec.source, role)
+
+
 def trainable(model) -> dict[str, Any]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

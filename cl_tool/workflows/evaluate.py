@@ -32,6 +32,7 @@ class EvaluateArgs:
     limit: Optional[int] = None
     force: bool = False
     json_out: bool = False
+    config: Optional[Path] = None
 
 
 def accuracy_matrix(checkpoints, specs, *, device, batch_size: int, precision: str):
@@ -77,7 +78,8 @@ def _dedupe(names: list[str]) -> list[str]:
 
 
 def run_evaluate(a: EvaluateArgs) -> dict[str, Any]:
-    from cl_tool.atomic import check_output, write_text_atomic
+    from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
+    from cl_tool.workflows.common import register_data
     from cl_tool.cli._common import data_specs
     from cl_tool.metrics import cl_summary, gate
     from cl_tool.training import PRECISIONS, resolve_device
@@ -93,14 +95,17 @@ def run_evaluate(a: EvaluateArgs) -> dict[str, Any]:
     for opt, val in (("--fail-under-acc", a.fail_under_acc), ("--fail-over-forgetting", a.fail_over_forgetting)):
         if val is not None and not (0.0 <= val <= 1.0):
             raise UsageError(f"{opt} must be in [0, 1], got {val}.")
-    if a.csv is not None and a.plot is not None and Path(a.csv).resolve() == Path(a.plot).resolve():
-        raise UsageError("--csv and --plot name the same file; give two different paths.")
-    for out, opt in ((a.csv, "--csv"), (a.plot, "--plot")):
-        if out is not None:
-            check_output(out, force=a.force, inputs=a.checkpoints, option=opt)
-    device = resolve_device(a.device)
     specs = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
                        rotate=a.rotate, invert=a.invert, limit=a.limit)
+    roles = FileRoles(force=a.force)
+    for path in a.checkpoints:
+        roles.input(path, "the checkpoint")
+    roles.input(a.config, "--config")
+    register_data(roles, specs, "--data")
+    roles.output(a.csv, "--csv")
+    roles.output(a.plot, "--plot")
+    roles.check()
+    device = resolve_device(a.device)
     acc, loss, names = accuracy_matrix(a.checkpoints, specs, device=device, batch_size=a.batch_size, precision=a.precision)
     names = _dedupe(names)
     stages = [str(p) for p in a.checkpoints]
@@ -116,21 +121,29 @@ def run_evaluate(a: EvaluateArgs) -> dict[str, Any]:
     if summary.get("learning_accuracy") is not None:
         parts.append(f"learning accuracy {summary['learning_accuracy']:.4f}")
     log("; ".join(parts) + ".")
-    if a.csv is not None:
-        buf = io.StringIO()
-        w = csv_mod.writer(buf)
-        w.writerow(["checkpoint", "task", "accuracy", "loss"])
-        for s, ra, rl in zip(stages, acc, loss):
-            for n, x, l in zip(names, ra, rl):
-                w.writerow([s, n, f"{x:.6f}", f"{l:.6f}"])
-        write_text_atomic(a.csv, buf.getvalue(), force=a.force)
-    if a.plot is not None:
-        from cl_tool.plots import plot_accuracy_matrix
+    with all_or_nothing() as wrote:
+        if a.csv is not None:
+            write_text_atomic(a.csv, _csv_text(stages, names, acc, loss), force=a.force)
+            wrote(a.csv)
+        if a.plot is not None:
+            from cl_tool.plots import plot_accuracy_matrix
 
-        plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, a.plot, force=a.force)
+            plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, a.plot, force=a.force)
+            wrote(a.plot)
     if a.json_out:
         emit_json(result)
     reason = gate(summary, fail_under_acc=a.fail_under_acc, fail_over_forgetting=a.fail_over_forgetting)
     if reason:
         raise GateFailed(reason)
     return result
+
+
+def _csv_text(stages, names, acc, loss) -> str:
+    """checkpoint,task,accuracy,loss rows."""
+    buf = io.StringIO()
+    w = csv_mod.writer(buf)
+    w.writerow(["checkpoint", "task", "accuracy", "loss"])
+    for s, ra, rl in zip(stages, acc, loss):
+        for n, x, l in zip(names, ra, rl):
+            w.writerow([s, n, f"{x:.6f}", f"{l:.6f}"])
+    return buf.getvalue()

@@ -39,6 +39,7 @@ class ImportanceArgs:
     limit: Optional[int] = None
     force: bool = False
     json_out: bool = False
+    config: Optional[Path] = None
 
 
 def _validate(a: ImportanceArgs) -> None:
@@ -97,15 +98,23 @@ def run_importance(a: ImportanceArgs) -> dict[str, Any]:
     import torch
 
     from cl_tool import distributed
-    from cl_tool.atomic import check_output
+    from cl_tool.atomic import FileRoles
     from cl_tool.cli._common import data_specs, seed_everything
     from cl_tool.importance import finalize_importance, importance_sums
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
-    from cl_tool.workflows.common import load_model, load_tasks, trainable
+    from cl_tool.workflows.common import load_model, load_tasks, register_data, trainable
 
     _validate(a)
     output = a.output or default_sidecar_path(a.checkpoint)
-    check_output(output, force=a.force, inputs=[a.checkpoint, a.accumulate])
+    specs = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
+                       rotate=a.rotate, invert=a.invert, limit=a.limit) if a.method != "magnitude" else []
+    roles = FileRoles(force=a.force)
+    roles.input(a.checkpoint, "the checkpoint")
+    roles.input(a.accumulate, "--accumulate")
+    roles.input(a.config, "--config")
+    register_data(roles, specs, "--data")
+    roles.output(output, "--output" if a.output else "the importance file")
+    roles.check()
     prev = load_sidecar(a.accumulate) if a.accumulate is not None else None
     dist, device = distributed.setup(a.device)
     seed_everything(a.seed)
@@ -117,8 +126,7 @@ def run_importance(a: ImportanceArgs) -> dict[str, Any]:
     if a.method == "magnitude":
         sums, count = importance_sums(model, iter(()), "magnitude", device=device)
     else:
-        spec = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
-                          rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
+        spec = specs[0]
         (task,) = load_tasks([spec], ckpt.spec, num_classes=ckpt.spec.num_classes)
         x, y = task.x, task.y
         if a.samples is not None:

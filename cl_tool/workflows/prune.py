@@ -42,6 +42,7 @@ class PruneArgs:
     limit: Optional[int] = None
     force: bool = False
     json_out: bool = False
+    config: Optional[Path] = None
 
 
 def _check_sparsity(s: float, option: str = "--sparsity") -> float:
@@ -82,8 +83,6 @@ def _validate(a: PruneArgs) -> None:
         _check_sparsity(a.sparsity)
         if a.output is None and a.mask_out is None:
             raise UsageError("prune needs --output (and/or --mask-out) to write the result.")
-        if a.output is not None and a.mask_out is not None and Path(a.output).resolve() == Path(a.mask_out).resolve():
-            raise UsageError("--output and --mask-out name the same file; give two different paths.")
         if len(a.by) != 1:
             raise UsageError("Several --by values only make sense with --sweep; give one score.")
         if a.plot is not None:
@@ -130,19 +129,30 @@ def compute_scores(a: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any]
 def run_prune(a: PruneArgs) -> dict[str, Any]:
     import torch
 
-    from cl_tool.atomic import check_output
+    from cl_tool.atomic import FileRoles, all_or_nothing
     from cl_tool.checkpoint import instantiate, load_checkpoint, model_layout, save_checkpoint, structure, validate_layout
     from cl_tool.cli._common import argv_text, data_specs, history_entry
     from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
     from cl_tool.safetensors_io import save_tensors
     from cl_tool.training import evaluate_task, resolve_device
-    from cl_tool.workflows.common import load_tasks
+    from cl_tool.sidecar import default_sidecar_path
+    from cl_tool.workflows.common import load_tasks, register_data
 
     _validate(a)
-    inputs = [a.checkpoint, a.importance]
-    for out, opt in ((a.output, "--output"), (a.mask_out, "--mask-out"), (a.plot, "--plot")):
-        if out is not None:
-            check_output(out, force=a.force, inputs=inputs, option=opt)
+    data_kw = dict(split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute, rotate=a.rotate,
+                   invert=a.invert, limit=a.limit)
+    roles = FileRoles(force=a.force)
+    roles.input(a.checkpoint, "the checkpoint")
+    if any(b != "magnitude" for b in a.by):
+        roles.input(a.importance or default_sidecar_path(a.checkpoint),
+                    "--importance" if a.importance else "the importance file beside the checkpoint")
+    roles.input(a.config, "--config")
+    register_data(roles, data_specs(a.data, **data_kw), "--data")
+    register_data(roles, data_specs(a.score_data, **data_kw), "--score-data")
+    roles.output(a.output, "--output")
+    roles.output(a.mask_out, "--mask-out")
+    roles.output(a.plot, "--plot")
+    roles.check()
     device = resolve_device(a.device)
     ckpt = load_checkpoint(a.checkpoint)
     if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes are recorded, no rebuild needed
@@ -215,16 +225,19 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
               "pruned": total.pruned, "selected": total.numel, "source": source,
               "per_layer": {n: frac for n, _, _, frac in report}}
     result = {"output": str(a.output) if a.output else None, "mask_out": str(a.mask_out) if a.mask_out else None, **record}
-    if a.output is not None:
-        extra = dict(ckpt.extra)
-        extra["pruning"] = record
-        hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
-                                             achieved=total.fraction, source_fingerprint=source_fp)]
-        result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force, layout=layout)
-    if a.mask_out is not None:
-        save_tensors(a.mask_out, {n: m.to(torch.uint8) for n, m in masks.items()},
-                     {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": source_fp},
-                     force=a.force)
+    with all_or_nothing() as wrote:
+        if a.output is not None:
+            extra = dict(ckpt.extra)
+            extra["pruning"] = record
+            hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
+                                                 achieved=total.fraction, source_fingerprint=source_fp)]
+            result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force, layout=layout)
+            wrote(a.output)
+        if a.mask_out is not None:
+            save_tensors(a.mask_out, {n: m.to(torch.uint8) for n, m in masks.items()},
+                         {"cl_tool.mask": "1", "by": by, "scope": a.scope, "sparsity": repr(a.sparsity), "fingerprint": source_fp},
+                         force=a.force)
+            wrote(a.mask_out)
     log(f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({a.scope})"
         f"{f'; wrote {a.output}' if a.output else ''}{f'; masks in {a.mask_out}' if a.mask_out else ''}.")
     if a.json_out:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.errors import BadInputError, IncompatibleError, OutputError, UsageError
+from cl_tool.errors import BadInputError, DivergedError, IncompatibleError, OutputError, UsageError
 from cl_tool.output import Progress, emit_json, log, warn
 
 DEFAULT_LAMBDA = 100.0
@@ -55,6 +55,7 @@ class TrainNextArgs:
     limit: Optional[int] = None
     force: bool = False
     json_out: bool = False
+    config: Optional[Path] = None
 
 
 def _validate(a: TrainNextArgs) -> None:
@@ -124,24 +125,38 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     import torch
 
     from cl_tool import distributed
-    from cl_tool.atomic import check_output
-    from cl_tool.checkpoint import save_checkpoint
+    from cl_tool.atomic import FileRoles, LineFile, all_or_nothing
+    from cl_tool.checkpoint import first_nonfinite, save_checkpoint
     from cl_tool.cli._common import argv_text, data_specs, history_entry, seed_everything
     from cl_tool.penalty import QuadraticPenalty, divergence_bound
     from cl_tool.sidecar import Sidecar, check_belongs_to, check_covers, default_sidecar_path, load_sidecar, save_sidecar
     from cl_tool.training import ResumeState, TrainConfig, train
-    from cl_tool.workflows.common import load_model, load_tasks, trainable
+    from cl_tool.workflows.common import load_model, load_tasks, register_data, trainable
 
     _validate(a)
-    inputs = [a.checkpoint, a.importance, a.mask]
-    check_output(a.output, force=a.force or a.resume, inputs=inputs)
-    if a.si_out is not None:
-        check_output(a.si_out, force=a.force or a.resume, inputs=inputs + [a.output], option="--si-out")
-    if a.log_json is not None and a.log_json.exists() and not (a.force or a.resume):
-        raise OutputError(f"--log-json {a.log_json} already exists; pass --force to overwrite it or choose another path.")
+    spec = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
+                      rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
+    eval_specs = data_specs(a.eval_data) if a.eval_data else []
     state_path = a.state_file or default_state_path(a.output)
-    if a.resume and not a.checkpoint_every and a.state_file is None and not state_path.exists():
-        warn(f"--resume: no resumable state at {state_path}; starting from the beginning.")
+    resuming = a.resume and state_path.exists()
+    roles = FileRoles(force=a.force or resuming)
+    roles.input(a.checkpoint, "the checkpoint")
+    roles.input(a.importance or (None if a.penalty == "none" else default_sidecar_path(a.checkpoint)),
+                "--importance" if a.importance else "the importance file beside the checkpoint")
+    roles.input(a.mask, "--mask")
+    roles.input(a.config, "--config")
+    register_data(roles, [spec], "--data")
+    register_data(roles, eval_specs, "--eval-data")
+    roles.output(a.output, "--output")
+    roles.output(a.si_out, "--si-out")
+    roles.output(a.log_json, "--log-json")
+    if a.checkpoint_every or a.resume:
+        roles.output(state_path, "--state-file" if a.state_file else "the resume state", may_exist=True)
+    roles.check()
+    if state_path.exists() and a.checkpoint_every and not a.resume:
+        raise OutputError(f"A resumable state {state_path} exists from an earlier run; pass --resume to continue it or delete it.")
+    if a.resume and not resuming:
+        log(f"--resume: no resumable state at {state_path}; starting from the beginning.")
 
     dist, device = distributed.setup(a.device)
     if a.deterministic:
@@ -149,8 +164,6 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     seed_everything(a.seed)
     ckpt, model = load_model(a.checkpoint)
     anchor_fp = ckpt.fingerprint
-    spec = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
-                      rotate=a.rotate, invert=a.invert, limit=a.limit)[0]
     (task,) = load_tasks([spec], ckpt.spec)
     n_classes_data = int(task.y.max()) + 1
     if int(task.y.min()) < 0:
@@ -164,7 +177,6 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
             )
         model, grown = grow_classifier(ckpt, n_classes_data)
         log(f"Grew the classifier to {n_classes_data} classes ({', '.join(grown)}); the new rows have importance 0.")
-    eval_specs = data_specs(a.eval_data) if a.eval_data else []
     eval_tasks = load_tasks(eval_specs, ckpt.spec, num_classes=ckpt.spec.num_classes, what="--eval-data")
     model.to(device)
     named = trainable(model)
@@ -219,17 +231,15 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     cfg = TrainConfig(**_train_config_kwargs(a))
     run_cfg = {**_train_config_kwargs(a), "penalty": penalty_used, "lambda": lam, "data": spec.describe(), "world": dist.world}
     state_io = ResumeState(state_path, fingerprint=anchor_fp, config=run_cfg) if (a.checkpoint_every or a.resume) else None
-    if state_io is not None and not a.resume and state_path.exists():
-        raise OutputError(f"A resumable state {state_path} exists from an earlier run; pass --resume to continue it or delete it.")
+    log_file = LineFile(a.log_json, force=a.force or resuming) if a.log_json is not None and dist.is_main else None
 
-    log_fh = None
-    if a.log_json is not None and dist.is_main:
-        log_fh = open(a.log_json, "a" if a.resume else "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    def write_log(records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            if log_file is not None:
+                log_file.write_line(json.dumps(rec))
 
     def on_epoch(rec: dict[str, Any]) -> None:
-        if log_fh is not None:
-            log_fh.write(json.dumps(rec) + "\n")
-            log_fh.flush()
+        write_log([rec])
         if dist.is_main:
             evals = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/") and k.endswith("/accuracy"))
             log(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} (task {rec['task_loss']:.4f} + penalty {rec['penalty']:.4g}), "
@@ -239,17 +249,31 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     try:
         with Progress(f"training on {spec.name}", steps if dist.is_main else None) as bar:
             result = train(model, task.x, task.y, cfg, device=device, penalty=pen, si=si, masks=masks,
-                           eval_sets=[(t.spec.name, t.x, t.y) for t in eval_tasks], log=on_epoch, state_io=state_io, dist=dist,
-                           progress=bar.advance if dist.is_main else None)
-    finally:
-        if log_fh is not None:
-            log_fh.close()
+                           eval_sets=[(t.spec.name, t.x, t.y) for t in eval_tasks], log=on_epoch, on_restore=write_log,
+                           state_io=state_io, dist=dist, progress=bar.advance if dist.is_main else None)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise DivergedError(f"Training ended with NaN or infinite values in {bad!r} after step {result.steps}; "
+                                f"nothing was written; lower --lr{' or --lambda' if pen is not None and pen.active else ''}.")
+        omega = None
+        if si is not None:
+            omega = {k: v.detach().float().cpu() for k, v in si.omega(check=False).items()}
+            bad = first_nonfinite(omega)
+            if bad is not None:
+                raise DivergedError(f"The SI importance of {bad!r} is NaN or infinite after step {result.steps}; nothing was written; "
+                                    f"lower --lr or raise --si-xi.")
+    except BaseException as exc:
+        if log_file is not None:
+            log_file.discard(exc)
+        if isinstance(exc, DivergedError) and state_io is not None and dist.is_main:
+            state_io.remove()  # resuming would only diverge again
+        raise
 
     out: dict[str, Any] = {"output": str(a.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
                            "importance": str(sidecar_path) if sidecar_path else None, "epochs": result.epochs, "steps": result.steps,
                            "seconds": round(result.seconds, 3), "samples": len(task)}
     if dist.is_main:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         hist = ckpt.history + [history_entry("train-next", argv=argv_text(), data=task.describe(), penalty=penalty_used,
                                              **{"lambda": lam if penalty_used != "none" else None},
                                              importance=str(sidecar_path) if sidecar_path else None,
@@ -260,14 +284,16 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
         extra = dict(ckpt.extra)
         from cl_tool.checkpoint import model_layout
 
-        fp = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force or a.resume, layout=model_layout(model))
-        out["fingerprint"] = fp
-        if si is not None:
-            omega = {k: v.detach().float().cpu() for k, v in si.omega().items()}
-            task_rec = {"method": "si", "data": task.describe(), "checkpoint": str(a.output), "fingerprint": fp, "xi": a.si_xi}
-            save_sidecar(a.si_out, Sidecar(tensors=omega, method="si", options={"xi": a.si_xi}, data=task.describe(), fingerprint=fp,
-                                           tasks=[task_rec]), force=a.force or a.resume)
-            out["si_out"] = str(a.si_out)
+        with all_or_nothing(log_file) as wrote:
+            fp = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force or resuming, layout=model_layout(model))
+            wrote(a.output)
+            out["fingerprint"] = fp
+            if omega is not None:
+                task_rec = {"method": "si", "data": task.describe(), "checkpoint": str(a.output), "fingerprint": fp, "xi": a.si_xi}
+                save_sidecar(a.si_out, Sidecar(tensors=omega, method="si", options={"xi": a.si_xi}, data=task.describe(), fingerprint=fp,
+                                               tasks=[task_rec]), force=a.force or resuming)
+                wrote(a.si_out)
+                out["si_out"] = str(a.si_out)
         if state_io is not None:
             state_io.remove()
         last = result.epochs[-1] if result.epochs else {}
