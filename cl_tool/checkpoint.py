@@ -48,6 +48,23 @@ class Checkpoint:
         return self._fp
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or ±Inf, or None."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _refuse_nonfinite(ckpt: "Checkpoint", where) -> "Checkpoint":
+    bad = first_nonfinite(ckpt.state)
+    if bad is not None:
+        raise BadInputError(f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint.")
+    return ckpt
+
+
 def _json_meta(metadata: dict[str, str], key: str, path, default):
     if key not in metadata:
         return default
@@ -80,11 +97,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {},
                       path=str(p), layout=layout)
-    return ckpt
+    return _refuse_nonfinite(ckpt, p)
 
 
 def _load_timm_folder(folder: Path) -> Checkpoint:
-    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
     from cl_tool.safetensors_io import load_tensors
 
     cfg_path = folder / "config.json"
@@ -95,28 +111,66 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
         if (folder / "pytorch_model.bin").is_file():
             raise BadInputError(f"Folder {folder} has only pytorch_model.bin; cl-tool reads safetensors only: convert it with safetensors.torch.save_file.")
         raise BadInputError(f"Folder {folder} has no model.safetensors next to config.json.")
+    spec = spec_from_timm_config(cfg_path)
+    tensors, _ = load_tensors(weights, "Checkpoint")
+    ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+    return _refuse_nonfinite(ckpt, folder)
+
+
+def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
+    """A validated ModelSpec from a timm ``config.json``; every field's type is checked (exit 3 naming it)."""
+    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
+
     try:
-        cfg = json.loads(cfg_path.read_text())
-        arch = cfg.get("architecture") or cfg["model_name"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
-        raise BadInputError(f"{cfg_path} is not a valid timm config.json (needs JSON with an 'architecture' key).") from exc
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise BadInputError(f"{cfg_path} is not a valid timm config.json (not readable JSON); re-export the model with timm.") from exc
+
+    def bad(field_name: str, expected: str):
+        return BadInputError(f"{cfg_path}: field {field_name!r} must be {expected}; fix or re-export the config.json.")
+
+    if not isinstance(cfg, dict):
+        raise bad("(top level)", "a JSON object")
+    arch = cfg.get("architecture", cfg.get("model_name"))
+    if not isinstance(arch, str) or not arch:
+        raise bad("architecture", "the timm model name (a non-empty string)")
     pre = cfg.get("pretrained_cfg", {}) or {}
-    kwargs = dict(cfg.get("model_args", {}) or {})
-    num_classes = int(kwargs.pop("num_classes", cfg.get("num_classes", pre.get("num_classes", 1000))))
-    input_shape = tuple(int(x) for x in pre.get("input_size", (3, 224, 224)))
+    kwargs = cfg.get("model_args", {}) or {}
+    for name, value in (("pretrained_cfg", pre), ("model_args", kwargs)):
+        if not isinstance(value, dict):
+            raise bad(name, "a JSON object")
+    kwargs = dict(kwargs)
+
+    def positive_int(value, field_name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(field_name, "a positive integer")
+        return value
+
+    num_classes = kwargs.pop("num_classes", cfg.get("num_classes", pre.get("num_classes", 1000)))
+    num_classes = positive_int(num_classes, "num_classes")
+    size = pre.get("input_size", [3, 224, 224])
+    if not isinstance(size, (list, tuple)) or len(size) != 3:
+        raise bad("pretrained_cfg.input_size", "a list of 3 positive integers [C, H, W]")
+    input_shape = tuple(positive_int(v, "pretrained_cfg.input_size") for v in size)
     if "in_chans" in kwargs:
-        input_shape = (int(kwargs["in_chans"]),) + input_shape[1:]
+        input_shape = (positive_int(kwargs["in_chans"], "model_args.in_chans"),) + input_shape[1:]
     if "img_size" in kwargs:
         s = kwargs["img_size"]
-        s = (s, s) if isinstance(s, int) else tuple(s)
-        input_shape = (input_shape[0],) + tuple(int(v) for v in s)
-    mean = tuple(pre.get("mean", IMAGENET_MEAN))
-    std = tuple(pre.get("std", IMAGENET_STD))
-    if len(mean) != input_shape[0]:
-        mean, std = (0.5,) * input_shape[0], (0.5,) * input_shape[0]
-    spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, source="timm")
-    tensors, _ = load_tensors(weights, "Checkpoint")
-    return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+        s = [s, s] if isinstance(s, int) and not isinstance(s, bool) else s
+        if not isinstance(s, (list, tuple)) or len(s) != 2:
+            raise bad("model_args.img_size", "a positive integer or a list of two")
+        input_shape = (input_shape[0],) + tuple(positive_int(v, "model_args.img_size") for v in s)
+    norm = {}
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = pre.get(key, default)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad(f"pretrained_cfg.{key}", "a list of numbers")
+        norm[key] = tuple(float(v) for v in value)
+    if len(norm["mean"]) != input_shape[0]:  # timm's RGB statistics for a model of another channel count
+        norm = {"mean": (0.5,) * input_shape[0], "std": (0.5,) * input_shape[0]}
+    spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=norm["mean"], std=norm["std"], source="timm")
+    spec.validate(str(cfg_path))
+    return spec
 
 
 def spec_digest(spec: ModelSpec) -> str:

@@ -96,6 +96,8 @@ def _load_raw(source: str, split_name: str | None):
     datasets.disable_progress_bars()  # cl-tool shows its own, on terminals only
 
     p = Path(source)
+    if p.exists() and not (p.is_dir() or p.is_file()):
+        raise BadInputError(f"--data {source} is not a regular file or folder (a pipe or device); give a dataset folder or file.")
     try:
         if p.is_dir():
             if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
@@ -132,8 +134,11 @@ def _load_raw(source: str, split_name: str | None):
         if split_name not in ds:
             raise UsageError(f"--split {split_name} is not in --data {source}; available splits: {', '.join(names)}.")
         ds = ds[split_name]
-    elif split_name not in (None, "train", "all") and not p.exists():
-        pass
+    elif split_name is not None:
+        own = str(ds.split) if getattr(ds, "split", None) is not None else None
+        if split_name != own:
+            raise UsageError(f"--split {split_name} is not in --data {source}: it holds a single dataset "
+                             f"{f'(split {own!r})' if own else 'without named splits'}; drop the split name (a slice such as [:100] works).")
     return ds, split_name
 
 
@@ -166,9 +171,28 @@ def _find_column(ds, wanted: str | None, kind: str, option: str, names: tuple[st
     raise BadInputError(f"The dataset has no {kind} column (columns: {cols}); name it with {option}.")
 
 
+def _decode_image(value: dict, row: int, source: str):
+    """A PIL image from a ``datasets.Image(decode=False)`` value; a file that cannot be decoded is named."""
+    import io
+
+    from PIL import Image
+
+    path, data = value.get("path"), value.get("bytes")
+    where = f"Image file {path}" if path and data is None else f"The image in row {row} of --data {source}"
+    try:
+        img = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"{where} cannot be decoded ({msg}); remove or replace it.") from exc
+    return img
+
+
 def _to_array(value, c: int, h: int, w: int, row: int, source: str):
     import numpy as np
 
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = _decode_image(value, row, source)
     if hasattr(value, "convert") and hasattr(value, "size"):  # PIL image
         img = value.convert("L" if c == 1 else "RGB")
         if img.size != (w, h):
@@ -262,6 +286,10 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
     xs = np.empty((len(ds), c, h, w), dtype=np.float32)
     ys = np.empty((len(ds),), dtype=np.int64)
     ds = ds.select_columns([img_col, lab_col])
+    if type(ds.features[img_col]).__name__ == "Image":  # decode here, so a corrupt file is named
+        import datasets
+
+        ds = ds.cast_column(img_col, datasets.Image(decode=False))
     row = 0
     for batch in ds.iter(batch_size=1024):
         for img, lab in zip(batch[img_col], batch[lab_col]):

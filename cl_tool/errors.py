@@ -18,6 +18,7 @@ EXIT_OUTPUT = 6
 EXIT_ENVIRONMENT = 7
 EXIT_GATE = 8
 EXIT_INTERRUPTED_INT = 130
+EXIT_BROKEN_PIPE = 141
 EXIT_INTERRUPTED_TERM = 143
 
 
@@ -81,6 +82,15 @@ class Interrupted(ClToolError):
         self.exit_code = 128 + signum
 
 
+class StdoutGone(ClToolError):
+    """The reader of standard output went away (a closed pipe); the command stops without a message."""
+
+    exit_code = EXIT_BROKEN_PIPE
+
+    def __init__(self):
+        super().__init__("")
+
+
 EXIT_CODE_TABLE = [
     (EXIT_OK, "success"),
     (EXIT_INTERNAL, "internal error (a bug): rerun with --debug and report the traceback"),
@@ -92,5 +102,6 @@ EXIT_CODE_TABLE = [
     (EXIT_ENVIRONMENT, "the machine lacks something (device, optional package, network)"),
     (EXIT_GATE, "a quality gate failed (evaluate --fail-under-acc / --fail-over-forgetting)"),
     (EXIT_INTERRUPTED_INT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
+    (EXIT_BROKEN_PIPE, "the reader of standard output went away (e.g. --json piped into head -c1); cl-tool stops quietly, like other Unix tools"),
     (EXIT_INTERRUPTED_TERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
 ]

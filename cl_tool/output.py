@@ -20,7 +20,11 @@ def console():
     if _console is None:
         from rich.console import Console
 
-        _console = Console(stderr=True, highlight=False)
+        class _StderrConsole(Console):
+            def on_broken_pipe(self) -> None:  # rich exits the process; a log reader that went away must not stop the command
+                self.quiet = True
+
+        _console = _StderrConsole(stderr=True, highlight=False)
     return _console
 
 
@@ -32,14 +36,19 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def _print(*objects, **kwargs) -> None:
+    """Print on the stderr console (if stderr's reader went away, this and later output are dropped; the command goes on)."""
+    console().print(*objects, **kwargs)
+
+
 def log(message: str) -> None:
     """One human-readable line on stderr (suppressed by --quiet)."""
     if not _quiet:
-        console().print(message, markup=False, soft_wrap=True)
+        _print(message, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console().print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+    _print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,9 +62,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
-    """Print ``obj`` as one JSON document on stdout."""
-    sys.stdout.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-    sys.stdout.flush()
+    """Print ``obj`` as one JSON document on stdout (a reader that went away ends the command quietly, exit 141)."""
+    from cl_tool.errors import StdoutGone
+
+    try:
+        sys.stdout.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise StdoutGone() from exc
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -64,13 +78,13 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
         return
     from rich.table import Table
 
-    console().print(title, markup=False, style="bold")
+    _print(title, markup=False, style="bold")
     table = Table()
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
-    console().print(table)
+    _print(table)
 
 
 def _fmt(v: Any) -> str:

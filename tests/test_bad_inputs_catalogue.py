@@ -320,19 +320,19 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
     ("out-exists-demo-data", 6, "already exists", lambda c: (c.d / "demo").mkdir() or ["demo-data", c.d / "demo"]),
     ("out-is-a-directory", 6, "is a directory", lambda c: (c.d / "outdir").mkdir() or ["init", "--arch", "mlp", "-o", c.d / "outdir"]),
     ("out-folder-missing", 6, "does not exist", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "0.5", "-o", c.d / "a" / "b" / "p.safetensors"]),
-    ("out-same-as-mask-out", 2, "name the same file",
+    ("out-same-as-mask-out", 6, "both name",
      lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "0.5", "-o", c.out, "--mask-out", c.out]),
-    ("out-csv-same-as-plot", 2, "name the same file",
+    ("out-csv-same-as-plot", 6, "both name",
      lambda c: ["evaluate", c.ck, "--data", c.data, "--device", "cpu", "--csv", c.d / "r.png", "--plot", c.d / "r.png"]),
     # ---- option values ----
     ("opt-sparsity-negative", 2, "--sparsity must be in [0, 1)", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "-0.1", "-o", c.out]),
     ("opt-sparsity-one", 2, "--sparsity must be in [0, 1)", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "1", "-o", c.out]),
-    ("opt-sparsity-nan", 2, "--sparsity must be in [0, 1)", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "nan", "-o", c.out]),
+    ("opt-sparsity-nan", 2, "--sparsity must be a finite number", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "nan", "-o", c.out]),
     ("opt-sparsity-text", 2, "--sparsity", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "lots", "-o", c.out]),
     ("opt-sweep-value-one", 2, "--sweep values must be in [0, 1)", lambda c: [P, c.ck, "--by", "magnitude", "--sweep", "0.5,1.0", "--data", c.data]),
     ("opt-lambda-negative", 2, "--lambda must be a non-negative number",
      lambda c: ["train-next", c.ck, "--data", c.data, "--device", "cpu", "--lambda", "-1", "-o", c.out]),
-    ("opt-lambda-nan", 2, "--lambda must be a non-negative number",
+    ("opt-lambda-nan", 2, "--lambda must be a finite number",
      lambda c: ["train-next", c.ck, "--data", c.data, "--device", "cpu", "--lambda", "nan", "-o", c.out]),
     ("opt-lr-zero", 2, "--lr must be a positive number", lambda c: ["train-next", c.ck, "--data", c.data, "--device", "cpu", "--lr", "0", "-o", c.out]),
     ("opt-lr-negative", 2, "--lr must be a positive number", lambda c: ["train-next", c.ck, "--data", c.data, "--device", "cpu", "--lr", "-0.1", "-o", c.out]),
@@ -386,7 +386,7 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
     ("init-num-classes-zero", 2, "--num-classes must be at least 1", lambda c: ["init", "--arch", "mlp", "--num-classes", "0", "-o", c.out]),
     ("init-shape-disagrees-with-sizes", 2, "make them agree", lambda c: ["init", "--arch", "mlp", "--input-shape", "3x28x28", "-o", c.out]),
     # ---- demo-data ----
-    ("demo-data-zero-train", 2, "at least 1", lambda c: ["demo-data", c.d / "demo", "--train", "0"]),
+    ("demo-data-zero-train", 2, "between 1 and 1,000,000", lambda c: ["demo-data", c.d / "demo", "--train", "0"]),
     ("demo-data-parent-missing", 6, "does not exist", lambda c: ["demo-data", c.d / "x" / "y" / "demo"]),
 ]
 

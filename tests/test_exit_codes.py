@@ -49,6 +49,20 @@ def _data(demo_dir, n=32, extra=""):
     return f"{demo_dir}::limit={n}{extra}"
 
 
+def _broken_pipe(cli, d, ck, demo, monkeypatch):  # noqa: ARG001
+    """A fresh process whose stdout is a pipe nobody reads any more."""
+    from tests.conftest import Result
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cl_tool", "evaluate", str(ck), "--data", _data(demo), "--device", "cpu", "--json"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    return Result(proc.returncode, "", proc.stderr)
+
+
 # code -> (description, callable(cli, d, ck, demo_dir) -> Result)
 def case_0(cli, d, ck, demo):
     return cli("init", "--arch", "mlp", "--arch-arg", "sizes=784,8,10", "-o", d / "new.safetensors")
@@ -147,6 +161,7 @@ CASES = [
     (6, "existing output without --force", case_6, "--force", False),
     (7, "CUDA device that is not there", case_7, "--device", False),
     (8, "accuracy gate on an untrained model", case_8, "below --fail-under-acc 0.99", False),
+    (141, "the reader of --json output went away", _broken_pipe, None, True),
     (130, "Ctrl-C outside training", _keyboard_interrupt, "Interrupted by Ctrl-C; nothing was written", True),
     (130, "SIGINT during a training step", _interrupt_training(signal.SIGINT), "Interrupted by SIGINT at step 2; nothing was written", True),
     (143, "SIGTERM during a training step", _interrupt_training(signal.SIGTERM), "Interrupted by SIGTERM at step 2; nothing was written", True),
@@ -159,7 +174,7 @@ def test_exit_code(cli, ws, demo_dir, monkeypatch, code, what, case, phrase, nee
     r = case(cli, d, ck, demo_dir, monkeypatch) if needs_monkeypatch else case(cli, d, ck, demo_dir)
     assert r.code == code, f"{what}: exit {r.code}, expected {code}\n{r.err}"
     assert "Traceback" not in r.err, r.err
-    if code == 0:
+    if code in (0, 141):
         assert r.error_line == ""
     else:
         assert r.error_line.startswith("Error: ") and phrase in r.error_line, r.err

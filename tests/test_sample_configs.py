@@ -30,7 +30,7 @@ def test_experiment_config_runs(config, tiny_data, tmp_path):
     text = config.read_text()
     assert text.startswith("# Reproduces"), "each config says what it reproduces"
     out = tmp_path / "out"
-    overrides = ["--set", "train.epochs=1", "--set", 'data.train-split="train[:64]"', "--set", 'data.test-split="train[64:]"',
+    overrides = ["--set", "train.epochs=1", "--set", 'data.train-split="[:64]"', "--set", 'data.test-split="[64:]"',
                  "--set", "importance.samples=32"]
     if "\n[prune]" in text:
         overrides += ["--set", 'prune.sweep="0.5,0.9"']

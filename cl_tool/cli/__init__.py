@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from cl_tool import __version__
-from cl_tool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED_INT, EXIT_USAGE, ClToolError, UsageError
+from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED_INT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
 
 app = typer.Typer(
     name="cl-tool",
@@ -55,13 +55,14 @@ def _root(
 
 def _register() -> None:
     from cl_tool.cli import demo, evaluate, importance, init, prune, train
+    from cl_tool.cli._common import checked_numbers
 
-    app.command("init", epilog=init.EPILOG)(init.init)
-    app.command("train-next", epilog=train.EPILOG)(train.train_next)
-    app.command("importance", epilog=importance.EPILOG)(importance.importance)
-    app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
-    app.command("prune", epilog=prune.EPILOG)(prune.prune)
-    app.command("demo-data", epilog=demo.EPILOG)(demo.demo_data)
+    app.command("init", epilog=init.EPILOG)(checked_numbers(init.init))
+    app.command("train-next", epilog=train.EPILOG)(checked_numbers(train.train_next))
+    app.command("importance", epilog=importance.EPILOG)(checked_numbers(importance.importance))
+    app.command("evaluate", epilog=evaluate.EPILOG)(checked_numbers(evaluate.evaluate))
+    app.command("prune", epilog=prune.EPILOG)(checked_numbers(prune.prune))
+    app.command("demo-data", epilog=demo.EPILOG)(checked_numbers(demo.demo_data))
 
 
 _register()
@@ -77,14 +78,19 @@ def _find_command(argv: list[str], names: set[str]) -> str | None:
 
 
 def _config_path(argv: list[str]) -> str | None:
+    found = []
     for i, a in enumerate(argv):
+        if a == "--":
+            break
         if a == "--config":
             if i + 1 >= len(argv):
                 raise UsageError("--config needs a file path.")
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+            found.append(argv[i + 1])
+        elif a.startswith("--config="):
+            found.append(a.split("=", 1)[1])
+    if len(found) > 1:
+        raise UsageError(f"--config was given {len(found)} times ({', '.join(found)}); give one config file.")
+    return found[0] if found else None
 
 
 def config_default_map(command, path: str) -> dict[str, Any]:
@@ -155,6 +161,7 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
     click = _click()
+    _ensure_std_streams()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CL_TOOL_DEBUG") == "1"
     if "-q" in argv or "--quiet" in argv:  # global flags, accepted anywhere on the line
@@ -176,16 +183,21 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED_INT
+    except click.exceptions.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _print_error(exc.format_message().rstrip(".") + hint + ".")
+        code = exc.exit_code
     except click.exceptions.ClickException as exc:
-        exc.show()
+        _print_error(exc.format_message())
         code = exc.exit_code
     except ClToolError as exc:
         if debug:
             import traceback
 
             traceback.print_exc()
-        _print_error(exc.message)
-        code = exc.exit_code
+        if exc.message:
+            _print_error(exc.message)
+        code = _stdout_gone() if isinstance(exc, StdoutGone) else exc.exit_code
     except KeyboardInterrupt:
         _print_error("Interrupted; nothing was written.")
         code = EXIT_INTERRUPTED_INT
@@ -196,7 +208,38 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_INTERNAL
     finally:
         _shutdown_distributed()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError):
+        code = code or _stdout_gone()
     sys.exit(code)
+
+
+def _ensure_std_streams() -> None:
+    """A closed stdout/stderr (`>&-`) becomes /dev/null: output is dropped instead of failing the command."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None:
+            try:
+                fd = stream.fileno()
+            except (OSError, ValueError, AttributeError):  # not backed by a file descriptor (captured): leave it
+                continue
+            try:
+                os.fstat(fd)
+                continue
+            except OSError:
+                pass
+        setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - lives as long as the process
+
+
+def _stdout_gone() -> int:
+    """Point stdout at /dev/null (so the interpreter's final flush cannot fail) and return 128 + SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 _TREE: list = []
@@ -219,8 +262,11 @@ def _click():
 
 
 def _print_error(message: str) -> None:
-    sys.stderr.write(f"Error: {message}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError, ValueError):  # nobody reads stderr any more
+        pass
 
 
 def _shutdown_distributed() -> None:

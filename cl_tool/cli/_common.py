@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -64,6 +65,12 @@ def data_specs(values: list[str], *, split=None, image_column=None, label_column
         opts.pop("name", None)
         if not source:
             raise UsageError("--data needs a path or dataset id.")
+        if opts["limit"] is not None and opts["limit"] < 1:
+            raise UsageError(f"--data {raw}: limit must be at least 1, got {opts['limit']}.")
+        if opts["permute"] is not None and not 0 <= opts["permute"] < 2**63:
+            raise UsageError(f"--data {raw}: permute must be a seed in [0, 2**63), got {opts['permute']}.")
+        if opts["rotate"] is not None and not math.isfinite(opts["rotate"]):
+            raise UsageError(f"--data {raw}: rotate must be a finite number of degrees, got {opts['rotate']}.")
         specs.append(TaskSpec(source=source, name=name, **opts))
     return specs
 
@@ -131,3 +138,50 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+#: Integer options with a range narrower than int64 (the generic bound).
+INT_RANGES = {"--seed": (0, 2**32 - 1), "--permute": (0, 2**63 - 1)}
+
+
+def check_number(flag: str, value: Any) -> None:
+    """Refuse NaN, ±inf and floats beyond float32's range, and integers out of their option's range (exit 2)."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_number(flag, v)
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise UsageError(f"{flag} must be a finite number no larger than 3.4e38 in magnitude, got {value}.")
+    elif isinstance(value, int):
+        lo, hi = INT_RANGES.get(flag, (-(2**63), 2**63 - 1))
+        if not lo <= value <= hi:
+            raise UsageError(f"{flag} must be an integer from {lo} to {hi}, got {value}.")
+
+
+def checked_numbers(command):
+    """Wrap a typer command so every numeric option value (from the command line or --config) is checked first."""
+    import functools
+
+    flags: dict[str, str] = {}
+
+    def flag_of(name: str) -> str:
+        if not flags:
+            import inspect
+
+            for param in inspect.signature(command, eval_str=True).parameters.values():
+                decls = [m for m in getattr(param.annotation, "__metadata__", ()) if hasattr(m, "param_decls")]
+                names = [d for m in decls for d in ((m.default,) if isinstance(m.default, str) else ()) + tuple(m.param_decls or ())]
+                flags[param.name] = next((d for d in names if d.startswith("--")), "--" + param.name.replace("_", "-"))
+        return flags.get(name, name)
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, (int, float, list, tuple)):
+                check_number(flag_of(name), value)
+        return command(**kwargs)
+
+    return run

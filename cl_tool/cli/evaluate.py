@@ -45,7 +45,7 @@ def evaluate(
     limit: LimitOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    config: ConfigOpt = None,  # noqa: ARG001 - read by the CLI entry point
+    config: ConfigOpt = None,
 ):
     """Accuracy and loss of each checkpoint on each task, with average accuracy, BWT and forgetting."""
     from cl_tool.workflows.evaluate import EvaluateArgs, run_evaluate

@@ -55,7 +55,7 @@ def importance(
     limit: LimitOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    config: ConfigOpt = None,  # noqa: ARG001 - read by the CLI entry point
+    config: ConfigOpt = None,
 ):
     """Compute importances Ω of CHECKPOINT's parameters on a dataset and write them to a sidecar file."""
     from cl_tool.workflows.importance import ImportanceArgs, run_importance

@@ -55,7 +55,7 @@ def prune(
     limit: LimitOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    config: ConfigOpt = None,  # noqa: ARG001 - read by the CLI entry point
+    config: ConfigOpt = None,
 ):
     """Prune CHECKPOINT by stored or computed scores, or sweep sparsities and report accuracy."""
     from cl_tool.workflows.prune import PruneArgs, run_prune

@@ -69,7 +69,7 @@ def train_next(
     limit: LimitOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    config: ConfigOpt = None,  # noqa: ARG001 - read by the CLI entry point
+    config: ConfigOpt = None,
 ):
     """Train CHECKPOINT on a new task with a penalty that keeps the old tasks (stabilized EWC by default)."""
     from cl_tool.workflows.train_next import TrainNextArgs, run_train_next

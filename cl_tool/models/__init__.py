@@ -7,6 +7,8 @@ handed to ``timm.create_model`` with its keyword args.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -76,20 +78,53 @@ class ModelSpec:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInputError(f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged.") from exc
-        if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
-            raise BadInputError(f"The checkpoint metadata has an invalid input shape {list(spec.input_shape)}; expected C,H,W with positive sizes.")
-        import math
-
-        if math.prod(spec.input_shape) > MAX_INPUT_VALUES:
-            raise BadInputError(f"The checkpoint metadata has an input shape {list(spec.input_shape)} of more than {MAX_INPUT_VALUES:,} values per sample; the file is damaged.")
-
-        c = spec.input_shape[0]
-        if spec.num_classes < 1:
-            raise BadInputError(f"The checkpoint metadata has an invalid number of classes {spec.num_classes}; the file is damaged.")
-        if len(spec.mean) != c or len(spec.std) != c or not all(math.isfinite(v) for v in spec.mean + spec.std) or min(spec.std) <= 0:
-            raise BadInputError(f"The checkpoint metadata has invalid normalisation (mean {list(spec.mean)}, std {list(spec.std)}) for {c} channel(s); "
-                                f"it needs {c} finite value(s) each and a positive std; the file is damaged.")
+        spec.validate("The checkpoint metadata")
         return spec
+
+    def validate(self, where: str) -> None:
+        """Raise BadInputError unless shape, classes, normalisation and kwargs are sane (``where`` names the source)."""
+        from cl_tool.errors import BadInputError
+
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise BadInputError(f"{where} has an invalid input shape {list(self.input_shape)}; expected C,H,W with positive sizes.")
+        if math.prod(self.input_shape) > MAX_INPUT_VALUES:
+            raise BadInputError(f"{where} has an input shape {list(self.input_shape)} of more than {MAX_INPUT_VALUES:,} values per sample; the file is damaged.")
+        c = self.input_shape[0]
+        if self.num_classes < 1:
+            raise BadInputError(f"{where} has an invalid number of classes {self.num_classes}; the file is damaged.")
+        if len(self.mean) != c or len(self.std) != c or not all(math.isfinite(v) for v in self.mean + self.std) or min(self.std) <= 0:
+            raise BadInputError(f"{where} has invalid normalisation (mean {list(self.mean)}, std {list(self.std)}) for {c} channel(s); "
+                                f"it needs {c} finite value(s) each and a positive std; the file is damaged.")
+        key = forbidden_kwarg(self.kwargs)
+        if key is not None:
+            raise BadInputError(f"{where} asks the model builder for {key!r}, which would make cl-tool read other files or the network; "
+                                f"cl-tool refuses it: remove that model argument.")
+
+
+#: Model keyword arguments that make a builder open files or the network (timm's pretrained machinery and the like).
+_FORBIDDEN_KWARGS = {"checkpoint_path", "cache_dir", "pretrained_strict", "features_only_path"}
+_FORBIDDEN_SUFFIXES = {"path", "file", "filename", "url", "dir", "uri"}
+_URL_RE = re.compile(r"^([a-z][a-z0-9+.-]*://|hf[-_]hub:)", re.IGNORECASE)
+
+
+def forbidden_kwarg(kwargs: dict[str, Any]) -> str | None:
+    """The first key (at any nesting depth) that could make a model builder read a file or the network, or None.
+
+    Refused: timm's ``pretrained*`` arguments and ``checkpoint_path``/``cache_dir``, any key ending in
+    ``_path``/``_file``/``_url``/``_dir`` or naming a hub, and any string value that is a URL or hub id.
+    """
+    for key, value in kwargs.items():
+        low = str(key).lower()
+        tokens = low.split("_")
+        if low in _FORBIDDEN_KWARGS or low.startswith("pretrained") or tokens[-1] in _FORBIDDEN_SUFFIXES or "hub" in tokens:
+            return str(key)
+        if isinstance(value, str) and _URL_RE.match(value):
+            return str(key)
+        if isinstance(value, dict):
+            inner = forbidden_kwarg(value)
+            if inner is not None:
+                return f"{key}.{inner}"
+    return None
 
 
 def is_builtin(arch: str) -> bool:

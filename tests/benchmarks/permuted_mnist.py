@@ -42,7 +42,7 @@ def cl(*args) -> dict:
 
 
 def task(ds: Path, t: int, part: str) -> str:
-    split = "train[:8000]" if part == "train" else "train[8000:]"
+    split = "[:8000]" if part == "train" else "[8000:]"
     perm = f",permute={t}" if t > 0 else ""
     return f"T{t + 1}={ds}::split={split}{perm}"
 
