@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def check_input_file(path: str | os.PathLike, what: str) -> Path:
         raise BadInputError(f"{what} {p} does not exist; check the path.")
     if p.is_dir():
         raise BadInputError(f"{what} {p} is a directory, not a file; give the .safetensors file inside it.")
+    if not stat.S_ISREG(p.stat().st_mode):
+        raise BadInputError(f"{what} {p} is not a regular file (a pipe or device); give a .safetensors file.")
     if p.stat().st_size == 0:
         raise BadInputError(f"{what} {p} is empty (0 bytes); it was not written completely, regenerate it.")
     if not os.access(p, os.R_OK):

@@ -103,6 +103,43 @@ class Ctx:
         ds.save_to_disk(str(p))
         return p
 
+    def link(self, name: str, target: Path, hard: bool = False) -> Path:
+        p = self.d / name
+        (os.link if hard else os.symlink)(target, p)
+        return p
+
+    def fifo(self, name: str) -> Path:
+        p = self.d / name
+        os.mkfifo(p)
+        return p
+
+    def timm_folder(self, name: str, config) -> Path:
+        """A timm-style folder: config.json (a dict, or raw text) + model.safetensors (never read when the config is refused)."""
+        p = self.d / name
+        p.mkdir()
+        (p / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        shutil.copy(self.ck, p / "model.safetensors")
+        return p
+
+    def imagefolder(self, name: str, bad: bytes, bad_name: str = "broken.png") -> Path:
+        """An imagefolder with two good PNGs per class and one file ``bad_name`` holding ``bad``."""
+        from cl_tool.demo import make_images
+        from PIL import Image
+
+        images, _ = make_images(4, seed=3)
+        root = self.d / "data" / name
+        for i, img in enumerate(images):
+            cls = root / f"c{i % 2}"
+            cls.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="L").save(cls / f"{i}.png")
+        (root / "c0" / bad_name).write_bytes(bad)
+        return root
+
+    def jsonl(self, name: str, n: int = 4) -> Path:
+        p = self.d / name
+        p.write_text("".join(json.dumps({"pixels": [0.5] * 784, "label": i % 10}) + "\n" for i in range(n)))
+        return p
+
     def arrays(self, name: str, images, labels, column: str = "pixels") -> Path:
         import datasets
 
@@ -174,6 +211,49 @@ def _empty_parquet(c: Ctx) -> Path:
 
 def _flat(n: int, value: float = 0.0):
     return [[value] * n for _ in range(4)]
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _nan_weight(t):
+    t = dict(t)
+    w = t["net.1.weight"].clone()
+    w[0, 0] = float("nan")
+    t["net.1.weight"] = w
+    return t
+
+
+def _inf_bias(t):
+    return {**t, "net.3.bias": t["net.3.bias"] - float("inf")}
+
+
+T = "train-next"
+
+
+def _tn(c: "Ctx", *extra) -> list:
+    """A quick train-next command line on the catalogue's checkpoint."""
+    return [T, c.ck, "--data", c.data, "--device", "cpu", "--penalty", "none", *extra]
+
+
+_TIMM_OK = {"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5]}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,6 +465,154 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
     ("init-std-nan", 2, "must be finite numbers", lambda c: ["init", "--arch", "mlp", "--std", "nan", "-o", c.out]),
     ("init-num-classes-zero", 2, "--num-classes must be at least 1", lambda c: ["init", "--arch", "mlp", "--num-classes", "0", "-o", c.out]),
     ("init-shape-disagrees-with-sizes", 2, "make them agree", lambda c: ["init", "--arch", "mlp", "--input-shape", "3x28x28", "-o", c.out]),
+    # ==== issue 11, class 1: every file a command writes is an output, checked before any work ====
+    ("role-output-is-auto-sidecar", 6, "is also an input",
+     lambda c: c.sidecar("m.importance.safetensors") and [T, c.ck, "--data", c.data, "--device", "cpu", "-o", c.d / "m.importance.safetensors", "--force"]),
+    ("role-log-json-is-checkpoint", 6, "is also an input", lambda c: _tn(c, "-o", c.out, "--log-json", c.ck, "--force")),
+    ("role-log-json-is-data-file", 6, "is also an input",
+     lambda c: [T, c.ck, "--data", c.jsonl("d.jsonl"), "--device", "cpu", "-o", c.out, "--log-json", c.d / "d.jsonl", "--force"]),
+    ("role-si-out-is-importance", 6, "is also an input",
+     lambda c: [T, c.ck, "--data", c.data, "--device", "cpu", "--importance", c.sidecar(), "-o", c.out, "--si-out", c.d / "good.importance.safetensors", "--force"]),
+    ("role-state-file-is-checkpoint", 6, "is also an input", lambda c: _tn(c, "-o", c.out, "--checkpoint-every", "2", "--state-file", c.ck)),
+    ("role-state-file-is-mask", 6, "is also an input",
+     lambda c: _tn(c, "-o", c.out, "--mask", c.sidecar("mask.safetensors"), "--resume", "--state-file", c.d / "mask.safetensors")),
+    ("role-output-is-eval-data-file", 6, "is also an input",
+     lambda c: _tn(c, "--eval-data", c.jsonl("e.jsonl"), "-o", c.d / "e.jsonl", "--force")),
+    ("role-output-is-config", 6, "is also an input",
+     lambda c: _tn(c, "--config", c.file("c.toml", b"epochs = 1\n"), "-o", c.d / "c.toml", "--force")),
+    ("role-output-symlink-to-checkpoint", 6, "is also an input", lambda c: _tn(c, "-o", c.link("alias.safetensors", c.ck), "--force")),
+    ("role-output-hardlink-to-checkpoint", 6, "is also an input",
+     lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "0.5", "-o", c.link("hard.safetensors", c.ck, hard=True), "--force"]),
+    ("role-output-hardlink-into-data-folder", 6, "hard link to a file inside",
+     lambda c: c.imagefolder("imgs", _png_bytes(), "extra.png") and
+     ["evaluate", c.ck, "--device", "cpu", "--data", c.d / "data" / "imgs", "--csv", c.link("r.csv", c.d / "data" / "imgs" / "c0" / "0.png", hard=True), "--force"]),
+    ("role-output-inside-data-folder", 6, "lies inside",
+     lambda c: c.imagefolder("imgs", _png_bytes(), "extra.png") and
+     ["evaluate", c.ck, "--device", "cpu", "--data", c.d / "data" / "imgs", "--plot", c.d / "data" / "imgs" / "c0" / "r.png"]),
+    ("role-evaluate-csv-is-data-file", 6, "is also an input",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.jsonl("d.jsonl"), "--csv", c.d / "d.jsonl", "--force"]),
+    ("role-evaluate-csv-is-second-checkpoint", 6, "is also an input",
+     lambda c: ["evaluate", c.ck, c.sidecar("m2.safetensors") and c.ck, "--device", "cpu", "--data", c.data, "--csv", c.ck, "--force"]),
+    ("role-importance-output-is-data-file", 6, "is also an input",
+     lambda c: ["importance", c.ck, "--device", "cpu", "--data", c.jsonl("d.jsonl"), "-o", c.d / "d.jsonl", "--force"]),
+    ("role-prune-mask-out-is-auto-sidecar", 6, "is also an input",
+     lambda c: c.sidecar("m.importance.safetensors") and [P, c.ck, "--by", "importance", "--sparsity", "0.5", "-o", c.out,
+                                                        "--mask-out", c.d / "m.importance.safetensors", "--force"]),
+    ("role-prune-plot-is-score-data", 6, "is also an input",
+     lambda c: [P, c.ck, "--by", "magnitude", "--sweep", "0.5", "--data", c.data, "--score-data", c.jsonl("s.jsonl"), "--plot", c.d / "s.jsonl", "--force"]),
+    ("role-output-inside-timm-folder", 6, "lies inside",
+     lambda c: [T, c.timm_folder("tf", _TIMM_OK), "--data", c.data, "--device", "cpu", "-o", c.d / "tf" / "out.safetensors"]),
+    ("role-init-output-is-config", 6, "is also an input",
+     lambda c: ["init", "--arch", "mlp", "--config", c.file("c.toml", b"seed = 1\n"), "-o", c.d / "c.toml", "--force"]),
+    ("role-two-outputs-log-and-output", 6, "both name", lambda c: _tn(c, "-o", c.out, "--log-json", c.out)),
+    ("role-two-outputs-si-and-state", 6, "both name",
+     lambda c: _tn(c, "-o", c.out, "--si-out", c.d / "s.safetensors", "--checkpoint-every", "2", "--state-file", c.d / "s.safetensors")),
+    ("role-two-outputs-symlinked", 6, "both name",
+     lambda c: c.file("real.csv", b"old") and ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--csv", c.d / "real.csv",
+                                              "--plot", c.link("alias.png", c.d / "real.csv"), "--force"]),
+    ("role-log-json-folder-missing", 6, "does not exist", lambda c: _tn(c, "-o", c.out, "--log-json", c.d / "nodir" / "log.jsonl")),
+    ("role-si-out-folder-missing", 6, "does not exist", lambda c: _tn(c, "-o", c.out, "--si-out", c.d / "nodir" / "si.safetensors")),
+    ("role-log-json-exists", 6, "already exists", lambda c: _tn(c, "-o", c.out, "--log-json", c.file("log.jsonl", b"{}\n"))),
+    ("role-resume-without-state-existing-output", 6, "already exists", lambda c: _tn(c, "-o", c.file("done.safetensors", b"finished"), "--resume")),
+    ("role-output-is-a-fifo", 6, "is not a regular file", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--csv", c.fifo("p.csv"), "--force"]),
+    # ==== class 3: no non-finite or overflowing number gets in ====
+    ("num-lr-inf", 2, "--lr must be a finite number", lambda c: _tn(c, "-o", c.out, "--lr", "inf")),
+    ("num-lr-overflows-float32", 2, "--lr must be a finite number", lambda c: _tn(c, "-o", c.out, "--lr", "1e39")),
+    ("num-lr-overflows-float64", 2, "--lr must be a finite number", lambda c: _tn(c, "-o", c.out, "--lr", "1e400")),
+    ("num-momentum-nan", 2, "--momentum must be a finite number", lambda c: _tn(c, "-o", c.out, "--optimizer", "sgd", "--momentum", "nan")),
+    ("num-weight-decay-minus-inf", 2, "--weight-decay must be a finite number", lambda c: _tn(c, "-o", c.out, "--weight-decay", "-inf")),
+    ("num-lambda-inf", 2, "--lambda must be a finite number",
+     lambda c: [T, c.ck, "--data", c.data, "--device", "cpu", "--importance", c.sidecar(), "--lambda", "inf", "-o", c.out]),
+    ("num-lambda-overflows-with-importance", 2, "overflows float32",
+     lambda c: [T, c.ck, "--data", c.data, "--device", "cpu", "--lambda", "3e38", "-o", c.out, "--importance",
+                c.sidecar_with("big.importance.safetensors", lambda t: {k: v * 100 + 1 for k, v in t.items()})]),
+    ("num-grad-clip-nan", 2, "--grad-clip must be a finite number", lambda c: _tn(c, "-o", c.out, "--grad-clip", "nan")),
+    ("num-si-xi-inf", 2, "--si-xi must be a finite number", lambda c: _tn(c, "-o", c.out, "--si-out", c.d / "si.safetensors", "--si-xi", "inf")),
+    ("num-rotate-inf", 2, "--rotate must be a finite number", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--rotate", "inf"]),
+    ("num-rotate-inline-nan", 2, "rotate must be a finite number", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.data},rotate=nan"]),
+    ("num-decay-nan", 2, "--decay must be a finite number",
+     lambda c: ["importance", c.ck, "--method", "magnitude", "--accumulate", c.sidecar(), "--decay", "nan", "-o", c.d / "i.safetensors"]),
+    ("num-sparsity-inf", 2, "--sparsity must be a finite number", lambda c: [P, c.ck, "--by", "magnitude", "--sparsity", "inf", "-o", c.out]),
+    ("num-gate-nan", 2, "--fail-under-acc must be a finite number", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--fail-under-acc", "nan"]),
+    ("num-gate-inf", 2, "--fail-over-forgetting must be a finite number",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--fail-over-forgetting", "inf"]),
+    ("num-mean-nan", 2, "must be finite numbers", lambda c: ["init", "--arch", "mlp", "--mean", "nan", "-o", c.out]),
+    ("num-std-zero", 2, "--std values must be positive", lambda c: ["init", "--arch", "mlp", "--std", "0", "-o", c.out]),
+    ("num-seed-huge", 2, "--seed must be an integer from 0", lambda c: _tn(c, "-o", c.out, "--seed", str(2**70))),
+    ("num-seed-negative", 2, "--seed must be an integer from 0", lambda c: ["init", "--arch", "mlp", "--seed", "-1", "-o", c.out]),
+    ("num-permute-huge", 2, "--permute must be an integer from 0", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--permute", str(2**64)]),
+    ("num-permute-inline-negative", 2, "permute must be a seed", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.data},permute=-3"]),
+    ("num-epochs-huge", 2, "--epochs must be an integer", lambda c: _tn(c, "-o", c.out, "--epochs", str(2**64))),
+    ("num-batch-size-huge", 2, "--batch-size must be an integer", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--batch-size", str(2**63)]),
+    ("num-samples-huge", 2, "--samples must be an integer", lambda c: ["importance", c.ck, "--device", "cpu", "--data", c.data, "--samples", str(2**70)]),
+    ("num-config-value-nan", 2, "--lr must be a finite number", lambda c: _tn(c, "-o", c.out, "--config", c.file("c.toml", b"lr = nan\n"))),
+    ("num-config-value-inf", 2, "--lambda must be a finite number",
+     lambda c: [T, c.ck, "--data", c.data, "--device", "cpu", "--importance", c.sidecar(), "-o", c.out, "--config", c.file("c.toml", b"lambda = inf\n")]),
+    # ---- non-finite checkpoints are refused by every reading command ----
+    ("nonfinite-weights-evaluate", 3, "NaN or infinite values in 'net.1.weight'",
+     lambda c: ["evaluate", c.ckpt_with("nan.safetensors", _nan_weight), "--device", "cpu", "--data", c.data]),
+    ("nonfinite-weights-importance", 3, "NaN or infinite values", lambda c: ["importance", c.ckpt_with("nan.safetensors", _nan_weight), "--method", "magnitude"]),
+    ("nonfinite-weights-prune", 3, "NaN or infinite values",
+     lambda c: [P, c.ckpt_with("inf.safetensors", _inf_bias), "--by", "magnitude", "--sparsity", "0.5", "-o", c.out]),
+    ("nonfinite-weights-train-next", 3, "NaN or infinite values", lambda c: [T, c.ckpt_with("nan.safetensors", _nan_weight), "--data", c.data, "--device", "cpu", "-o", c.out]),
+    ("norm-metadata-negative-std", 3, "invalid normalisation", lambda c: ["evaluate", c.model_meta("std.safetensors", std=[-1.0]), "--device", "cpu", "--data", c.data]),
+    ("norm-metadata-mean-inf", 3, "invalid normalisation",
+     lambda c: ["evaluate", c.ckpt_with("mean.safetensors", edit_meta=lambda m: {**m, "cl_tool.model": m["cl_tool.model"].replace('"mean": [0.0]', '"mean": [Infinity]')}),
+                "--device", "cpu", "--data", c.data]),
+    ("norm-timm-config-std-zero", 3, "invalid normalisation",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "pretrained_cfg": {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.0]}}),
+                "--device", "cpu", "--data", c.data]),
+    # ==== class 4: inputs named by metadata are data, never instructions ====
+    ("meta-kwargs-checkpoint-path", 3, "would make cl-tool read other files",
+     lambda c: ["evaluate", c.model_meta("cp.safetensors", kwargs={"sizes": "784,64,10", "checkpoint_path": str(c.ck)}), "--device", "cpu", "--data", c.data]),
+    ("meta-kwargs-pretrained", 3, "'pretrained'", lambda c: [P, c.model_meta("pt.safetensors", kwargs={"pretrained": True}), "--by", "magnitude", "--sparsity", "0.5", "-o", c.out]),
+    ("meta-kwargs-pretrained-cfg-overlay-file", 3, "pretrained_cfg_overlay",
+     lambda c: ["importance", c.model_meta("ov.safetensors", kwargs={"pretrained_cfg_overlay": {"file": "/etc/passwd"}}), "--method", "magnitude"]),
+    ("meta-kwargs-nested-url", 3, "would make cl-tool read other files",
+     lambda c: ["importance", c.model_meta("url.safetensors", kwargs={"head": {"weights": "https://example.invalid/w.bin"}}), "--method", "magnitude"]),
+    ("meta-timm-config-checkpoint-path", 3, "'checkpoint_path'",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "model_args": {"checkpoint_path": "/etc/passwd"}}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-cache-dir", 3, "'cache_dir'",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "model_args": {"cache_dir": "/tmp"}}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-num-classes-text", 3, "field 'num_classes'",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "num_classes": "ten"}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-model-args-list", 3, "field 'model_args'",
+     lambda c: [P, c.timm_folder("tf", {**_TIMM_OK, "model_args": [1, 2]}), "--by", "magnitude", "--sparsity", "0.5", "-o", c.out]),
+    ("meta-timm-config-input-size-short", 3, "pretrained_cfg.input_size",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "pretrained_cfg": {"input_size": [3, 224]}}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-img-size-text", 3, "model_args.img_size",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "model_args": {"img_size": "big"}}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-mean-text", 3, "pretrained_cfg.mean",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "pretrained_cfg": {"input_size": [1, 28, 28], "mean": "grey", "std": [0.5]}}),
+                "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-architecture-number", 3, "field 'architecture'",
+     lambda c: ["evaluate", c.timm_folder("tf", {**_TIMM_OK, "architecture": 5}), "--device", "cpu", "--data", c.data]),
+    ("meta-timm-config-top-level-list", 3, "a JSON object", lambda c: ["evaluate", c.timm_folder("tf", "[1, 2]"), "--device", "cpu", "--data", c.data]),
+    ("meta-init-arch-arg-checkpoint-path", 2, "would make the model read files", lambda c: ["init", "--arch", "resnet18", "--arch-arg", "checkpoint_path=/x", "-o", c.out]),
+    ("meta-init-arch-arg-pretrained", 2, "would make the model read files", lambda c: ["init", "--arch", "mlp", "--arch-arg", "pretrained=true", "-o", c.out]),
+    # ==== class 5: data and pipes ====
+    ("data-corrupt-png-in-imagefolder", 3, "broken.png cannot be decoded",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.imagefolder("corrupt", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)]),
+    ("data-truncated-jpeg-in-imagefolder", 3, "cut.jpg cannot be decoded",
+     lambda c: [T, c.ck, "--device", "cpu", "-o", c.out, "--data", c.imagefolder("trunc", _jpeg_bytes()[:300], "cut.jpg")]),
+    ("data-fifo", 3, "is not a regular file or folder", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.fifo("d.jsonl")]),
+    ("data-dev-null", 3, "is not a regular file or folder", lambda c: ["importance", c.ck, "--device", "cpu", "--data", "/dev/null"]),
+    ("ckpt-fifo", 3, "is not a regular file", lambda c: ["evaluate", c.fifo("f.safetensors"), "--device", "cpu", "--data", c.data]),
+    ("importance-file-dev-null", 3, "is not a regular file",
+     lambda c: [T, c.ck, "--data", c.data, "--device", "cpu", "--importance", "/dev/null", "-o", c.out]),
+    ("mask-fifo", 3, "is not a regular file", lambda c: _tn(c, "-o", c.out, "--mask", c.fifo("mk.safetensors"))),
+    ("data-split-on-single-dataset", 2, "holds a single dataset",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.dataset('single', _demo(8))}::split=test"]),
+    ("data-split-train-on-single-dataset", 2, "holds a single dataset",
+     lambda c: [T, c.ck, "--device", "cpu", "-o", c.out, "--data", c.dataset("single", _demo(8)), "--split", "train[:4]"]),
+    ("data-split-on-jsonl", 2, "available splits: train", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.jsonl('d.jsonl')}::split=test"]),
+    ("data-split-on-imagefolder", 2, "available splits: train",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.imagefolder("imgs", _png_bytes(), "extra.png"), "--split", "validation"]),
+    ("data-limit-inline-negative", 2, "limit must be at least 1", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.demo}::limit=-1"]),
+    ("data-limit-inline-zero", 2, "limit must be at least 1", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.demo}::limit=0"]),
+    ("data-limit-negative", 2, "limit must be at least 1", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.demo, "--limit", "-1"]),
+    ("config-given-twice", 2, "--config was given 2 times",
+     lambda c: ["evaluate", c.ck, "--data", c.data, "--config", c.file("a.toml", b"batch-size = 8\n"), "--config", c.file("b.toml", b"batch-size = 9\n")]),
     # ---- demo-data ----
     ("demo-data-zero-train", 2, "between 1 and 1,000,000", lambda c: ["demo-data", c.d / "demo", "--train", "0"]),
     ("demo-data-parent-missing", 6, "does not exist", lambda c: ["demo-data", c.d / "x" / "y" / "demo"]),

@@ -99,7 +99,10 @@ def parse_kv(items: list[str], option: str) -> dict[str, Any]:
         key, eq, val = item.partition("=")
         if not eq or not key:
             raise UsageError(f"{option} {item!r} must look like key=value.")
-        out[key.strip()] = _parse_scalar(val.strip())
+        value = _parse_scalar(val.strip())
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{option} {item!r} must have a finite value.")
+        out[key.strip()] = value
     return out
 
 

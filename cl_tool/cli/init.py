@@ -31,8 +31,8 @@ def _floats(text: Optional[str], option: str, n: int) -> Optional[tuple[float, .
         vals = tuple(float(v) for v in text.split(","))
     except ValueError as exc:
         raise UsageError(f"{option} {text!r} must be comma-separated numbers.") from exc
-    if not all(math.isfinite(v) for v in vals):
-        raise UsageError(f"{option} {text!r} must be finite numbers.")
+    if not all(math.isfinite(v) and abs(v) <= 3.4e38 for v in vals):
+        raise UsageError(f"{option} {text!r} must be finite numbers (within float32's range).")
     if len(vals) == 1:
         vals = vals * n
     if len(vals) != n:

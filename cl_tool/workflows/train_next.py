@@ -127,7 +127,7 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     from cl_tool import distributed
     from cl_tool.atomic import FileRoles, LineFile, all_or_nothing
     from cl_tool.checkpoint import first_nonfinite, save_checkpoint
-    from cl_tool.cli._common import argv_text, data_specs, history_entry, seed_everything
+    from cl_tool.cli._common import FLOAT32_MAX, argv_text, data_specs, history_entry, seed_everything
     from cl_tool.penalty import QuadraticPenalty, divergence_bound
     from cl_tool.sidecar import Sidecar, check_belongs_to, check_covers, default_sidecar_path, load_sidecar, save_sidecar
     from cl_tool.training import ResumeState, TrainConfig, train
@@ -212,6 +212,8 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
                 warn("--penalty online-ewc with an importance file accumulated without --decay: this is plain EWC on summed importances.")
             pen = QuadraticPenalty(a.penalty, list(named.values()), [p.detach() for p in named.values()],
                                    [omegas[n] for n in named], lam)
+            if lam * pen.omega_max() > FLOAT32_MAX:
+                raise UsageError(f"--lambda {lam:g} times the largest importance {pen.omega_max():.3g} overflows float32; use a smaller --lambda.")
             bound = divergence_bound(pen.omega_max(), lam, a.lr)
             if a.penalty in ("ewc", "online-ewc") and bound >= 2:
                 warn(f"η·λ·max Ω = {bound:.3g} ≥ 2: plain EWC can diverge (it does under SGD); consider --penalty stabilized or a lower --lambda/--lr.")
