@@ -84,8 +84,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _load_timm_folder(folder: Path) -> Checkpoint:
-    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
     from cl_tool.safetensors_io import load_tensors
+
+    spec, weights = timm_folder_spec(folder)
+    tensors, _ = load_tensors(weights, "Checkpoint")
+    return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+
+
+def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
+    """The model description of a timm folder (from its config.json) and the path of its weights; reads no tensors."""
+    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
 
     cfg_path = folder / "config.json"
     weights = folder / "model.safetensors"
@@ -115,8 +123,7 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
     if len(mean) != input_shape[0]:
         mean, std = (0.5,) * input_shape[0], (0.5,) * input_shape[0]
     spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, source="timm")
-    tensors, _ = load_tensors(weights, "Checkpoint")
-    return Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+    return spec, weights
 
 
 def spec_digest(spec: ModelSpec) -> str:

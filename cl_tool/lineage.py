@@ -88,6 +88,14 @@ def grown_since(history: Iterable[Any], generations: int) -> frozenset[str]:
     return frozenset(name for a in ancestors(history)[:generations] for name in a.grown)
 
 
+def not_related_text(checkpoint_path: str, fingerprint: str, n_ancestors: int) -> str:
+    """``which is neither CKPT (fingerprint F) nor one of its N recorded ancestors`` (for the refusal sentences)."""
+    if n_ancestors == 0:
+        return f"which is not {checkpoint_path} (fingerprint {fingerprint}), and {checkpoint_path} records no ancestors"
+    return (f"which is neither {checkpoint_path} (fingerprint {fingerprint}) nor one of its {n_ancestors} recorded "
+            f"ancestor{'s' if n_ancestors != 1 else ''}")
+
+
 def generations_text(n: int) -> str:
     return f"{n} generation{'s' if n != 1 else ''} back"
 
@@ -136,7 +144,7 @@ def check_sidecar(sc, ckpt, checkpoint_path: str, *, fingerprint: str | None = N
         owner = sidecar_owner(sc)
         raise IncompatibleError(
             f"Importance file {sc.path} belongs to another checkpoint ({f'{owner}, ' if owner else ''}fingerprint {sc.fingerprint}), "
-            f"which is neither {checkpoint_path} (fingerprint {own}) nor one of its {n} recorded ancestor{'s' if n != 1 else ''}; "
+            f"{not_related_text(checkpoint_path, own, n)}; "
             f"recompute it with `cl-tool importance {checkpoint_path}` or use the sidecar of a checkpoint it descends from."
         )
     return SidecarUse(path=str(sc.path), fingerprint=sc.fingerprint, generations=gen, checkpoint=checkpoint_path,
