@@ -117,7 +117,7 @@ class SidecarUse:
         if self.generations == 0:
             return None
         whose = f"{self.owner} (fingerprint {self.fingerprint})" if self.owner else f"fingerprint {self.fingerprint}"
-        return (f"Using the scores in {self.path}, computed for {whose}, an ancestor of {self.checkpoint} "
+        return (f"Using the importances in {self.path}, computed for {whose}, an ancestor of {self.checkpoint} "
                 f"{generations_text(self.generations)} per its history.")
 
     def record(self) -> dict[str, Any]:

@@ -189,6 +189,8 @@ def test_timm_folder(cli, files):
     from cl_tool.checkpoint import load_checkpoint
 
     assert i["fingerprint"]["computed"] == load_checkpoint(f["timm"]).fingerprint
+    (i,) = _info(cli, f["a_imp"], "--for", f["timm"])  # a timm folder records no fingerprint: computed from its tensors
+    assert i["for"]["usable"] is False and load_checkpoint(f["timm"]).fingerprint in i["for"]["reason"]
 
 
 def test_several_paths_json_is_one_list(cli, files):

@@ -121,7 +121,7 @@ def test_prune_accepts_an_ancestors_sidecar(cli, family, tmp_path, target, gener
     r = cli("prune", f[target], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", out, "--json")
     assert r.code == 0, r.err
     gen_text = f"{generations} generation{'s' if generations > 1 else ''} back"
-    note = [ln for ln in r.err.splitlines() if ln.startswith("Using the scores")]
+    note = [ln for ln in r.err.splitlines() if ln.startswith("Using the importances")]
     assert len(note) == 1 and str(f["a_imp"]) in note[0] and gen_text in note[0] and str(f["a"]) in note[0], r.err
     res = json.loads(r.out)
     assert res["source"]["sidecar"] == str(f["a_imp"])
@@ -146,7 +146,7 @@ def test_own_sidecar_needs_no_note(cli, family, tmp_path):
     d, f = family
     r = cli("prune", f["a"], "--by", "importance", "--sparsity", "0.5", "-o", tmp_path / "p.safetensors", "--json")
     assert r.code == 0, r.err
-    assert "Using the scores" not in r.err
+    assert "Using the importances" not in r.err
     assert json.loads(r.out)["source"]["generations"] == 0
 
 

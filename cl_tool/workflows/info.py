@@ -229,7 +229,7 @@ def _describe_checkpoint(p: Path, header, meta, a: InfoArgs, info: dict[str, Any
     pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
     info["pruning"] = ({k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")} if pruning else None)
     if a.verify or a.sparsity:
-        scan = _scan(p, list(header), fingerprint=a.verify, zeros=set(params) if a.sparsity else set())
+        scan = _scan(p, list(header) if a.verify else params, fingerprint=a.verify, zeros=set(params) if a.sparsity else set())
         if a.verify:
             info["fingerprint"]["computed"] = scan["fingerprint"]
             info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
@@ -254,7 +254,7 @@ def _describe_timm(folder: Path, a: InfoArgs) -> dict[str, Any]:
                             "history": [], "lineage": [], "pruning": None}
     if a.verify or a.sparsity:
         floats = {n for n, e in header.items() if e["dtype"] in _FLOAT_CODES}
-        scan = _scan(weights, list(header), fingerprint=a.verify, zeros=floats if a.sparsity else set())
+        scan = _scan(weights, list(header) if a.verify else list(floats), fingerprint=a.verify, zeros=floats if a.sparsity else set())
         info["fingerprint"]["computed"] = scan["fingerprint"]
         if a.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
