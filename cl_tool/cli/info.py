@@ -29,7 +29,7 @@ history, which is editable metadata: it prevents mistakes, it is not a signature
 
 
 def info(
-    paths: Annotated[list[Path], typer.Argument(help="Checkpoints, importance sidecars, masks, resume states or timm folders.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Checkpoints, importance sidecars, masks, resume states or timm folders.", show_default=False)],
     for_checkpoint: Annotated[Optional[Path], typer.Option("--for", metavar="CKPT", help="Say whether checkpoint CKPT may use the sidecar (mask, resume state) in PATHS, and why.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Read the tensors: recompute a checkpoint's fingerprint and compare it with the recorded one; check a sidecar's values (finite, non-negative) and a mask's (0/1). Exit 3 on a mismatch.")] = False,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Read the tensors: fraction of zero weights per parameter tensor (of pruned weights for a mask).")] = False,

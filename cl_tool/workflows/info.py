@@ -501,7 +501,7 @@ def _print(info: dict[str, Any]) -> None:
             log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
     elif info["kind"] == "mask":
         log(f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}")
-        log(f"  stored: {t['count']} masks, {t['values']:,} values: {dtypes or '-'}")
+        log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
     elif info["kind"] == "resume":
         pos, cfg = info["position"], info["config"]
         log(f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done")
