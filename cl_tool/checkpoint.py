@@ -103,6 +103,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _load_timm_folder(folder: Path) -> Checkpoint:
     from cl_tool.safetensors_io import load_tensors
 
+    spec, weights = timm_folder_spec(folder)
+    tensors, _ = load_tensors(weights, "Checkpoint")
+    ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
+    return _refuse_nonfinite(ckpt, folder)
+
+
+def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
+    """The model description of a timm folder (from its config.json) and the path of its weights; reads no tensors."""
     cfg_path = folder / "config.json"
     weights = folder / "model.safetensors"
     if not cfg_path.is_file():
@@ -111,10 +119,7 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
         if (folder / "pytorch_model.bin").is_file():
             raise BadInputError(f"Folder {folder} has only pytorch_model.bin; cl-tool reads safetensors only: convert it with safetensors.torch.save_file.")
         raise BadInputError(f"Folder {folder} has no model.safetensors next to config.json.")
-    spec = spec_from_timm_config(cfg_path)
-    tensors, _ = load_tensors(weights, "Checkpoint")
-    ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
-    return _refuse_nonfinite(ckpt, folder)
+    return spec_from_timm_config(cfg_path), weights
 
 
 def spec_from_timm_config(cfg_path: Path) -> ModelSpec:

@@ -150,16 +150,27 @@ def fingerprint(tensors: dict[str, Any]) -> str:
     XXH3 hashes at memory speed (an 86 M-parameter model in well under a second); it detects
     accidental mismatches (another checkpoint, edited weights), it is not a cryptographic seal.
     """
-    import torch
+    h = fingerprint_hasher()
+    for name in sorted(tensors):
+        fingerprint_update(h, name, tensors[name])
+    return h.hexdigest()
+
+
+def fingerprint_hasher():
+    """A fresh hasher for :func:`fingerprint_update` (feed tensors sorted by name, then ``hexdigest()``)."""
     import xxhash
 
-    h = xxhash.xxh3_128()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return xxhash.xxh3_128()
+
+
+def fingerprint_update(h, name: str, t) -> None:
+    """Add one tensor to a fingerprint, exactly as :func:`fingerprint` does (so a file can be hashed one tensor at a time)."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["init", "train-next", "importance", "evaluate", "prune", "demo-data"]
+COMMANDS = ["init", "train-next", "importance", "evaluate", "prune", "info", "demo-data"]
 
 PROBE = """
 import sys

@@ -31,7 +31,8 @@ app = typer.Typer(
            "  cl-tool importance a.safetensors --data ./task_a --method fisher\n\n"
            "  cl-tool train-next a.safetensors --data ./task_b --lambda 200 -o b.safetensors\n\n"
            "  cl-tool evaluate a.safetensors b.safetensors --data A=./task_a --data B=./task_b\n\n"
-           "  cl-tool prune b.safetensors --by importance --sparsity 0.9 -o b90.safetensors\n\n"
+           "  cl-tool prune b.safetensors --by importance --importance a.importance.safetensors --sparsity 0.9 -o b90.safetensors\n\n"
+           "  cl-tool info b90.safetensors\n\n"
            "Global flags: --debug (show tracebacks), --version.",
 )
 
@@ -54,7 +55,7 @@ def _root(
 
 
 def _register() -> None:
-    from cl_tool.cli import demo, evaluate, importance, init, prune, train
+    from cl_tool.cli import demo, evaluate, importance, info, init, prune, train
     from cl_tool.cli._common import checked_numbers
 
     app.command("init", epilog=init.EPILOG)(checked_numbers(init.init))
@@ -62,6 +63,7 @@ def _register() -> None:
     app.command("importance", epilog=importance.EPILOG)(checked_numbers(importance.importance))
     app.command("evaluate", epilog=evaluate.EPILOG)(checked_numbers(evaluate.evaluate))
     app.command("prune", epilog=prune.EPILOG)(checked_numbers(prune.prune))
+    app.command("info", epilog=info.EPILOG)(checked_numbers(info.info))
     app.command("demo-data", epilog=demo.EPILOG)(checked_numbers(demo.demo_data))
 
 

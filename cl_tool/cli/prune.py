@@ -14,13 +14,17 @@ EPILOG = """Examples:
 
   cl-tool prune b.safetensors --by importance --sparsity 0.9 -o b90.safetensors
 
+  # b was trained from a: a's stored scores are accepted (lineage from b's history)
+  cl-tool prune b.safetensors --by importance --importance a.importance.safetensors --sparsity 0.9 -o b90.safetensors
+
   cl-tool prune b.safetensors --by magnitude --sparsity 0.5 --scope layer --include-bias -o b50.safetensors --mask-out b50.mask.safetensors
 
   cl-tool prune b.safetensors --by signal --score-data ./task_b --sparsity 0.95 -o b95.safetensors
 
   cl-tool prune b.safetensors --by magnitude --by signal --by fisher --score-data ./train --data ./test --sweep 0.5,0.7,0.8,0.9,0.95,0.97,0.99 --plot curve.png --json
 
-Scores: magnitude |w|; importance = the sidecar beside the checkpoint (or --importance); fisher/mas/si/signal = a sidecar of
+Scores: magnitude |w|; importance = the sidecar beside the checkpoint (or --importance: the checkpoint's own or an
+ancestor's, see `cl-tool info SIDECAR --for CHECKPOINT`); fisher/mas/si/signal = a sidecar of
 that method if given/found, else (fisher, mas, signal) computed on --score-data. The k = round(sparsity·N) lowest-scored
 weights are pruned; ties go to earlier tensors, then lower indices. By default only weight matrices and conv kernels are
 pruned (not biases, norms, embeddings or the classifier).

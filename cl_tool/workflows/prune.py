@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.errors import BadInputError, UsageError
+from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.output import emit_json, log, print_table
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
@@ -96,7 +96,8 @@ def compute_scores(a: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any]
     """
     from cl_tool.cli._common import data_specs
     from cl_tool.importance import compute_importance
-    from cl_tool.sidecar import check_belongs_to, default_sidecar_path, load_sidecar
+    from cl_tool.lineage import check_sidecar, fit_rows
+    from cl_tool.sidecar import default_sidecar_path, load_sidecar
     from cl_tool.workflows.common import load_tasks
     from cl_tool.workflows.importance import batches_of
 
@@ -109,11 +110,18 @@ def compute_scores(a: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any]
             if a.importance is not None:
                 raise UsageError(f"--by {by} but --importance {path} holds {sc.method} importances; pass a {by} sidecar or --by importance.")
         else:
-            check_belongs_to(sc, ckpt.fingerprint, str(a.checkpoint))
+            use = check_sidecar(sc, ckpt, str(a.checkpoint))  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
+            if use.note:
+                log(use.note)
             missing = [n for n in named if n not in sc.tensors]
             if missing:
                 raise BadInputError(f"Importance file {path} has no entry for {missing[0]!r}; recompute it for {a.checkpoint}.")
-            return {n: sc.tensors[n] for n in named}, {"by": by, "sidecar": str(path), "method": sc.method, "tasks": len(sc.tasks)}
+            scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
+            bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
+            if bad is not None:
+                raise IncompatibleError(f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {a.checkpoint} has {list(named[bad].shape)}; "
+                                        f"recompute it with `cl-tool importance {a.checkpoint}`.")
+            return scores, {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
     if by in ("importance", "si"):
         raise BadInputError(f"--by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` (or train-next --si-out) first, or pass --importance.")
     sources = a.score_data or a.data
@@ -230,7 +238,9 @@ def run_prune(a: PruneArgs) -> dict[str, Any]:
             extra = dict(ckpt.extra)
             extra["pruning"] = record
             hist = ckpt.history + [history_entry("prune", argv=argv_text(), by=by, scope=a.scope, sparsity=a.sparsity,
-                                                 achieved=total.fraction, source_fingerprint=source_fp)]
+                                                 achieved=total.fraction, source_fingerprint=source_fp, importance=source.get("sidecar"),
+                                                 importance_fingerprint=source.get("sidecar_fingerprint"),
+                                                 importance_generations=source.get("generations"))]
             result["fingerprint"] = save_checkpoint(a.output, ckpt.spec, state, hist, extra=extra, force=a.force, layout=layout)
             wrote(a.output)
         if a.mask_out is not None:

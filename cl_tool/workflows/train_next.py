@@ -129,7 +129,8 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     from cl_tool.checkpoint import first_nonfinite, save_checkpoint
     from cl_tool.cli._common import FLOAT32_MAX, argv_text, data_specs, history_entry, seed_everything
     from cl_tool.penalty import QuadraticPenalty, divergence_bound
-    from cl_tool.sidecar import Sidecar, check_belongs_to, check_covers, default_sidecar_path, load_sidecar, save_sidecar
+    from cl_tool.lineage import check_sidecar, fit_rows
+    from cl_tool.sidecar import Sidecar, check_covers, default_sidecar_path, load_sidecar, save_sidecar
     from cl_tool.training import ResumeState, TrainConfig, train
     from cl_tool.workflows.common import load_model, load_tasks, register_data, trainable
 
@@ -185,6 +186,7 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
     sidecar_path = a.importance or (None if a.penalty == "none" else default_sidecar_path(a.checkpoint))
     pen = None
     sc = None
+    use = None
     lam = a.lam
     if sidecar_path is not None:
         if not sidecar_path.exists():
@@ -196,15 +198,10 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
             sidecar_path = None
         else:
             sc = load_sidecar(sidecar_path)
-            check_belongs_to(sc, anchor_fp, str(a.checkpoint))
-            omegas = {}
-            for name, p in named.items():
-                om = sc.tensors.get(name)
-                if name in grown and om is not None and om.shape[0] < p.shape[0]:
-                    pad = torch.zeros_like(p, dtype=torch.float32, device="cpu")
-                    pad[: om.shape[0]] = om
-                    om = pad
-                omegas[name] = om
+            use = check_sidecar(sc, ckpt, str(a.checkpoint), fingerprint=anchor_fp)  # the anchor's own Ω, or a recorded ancestor's (exit 4 otherwise)
+            if use.note:
+                log(use.note)
+            omegas = fit_rows(sc.tensors, named, set(grown) | use.grown)  # rows added by --grow-head (now or since that ancestor): Ω = 0
             sc.tensors.update({k: v for k, v in omegas.items() if v is not None})
             check_covers(sc, named, str(a.checkpoint))
             lam = DEFAULT_LAMBDA if lam is None else lam
@@ -273,13 +270,17 @@ def run_train_next(a: TrainNextArgs) -> dict[str, Any]:
         raise
 
     out: dict[str, Any] = {"output": str(a.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
-                           "importance": str(sidecar_path) if sidecar_path else None, "epochs": result.epochs, "steps": result.steps,
+                           "importance": str(sidecar_path) if sidecar_path else None,
+                           "importance_fingerprint": use.fingerprint if use else None, "importance_generations": use.generations if use else None,
+                           "epochs": result.epochs, "steps": result.steps,
                            "seconds": round(result.seconds, 3), "samples": len(task)}
     if dist.is_main:
         hist = ckpt.history + [history_entry("train-next", argv=argv_text(), data=task.describe(), penalty=penalty_used,
                                              **{"lambda": lam if penalty_used != "none" else None},
                                              importance=str(sidecar_path) if sidecar_path else None,
                                              importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
+                                             importance_fingerprint=use.fingerprint if use else None,
+                                             importance_generations=use.generations if use else None,
                                              optimizer=a.optimizer, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed,
                                              freeze_bn_stats=a.freeze_bn_stats or None,
                                              anchor_fingerprint=anchor_fp, grown=grown or None, mask=str(a.mask) if a.mask else None)]

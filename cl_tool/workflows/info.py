@@ -1,0 +1,558 @@
+"""What ``cl-tool info`` does: describe the files cl-tool reads and writes, from their headers.
+
+Kinds: a checkpoint (``cl_tool.model`` metadata), an importance sidecar (``cl_tool.sidecar``), a
+mask (``cl_tool.mask``, from ``prune --mask-out``), a resumable training state (``cl_tool.resume``)
+and a timm folder (``config.json`` + ``model.safetensors``). Only the safetensors header is read
+(tensor names, dtypes, shapes, metadata), so this is fast on large files and imports no torch;
+``--verify`` and ``--sparsity`` read the tensors, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from cl_tool.errors import BadInputError, UsageError
+from cl_tool.output import emit_json, log, print_table, warn
+
+# safetensors dtype codes → the names torch (and cl-tool's layout record) use
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+KINDS = {"checkpoint": "cl-tool checkpoint", "timm-folder": "timm model folder", "sidecar": "importance sidecar",
+         "mask": "pruning mask", "resume": "resumable training state"}
+
+
+@dataclass
+class InfoArgs:
+    paths: list[Path]
+    for_checkpoint: Optional[Path] = None
+    verify: bool = False
+    sparsity: bool = False
+    json_out: bool = False
+
+
+# ----------------------------------------------------------------- header-only helpers
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _nbytes(entry: dict[str, Any]) -> int:
+    start, end = entry["data_offsets"]
+    return int(end) - int(start)
+
+
+def tensor_summary(header: dict[str, Any]) -> dict[str, Any]:
+    """Counts, values and bytes of a file's tensors, in total and by dtype (from the header alone)."""
+    by_dtype: dict[str, dict[str, int]] = {}
+    for entry in header.values():
+        d = by_dtype.setdefault(DTYPE_NAMES.get(entry["dtype"], entry["dtype"]), {"tensors": 0, "values": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["values"] += _numel(entry["shape"])
+        d["bytes"] += _nbytes(entry)
+    return {"count": len(header), "values": sum(d["values"] for d in by_dtype.values()),
+            "bytes": sum(d["bytes"] for d in by_dtype.values()), "by_dtype": by_dtype}
+
+
+def _json_field(meta: dict[str, str], key: str, where: str, default: Any, types: tuple[type, ...]) -> Any:
+    if key not in meta:
+        return default
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadInputError(f"{where} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
+    if not isinstance(value, types):
+        raise BadInputError(f"{where} has malformed metadata {key!r} (a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}); the file is damaged.")
+    return value
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _not_cl_tool(p: Path) -> BadInputError:
+    hint = ""
+    if p.name == "model.safetensors" and (p.parent / "config.json").is_file():
+        hint = f" (for a timm folder give the folder {p.parent})"
+    return BadInputError(f"{p} is a safetensors file without cl-tool metadata{hint}; `cl-tool info` describes checkpoints, importance sidecars, "
+                         f"masks and resume states written by cl-tool, and timm folders (config.json + model.safetensors).")
+
+
+def _spec(meta: dict[str, str], where: str):
+    from cl_tool.models import ModelSpec
+
+    try:
+        return ModelSpec.from_dict(_json_field(meta, "cl_tool.model", where, {}, (dict,)))
+    except BadInputError as exc:
+        if exc.message.startswith(where):
+            raise
+        raise BadInputError(f"{where}: {exc.message[0].lower()}{exc.message[1:]}") from exc
+
+
+def _layout(meta: dict[str, str], where: str) -> dict[str, Any] | None:
+    layout = _json_field(meta, "cl_tool.layout", where, None, (dict,))
+    if layout is not None and not (isinstance(layout.get("parameters"), list) and isinstance(layout.get("classifier"), list)
+                                   and isinstance(layout.get("tensors"), dict)):
+        raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
+    return layout
+
+
+def _layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: str) -> str | None:
+    """Check the recorded layout against the model description and the header's names and shapes (what prune trusts)."""
+    from cl_tool.checkpoint import spec_digest
+
+    if layout.get("spec") is not None and layout.get("spec") != spec_digest(spec):
+        return f"Checkpoint {where}'s model metadata was changed after writing (it no longer matches its recorded layout); the file is damaged or was edited."
+    for name, rec in layout["tensors"].items():
+        if name not in header:
+            return f"Checkpoint {where} lacks tensor {name!r} that its recorded layout lists; the file is damaged or was edited."
+        if not isinstance(rec, list) or not rec or list(rec[0]) != list(header[name]["shape"]):
+            return f"Tensor {name!r} in {where} has shape {header[name]['shape']}, not the one its recorded layout lists; the file is damaged or was edited."
+    extra = [n for n in header if n not in layout["tensors"]]
+    if extra:
+        return f"Checkpoint {where} has tensor {extra[0]!r} that its recorded layout does not list; the file is damaged or was edited."
+    unknown = [n for n in layout["parameters"] + layout["classifier"] if n not in layout["tensors"]]
+    if unknown:
+        return f"Checkpoint {where} has a malformed layout record (unknown tensor {unknown[0]!r}); the file is damaged."
+    return None
+
+
+def _omega_text(e: dict[str, Any]) -> str | None:
+    if not e.get("importance"):
+        return None
+    gen = e.get("importance_generations")
+    return f"Ω {e['importance']}" + (f" ({gen} back)" if isinstance(gen, int) and gen > 0 else "")
+
+
+def _short_time(t: Any) -> str:
+    return t[:16].replace("T", " ") if isinstance(t, str) else ""
+
+
+def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
+    """The history as short records: command, data, penalty, λ, a detail, time."""
+    rows = []
+    for e in history:
+        e = e if isinstance(e, dict) else {}
+        cmd = str(e.get("command", "?"))
+        data = e.get("data")
+        data_text = (data.get("name") or data.get("source")) if isinstance(data, dict) else (str(data) if data else None)
+        detail = None
+        if cmd == "train-next":
+            bits = [_omega_text(e), f"grew {', '.join(map(str, e['grown']))}" if isinstance(e.get("grown"), list) else None,
+                    f"mask {e['mask']}" if e.get("mask") else None]
+            detail = "; ".join(b for b in bits if b)
+        elif cmd == "prune":
+            achieved = e.get("achieved", e.get("sparsity"))
+            bits = [f"{e.get('by')} {achieved:.1%}" if isinstance(achieved, (int, float)) else f"{e.get('by')}", _omega_text(e)]
+            detail = "; ".join(b for b in bits if b)
+        elif cmd == "import":
+            detail = f"from {e.get('from')}"
+        rows.append({"command": cmd, "data": data_text, "penalty": e.get("penalty"), "lambda": e.get("lambda"), "detail": detail or None,
+                     "time": e.get("time")})
+    return rows
+
+
+# ----------------------------------------------------------------- reading tensors (--verify, --sparsity)
+
+
+def _scan(path: Path, names: list[str], *, fingerprint: bool, zeros: set[str], check=None) -> dict[str, Any]:
+    """One pass over the tensors of ``path`` (sorted by name, one in memory at a time): fingerprint and/or zero counts."""
+    from safetensors import SafetensorError, safe_open
+
+    from cl_tool.safetensors_io import fingerprint_hasher, fingerprint_update
+
+    h = fingerprint_hasher() if fingerprint else None
+    counts: dict[str, dict[str, Any]] = {}
+    problem = None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if h is not None:
+                    fingerprint_update(h, name, t)
+                if name in zeros:
+                    n = int(t.numel())
+                    z = n - int(t.count_nonzero())
+                    counts[name] = {"numel": n, "zeros": z, "fraction": z / n if n else 0.0}
+                if check is not None and problem is None:
+                    problem = check(name, t)
+                del t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(f"{path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it.") from exc
+    return {"fingerprint": h.hexdigest() if h is not None else None, "zeros": counts, "problem": problem}
+
+
+def _sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    numel = sum(c["numel"] for c in counts.values())
+    zeros = sum(c["zeros"] for c in counts.values())
+    return {"tensors": counts, "numel": numel, "zeros": zeros, "fraction": zeros / numel if numel else 0.0}
+
+
+# ----------------------------------------------------------------- one description per kind
+
+
+def _describe_checkpoint(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+    from cl_tool.lineage import ancestors
+
+    where = str(p)
+    spec = _spec(meta, where)
+    history = _json_field(meta, "cl_tool.history", where, [], (list,))
+    extra = _json_field(meta, "cl_tool.extra", where, {}, (dict,))
+    layout = _layout(meta, where)
+    info["format"] = meta.get("cl_tool.format")
+    info["model"] = spec.to_dict()
+    if layout is not None:
+        problem = _layout_problem(layout, spec, header, where)
+        if problem:
+            info["problems"].append(problem)
+        params = [n for n in layout["parameters"] if n in header]
+        info["parameters"] = {"trainable": sum(_numel(header[n]["shape"]) for n in params), "tensors": len(params),
+                              "classifier": list(layout["classifier"])}
+    else:
+        params = [n for n, e in header.items() if e["dtype"] in _FLOAT_CODES]
+        info["parameters"] = None  # not recorded (older file): only the tensors are known
+    recorded = meta.get("cl_tool.fingerprint")
+    info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
+    info["history"] = _history_rows(history)
+    info["lineage"] = [{"generations": anc.generations, "fingerprint": anc.fingerprint, "read_by": anc.command, "time": anc.time}
+                       for anc in ancestors(history)]
+    pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
+    info["pruning"] = ({k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")} if pruning else None)
+    if a.verify or a.sparsity:
+        scan = _scan(p, list(header) if a.verify else params, fingerprint=a.verify, zeros=set(params) if a.sparsity else set())
+        if a.verify:
+            info["fingerprint"]["computed"] = scan["fingerprint"]
+            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
+            if recorded is None:
+                info["problems"].append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
+            elif scan["fingerprint"] != recorded:
+                info["problems"].append(f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
+                                        f"the file was changed after cl-tool wrote it.")
+        if a.sparsity:
+            info["sparsity"] = _sparsity_record(scan["zeros"])
+
+
+def _describe_timm(folder: Path, a: InfoArgs) -> dict[str, Any]:
+    from cl_tool.checkpoint import timm_folder_spec
+    from cl_tool.safetensors_io import read_header
+
+    spec, weights = timm_folder_spec(folder)
+    header, _ = read_header(weights, "Checkpoint")
+    info: dict[str, Any] = {"path": str(folder), "kind": "timm-folder", "file_bytes": weights.stat().st_size, "weights": str(weights),
+                            "tensors": tensor_summary(header), "problems": [], "model": spec.to_dict(), "parameters": None,
+                            "fingerprint": {"recorded": None, "computed": None, "verified": None},
+                            "history": [], "lineage": [], "pruning": None}
+    if a.verify or a.sparsity:
+        floats = {n for n, e in header.items() if e["dtype"] in _FLOAT_CODES}
+        scan = _scan(weights, list(header) if a.verify else list(floats), fingerprint=a.verify, zeros=floats if a.sparsity else set())
+        info["fingerprint"]["computed"] = scan["fingerprint"]
+        if a.sparsity:
+            info["sparsity"] = _sparsity_record(scan["zeros"])
+    return info
+
+
+def _describe_sidecar(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+    where = f"Importance file {p}"
+    for key in ("method", "fingerprint"):
+        if key not in meta:
+            raise BadInputError(f"{where} lacks the metadata key {key!r}; recompute it with `cl-tool importance`.")
+    options = _json_field(meta, "options", where, {}, (dict,))
+    data = _json_field(meta, "data", where, None, (dict, type(None)))
+    tasks = _json_field(meta, "tasks", where, [], (list,))
+    if not all(isinstance(t, dict) for t in tasks):
+        raise BadInputError(f"{where} has malformed metadata 'tasks' (entries must be objects); recompute it with `cl-tool importance`.")
+    try:
+        decay = float(meta.get("decay", "1.0"))
+    except ValueError as exc:
+        raise BadInputError(f"{where} has malformed metadata 'decay' ({meta['decay'][:50]!r}); recompute it with `cl-tool importance`.") from exc
+    last = tasks[-1] if tasks else {}
+    owner = last.get("checkpoint") if last.get("fingerprint") == meta["fingerprint"] and isinstance(last.get("checkpoint"), str) else None
+    info.update({
+        "method": meta["method"], "options": options, "data": data,
+        "samples": data.get("samples") if isinstance(data, dict) else None,
+        "tasks": [{"method": t.get("method"), "data": (t.get("data") or {}).get("name") if isinstance(t.get("data"), dict) else t.get("data"),
+                   "samples": (t.get("data") or {}).get("samples") if isinstance(t.get("data"), dict) else None,
+                   "checkpoint": t.get("checkpoint"), "fingerprint": t.get("fingerprint")} for t in tasks],
+        "decay": decay,
+        "belongs_to": {"fingerprint": meta["fingerprint"], "checkpoint": owner},
+        "values_checked": None,
+    })
+    if a.verify:
+        import torch
+
+        def check(name, t):
+            if not torch.isfinite(t).all():
+                return f"Importance of {name!r} in {p} contains NaN or Inf; recompute it instead of using it."
+            if (t < 0).any():
+                return f"Importance of {name!r} in {p} has negative values; recompute it."
+            return None
+
+        scan = _scan(p, list(header), fingerprint=False, zeros=set(), check=check)
+        info["values_checked"] = scan["problem"] is None
+        if scan["problem"]:
+            info["problems"].append(scan["problem"])
+
+
+def _describe_mask(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+    try:
+        requested = float(meta["sparsity"]) if meta.get("sparsity") not in (None, "None") else None
+    except ValueError:
+        requested = None
+    info.update({"by": meta.get("by"), "scope": meta.get("scope"), "requested_sparsity": requested,
+                 "pruned_from": {"fingerprint": meta.get("fingerprint")}, "values_checked": None})
+    if a.sparsity or a.verify:
+        import torch
+
+        def check(name, t):
+            if not bool(((t == 0) | (t == 1)).all()):
+                return f"Mask {p} has values other than 0 and 1 in {name!r}; write it again with `cl-tool prune --mask-out`."
+            return None
+
+        scan = _scan(p, list(header), fingerprint=False, zeros=set(header) if a.sparsity else set(), check=check if a.verify else None)
+        if a.sparsity:
+            info["sparsity"] = _sparsity_record(scan["zeros"])  # zeros in a mask = pruned weights
+        if a.verify:
+            info["values_checked"] = scan["problem"] is None
+            if scan["problem"]:
+                info["problems"].append(scan["problem"])
+
+
+def _describe_resume(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+    where = f"Resume state {p}"
+    config = _json_field(meta, "config", where, {}, (dict,))
+    position = _json_field(meta, "position", where, {}, (dict,))
+    epochs = _json_field(meta, "epochs", where, [], (list,))
+    groups: dict[str, int] = {}
+    for name in header:
+        prefix = name.split("/", 1)[0]
+        groups[prefix] = groups.get(prefix, 0) + 1
+    data = config.get("data")
+    info.update({"input_fingerprint": meta.get("fingerprint"), "position": position, "epochs_done": len(epochs),
+                 "config": config, "data": data.get("name") if isinstance(data, dict) else data, "tensor_groups": groups})
+
+
+def describe(path: Path, a: InfoArgs) -> dict[str, Any]:
+    """One file's description (a dict, JSON-ready); raises BadInputError for a damaged or foreign file."""
+    from cl_tool.safetensors_io import read_header
+
+    p = Path(path)
+    if p.is_dir():
+        return _describe_timm(p, a)
+    header, meta = read_header(p, "File")
+    info: dict[str, Any] = {"path": str(p), "kind": None, "file_bytes": p.stat().st_size, "tensors": tensor_summary(header), "problems": []}
+    if "cl_tool.model" in meta:
+        info["kind"] = "checkpoint"
+        _describe_checkpoint(p, header, meta, a, info)
+    elif meta.get("cl_tool.sidecar"):
+        info["kind"] = "sidecar"
+        _describe_sidecar(p, header, meta, a, info)
+    elif meta.get("cl_tool.mask"):
+        info["kind"] = "mask"
+        _describe_mask(p, header, meta, a, info)
+    elif meta.get("cl_tool.resume"):
+        info["kind"] = "resume"
+        _describe_resume(p, header, meta, a, info)
+    else:
+        raise _not_cl_tool(p)
+    return info
+
+
+# ----------------------------------------------------------------- --for CKPT
+
+
+def _target(path: Path, verify: bool) -> dict[str, Any]:
+    """What --for needs of a checkpoint: fingerprint, history, parameter shapes."""
+    from cl_tool.safetensors_io import read_header
+
+    p = Path(path)
+    if p.is_dir():
+        from cl_tool.checkpoint import timm_folder_spec
+
+        _, weights = timm_folder_spec(p)
+        header, _ = read_header(weights, "Checkpoint")
+        fp = _scan(weights, list(header), fingerprint=True, zeros=set())["fingerprint"]
+        return {"path": str(p), "fingerprint": fp, "fingerprint_from": "computed", "history": [{"command": "import", "from": str(p)}],
+                "params": None, "shapes": {n: list(e["shape"]) for n, e in header.items()}}
+    header, meta = read_header(p, "--for checkpoint")
+    if "cl_tool.model" not in meta:
+        raise BadInputError(f"--for {p} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file.")
+    history = _json_field(meta, "cl_tool.history", str(p), [], (list,))
+    layout = _layout(meta, str(p))
+    fp, source = meta.get("cl_tool.fingerprint"), "recorded"
+    if verify or not fp:
+        fp, source = _scan(p, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
+    return {"path": str(p), "fingerprint": fp, "fingerprint_from": source, "history": history,
+            "params": [n for n in layout["parameters"]] if layout else None, "shapes": {n: list(e["shape"]) for n, e in header.items()}}
+
+
+def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Whether checkpoint ``t`` may use the sidecar / mask / resume state ``info``, and why."""
+    from cl_tool.lineage import ancestor_fingerprints, generations_back, generations_text, grown_since, not_related_text
+
+    ck = t["path"]
+    fp_note = "" if t["fingerprint_from"] == "computed" else f"; judged by the fingerprint {ck} records (--verify recomputes it)"
+    if info["kind"] == "resume":
+        same = info["input_fingerprint"] == t["fingerprint"]
+        return {"checkpoint": ck, "usable": same, "generations": 0 if same else None,
+                "reason": (f"yes: it was written by a train-next run from {ck}; rerun the same command with --resume{fp_note}" if same else
+                           f"no: it was written by a train-next run from another checkpoint (fingerprint {info['input_fingerprint']}, {ck} has {t['fingerprint']}); "
+                           f"train-next --resume refuses it (exit 4){fp_note}")}
+    fp = info["belongs_to"]["fingerprint"] if info["kind"] == "sidecar" else info["pruned_from"]["fingerprint"]
+    gen = generations_back(fp, t["fingerprint"], t["history"])
+    n_anc = len(ancestor_fingerprints(t["history"]))
+    names = t["params"] if (t["params"] is not None and info["kind"] == "sidecar") else list(header_shapes)
+    grown = grown_since(t["history"], gen) if gen else frozenset()
+
+    def layout_problem() -> str | None:
+        if info["kind"] == "sidecar":
+            missing = [n for n in names if n not in header_shapes]
+            if missing:
+                return f"it has no entry for {missing[0]!r} of {ck}"
+        for n in names:
+            if n not in t["shapes"]:
+                return f"{ck} has no parameter {n!r}"
+            want, got = t["shapes"][n], header_shapes.get(n)
+            if got is not None and got != want and not (n in grown and got[1:] == want[1:] and got[:1] < want[:1]):
+                return f"{n!r} has shape {got} there but {want} in {ck}"
+        return None
+
+    if info["kind"] == "mask":
+        problem = layout_problem()
+        where = (f"{ck} itself" if gen == 0 else f"an ancestor of {ck} {generations_text(gen)}" if gen else
+                 f"another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}")
+        if problem:
+            return {"checkpoint": ck, "usable": False, "generations": gen, "reason": f"no: {problem}; train-next --mask refuses it (exit 4)"}
+        return {"checkpoint": ck, "usable": True, "generations": gen,
+                "reason": f"yes: names and shapes fit train-next --mask; it was computed by pruning {where}"
+                          + ("" if gen is not None else ", so check that it is the mask you mean") + fp_note}
+    if gen is None:
+        return {"checkpoint": ck, "usable": False, "generations": None,
+                "reason": f"no: it belongs to another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}; "
+                          f"prune and train-next refuse it (exit 4){fp_note}"}
+    problem = layout_problem()
+    if problem:
+        return {"checkpoint": ck, "usable": False, "generations": gen,
+                "reason": f"no: it belongs to {'it' if gen == 0 else 'its ancestor ' + generations_text(gen)}, but {problem}; recompute it with `cl-tool importance {ck}`"}
+    if gen == 0:
+        return {"checkpoint": ck, "usable": True, "generations": 0, "reason": f"yes: it was computed for {ck} itself (the fingerprints match){fp_note}"}
+    return {"checkpoint": ck, "usable": True, "generations": gen,
+            "reason": f"yes: it was computed for an ancestor of {ck} {generations_text(gen)}, per the history {ck} records"
+                      + (f"; the rows --grow-head added since ({', '.join(sorted(grown))}) score 0" if grown else "") + fp_note}
+
+
+# ----------------------------------------------------------------- output
+
+
+def _print(info: dict[str, Any]) -> None:
+    t = info["tensors"]
+    log(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
+    dtypes = ", ".join(f"{d} {v['values']:,} values ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
+    if info["kind"] in ("checkpoint", "timm-folder"):
+        m = info["model"]
+        kwargs = " ".join(f"{k}={v}" for k, v in m["kwargs"].items())
+        log(f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
+            f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}")
+        prm = info.get("parameters")
+        if prm:
+            log(f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})")
+        log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        fp = info["fingerprint"]
+        if info["kind"] == "timm-folder":
+            log(f"  fingerprint: {fp['computed']} (computed)" if fp["computed"] else "  fingerprint: not recorded in a timm folder (--verify computes it)")
+        elif fp["verified"] is None:
+            log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
+        else:
+            log(f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})")
+        if info.get("pruning"):
+            pr = info["pruning"]
+            src = pr.get("source") or {}
+            log(f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
+                + (f", scores from {src['sidecar']}" + (f" ({generations_text_safe(src.get('generations'))})" if src.get("generations") else "") if src.get("sidecar") else ""))
+        if info.get("history"):
+            print_table("  history (oldest first)", ["command", "data", "penalty", "λ", "time", "detail"],
+                        [[r["command"], r["data"] or "", r["penalty"] or "", "" if r["lambda"] is None else f"{r['lambda']:g}" if isinstance(r["lambda"], (int, float)) else str(r["lambda"]),
+                          _short_time(r["time"]), r["detail"] or ""] for r in info["history"]])
+        lin = [r for r in info.get("lineage", []) if r["fingerprint"]]
+        if lin:
+            print_table("  lineage (recorded ancestors, newest first)", ["generations back", "fingerprint", "read by"],
+                        [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin])
+        elif info["kind"] == "checkpoint":
+            log("  lineage: no recorded ancestors")
+    elif info["kind"] == "sidecar":
+        opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
+        data = info["data"] or {}
+        log(f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
+            + (f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)" if data else "none"))
+        log(f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}")
+        b = info["belongs_to"]
+        log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
+        log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        if info["values_checked"] is not None:
+            log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
+    elif info["kind"] == "mask":
+        log(f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}")
+        log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
+    elif info["kind"] == "resume":
+        pos, cfg = info["position"], info["config"]
+        log(f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done")
+        log(f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
+            f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}")
+        log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
+        log(f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}")
+    sp = info.get("sparsity")
+    if sp is not None:
+        what = "pruned (mask zeros)" if info["kind"] == "mask" else "zero weights"
+        rows = [[n, c["numel"], c["zeros"], c["fraction"]] for n, c in sp["tensors"].items() if c["zeros"]]
+        if rows:
+            print_table(f"  sparsity: {sp['zeros']:,} of {sp['numel']:,} {what} ({sp['fraction']:.4%})", ["tensor", "numel", "zeros", "sparsity"], rows)
+        else:
+            log(f"  sparsity: no {what} among {sp['numel']:,} values")
+    rel = info.get("for")
+    if rel is not None:
+        log(f"  for {rel['checkpoint']}: {rel['reason']}.")
+
+
+def generations_text_safe(n: Any) -> str:
+    from cl_tool.lineage import generations_text
+
+    return generations_text(n) if isinstance(n, int) else str(n)
+
+
+def run_info(a: InfoArgs) -> list[dict[str, Any]]:
+    from cl_tool.safetensors_io import read_header
+
+    if not a.paths:
+        raise UsageError("info needs at least one PATH.")
+    infos = [describe(p, a) for p in a.paths]
+    if a.for_checkpoint is not None:
+        usable = [i for i in infos if i["kind"] in ("sidecar", "mask", "resume")]
+        if not usable:
+            raise UsageError("--for CKPT says whether CKPT may use an importance sidecar, mask or resume state, and none of the PATHs is one; drop --for or add such a file.")
+        target = _target(a.for_checkpoint, a.verify)
+        for i in usable:
+            header, _ = read_header(i["path"], "File")
+            i["for"] = _relation(i, target, {n: list(e["shape"]) for n, e in header.items()})
+    if a.json_out:
+        emit_json(infos)
+    else:
+        for i in infos:
+            _print(i)
+    problems = [p for i in infos for p in i["problems"]]
+    for p in problems[1:]:
+        warn(p)
+    if problems:
+        raise BadInputError(problems[0])
+    return infos
+
+
+__all__ = ["InfoArgs", "run_info", "describe"]
