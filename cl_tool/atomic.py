@@ -146,7 +146,7 @@ class FileRoles:
             same = target == _resolved(inp.path) or (ident is not None and ident == inp.identity())
             if same:
                 raise OutputError(f"{out.describe()} is also an input of this command ({inp.describe()}); cl-tool never overwrites "
-                                  f"an input, even with --force: choose another path for {out.role}.")
+                                  f"an input, even with $force: choose another path for {out.role}.")
             if inp.is_folder and target.is_relative_to(_resolved(inp.path)):
                 raise OutputError(f"{out.describe()} lies inside {inp.describe()}, which this command reads; "
                                   f"write outputs outside that folder.")
@@ -161,7 +161,7 @@ class FileRoles:
         if p.is_dir() and not out.is_folder:
             raise OutputError(f"{out.describe()} is a directory; give a file path.")
         if os.path.lexists(p) and not (self.force or may_exist):
-            raise OutputError(f"{out.describe()} already exists; pass --force to overwrite it or choose another path.")
+            raise OutputError(f"{out.describe()} already exists; pass $force to overwrite it or choose another path.")
         if os.path.lexists(p) and p.exists() and not (stat.S_ISREG(os.stat(p).st_mode) or out.is_folder):
             raise OutputError(f"{out.describe()} is not a regular file (a device or pipe); give a file path.")
         parent = p.parent if str(p.parent) else Path(".")
@@ -238,7 +238,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         with contextlib.suppress(OSError):  # mkstemp (and the safetensors writer) make 0600 files; use what open() would
             os.chmod(tmp, 0o666 & ~_umask())
         if os.path.lexists(dest) and not force:
-            raise OutputError(f"{dest} appeared while this command ran; pass --force to overwrite it.")
+            raise OutputError(f"{dest} appeared while this command ran; pass $force to overwrite it.")
         os.replace(tmp, dest)
         _fsync_dir(folder)
     except OSError as exc:
@@ -265,7 +265,7 @@ def atomic_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
         yield holder / "content"
         if os.path.lexists(dest):
             if not force:
-                raise OutputError(f"{dest} appeared while this command ran; pass --force to overwrite it.")
+                raise OutputError(f"{dest} appeared while this command ran; pass $force to overwrite it.")
             if dest.is_dir() and not dest.is_symlink():
                 shutil.rmtree(dest)
             else:

@@ -124,7 +124,7 @@ def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
 
 def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     """A validated ModelSpec from a timm ``config.json``; every field's type is checked (exit 3 naming it)."""
-    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD
+    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD, default_normalisation
 
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -172,7 +172,7 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
             raise bad(f"pretrained_cfg.{key}", "a list of numbers")
         norm[key] = tuple(float(v) for v in value)
     if len(norm["mean"]) != input_shape[0]:  # timm's RGB statistics for a model of another channel count
-        norm = {"mean": (0.5,) * input_shape[0], "std": (0.5,) * input_shape[0]}
+        norm = dict(zip(("mean", "std"), default_normalisation(input_shape[0])))
     spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=norm["mean"], std=norm["std"], source="timm")
     spec.validate(str(cfg_path))
     return spec
@@ -189,7 +189,7 @@ def model_layout(model) -> dict[str, Any]:
     """What a model looks like, recorded in a checkpoint so that tools which only need names and shapes
     (prune) can validate the file and pick tensors without rebuilding the architecture:
     trainable parameter names, the classifier's parameter names, and name → [shape, dtype] of every tensor."""
-    from cl_tool.pruning import classifier_param_names
+    from cl_tool.models import classifier_param_names
 
     return {
         "parameters": [n for n, p in model.named_parameters() if p.requires_grad],
@@ -214,7 +214,7 @@ def validate_layout(ckpt: Checkpoint) -> None:
         raise BadInputError(f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged.")
 
 
-def structure(ckpt: Checkpoint):
+def build_on_meta_device(ckpt: Checkpoint):
     """The model of ``ckpt`` built on the ``meta`` device (no memory, no init), validated against its tensors.
 
     Enough for parameter names, shapes and module types (e.g. to choose what to prune)
@@ -264,6 +264,55 @@ def instantiate(ckpt: Checkpoint):
     _validate_state(ckpt, expected, where)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state.items()}, strict=True)
     return model
+
+
+def load_model(path: str | os.PathLike) -> tuple[Checkpoint, Any]:
+    """(Checkpoint, its model with the weights loaded) for a checkpoint file or timm folder, validated."""
+    ckpt = load_checkpoint(path)
+    return ckpt, instantiate(ckpt)
+
+
+def history_entry(command: str, **fields: Any) -> dict[str, Any]:
+    """One ``cl_tool.history`` entry: the command, cl-tool's version, the UTC time and the given fields (None left out)."""
+    import datetime
+
+    from cl_tool import __version__
+
+    entry = {"command": command, "cl_tool": __version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    entry.update({k: v for k, v in fields.items() if v is not None})
+    return entry
+
+
+def grow_classifier(ckpt: Checkpoint, new_classes: int):
+    """(model, grown names): ``ckpt``'s model rebuilt with ``new_classes`` outputs, every old tensor copied (the old rows of the head).
+
+    ``ckpt.spec`` and ``ckpt.state`` are updated to the grown model.
+    """
+    from cl_tool.models import build_model
+
+    spec = ckpt.spec
+    if spec.arch == "mlp" and "sizes" in spec.kwargs:
+        sizes = [int(s) for s in str(spec.kwargs["sizes"]).split(",")]
+        sizes[-1] = new_classes
+        spec.kwargs["sizes"] = ",".join(map(str, sizes))
+    spec.num_classes = new_classes
+    model = build_model(spec)
+    new_state = model.state_dict()
+    grown = []
+    for name, old in ckpt.state.items():
+        new = new_state[name]
+        if tuple(new.shape) == tuple(old.shape):
+            new_state[name] = old
+        elif new.ndim == old.ndim and new.shape[1:] == old.shape[1:] and new.shape[0] > old.shape[0]:
+            t = new.clone()
+            t[: old.shape[0]] = old
+            new_state[name] = t
+            grown.append(name)
+        else:
+            raise IncompatibleError(f"$grow_head cannot map tensor {name!r} from {list(old.shape)} to {list(new.shape)}.")
+    model.load_state_dict(new_state)
+    ckpt.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, grown
 
 
 def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, state: dict[str, Any], history: list[dict[str, Any]], *,

@@ -7,8 +7,19 @@ RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Rank 0 writes every output; the oth
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from cl_tool.training import DistInfo, resolve_device
+from cl_tool.runtime import resolve_device
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def world_size_from_env() -> int:
@@ -54,3 +65,12 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group if one was set up (torch imported only if it already is)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

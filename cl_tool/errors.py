@@ -3,9 +3,16 @@
 Every command raises one of these for a failure the user can fix; the CLI turns it into a
 single sentence on stderr and the exit code below. Anything else is a bug: it exits 1 and
 ``--debug`` shows the traceback. This module must not import torch.
+
+Messages name a command's parameters neutrally, as ``$name`` placeholders (``"$sparsity must be in
+[0, 1), got 1.5."``): the CLI renders them as the flag the user typed (``--sparsity``), a library
+caller sees the parameter name (``sparsity``).
 """
 
 from __future__ import annotations
+
+import string
+from typing import Callable
 
 # Documented in README.md ("Exit codes"); tests/test_exit_codes.py checks each is produced.
 EXIT_OK = 0
@@ -17,9 +24,21 @@ EXIT_DIVERGED = 5
 EXIT_OUTPUT = 6
 EXIT_ENVIRONMENT = 7
 EXIT_GATE = 8
-EXIT_INTERRUPTED_INT = 130
+EXIT_SIGINT = 130
 EXIT_BROKEN_PIPE = 141
-EXIT_INTERRUPTED_TERM = 143
+EXIT_SIGTERM = 143
+
+
+class _Names(dict):
+    def __init__(self, name_of: Callable[[str], str | None]):
+        super().__init__()
+        self.name_of = name_of
+
+    def __missing__(self, key: str) -> str:
+        name = self.name_of(key)
+        if name is None:
+            raise KeyError(key)  # not a parameter: safe_substitute keeps "$key" as written
+        return name
 
 
 class ClToolError(Exception):
@@ -30,6 +49,13 @@ class ClToolError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    def render(self, name_of: Callable[[str], str | None] | None = None) -> str:
+        """The message with each ``$name`` replaced by ``name_of(name)`` (default: the name itself)."""
+        return string.Template(self.message).safe_substitute(_Names(name_of or (lambda key: key)))
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class UsageError(ClToolError):
@@ -101,7 +127,7 @@ EXIT_CODE_TABLE = [
     (EXIT_OUTPUT, "an output cannot be written (exists without --force, is one of the inputs, folder not writable, disk full)"),
     (EXIT_ENVIRONMENT, "the machine lacks something (device, optional package, network)"),
     (EXIT_GATE, "a quality gate failed (evaluate --fail-under-acc / --fail-over-forgetting)"),
-    (EXIT_INTERRUPTED_INT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
+    (EXIT_SIGINT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
     (EXIT_BROKEN_PIPE, "the reader of standard output went away (e.g. --json piped into head -c1); cl-tool stops quietly, like other Unix tools"),
-    (EXIT_INTERRUPTED_TERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
+    (EXIT_SIGTERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
 ]

@@ -95,8 +95,8 @@ def gate(summary: dict, fail_under_acc: float | None = None, fail_over_forgettin
     reasons = []
     acc = summary.get("average_accuracy")
     if fail_under_acc is not None and acc is not None and acc < fail_under_acc:
-        reasons.append(f"average accuracy {acc:.6g} is below --fail-under-acc {fail_under_acc:g}")
+        reasons.append(f"average accuracy {acc:.6g} is below $fail_under_acc {fail_under_acc:g}")
     fgt = summary.get("average_forgetting")
     if fail_over_forgetting is not None and fgt is not None and fgt > fail_over_forgetting:
-        reasons.append(f"average forgetting {fgt:.6g} is above --fail-over-forgetting {fail_over_forgetting:g}")
+        reasons.append(f"average forgetting {fgt:.6g} is above $fail_over_forgetting {fail_over_forgetting:g}")
     return "; ".join(reasons) + "." if reasons else None

@@ -1,7 +1,11 @@
-"""Shared output helpers: logs and tables on stderr for people, JSON on stdout for machines.
+"""One output object for every command: logs and tables on stderr for people, JSON on stdout for machines.
 
-Rich progress bars are shown only when stderr is a terminal, and vanish when done.
-No torch import here.
+``Output(json=..., quiet=...)`` is made by the CLI from ``--json`` and ``--quiet`` and handed to the
+workflows: ``log``/``warn``/``table`` write to stderr (``quiet`` keeps only warnings), ``progress``
+shows a rich bar only when stderr is a terminal (it vanishes when done), ``result`` prints the
+command's result as one JSON document on stdout when ``json`` is set. A stderr whose reader went
+away drops what follows (the command goes on); a stdout whose reader went away ends the command
+quietly (exit 141). No torch import here.
 """
 
 from __future__ import annotations
@@ -9,46 +13,69 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-_console = None
-
-
-def console():
-    """The stderr console (created lazily so importing this module stays cheap)."""
-    global _console
-    if _console is None:
-        from rich.console import Console
-
-        class _StderrConsole(Console):
-            def on_broken_pipe(self) -> None:  # rich exits the process; a log reader that went away must not stop the command
-                self.quiet = True
-
-        _console = _StderrConsole(stderr=True, highlight=False)
-    return _console
+from cl_tool.errors import ClToolError, StdoutGone
 
 
-_quiet = False
+class Output:
+    def __init__(self, *, json: bool = False, quiet: bool = False, name_of: Callable[[str], str | None] | None = None):
+        self.json = json
+        self.quiet = quiet
+        self.name_of = name_of  # how ``$name`` placeholders in messages are shown (the CLI: as flags)
+        self._console = None
 
+    def text(self, message: str) -> str:
+        """``message`` with its ``$name`` placeholders rendered (see :mod:`cl_tool.errors`)."""
+        return ClToolError(message).render(self.name_of) if "$" in message else message
 
-def set_quiet(quiet: bool) -> None:
-    global _quiet
-    _quiet = quiet
+    @property
+    def console(self):
+        """The stderr console (created lazily so importing this module stays cheap)."""
+        if self._console is None:
+            from rich.console import Console
 
+            class StderrConsole(Console):
+                def on_broken_pipe(self) -> None:  # rich would exit the process; a log reader that went away must not stop a job
+                    self.quiet = True
 
-def _print(*objects, **kwargs) -> None:
-    """Print on the stderr console (if stderr's reader went away, this and later output are dropped; the command goes on)."""
-    console().print(*objects, **kwargs)
+            self._console = StderrConsole(stderr=True, highlight=False)
+        return self._console
 
+    def log(self, message: str) -> None:
+        """One human-readable line on stderr (suppressed by --quiet)."""
+        if not self.quiet:
+            self.console.print(self.text(message), markup=False, soft_wrap=True)
 
-def log(message: str) -> None:
-    """One human-readable line on stderr (suppressed by --quiet)."""
-    if not _quiet:
-        _print(message, markup=False, soft_wrap=True)
+    def warn(self, message: str) -> None:
+        self.console.print(f"warning: {self.text(message)}", style="yellow", markup=False, soft_wrap=True)
 
+    def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """A rich table on stderr (people read it; machines use --json)."""
+        if self.quiet:
+            return
+        from rich.table import Table
 
-def warn(message: str) -> None:
-    _print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+        self.console.print(title, markup=False, style="bold")
+        table = Table()
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*[_fmt(v) for v in row])
+        self.console.print(table)
+
+    def progress(self, description: str, total: int | None) -> "Progress":
+        return Progress(self, description, total)
+
+    def result(self, obj: Any) -> Any:
+        """Print ``obj`` as one JSON document on stdout when --json was given; return it."""
+        if self.json:
+            try:
+                sys.stdout.write(json.dumps(_jsonable(obj), indent=2) + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError as exc:
+                raise StdoutGone() from exc
+        return obj
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,32 +86,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def emit_json(obj: Any) -> None:
-    """Print ``obj`` as one JSON document on stdout (a reader that went away ends the command quietly, exit 141)."""
-    from cl_tool.errors import StdoutGone
-
-    try:
-        sys.stdout.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError as exc:
-        raise StdoutGone() from exc
-
-
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A rich table on stderr (people read it; machines use --json)."""
-    if _quiet:
-        return
-    from rich.table import Table
-
-    _print(title, markup=False, style="bold")
-    table = Table()
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*[_fmt(v) for v in row])
-    _print(table)
 
 
 def _fmt(v: Any) -> str:
@@ -98,28 +99,28 @@ def _fmt(v: Any) -> str:
 class Progress:
     """A rich progress bar on a terminal, nothing otherwise; use as a context manager."""
 
-    def __init__(self, description: str, total: int | None):
+    def __init__(self, out: Output, description: str, total: int | None):
+        self.out = out
         self.description = description
         self.total = total
-        self._progress = None
+        self._bar = None
         self._task = None
 
     def __enter__(self) -> "Progress":
-        if console().is_terminal and not _quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        if self.out.console.is_terminal and not self.out.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
-            self._progress = RichProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=console(), transient=True,
-            )
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total)
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     console=self.out.console, transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total)
         return self
 
-    def advance(self, n: int = 1, description: str | None = None) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=n, **({"description": description} if description else {}))
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
 
     def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -17,7 +17,7 @@ per-parameter step is ≈ η in magnitude), so the same formula bounds its steps
 
 The penalty's gradient 2c(θ − θ*) is added to ``.grad`` after the task loss's backward pass
 with fused ``torch._foreach`` ops (no autograd graph, no Python loop per element), always in
-float32, after any grad-scaler unscale.
+float32, after any grad-scaler unscale. :func:`coefficients` is the one place the formulas live.
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ from typing import Any
 PENALTIES = ("stabilized", "ewc", "online-ewc", "none")
 
 
-def ewc_coefficient(omega, lam: float):
-    """Plain EWC: c = λΩ/2."""
-    return omega * (lam / 2.0)
+def coefficients(kind: str, omegas: list[Any], lam: float, lr: float) -> list[Any]:
+    """c for each Ω tensor: ``ewc``/``online-ewc`` c = λΩ/2; ``stabilized`` c = λΩ / (2(1 + ηλΩ)); ``none`` c = 0.
 
+    Units: Ω in loss per parameter-unit², λ dimensionless, η (``lr``) in parameter-units² per loss
+    unit per step, so ηλΩ is dimensionless and c has Ω's units.
+    """
+    import torch
 
-def stabilized_coefficient(omega, lam: float, lr: float):
-    """Stabilized EWC: c = λΩ / (2(1 + ηλΩ))."""
-    lo = omega * lam
-    return lo / (2.0 * (1.0 + lr * lo))
+    if kind == "none" or not omegas:
+        return [torch.zeros_like(o) for o in omegas]
+    lo = torch._foreach_mul(omegas, float(lam))  # λΩ
+    if kind == "stabilized":
+        return torch._foreach_div(lo, torch._foreach_mul(torch._foreach_add(torch._foreach_mul(lo, float(lr)), 1.0), 2.0))
+    return torch._foreach_mul(lo, 0.5)
 
 
 def divergence_bound(omega_max: float, lam: float, lr: float) -> float:
@@ -56,26 +61,17 @@ class QuadraticPenalty:
         self.params = params
         self.anchors = [a.detach().to(p.device, torch.float32).clone() for a, p in zip(anchors, params)]
         self.omegas = [o.detach().to(p.device, torch.float32).clone() for o, p in zip(omegas, params)]
-        self._lr = None
-        self._coef2: list[Any] = []  # 2c, so that grad += 2c(θ − θ*)
+        self._lr: float | None = None
+        self._coef: list[Any] = []
         self.active = kind != "none" and self.lam > 0
 
     def omega_max(self) -> float:
         return max((float(o.max()) for o in self.omegas if o.numel()), default=0.0)
 
     def _coefficients(self, lr: float) -> list[Any]:
-        if lr == self._lr:
-            return self._coef2
-        import torch
-
-        if self.kind == "stabilized":
-            lo = torch._foreach_mul(self.omegas, self.lam)
-            denom = torch._foreach_add(torch._foreach_mul(lo, lr), 1.0)
-            self._coef2 = torch._foreach_div(lo, denom)  # 2c = λΩ/(1+ηλΩ)
-        else:  # ewc, online-ewc
-            self._coef2 = torch._foreach_mul(self.omegas, self.lam)  # 2c = λΩ
-        self._lr = lr
-        return self._coef2
+        if lr != self._lr:
+            self._coef, self._lr = coefficients(self.kind, self.omegas, self.lam, lr), lr
+        return self._coef
 
     def add_gradient_(self, lr: float) -> None:
         """``p.grad += 2c(θ − θ*)`` for every parameter (creates zero grads where missing)."""
@@ -83,7 +79,7 @@ class QuadraticPenalty:
             return
         import torch
 
-        coef2 = self._coefficients(lr)
+        coef = self._coefficients(lr)
         with torch.no_grad():
             grads = []
             for p in self.params:
@@ -92,10 +88,10 @@ class QuadraticPenalty:
                 grads.append(p.grad)
             diffs = torch._foreach_sub([p.detach().float() for p in self.params], self.anchors)
             if all(g.dtype == torch.float32 for g in grads):
-                torch._foreach_addcmul_(grads, coef2, diffs)
+                torch._foreach_addcmul_(grads, coef, diffs, value=2.0)
             else:
-                for g, c, d in zip(grads, coef2, diffs):
-                    g.add_((c * d).to(g.dtype))
+                for g, c, d in zip(grads, coef, diffs):
+                    g.add_((2.0 * c * d).to(g.dtype))
 
     def value(self, lr: float) -> float:
         """P(θ) = Σ c(θ − θ*)² as a Python float (float32 accumulation)."""
@@ -103,9 +99,8 @@ class QuadraticPenalty:
             return 0.0
         import torch
 
-        coef2 = self._coefficients(lr)
+        coef = self._coefficients(lr)
         with torch.no_grad():
             diffs = torch._foreach_sub([p.detach().float() for p in self.params], self.anchors)
-            sq = torch._foreach_mul(diffs, diffs)
-            terms = torch._foreach_mul(sq, coef2)
-            return 0.5 * float(sum(t.sum() for t in terms))
+            terms = torch._foreach_mul(torch._foreach_mul(diffs, diffs), coef)
+            return float(sum(t.sum() for t in terms))

@@ -22,7 +22,7 @@ def _figure(figsize):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise EnvironmentProblem("--plot needs matplotlib: pip install 'cl-tool[plot]'.") from exc
+        raise EnvironmentProblem("$plot needs matplotlib: pip install 'cl-tool[plot]'.") from exc
     fig = Figure(figsize=figsize, dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -52,7 +52,7 @@ def plot_accuracy_matrix(
     *,
     force: bool = False,
     title: str | None = None,
-    option: str = "--plot",
+    option: str = "$plot",
 ) -> None:
     """Write a PNG: left, a heat map of ``R[stage][task]`` with each value printed;
     right, each task's accuracy across stages (one line per task).
@@ -107,7 +107,7 @@ def plot_prune_curves(
     title: str = "Accuracy vs sparsity",
     *,
     force: bool = False,
-    option: str = "--plot",
+    option: str = "$plot",
 ) -> None:
     """Write a PNG of accuracy (y) against sparsity (x), one line per score type.
 

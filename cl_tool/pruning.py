@@ -28,11 +28,8 @@ exactly and deterministically:
   ``max(largest tensor, 2**20)`` elements they are copied out and a selection
   (``numpy.partition`` on CPU, ``torch.kthvalue`` elsewhere) finishes the job. Then
   ``m = k - #{score < v}`` elements equal to ``v`` are pruned in (tensor, flat index)
-  order. Extra memory besides the returned masks is a few
-  times the largest single tensor. On a random-init ViT-B/16 (86.6 M scores) it takes
-  about 0.4 s with 2 threads on an idle 2-core machine and 1-2 s with 1 thread on a
-  heavily loaded one; ``torch.nn.utils.prune.global_unstructured`` needs over 4 GiB extra
-  and tens of seconds there (``tests/benchmarks/bench_prune_core.py``).
+  order. Extra memory besides the returned masks is a few times the largest single
+  tensor (timings: ``tests/benchmarks/bench_prune_core.py``).
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
 float64 and integer scores in float64 (integers above 2**53 lose exactness).
@@ -79,37 +76,6 @@ _GUIDED = 8               # at most this many sample-guided probe pairs before p
 def _matches(name: str, patterns: Iterable[str], *, lower: bool = False) -> bool:
     key = name.lower() if lower else name
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
-def classifier_param_names(model: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the classifier's parameters of ``model`` (for ``classifier_names``).
-
-    Uses timm's ``model.get_classifier()`` when the model has it (a parameter-less head,
-    e.g. ``num_classes=0``, gives ``()``); otherwise the last ``nn.Linear`` in
-    ``named_modules()`` order; ``()`` if there is none.
-    """
-    head = None
-    getter = getattr(model, "get_classifier", None)
-    if callable(getter):
-        head = getter()
-        if not isinstance(head, torch.nn.Module):
-            return ()
-    else:
-        for _, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                head = mod
-    if head is None:
-        return ()
-    prefix = None
-    for mod_name, mod in model.named_modules():
-        if mod is head:
-            prefix = mod_name
-            break
-    if prefix is None:
-        return ()
-    if prefix == "":
-        return tuple(n for n, _ in model.named_parameters())
-    return tuple(n for n, _ in model.named_parameters() if n.startswith(prefix + "."))
 
 
 def _guess_classifier(named_params: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -159,7 +125,7 @@ def select_prunable(
     statistics are never selected.
     """
     names = list(named_params)
-    for opt, pats in (("--include", include), ("--exclude", exclude)):
+    for opt, pats in (("$include", include), ("$exclude", exclude)):
         for pat in pats or ():
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):
                 raise UsageError(f"{opt} pattern {pat!r} matches no parameter name of the model; check the spelling against the model's parameter names.")
@@ -196,26 +162,23 @@ def select_prunable(
         if chosen:
             selected.append(name)
     if not selected:
-        raise UsageError("No parameter is selected for pruning; adjust --include/--exclude or the --include-* flags.")
+        raise UsageError("No parameter is selected for pruning; adjust $include/$exclude or $include_bias/$include_norm/$include_classifier.")
     return selected
 
 
 # ----------------------------------------------------------------------------- counting
 
 
-def check_sparsity(sparsity: float, option: str = "--sparsity") -> float:
-    """Return ``sparsity`` as a float, or raise UsageError unless ``0 <= sparsity < 1``."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise UsageError(f"{option} must be a number in [0, 1), got {sparsity!r}.")
-    s = float(sparsity)
-    if not (0.0 <= s < 1.0):
-        raise UsageError(f"{option} must be in [0, 1), got {s:g}.")
-    return s
+def check_sparsity(sparsity: float) -> float:
+    """``sparsity`` as a float; UsageError unless ``0 <= sparsity < 1``."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise UsageError(f"$sparsity must be in [0, 1), got {sparsity!r}.")
+    return float(sparsity)
 
 
 def num_to_prune(numel: int, sparsity: float) -> int:
-    """``k = floor(s * numel + 1/2)``, computed exactly on the decimal value of ``s``."""
-    s = Fraction(repr(check_sparsity(sparsity)))
+    """``k = floor(s * numel + 1/2)``, computed exactly on the decimal value of ``s`` (``0 <= s < 1``)."""
+    s = Fraction(repr(float(sparsity)))
     return math.floor(s * numel + Fraction(1, 2))
 
 

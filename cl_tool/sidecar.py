@@ -65,7 +65,7 @@ def validate_values(tensors: dict[str, Any], where: str) -> None:
 
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise BadInputError(f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower --lr or check the data) instead of using it.")
+            raise BadInputError(f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it.")
         if (t < 0).any():
             raise BadInputError(f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it.")
 
@@ -125,8 +125,8 @@ def combine(prev: Sidecar, new: dict[str, Any], decay: float) -> dict[str, Any]:
     out = {}
     for name, t in new.items():
         if name not in prev.tensors:
-            raise IncompatibleError(f"--accumulate {prev.path} has no entry for parameter {name!r}; it was computed for a different architecture.")
+            raise IncompatibleError(f"$accumulate {prev.path} has no entry for parameter {name!r}; it was computed for a different architecture.")
         if prev.tensors[name].shape != t.shape:
-            raise IncompatibleError(f"--accumulate {prev.path}: parameter {name!r} has shape {list(prev.tensors[name].shape)} there but {list(t.shape)} here.")
+            raise IncompatibleError(f"$accumulate {prev.path}: parameter {name!r} has shape {list(prev.tensors[name].shape)} there but {list(t.shape)} here.")
         out[name] = decay * prev.tensors[name] + t
     return out

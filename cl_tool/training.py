@@ -21,11 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cl_tool.distributed import DistInfo
 from cl_tool.errors import DivergedError, Interrupted, UsageError
+from cl_tool.evaluation import evaluate_task
+from cl_tool.penalty import divergence_bound
+from cl_tool.runtime import autocast
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -45,28 +48,6 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_batch_size: int = 512
     freeze_bn_stats: bool = False
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer} is unknown; use one of {', '.join(OPTIMIZERS)}.")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"--schedule {self.schedule} is unknown; use one of {', '.join(SCHEDULES)}.")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}.")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise UsageError("--momentum and --weight-decay must be non-negative.")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise UsageError("--nesterov needs --optimizer sgd with --momentum > 0.")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}.")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0:
-            raise UsageError("--warmup-steps and --checkpoint-every must be non-negative.")
 
 
 def set_training_mode(model, freeze_bn_stats: bool) -> None:
@@ -105,75 +86,6 @@ def make_optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def resolve_device(name: str):
-    """``auto`` → cuda if available, else mps, else cpu; validate explicit names."""
-    import torch
-
-    from cl_tool.errors import EnvironmentProblem
-
-    name = (name or "auto").strip()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from exc
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps.")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"--device {name} was asked for but CUDA is not available on this machine; use --device cpu or auto.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EnvironmentProblem(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick an index below that.")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise EnvironmentProblem(f"--device {name} was asked for but MPS is not available on this machine; use --device cpu or auto.")
-    return dev
-
-
-def autocast_ctx(device, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def evaluate_task(model, x, y, *, device, batch_size: int = 512, precision: str = "fp32") -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on (x, y), batched, under inference_mode."""
-    import torch
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, int(y.shape[0])
-    with torch.inference_mode(), autocast_ctx(device, precision):
-        for i in range(0, n, batch_size):
-            xb = x[i:i + batch_size].to(device, non_blocking=True)
-            yb = y[i:i + batch_size].to(device, non_blocking=True)
-            out = model(xb).float()
-            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
-    model.train(was_training)
-    return correct / max(1, n), loss_sum / max(1, n)
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -233,7 +145,6 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
     import torch.nn.functional as F
 
     dist = dist or DistInfo()
-    cfg.validate()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     train_model = model
@@ -245,7 +156,7 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     n = int(y.shape[0])
     if cfg.batch_size % dist.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({dist.world}).")
+        raise UsageError(f"$batch_size {cfg.batch_size} must be divisible by the number of processes ({dist.world}).")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     mask_list = [(p, masks[nm].to(device, p.dtype)) for nm, p in named if masks and nm in masks]
@@ -294,7 +205,7 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                with autocast_ctx(device, cfg.precision):
+                with autocast(device, cfg.precision):
                     out = train_model(xb)
                     task_loss = F.cross_entropy(out.float(), yb)
                 if not torch.isfinite(task_loss):
@@ -330,7 +241,8 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                     if resumable and dist.is_main:
                         state_io.save(snapshot(epoch, b + 1))
                     name = "SIGTERM" if flag.signum == signal.SIGTERM else "SIGINT"
-                    saved = f"resumable state written to {state_io.path}; rerun the same command with --resume to continue" if resumable else "nothing was written (use --checkpoint-every N to make runs resumable)"
+                    saved = (f"resumable state written to {state_io.path}; rerun the same command with $resume to continue" if resumable
+                             else "nothing was written (use $checkpoint_every N to make runs resumable)")
                     raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
             pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
             dt = time.perf_counter() - t_epoch
@@ -351,77 +263,10 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
 
 
 def _diverged_msg(step: int, epoch: int, what: str, penalty, lr: float) -> str:
-    hint = "lower --lr"
+    hint = "lower $lr"
     if penalty is not None and penalty.kind in ("ewc", "online-ewc") and penalty.active:
-        bound = lr * penalty.lam * penalty.omega_max()
-        hint = f"η·λ·max Ω = {bound:.3g} (plain EWC under SGD diverges once it is ≥ 2): use --penalty stabilized or lower --lambda/--lr"
+        bound = divergence_bound(penalty.omega_max(), penalty.lam, lr)
+        hint = f"η·λ·max Ω = {bound:.3g} (plain EWC under SGD diverges once it is ≥ 2): use $penalty stabilized or lower $lam/$lr"
     elif penalty is not None and penalty.active:
-        hint = "lower --lr or --lambda"
+        hint = "lower $lr or $lam"
     return f"Training diverged at step {step + 1} (epoch {epoch + 1}): {what} became NaN or infinite; nothing was written; {hint}."
-
-
-class ResumeState:
-    """Resumable training state in one safetensors file (no pickle): tensors + JSON metadata."""
-
-    def __init__(self, path: str | Path, *, fingerprint: str, config: dict[str, Any]):
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.config = config
-
-    def save(self, st: dict[str, Any]) -> None:
-        from cl_tool.safetensors_io import save_tensors
-
-        tensors: dict[str, Any] = {f"model/{k}": v for k, v in st["model"].items()}
-        opt = st["optimizer"]
-        opt_meta = {"param_groups": opt["param_groups"], "state_keys": {}}
-        for idx, s in opt["state"].items():
-            keys = []
-            for k, v in s.items():
-                import torch
-
-                t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-                tensors[f"opt/{idx}/{k}"] = t
-                keys.append([k, isinstance(v, torch.Tensor)])
-            opt_meta["state_keys"][str(idx)] = keys
-        tensors["rng/torch"] = st["rng"]
-        if st.get("si"):
-            for k, v in st["si"].items():
-                tensors[f"si/{k}"] = v
-        meta = {"cl_tool.resume": "1", "fingerprint": self.fingerprint, "config": json.dumps(self.config, sort_keys=True),
-                "position": json.dumps({"epoch": st["epoch"], "batch": st["batch"], "global_step": st["global_step"]}),
-                "optimizer": json.dumps(opt_meta), "scaler": json.dumps(st.get("scaler")), "epochs": json.dumps(st.get("epochs", []))}
-        save_tensors(self.path, tensors, meta, force=True)
-
-    def load(self) -> dict[str, Any] | None:
-        from cl_tool.errors import IncompatibleError
-        from cl_tool.safetensors_io import load_tensors
-
-        if not self.path.exists():
-            return None
-        tensors, meta = load_tensors(self.path, "Resume state")
-        if meta.get("cl_tool.resume") != "1":
-            from cl_tool.errors import BadInputError
-
-            raise BadInputError(f"{self.path} is not a cl-tool resume state; remove it or pass another --state-file.")
-        if meta.get("fingerprint") != self.fingerprint:
-            raise IncompatibleError(f"Resume state {self.path} was written for another input checkpoint (fingerprint {meta.get('fingerprint')} vs {self.fingerprint}); delete it to start afresh.")
-        saved_cfg = json.loads(meta.get("config", "{}"))
-        if saved_cfg != json.loads(json.dumps(self.config, sort_keys=True)):
-            diff = sorted(k for k in set(saved_cfg) | set(self.config) if saved_cfg.get(k) != self.config.get(k))
-            raise IncompatibleError(f"Resume state {self.path} was written with other training options ({', '.join(diff)}); rerun with the same options or delete it.")
-        pos = json.loads(meta["position"])
-        opt_meta = json.loads(meta["optimizer"])
-        state = {}
-        for idx, keys in opt_meta["state_keys"].items():
-            state[int(idx)] = {k: (tensors[f"opt/{idx}/{k}"] if is_t else tensors[f"opt/{idx}/{k}"].item()) for k, is_t in keys}
-        scaler = json.loads(meta.get("scaler", "null"))
-        return {**pos, "model": {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
-                "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]}, "scaler": scaler,
-                "rng": tensors["rng/torch"], "si": {k[len("si/"):]: v for k, v in tensors.items() if k.startswith("si/")} or None,
-                "epochs": json.loads(meta.get("epochs", "[]"))}
-
-    def remove(self) -> None:
-        import contextlib
-
-        with contextlib.suppress(OSError):
-            self.path.unlink()

@@ -98,3 +98,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def anchored(tmp_path_factory, demo_dir):
+    """A trained MLP with a Fisher sidecar beside it."""
+    from cl_tool.cli import main
+
+    d = tmp_path_factory.mktemp("anch")
+    a0, a = d / "a0.safetensors", d / "a.safetensors"
+    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+                 ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a],
+                 ["importance", a, "--data", demo_dir, "--method", "fisher", "--device", "cpu", "--samples", "600"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(x) for x in argv])
+        assert exc.value.code == 0
+    return a

@@ -362,6 +362,8 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
      lambda c: ["importance", c.ck, "--device", "cpu", "-o", c.d / "i.safetensors", "--data", c.arrays("big", _flat(784), [1, 2, 3, 12])]),
     ("data-label-negative-train-next", 4, "negative label -1",
      lambda c: ["train-next", c.ck, "--device", "cpu", "-o", c.out, "--data", c.arrays("neg", _flat(784), [0, -1, 2, 3])]),
+    ("data-label-too-large-evaluate", 4, "outside the model's 10 classes",
+     lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.dataset("fifteen", _demo(30, classes=15, seed=2))]),
     ("data-label-not-integer", 3, "not an integer class id",
      lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.arrays("flt", _flat(784), [0.0, 1.5, 2.0, 3.0])]),
     ("data-empty-saved-dataset", 3, "empty dataset",
@@ -538,10 +540,10 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
      lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--fail-over-forgetting", "inf"]),
     ("num-mean-nan", 2, "must be finite numbers", lambda c: ["init", "--arch", "mlp", "--mean", "nan", "-o", c.out]),
     ("num-std-zero", 2, "--std values must be positive", lambda c: ["init", "--arch", "mlp", "--std", "0", "-o", c.out]),
-    ("num-seed-huge", 2, "--seed must be an integer from 0", lambda c: _tn(c, "-o", c.out, "--seed", str(2**70))),
-    ("num-seed-negative", 2, "--seed must be an integer from 0", lambda c: ["init", "--arch", "mlp", "--seed", "-1", "-o", c.out]),
-    ("num-permute-huge", 2, "--permute must be an integer from 0", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--permute", str(2**64)]),
-    ("num-permute-inline-negative", 2, "permute must be a seed", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.data},permute=-3"]),
+    ("num-seed-huge", 2, "--seed must be in [0, 4294967295]", lambda c: _tn(c, "-o", c.out, "--seed", str(2**70))),
+    ("num-seed-negative", 2, "--seed must be in [0, 4294967295]", lambda c: ["init", "--arch", "mlp", "--seed", "-1", "-o", c.out]),
+    ("num-permute-huge", 2, "--permute must be an integer from", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--permute", str(2**64)]),
+    ("num-permute-inline-negative", 2, "permute must be a non-negative number", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", f"{c.data},permute=-3"]),
     ("num-epochs-huge", 2, "--epochs must be an integer", lambda c: _tn(c, "-o", c.out, "--epochs", str(2**64))),
     ("num-batch-size-huge", 2, "--batch-size must be an integer", lambda c: ["evaluate", c.ck, "--device", "cpu", "--data", c.data, "--batch-size", str(2**63)]),
     ("num-samples-huge", 2, "--samples must be an integer", lambda c: ["importance", c.ck, "--device", "cpu", "--data", c.data, "--samples", str(2**70)]),
@@ -614,7 +616,7 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
     ("config-given-twice", 2, "--config was given 2 times",
      lambda c: ["evaluate", c.ck, "--data", c.data, "--config", c.file("a.toml", b"batch-size = 8\n"), "--config", c.file("b.toml", b"batch-size = 9\n")]),
     # ---- demo-data ----
-    ("demo-data-zero-train", 2, "between 1 and 1,000,000", lambda c: ["demo-data", c.d / "demo", "--train", "0"]),
+    ("demo-data-zero-train", 2, "--train must be in [1, 1000000]", lambda c: ["demo-data", c.d / "demo", "--train", "0"]),
     ("demo-data-parent-missing", 6, "does not exist", lambda c: ["demo-data", c.d / "x" / "y" / "demo"]),
 ]
 
@@ -720,3 +722,12 @@ def test_flat_arrays_of_exactly_chw_values_are_reshaped(ctx):
     path = ctx.arrays("flat", _flat(784, 0.5), [0, 1, 2, 3])
     r = ctx.cli("evaluate", ctx.ck, "--data", path, "--device", "cpu")
     assert r.code == 0, r.err
+
+
+def test_missing_relative_data_folder_is_a_path_not_a_hub_id(ctx, monkeypatch):
+    """`runs/task_b` looks like a hub id (owner/name), but ./runs exists here: it is a missing path (exit 3)."""
+    (ctx.d / "runs").mkdir()
+    monkeypatch.chdir(ctx.d)
+    r = expect_failure(ctx, ["evaluate", ctx.ck, "--data", "runs/task_b", "--device", "cpu"], 3, "runs/task_b does not exist")
+    assert "Hub" not in r.error_line
+

@@ -133,7 +133,7 @@ def _interrupt_training(signum):
 def _injected_bug(cli, d, ck, demo, monkeypatch):
     import cl_tool.workflows.prune as wf
 
-    def boom(args):
+    def boom(args, out):
         raise RuntimeError("injected failure for the test")
 
     monkeypatch.setattr(wf, "run_prune", boom)
@@ -143,7 +143,7 @@ def _injected_bug(cli, d, ck, demo, monkeypatch):
 def _keyboard_interrupt(cli, d, ck, demo, monkeypatch):
     import cl_tool.workflows.evaluate as wf
 
-    def ctrl_c(args):
+    def ctrl_c(args, out):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(wf, "run_evaluate", ctrl_c)
@@ -201,7 +201,7 @@ def test_debug_shows_the_traceback_in_process(cli, ws, monkeypatch):
     d, ck = ws
     import cl_tool.workflows.prune as wf
 
-    monkeypatch.setattr(wf, "run_prune", lambda args: (_ for _ in ()).throw(RuntimeError("injected failure for the test")))
+    monkeypatch.setattr(wf, "run_prune", lambda args, out: (_ for _ in ()).throw(RuntimeError("injected failure for the test")))
     with pytest.raises(RuntimeError, match="injected failure"):  # --debug lets the exception through
         cli("--debug", "prune", ck, "--by", "magnitude", "--sparsity", "0.5", "-o", d / "p.safetensors")
 
@@ -210,7 +210,7 @@ _BUGGY_MAIN = textwrap.dedent("""
     import sys
     import cl_tool.workflows.prune as wf
 
-    def boom(args):
+    def boom(args, out):
         raise RuntimeError("injected failure for the test")
 
     wf.run_prune = boom

@@ -108,9 +108,9 @@ def test_gate():
     assert gate(s) is None
     assert gate(s, fail_under_acc=0.8, fail_over_forgetting=0.25) is None
     r = gate(s, fail_under_acc=0.85)
-    assert r is not None and "0.825" in r and "--fail-under-acc" in r and "\n" not in r
+    assert r is not None and "0.825" in r and "fail_under_acc" in r and "\n" not in r
     r = gate(s, fail_over_forgetting=0.1)
-    assert r is not None and "0.2" in r and "--fail-over-forgetting" in r
+    assert r is not None and "0.2" in r and "fail_over_forgetting" in r
     r = gate(s, fail_under_acc=0.9, fail_over_forgetting=0.1)
     assert r.count(";") == 1 and r.endswith(".")
     # Forgetting undefined with a single stage: the forgetting gate passes.

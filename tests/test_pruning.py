@@ -5,10 +5,10 @@ import torch
 
 import cl_tool.pruning as P
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.models import classifier_param_names
 from cl_tool.pruning import (
     DEFAULT_EXCLUDE,
     apply_masks,
-    classifier_param_names,
     global_masks,
     layer_masks,
     num_to_prune,
@@ -87,14 +87,15 @@ def test_num_to_prune_rounds_half_up_on_the_decimal(n, s, k):
 def test_bad_sparsity(bad):
     scores = tie_scores(0)
     for fn in (global_masks, layer_masks):
-        with pytest.raises(UsageError, match=r"--sparsity must be"):
+        with pytest.raises(UsageError, match=r"sparsity must be"):
             fn(scores, bad)
 
 
 def test_bad_sparsity_message():
     with pytest.raises(UsageError) as exc:
         global_masks(tie_scores(0), 1.5)
-    assert exc.value.message == "--sparsity must be in [0, 1), got 1.5."
+    assert exc.value.message == "$sparsity must be in [0, 1), got 1.5."  # the CLI names the flag: --sparsity
+    assert str(exc.value) == "sparsity must be in [0, 1), got 1.5."
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -283,9 +284,9 @@ def test_select_vit_patterns(vit):
     assert got == [f"blocks.{i}.{n}.weight" for i in range(10) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     got = select_prunable(params, exclude=["*.mlp.*"])
     assert got and all(".attn." in n for n in got)
-    with pytest.raises(UsageError, match="--include pattern 'blokcs.*'"):
+    with pytest.raises(UsageError, match="include pattern 'blokcs.*'"):
         select_prunable(params, include=["blokcs.*"])
-    with pytest.raises(UsageError, match="--exclude"):
+    with pytest.raises(UsageError, match="exclude"):
         select_prunable(params, exclude=["nope"])
     with pytest.raises(UsageError, match="No parameter"):
         select_prunable(params, exclude=["blocks.*"])

@@ -1,7 +1,9 @@
 """The ``cl-tool`` command line: one module per command, one error path for all of them.
 
-Importing this package must not import torch, timm or datasets (``cl-tool --help`` stays
-fast); the command functions import them inside.
+The commands are built from the workflows' arguments dataclasses (:mod:`cl_tool.cli.build`); this
+module registers them, reads ``--config`` files, and turns every known failure into one sentence
+(``$name`` placeholders rendered as the command's flags) and its exit code. Importing this package
+must not import torch, timm or datasets (``cl-tool --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 
 import typer
 
-from cl_tool import __version__
-from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED_INT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
+from cl_tool import __version__, distributed
+from cl_tool.cli.build import QUIET, command, name_of
+from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
 
 app = typer.Typer(
     name="cl-tool",
@@ -49,22 +52,19 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout with --json)."),
 ):
     """cl-tool: continual learning with stabilized EWC, importances and pruning from the shell."""
-    from cl_tool.output import set_quiet
+    QUIET[0] = quiet
 
-    set_quiet(quiet)
+
+COMMANDS = {"init": "init", "train-next": "train_next", "importance": "importance", "evaluate": "evaluate", "prune": "prune",
+            "info": "info", "demo-data": "demo_data"}
 
 
 def _register() -> None:
-    from cl_tool.cli import demo, evaluate, importance, info, init, prune, train
-    from cl_tool.cli._common import checked_numbers
+    import importlib
 
-    app.command("init", epilog=init.EPILOG)(checked_numbers(init.init))
-    app.command("train-next", epilog=train.EPILOG)(checked_numbers(train.train_next))
-    app.command("importance", epilog=importance.EPILOG)(checked_numbers(importance.importance))
-    app.command("evaluate", epilog=evaluate.EPILOG)(checked_numbers(evaluate.evaluate))
-    app.command("prune", epilog=prune.EPILOG)(checked_numbers(prune.prune))
-    app.command("info", epilog=info.EPILOG)(checked_numbers(info.info))
-    app.command("demo-data", epilog=demo.EPILOG)(checked_numbers(demo.demo_data))
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"cl_tool.cli.{module_name}")
+        app.command(name, epilog=module.EPILOG)(command(name, module.ARGS, module.RUN, module.HELP))
 
 
 _register()
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--quiet"] + [a for a in argv if a not in ("-q", "--quiet")]
     argv = [a for a in argv if a != "--debug"]
     code = 0
+    cmd_name = None
     try:
         group = _command_tree()
         extra: dict[str, Any] = {}
@@ -179,12 +180,12 @@ def main(argv: list[str] | None = None) -> None:
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
         rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
         code = rv if isinstance(rv, int) else 0
-        if code == EXIT_INTERRUPTED_INT:  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
+        if code == EXIT_SIGINT:  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
             _print_error("Interrupted by Ctrl-C; nothing was written.")
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
-        code = EXIT_INTERRUPTED_INT
+        code = EXIT_SIGINT
     except click.exceptions.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         _print_error(exc.format_message().rstrip(".") + hint + ".")
@@ -198,18 +199,18 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         if exc.message:
-            _print_error(exc.message)
+            _print_error(exc.render(name_of(cmd_name)))
         code = _stdout_gone() if isinstance(exc, StdoutGone) else exc.exit_code
     except KeyboardInterrupt:
         _print_error("Interrupted; nothing was written.")
-        code = EXIT_INTERRUPTED_INT
+        code = EXIT_SIGINT
     except Exception as exc:  # noqa: BLE001 - last resort: one sentence unless --debug
         if debug:
             raise
         _print_error(f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback.")
         code = EXIT_INTERNAL
     finally:
-        _shutdown_distributed()
+        distributed.shutdown()
     try:
         sys.stdout.flush()
     except (BrokenPipeError, OSError):
@@ -271,14 +272,4 @@ def _print_error(message: str) -> None:
         pass
 
 
-def _shutdown_distributed() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-__all__ = ["app", "main", "EXIT_USAGE"]
+__all__ = ["app", "main", "config_default_map"]

@@ -1,158 +1,24 @@
 """Weight importances for EWC-style regularisation and pruning (Kutalev & Lapina 2021).
 
-Public API (used by the CLI):
-
-* :func:`importance_sums` — Σₙ of a per-sample statistic for every trainable parameter, and N.
-* :func:`finalize_importance` — turns sums into importances (mean for fisher/mas).
-* :func:`compute_importance` — both in one call.
-* :class:`SIAccumulator` — Synaptic Intelligence, accumulated during training.
-
-Methods (per sample n, ℓₙ the per-sample loss, gₙ = ∂ℓₙ/∂θ, see ``losses``):
-
-* ``fisher``: Σₙ gₙ² with ℓₙ = −log p(yₙ|xₙ); y = true label (``empirical``), a label drawn from
-  the model's softmax (``sampled``), or all labels weighted by p(y|x) (``exact``). Finalised:
-  the mean over samples (nats² per parameter-unit²).
-* ``mas``: Σₙ |gₙ| with ℓₙ = ‖o(xₙ)‖₂², o = logits or softmax. Finalised: the mean.
-* ``signal`` (paper §4): |w|·(total absolute input signal that reached w over the data), bias:
-  total absolute pre-activation output; a total, not a mean (see ``rules`` for each layer).
-* ``magnitude``: |w|; needs no data (count 0).
-
-The exact per-sample engine is described in ``engine`` (hooks + layer rules + exact fallback).
-All statistics are accumulated in float32 and returned on the CPU, whatever ``precision`` the
-forward pass ran in. The model's ``.grad`` fields are not touched.
+The names of methods and options are defined here without importing torch (the CLI declares its
+options from them); the functions are imported from :mod:`cl_tool.importance.api` on first use:
+:func:`importance_sums`, :func:`finalize_importance`, :func:`compute_importance` and
+:class:`SIAccumulator`. See ``api`` for the definitions of the statistics.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from functools import partial
-from typing import Callable, Iterable
+METHODS = ("fisher", "mas", "signal", "magnitude")  # computed from data (or weights); "si" is collected while training
+FISHER_LABELS = ("empirical", "sampled", "exact")
+MAS_OUTPUTS = ("logits", "softmax")
 
-import torch
-from torch import nn
-
-from cl_tool.errors import BadInputError, UsageError
-from cl_tool.importance.checks import check_finite
-from cl_tool.importance.engine import GradEngine, SignalEngine
-from cl_tool.importance.losses import LossSpec
-from cl_tool.importance.si import SIAccumulator
-
-METHODS = ("fisher", "mas", "signal", "magnitude")  # "si" is handled by SIAccumulator
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-__all__ = ["METHODS", "importance_sums", "finalize_importance", "compute_importance", "SIAccumulator"]
+_API = ("importance_sums", "finalize_importance", "compute_importance", "SIAccumulator")
+__all__ = ["METHODS", "FISHER_LABELS", "MAS_OUTPUTS", *_API]
 
 
-def _check_method(method: str) -> None:
-    if method == "si":
-        raise UsageError("SI importances are accumulated during training (SIAccumulator), not computed from data afterwards.")
-    if method not in METHODS:
-        raise UsageError(f"Unknown importance method {method!r}; use one of {', '.join(METHODS)}.")
+def __getattr__(name: str):
+    if name in _API:
+        from cl_tool.importance import api
 
-
-def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise UsageError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-@contextmanager
-def _eval_on(model: nn.Module, device: torch.device):
-    """Eval mode and ``device`` for the block; every module's mode and the device restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    first = next(model.parameters(), None)
-    old_device = first.device if first is not None else device
-    move = not _same_device(old_device, device)
-    model.eval()
-    if move:
-        model.to(device)
-    try:
-        yield
-    finally:
-        if move:
-            model.to(old_device)
-        for m, mode in modes:
-            m.training = mode
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` (the current device) count as the same."""
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index
-
-
-def _batch_tensors(batch, device: torch.device):
-    try:
-        x, y = batch
-    except (TypeError, ValueError) as exc:
-        raise BadInputError("Each batch must be a pair (inputs, labels).") from exc
-    return x.to(device, non_blocking=True), (y.to(device) if isinstance(y, torch.Tensor) else y)
-
-
-def importance_sums(model: nn.Module, batches: Iterable, method: str, *, fisher_labels: str = "empirical",
-                    mas_output: str = "logits", device="cpu", precision: str = "fp32", memory_budget_mb: float = 512,
-                    generator: torch.Generator | None = None,
-                    progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Σₙ of the per-sample statistic of ``method`` for every trainable parameter, and N.
-
-    ``batches`` yields (x, y): x already normalised, y int64 labels (used by fisher/empirical
-    only). Results are float32 CPU tensors keyed by ``model.named_parameters()`` names (frozen
-    parameters are left out). ``memory_budget_mb`` bounds the per-sample gradient tensors that
-    are materialised at once (activations of one batch come on top). The model runs in eval mode
-    (BatchNorm on running statistics, dropout off) on ``device``; its modes and device are
-    restored afterwards. ``progress(n)`` is called after each batch with its sample count.
-    Raises BadInputError naming the parameter if a result is not finite.
-    """
-    _check_method(method)
-    device = torch.device(device)
-    if method == "magnitude":
-        return check_finite({n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}), 0
-    autocast = _autocast(device, precision)
-    spec = None if method == "signal" else LossSpec(method, fisher_labels, mas_output)
-    if not float(memory_budget_mb) > 0:
-        raise UsageError(f"The memory budget must be positive, got {memory_budget_mb} MB.")
-    budget = max(1, int(float(memory_budget_mb) * (1 << 20)))
-    count = 0
-    with _eval_on(model, device):
-        if spec is None:
-            engine = SignalEngine(model, autocast=autocast)
-        else:
-            engine = GradEngine(model, spec, autocast=autocast, budget_bytes=budget, generator=generator)
-        for batch in batches:
-            x, y = _batch_tensors(batch, device)
-            if x.shape[0] == 0:
-                continue
-            if method == "signal":
-                engine.add_batch(x)
-            else:
-                engine.add_batch(x, y)
-            count += x.shape[0]
-            if progress is not None:
-                progress(x.shape[0])
-        sums = engine.result() if method == "signal" else engine.sums
-    return check_finite({n: t.float().cpu() for n, t in sums.items()}), count
-
-
-def finalize_importance(sums: dict[str, torch.Tensor], count: int, method: str) -> dict[str, torch.Tensor]:
-    """Importances from sums: fisher/mas → sums / N (per-sample mean); signal and magnitude → as is."""
-    _check_method(method)
-    if method in ("fisher", "mas"):
-        if count <= 0:
-            raise BadInputError(f"No samples were seen, so the {method} importance is undefined; give a non-empty dataset.")
-        out = {n: t.float() / float(count) for n, t in sums.items()}
-    else:
-        out = {n: t.float().clone() for n, t in sums.items()}
-    return check_finite(out)
-
-
-def compute_importance(model: nn.Module, batches: Iterable, method: str, **kwargs) -> dict[str, torch.Tensor]:
-    """``finalize_importance(*importance_sums(model, batches, method, **kwargs), method)``."""
-    sums, count = importance_sums(model, batches, method, **kwargs)
-    return finalize_importance(sums, count, method)
+        return getattr(api, name)
+    raise AttributeError(f"module 'cl_tool.importance' has no attribute {name!r}")

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 
-FISHER_LABELS = ("empirical", "sampled", "exact")
-MAS_OUTPUTS = ("logits", "softmax")
+from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS
 GRAD_METHODS = ("fisher", "mas")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cl_tool.importance import _eval_on
+from cl_tool.importance.api import _eval_on
 from cl_tool.importance.engine import SignalEngine
 from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses, stat_fn, wide, wide_dtype
 

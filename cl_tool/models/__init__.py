@@ -141,7 +141,7 @@ def build_model(spec: ModelSpec):
         try:
             return _BUILTIN[spec.arch](tuple(spec.input_shape), spec.num_classes, **spec.kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:  # e.g. sizes=784,abc,10 or a negative width
-            raise UsageError(f"Invalid --arch-arg for {spec.arch}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from exc
+            raise UsageError(f"Invalid $arch_arg for {spec.arch}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from exc
     import timm
 
     if not timm.is_model(spec.arch):
@@ -169,7 +169,7 @@ def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int,
 
     if not timm.is_model(arch):
         raise UsageError(
-            f"--arch {arch!r} is unknown: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
+            f"$arch {arch!r} is unknown: use a built-in ({', '.join(builtin_names())}) or a timm model name (see `timm.list_models()`)."
         )
     cfg = {}
     try:
@@ -181,6 +181,68 @@ def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int,
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
     if len(mean) != c:
-        mean, std = (0.5,) * c, (0.5,) * c
+        mean, std = default_normalisation(c)
     return ModelSpec(arch=arch, kwargs=kwargs, input_shape=tuple(shape), num_classes=num_classes or int(cfg.get("num_classes", 1000)),
                      mean=mean, std=std, source="timm")
+
+
+def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) when a model's statistics do not fit its channel count (e.g. timm's RGB stats for grey input)."""
+    return (0.5,) * channels, (0.5,) * channels
+
+
+def trainable_parameters(model) -> dict[str, Any]:
+    """name → parameter for the parameters that require gradients, in ``named_parameters()`` order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def classifier_param_names(model) -> tuple[str, ...]:
+    """Names of the classifier's parameters of ``model`` (for ``classifier_names``).
+
+    Uses timm's ``model.get_classifier()`` when the model has it (a parameter-less head,
+    e.g. ``num_classes=0``, gives ``()``); otherwise the last ``nn.Linear`` in
+    ``named_modules()`` order; ``()`` if there is none.
+    """
+    import torch
+
+    head = None
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        head = getter()
+        if not isinstance(head, torch.nn.Module):
+            return ()
+    else:
+        for _, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                head = mod
+    if head is None:
+        return ()
+    prefix = None
+    for mod_name, mod in model.named_modules():
+        if mod is head:
+            prefix = mod_name
+            break
+    if prefix is None:
+        return ()
+    if prefix == "":
+        return tuple(n for n, _ in model.named_parameters())
+    return tuple(n for n, _ in model.named_parameters() if n.startswith(prefix + "."))
+
+
+def parse_input_shape(text: str | None, name: str = "input_shape") -> tuple[int, int, int] | None:
+    """``"1x28x28"`` (or ``1,28,28``) → (C, H, W); errors name ``$name``."""
+    from cl_tool.errors import UsageError
+
+    if text is None:
+        return None
+    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise UsageError(f"${name} {text!r} is not of the form CxHxW, e.g. 1x28x28.") from exc
+    if len(values) != 3 or min(values) < 1:
+        raise UsageError(f"${name} {text!r} is not of the form CxHxW with positive sizes, e.g. 1x28x28.")
+    if math.prod(values) > MAX_INPUT_VALUES:
+        raise UsageError(f"${name} {text!r} has {math.prod(values):,} values per sample, more than cl-tool's limit of {MAX_INPUT_VALUES:,}; check the sizes.")
+    return values  # type: ignore[return-value]
+

@@ -46,11 +46,11 @@ def mlp(input_shape, num_classes, sizes="784,300,150,10", negative_slope: float 
     sizes = _parse_sizes(sizes)
     d_in = math.prod(input_shape)
     if len(sizes) < 2:
-        raise UsageError("--arch-arg sizes= needs at least two widths (input and output), e.g. sizes=784,300,150,10.")
+        raise UsageError("$arch_arg sizes= needs at least two widths (input and output), e.g. sizes=784,300,150,10.")
     if sizes[0] != d_in:
         raise UsageError(f"mlp sizes start with {sizes[0]} but the input shape {'x'.join(map(str, input_shape))} has {d_in} values; make them agree.")
     if sizes[-1] != num_classes:
-        raise UsageError(f"mlp sizes end with {sizes[-1]} but --num-classes is {num_classes}; make them agree.")
+        raise UsageError(f"mlp sizes end with {sizes[-1]} but $num_classes is {num_classes}; make them agree.")
     return MLP(sizes, float(negative_slope))
 
 
@@ -82,7 +82,7 @@ def cnn(input_shape, num_classes, widths="64,128,256", negative_slope: float = 0
 
     widths = _parse_sizes(widths)
     if len(widths) != 3:
-        raise UsageError("--arch-arg widths= needs three channel counts, e.g. widths=64,128,256.")
+        raise UsageError("$arch_arg widths= needs three channel counts, e.g. widths=64,128,256.")
     c, h, w = input_shape
     if h < 12 or w < 12:
         raise UsageError(f"cnn needs images of at least 12x12 pixels, the input shape is {h}x{w}.")

@@ -1,48 +1,46 @@
-"""What ``cl-tool evaluate`` does, separated from option parsing."""
+"""``cl-tool evaluate``: accuracy of checkpoints on tasks, and the continual-learning summaries."""
 
 from __future__ import annotations
 
-import csv as csv_mod
+import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.errors import GateFailed, UsageError
-from cl_tool.output import emit_json, log, print_table
+from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
+from cl_tool.errors import GateFailed
+from cl_tool.output import Output
+from cl_tool.params import Args, argument, config_option, force_option, group, option
+from cl_tool.runtime import device_option, precision_option
 
 
-@dataclass
-class EvaluateArgs:
-    checkpoints: list[Path]
-    data: list[str]
-    batch_size: int = 512
-    device: str = "auto"
-    precision: str = "fp32"
-    csv: Optional[Path] = None
-    plot: Optional[Path] = None
-    fail_under_acc: Optional[float] = None
-    fail_over_forgetting: Optional[float] = None
-    split: Optional[str] = None
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    permute: Optional[int] = None
-    rotate: Optional[float] = None
-    invert: bool = False
-    limit: Optional[int] = None
-    force: bool = False
-    json_out: bool = False
-    config: Optional[Path] = None
+@dataclass(kw_only=True)
+class EvaluateArgs(Args):
+    checkpoints: list[Path] = argument(metavar="CHECKPOINT...", help="Checkpoints in stage order (after task 1, after task 2, ...).")
+    data: list[str] = option(..., "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
+    batch_size: int = option(512, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
+    device: str = device_option()
+    precision: str = precision_option()
+    csv: Optional[Path] = option(None, "--csv", metavar="FILE", help="Also write checkpoint,task,accuracy,loss rows to FILE.")
+    plot: Optional[Path] = option(None, "--plot", metavar="FILE", help="Draw the accuracy matrix and per-task curves to FILE.png (needs matplotlib).")
+    fail_under_acc: Optional[float] = option(None, "--fail-under-acc", metavar="X", low=0, high=1,
+                                             help="Exit 8 if the average accuracy after the last stage is below X.")
+    fail_over_forgetting: Optional[float] = option(None, "--fail-over-forgetting", metavar="Y", low=0, high=1,
+                                                   help="Exit 8 if the average forgetting is above Y.")
+    data_options: DataOptions = group(DataOptions)
+    force: bool = force_option()
+    config: Optional[Path] = config_option()
 
 
-def accuracy_matrix(checkpoints, specs, *, device, batch_size: int, precision: str):
-    """R[i][j], loss[i][j] for checkpoint i on task j, and the task names; data loaded once per input format."""
-    from cl_tool.training import evaluate_task
-    from cl_tool.workflows.common import load_model, load_tasks
+def accuracy_matrix(checkpoints, specs, *, device, batch_size: int, precision: str) -> tuple[list, list, list[str]]:
+    """R[i][j] and loss[i][j] for checkpoint i on task j, and the task names; each task is loaded once per input format."""
+    from cl_tool.checkpoint import load_model
+    from cl_tool.data import check_labels, load_tasks
+    from cl_tool.evaluation import evaluate_task
 
     cache: dict[Any, list] = {}
-    acc, loss = [], []
-    names: list[str] = []
+    acc, loss, names = [], [], []
     for path in checkpoints:
         ckpt, model = load_model(path)
         model.to(device)
@@ -51,16 +49,14 @@ def accuracy_matrix(checkpoints, specs, *, device, batch_size: int, precision: s
             cache[key] = load_tasks(specs, ckpt.spec)
         tasks = cache[key]
         names = [t.spec.name for t in tasks]
-        row_a, row_l = [], []
-        for t in tasks:
-            from cl_tool.data import check_labels
-
-            check_labels(t, ckpt.spec.num_classes)
-            a, l = evaluate_task(model, t.x, t.y, device=device, batch_size=batch_size, precision=precision)
-            row_a.append(a)
-            row_l.append(l)
-        acc.append(row_a)
-        loss.append(row_l)
+        row_acc, row_loss = [], []
+        for task in tasks:
+            check_labels(task, ckpt.spec.num_classes)
+            a, l = evaluate_task(model, task.x, task.y, device=device, batch_size=batch_size, precision=precision)
+            row_acc.append(a)
+            row_loss.append(l)
+        acc.append(row_acc)
+        loss.append(row_loss)
     return acc, loss, names
 
 
@@ -68,82 +64,61 @@ def _dedupe(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for n in names:
-        if n in seen:
-            seen[n] += 1
-            out.append(f"{n}#{seen[n]}")
-        else:
-            seen[n] = 1
-            out.append(n)
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
     return out
-
-
-def run_evaluate(a: EvaluateArgs) -> dict[str, Any]:
-    from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
-    from cl_tool.workflows.common import register_data
-    from cl_tool.cli._common import data_specs
-    from cl_tool.metrics import cl_summary, gate
-    from cl_tool.training import PRECISIONS, resolve_device
-
-    if not a.checkpoints:
-        raise UsageError("evaluate needs at least one checkpoint.")
-    if not a.data:
-        raise UsageError("evaluate needs at least one --data.")
-    if a.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {a.batch_size}.")
-    if a.precision not in PRECISIONS:
-        raise UsageError(f"--precision {a.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-    for opt, val in (("--fail-under-acc", a.fail_under_acc), ("--fail-over-forgetting", a.fail_over_forgetting)):
-        if val is not None and not (0.0 <= val <= 1.0):
-            raise UsageError(f"{opt} must be in [0, 1], got {val}.")
-    specs = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
-                       rotate=a.rotate, invert=a.invert, limit=a.limit)
-    roles = FileRoles(force=a.force)
-    for path in a.checkpoints:
-        roles.input(path, "the checkpoint")
-    roles.input(a.config, "--config")
-    register_data(roles, specs, "--data")
-    roles.output(a.csv, "--csv")
-    roles.output(a.plot, "--plot")
-    roles.check()
-    device = resolve_device(a.device)
-    acc, loss, names = accuracy_matrix(a.checkpoints, specs, device=device, batch_size=a.batch_size, precision=a.precision)
-    names = _dedupe(names)
-    stages = [str(p) for p in a.checkpoints]
-    summary = cl_summary(acc)
-    result = {"checkpoints": stages, "tasks": names, "accuracy": acc, "loss": loss, "summary": summary}
-
-    print_table("accuracy (rows: checkpoints, columns: tasks)", ["checkpoint"] + names, [[s] + r for s, r in zip(stages, acc)])
-    parts = [f"average accuracy {summary['average_accuracy']:.4f}"]
-    if summary.get("bwt") is not None:
-        parts.append(f"BWT {summary['bwt']:+.4f}")
-    if summary.get("average_forgetting") is not None:
-        parts.append(f"average forgetting {summary['average_forgetting']:.4f}")
-    if summary.get("learning_accuracy") is not None:
-        parts.append(f"learning accuracy {summary['learning_accuracy']:.4f}")
-    log("; ".join(parts) + ".")
-    with all_or_nothing() as wrote:
-        if a.csv is not None:
-            write_text_atomic(a.csv, _csv_text(stages, names, acc, loss), force=a.force)
-            wrote(a.csv)
-        if a.plot is not None:
-            from cl_tool.plots import plot_accuracy_matrix
-
-            plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, a.plot, force=a.force)
-            wrote(a.plot)
-    if a.json_out:
-        emit_json(result)
-    reason = gate(summary, fail_under_acc=a.fail_under_acc, fail_over_forgetting=a.fail_over_forgetting)
-    if reason:
-        raise GateFailed(reason)
-    return result
 
 
 def _csv_text(stages, names, acc, loss) -> str:
     """checkpoint,task,accuracy,loss rows."""
     buf = io.StringIO()
-    w = csv_mod.writer(buf)
-    w.writerow(["checkpoint", "task", "accuracy", "loss"])
-    for s, ra, rl in zip(stages, acc, loss):
-        for n, x, l in zip(names, ra, rl):
-            w.writerow([s, n, f"{x:.6f}", f"{l:.6f}"])
+    writer = csv.writer(buf)
+    writer.writerow(["checkpoint", "task", "accuracy", "loss"])
+    for stage, row_acc, row_loss in zip(stages, acc, loss):
+        for name, a, l in zip(names, row_acc, row_loss):
+            writer.writerow([stage, name, f"{a:.6f}", f"{l:.6f}"])
     return buf.getvalue()
+
+
+def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
+    """The accuracy matrix of ``args.checkpoints`` on the tasks ``args.data``, its summaries, optional CSV/plot and gates."""
+    from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
+    from cl_tool.data import local_paths, task_specs
+    from cl_tool.metrics import cl_summary, gate
+    from cl_tool.runtime import resolve_device
+
+    specs = task_specs(args.data, args.data_options)
+    roles = FileRoles(force=args.force)
+    for path in args.checkpoints:
+        roles.input(path, "the checkpoint")
+    roles.input(args.config, "$config")
+    for path in local_paths(specs):
+        roles.input(path, "$data")
+    roles.output(args.csv, "$csv")
+    roles.output(args.plot, "$plot")
+    roles.check()
+    device = resolve_device(args.device)
+    acc, loss, names = accuracy_matrix(args.checkpoints, specs, device=device, batch_size=args.batch_size, precision=args.precision)
+    names = _dedupe(names)
+    stages = [str(p) for p in args.checkpoints]
+    summary = cl_summary(acc)
+    out.table("accuracy (rows: checkpoints, columns: tasks)", ["checkpoint"] + names, [[s] + r for s, r in zip(stages, acc)])
+    parts = [f"average accuracy {summary['average_accuracy']:.4f}"]
+    for key, text in (("bwt", "BWT {:+.4f}"), ("average_forgetting", "average forgetting {:.4f}"), ("learning_accuracy", "learning accuracy {:.4f}")):
+        if summary.get(key) is not None:
+            parts.append(text.format(summary[key]))
+    out.log("; ".join(parts) + ".")
+    with all_or_nothing() as wrote:
+        if args.csv is not None:
+            write_text_atomic(args.csv, _csv_text(stages, names, acc, loss), force=args.force)
+            wrote(args.csv)
+        if args.plot is not None:
+            from cl_tool.plots import plot_accuracy_matrix
+
+            plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, args.plot, force=args.force)
+            wrote(args.plot)
+    result = out.result({"checkpoints": stages, "tasks": names, "accuracy": acc, "loss": loss, "summary": summary})
+    reason = gate(summary, fail_under_acc=args.fail_under_acc, fail_over_forgetting=args.fail_over_forgetting)
+    if reason:
+        raise GateFailed(reason)
+    return result

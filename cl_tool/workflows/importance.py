@@ -1,82 +1,56 @@
-"""What ``cl-tool importance`` does, separated from option parsing."""
+"""``cl-tool importance``: the importances Ω of a checkpoint's parameters on a task, written to a sidecar."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import UsageError
-from cl_tool.output import Progress, emit_json, log, print_table
-
-METHODS = ("fisher", "mas", "signal", "magnitude", "si")
-FISHER_LABELS = ("empirical", "sampled", "exact")
-MAS_OUTPUTS = ("logits", "softmax")
-
-
-@dataclass
-class ImportanceArgs:
-    checkpoint: Path
-    data: list[str] = field(default_factory=list)
-    method: str = "fisher"
-    fisher_labels: str = "empirical"
-    mas_output: str = "logits"
-    output: Optional[Path] = None
-    accumulate: Optional[Path] = None
-    decay: float = 1.0
-    samples: Optional[int] = None
-    batch_size: int = 256
-    memory_budget_mb: int = 512
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    split: Optional[str] = None
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    permute: Optional[int] = None
-    rotate: Optional[float] = None
-    invert: bool = False
-    limit: Optional[int] = None
-    force: bool = False
-    json_out: bool = False
-    config: Optional[Path] = None
+from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS, METHODS
+from cl_tool.output import Output
+from cl_tool.params import Args, argument, config_option, force_option, group, option
+from cl_tool.runtime import device_option, precision_option, seed_option
 
 
-def _validate(a: ImportanceArgs) -> None:
-    from cl_tool.training import PRECISIONS
+@dataclass(kw_only=True)
+class ImportanceArgs(Args):
+    checkpoint: Path = argument(metavar="CHECKPOINT", help="Checkpoint whose parameters the importances belong to.")
+    data: list[str] = option([], "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
+    method: str = option("fisher", "--method", "-m", metavar="METHOD", choices=METHODS + ("si",),
+                         help="fisher, mas, signal, magnitude (si: see train-next --si-out).")
+    fisher_labels: str = option("empirical", "--fisher-labels", metavar="MODE", choices=FISHER_LABELS,
+                                help="empirical (true labels; the paper), sampled, or exact.")
+    mas_output: str = option("logits", "--mas-output", metavar="OUTPUT", choices=MAS_OUTPUTS, help="logits (MAS paper) or softmax (the paper's code).")
+    output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Sidecar to write (default <checkpoint stem>.importance.safetensors).")
+    accumulate: Optional[Path] = option(None, "--accumulate", metavar="PREV",
+                                        help="Add the new importances to those of a previous sidecar: Ω = γ·Ω_prev + Ω_new.")
+    decay: float = option(1.0, "--decay", metavar="γ", low=0, high=1, help="γ for --accumulate (1 = sum, the paper's rule; < 1 = online EWC).")
+    samples: Optional[int] = option(None, "--samples", metavar="N", low=1, help="Use at most N samples.")
+    batch_size: int = option(256, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
+    memory_budget_mb: int = option(512, "--memory-budget-mb", metavar="MB", low=1, help="Bound on the extra memory of per-sample gradient chunks.")
+    seed: int = seed_option()
+    device: str = device_option()
+    precision: str = precision_option()
+    data_options: DataOptions = group(DataOptions)
+    force: bool = force_option()
+    config: Optional[Path] = config_option()
 
-    if a.method == "si":
-        raise UsageError("SI importances can only be collected while training: run `cl-tool train-next ... --si-out FILE` for the task instead.")
-    if a.method not in METHODS:
-        raise UsageError(f"--method {a.method} is unknown; use one of {', '.join(METHODS)}.")
-    if a.fisher_labels not in FISHER_LABELS:
-        raise UsageError(f"--fisher-labels {a.fisher_labels} is unknown; use one of {', '.join(FISHER_LABELS)}.")
-    if a.mas_output not in MAS_OUTPUTS:
-        raise UsageError(f"--mas-output {a.mas_output} is unknown; use logits or softmax.")
-    if not (0.0 <= a.decay <= 1.0):
-        raise UsageError(f"--decay must be in [0, 1], got {a.decay}.")
-    if a.decay != 1.0 and a.accumulate is None:
-        raise UsageError("--decay only applies with --accumulate PREV; add it or drop --decay.")
-    if a.samples is not None and a.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {a.samples}.")
-    if a.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {a.batch_size}.")
-    if a.memory_budget_mb < 1:
-        raise UsageError(f"--memory-budget-mb must be at least 1, got {a.memory_budget_mb}.")
-    if a.precision not in PRECISIONS:
-        raise UsageError(f"--precision {a.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-    if a.method != "magnitude" and len(a.data) != 1:
-        raise UsageError(f"--method {a.method} needs exactly one --data (got {len(a.data)}).")
-    if a.method == "magnitude" and a.data:
-        raise UsageError("--method magnitude needs no --data; drop it.")
+    def validate(self) -> None:
+        if self.method == "si":
+            raise UsageError("SI importances can only be collected while training: run `cl-tool train-next ... $si_out FILE` for the task instead.")
+        if self.decay != 1.0 and self.accumulate is None:
+            raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
+        if self.method != "magnitude" and len(self.data) != 1:
+            raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
+        if self.method == "magnitude" and self.data:
+            raise UsageError("$method magnitude needs no $data; drop it.")
 
-
-def options_of(a: ImportanceArgs) -> dict[str, Any]:
-    if a.method == "fisher":
-        return {"fisher_labels": a.fisher_labels}
-    if a.method == "mas":
-        return {"mas_output": a.mas_output}
-    return {}
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's own options, as recorded in the sidecar."""
+        return {"fisher": {"fisher_labels": self.fisher_labels}, "mas": {"mas_output": self.mas_output}}.get(self.method, {})
 
 
 def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,90 +58,84 @@ def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, t in omega.items():
         f = t.detach().float().reshape(-1)
-        rows.append({"parameter": name, "numel": int(f.numel()), "min": float(f.min()) if f.numel() else 0.0,
-                     "median": float(f.median()) if f.numel() else 0.0, "max": float(f.max()) if f.numel() else 0.0})
+        empty = f.numel() == 0
+        rows.append({"parameter": name, "numel": int(f.numel()), "min": 0.0 if empty else float(f.min()),
+                     "median": 0.0 if empty else float(f.median()), "max": 0.0 if empty else float(f.max())})
     return rows
 
 
-def batches_of(x, y, batch_size: int):
-    for i in range(0, int(y.shape[0]), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
-
-
-def run_importance(a: ImportanceArgs) -> dict[str, Any]:
+def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
+    """Σ of the method's per-sample statistic over the task (sharded over torchrun ranks), finalised, accumulated, written."""
     import torch
 
     from cl_tool import distributed
     from cl_tool.atomic import FileRoles
-    from cl_tool.cli._common import data_specs, seed_everything
+    from cl_tool.checkpoint import load_model
+    from cl_tool.data import batches_of, load_tasks, local_paths, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
+    from cl_tool.models import trainable_parameters
+    from cl_tool.runtime import seed_everything
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
-    from cl_tool.workflows.common import load_model, load_tasks, register_data, trainable
 
-    _validate(a)
-    output = a.output or default_sidecar_path(a.checkpoint)
-    specs = data_specs(a.data, split=a.split, image_column=a.image_column, label_column=a.label_column, permute=a.permute,
-                       rotate=a.rotate, invert=a.invert, limit=a.limit) if a.method != "magnitude" else []
-    roles = FileRoles(force=a.force)
-    roles.input(a.checkpoint, "the checkpoint")
-    roles.input(a.accumulate, "--accumulate")
-    roles.input(a.config, "--config")
-    register_data(roles, specs, "--data")
-    roles.output(output, "--output" if a.output else "the importance file")
+    output = args.output or default_sidecar_path(args.checkpoint)
+    specs = task_specs(args.data, args.data_options) if args.method != "magnitude" else []
+    roles = FileRoles(force=args.force)
+    roles.input(args.checkpoint, "the checkpoint")
+    roles.input(args.accumulate, "$accumulate")
+    roles.input(args.config, "$config")
+    for path in local_paths(specs):
+        roles.input(path, "$data")
+    roles.output(output, "$output" if args.output else "the importance file")
     roles.check()
-    prev = load_sidecar(a.accumulate) if a.accumulate is not None else None
-    dist, device = distributed.setup(a.device)
-    seed_everything(a.seed)
-    ckpt, model = load_model(a.checkpoint)
+    prev = load_sidecar(args.accumulate) if args.accumulate is not None else None
+    dist, device = distributed.setup(args.device)
+    seed_everything(args.seed)
+    ckpt, model = load_model(args.checkpoint)
     model.to(device)
-    named = trainable(model)
+    named = trainable_parameters(model)
 
     data_desc = None
-    if a.method == "magnitude":
+    if args.method == "magnitude":
         sums, count = importance_sums(model, iter(()), "magnitude", device=device)
     else:
-        spec = specs[0]
-        (task,) = load_tasks([spec], ckpt.spec, num_classes=ckpt.spec.num_classes)
+        (task,) = load_tasks(specs, ckpt.spec, num_classes=ckpt.spec.num_classes)
         x, y = task.x, task.y
-        if a.samples is not None:
-            x, y = x[: a.samples], y[: a.samples]
+        if args.samples is not None:
+            x, y = x[: args.samples], y[: args.samples]
         if dist.world > 1:  # each rank takes a contiguous shard; sums are all-reduced below
             share = -(-int(y.shape[0]) // dist.world)
             x, y = x[dist.rank * share:(dist.rank + 1) * share], y[dist.rank * share:(dist.rank + 1) * share]
         data_desc = task.describe()
-        data_desc["samples"] = int(min(len(task), a.samples or len(task)))
-        gen = torch.Generator(device="cpu").manual_seed(a.seed + 7919 * dist.rank)
-        with Progress(f"{a.method} importance", int(y.shape[0]) if dist.is_main else None) as bar:
-            sums, count = importance_sums(model, batches_of(x, y, a.batch_size), a.method, fisher_labels=a.fisher_labels,
-                                          mas_output=a.mas_output, device=device, precision=a.precision,
-                                          memory_budget_mb=a.memory_budget_mb, generator=gen, progress=bar.advance)
+        data_desc["samples"] = int(min(len(task), args.samples or len(task)))
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * dist.rank)
+        with out.progress(f"{args.method} importance", int(y.shape[0]) if dist.is_main else None) as bar:
+            sums, count = importance_sums(model, batches_of(x, y, args.batch_size), args.method, fisher_labels=args.fisher_labels,
+                                          mas_output=args.mas_output, device=device, precision=args.precision,
+                                          memory_budget_mb=args.memory_budget_mb, generator=gen, progress=bar.advance)
         if dist.world > 1:
             names = list(sums)
             cnt = torch.tensor([float(count)])
             distributed.all_reduce_sum_([sums[n] for n in names] + [cnt], device)
             count = int(cnt.item())
-    omega = finalize_importance(sums, count, a.method)
+    omega = finalize_importance(sums, count, args.method)
     missing = [n for n in named if n not in omega]
     if missing:
         raise RuntimeError(f"importance engine returned no value for {missing[0]}")
-    options = options_of(a)
     fp = ckpt.fingerprint
-    task_rec = {"method": a.method, "options": options, "data": data_desc, "checkpoint": str(a.checkpoint), "fingerprint": fp}
-    tasks = [task_rec]
+    tasks = [{"method": args.method, "options": args.options, "data": data_desc, "checkpoint": str(args.checkpoint), "fingerprint": fp}]
     if prev is not None:
-        omega = combine(prev, omega, a.decay)
+        omega = combine(prev, omega, args.decay)
         tasks = prev.tasks + tasks
     summary = layer_summary(omega)
-    result = {"output": str(output), "method": a.method, "options": options, "samples": count, "fingerprint": fp,
-              "tasks": len(tasks), "decay": a.decay if prev is not None else None, "layers": summary}
+    result = {"output": str(output), "method": args.method, "options": args.options, "samples": count, "fingerprint": fp,
+              "tasks": len(tasks), "decay": args.decay if prev is not None else None, "layers": summary}
     if dist.is_main:
-        save_sidecar(output, Sidecar(tensors=omega, method=a.method, options=options, data=data_desc, fingerprint=fp, tasks=tasks,
-                                     decay=a.decay if prev is not None else 1.0), force=a.force)
-        print_table(f"Ω ({a.method}) per parameter", ["parameter", "numel", "min", "median", "max"],
-                    [[r["parameter"], r["numel"], r["min"], r["median"], r["max"]] for r in summary])
-        log(f"Wrote {output}: {a.method} importances of {len(omega)} tensors from {count} samples"
-            f"{f', accumulated over {len(tasks)} tasks' if prev is not None else ''}.")
-        if a.json_out:
-            emit_json(result)
+        save_sidecar(output, Sidecar(tensors=omega, method=args.method, options=args.options, data=data_desc, fingerprint=fp, tasks=tasks,
+                                     decay=args.decay if prev is not None else 1.0), force=args.force)
+        out.table(f"Ω ({args.method}) per parameter", ["parameter", "numel", "min", "median", "max"],
+                  [[r["parameter"], r["numel"], r["min"], r["median"], r["max"]] for r in summary])
+        out.log(f"Wrote {output}: {args.method} importances of {len(omega)} tensors from {count} samples"
+                f"{f', accumulated over {len(tasks)} tasks' if prev is not None else ''}.")
+        out.result(result)
     distributed.barrier()
     return result

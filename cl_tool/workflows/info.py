@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cl_tool.errors import BadInputError, UsageError
-from cl_tool.output import emit_json, log, print_table, warn
+from cl_tool.output import Output
+from cl_tool.params import Args, argument, config_option, option
 
 # safetensors dtype codes → the names torch (and cl-tool's layout record) use
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -27,13 +28,15 @@ KINDS = {"checkpoint": "cl-tool checkpoint", "timm-folder": "timm model folder",
          "mask": "pruning mask", "resume": "resumable training state"}
 
 
-@dataclass
-class InfoArgs:
-    paths: list[Path]
-    for_checkpoint: Optional[Path] = None
-    verify: bool = False
-    sparsity: bool = False
-    json_out: bool = False
+@dataclass(kw_only=True)
+class InfoArgs(Args):
+    paths: list[Path] = argument(metavar="PATH...", help="Checkpoints, importance sidecars, masks, resume states or timm folders.")
+    for_checkpoint: Optional[Path] = option(None, "--for", metavar="CKPT",
+                                            help="Say whether checkpoint CKPT may use the sidecar (mask, resume state) in PATHS, and why.")
+    verify: bool = option(False, "--verify", help="Read the tensors: recompute a checkpoint's fingerprint and compare it with the recorded one; check a "
+                                                  "sidecar's values (finite, non-negative) and a mask's (0/1). Exit 3 on a mismatch.")
+    sparsity: bool = option(False, "--sparsity", help="Read the tensors: fraction of zero weights per parameter tensor (of pruned weights for a mask).")
+    config: Optional[Path] = config_option()
 
 
 # ----------------------------------------------------------------- header-only helpers
@@ -201,7 +204,7 @@ def _sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------- one description per kind
 
 
-def _describe_checkpoint(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
     from cl_tool.lineage import ancestors
 
     where = str(p)
@@ -228,9 +231,9 @@ def _describe_checkpoint(p: Path, header, meta, a: InfoArgs, info: dict[str, Any
                        for anc in ancestors(history)]
     pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
     info["pruning"] = ({k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")} if pruning else None)
-    if a.verify or a.sparsity:
-        scan = _scan(p, list(header) if a.verify else params, fingerprint=a.verify, zeros=set(params) if a.sparsity else set())
-        if a.verify:
+    if args.verify or args.sparsity:
+        scan = _scan(p, list(header) if args.verify else params, fingerprint=args.verify, zeros=set(params) if args.sparsity else set())
+        if args.verify:
             info["fingerprint"]["computed"] = scan["fingerprint"]
             info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
             if recorded is None:
@@ -238,11 +241,11 @@ def _describe_checkpoint(p: Path, header, meta, a: InfoArgs, info: dict[str, Any
             elif scan["fingerprint"] != recorded:
                 info["problems"].append(f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
                                         f"the file was changed after cl-tool wrote it.")
-        if a.sparsity:
+        if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
 
 
-def _describe_timm(folder: Path, a: InfoArgs) -> dict[str, Any]:
+def _describe_timm(folder: Path, args: InfoArgs) -> dict[str, Any]:
     from cl_tool.checkpoint import timm_folder_spec
     from cl_tool.safetensors_io import read_header
 
@@ -252,16 +255,16 @@ def _describe_timm(folder: Path, a: InfoArgs) -> dict[str, Any]:
                             "tensors": tensor_summary(header), "problems": [], "model": spec.to_dict(), "parameters": None,
                             "fingerprint": {"recorded": None, "computed": None, "verified": None},
                             "history": [], "lineage": [], "pruning": None}
-    if a.verify or a.sparsity:
+    if args.verify or args.sparsity:
         floats = {n for n, e in header.items() if e["dtype"] in _FLOAT_CODES}
-        scan = _scan(weights, list(header) if a.verify else list(floats), fingerprint=a.verify, zeros=floats if a.sparsity else set())
+        scan = _scan(weights, list(header) if args.verify else list(floats), fingerprint=args.verify, zeros=floats if args.sparsity else set())
         info["fingerprint"]["computed"] = scan["fingerprint"]
-        if a.sparsity:
+        if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
     return info
 
 
-def _describe_sidecar(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+def _describe_sidecar(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
     where = f"Importance file {p}"
     for key in ("method", "fingerprint"):
         if key not in meta:
@@ -287,7 +290,7 @@ def _describe_sidecar(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) 
         "belongs_to": {"fingerprint": meta["fingerprint"], "checkpoint": owner},
         "values_checked": None,
     })
-    if a.verify:
+    if args.verify:
         import torch
 
         def check(name, t):
@@ -303,14 +306,14 @@ def _describe_sidecar(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) 
             info["problems"].append(scan["problem"])
 
 
-def _describe_mask(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+def _describe_mask(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
     try:
         requested = float(meta["sparsity"]) if meta.get("sparsity") not in (None, "None") else None
     except ValueError:
         requested = None
     info.update({"by": meta.get("by"), "scope": meta.get("scope"), "requested_sparsity": requested,
                  "pruned_from": {"fingerprint": meta.get("fingerprint")}, "values_checked": None})
-    if a.sparsity or a.verify:
+    if args.sparsity or args.verify:
         import torch
 
         def check(name, t):
@@ -318,16 +321,16 @@ def _describe_mask(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> 
                 return f"Mask {p} has values other than 0 and 1 in {name!r}; write it again with `cl-tool prune --mask-out`."
             return None
 
-        scan = _scan(p, list(header), fingerprint=False, zeros=set(header) if a.sparsity else set(), check=check if a.verify else None)
-        if a.sparsity:
+        scan = _scan(p, list(header), fingerprint=False, zeros=set(header) if args.sparsity else set(), check=check if args.verify else None)
+        if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])  # zeros in a mask = pruned weights
-        if a.verify:
+        if args.verify:
             info["values_checked"] = scan["problem"] is None
             if scan["problem"]:
                 info["problems"].append(scan["problem"])
 
 
-def _describe_resume(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -> None:
+def _describe_resume(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
     where = f"Resume state {p}"
     config = _json_field(meta, "config", where, {}, (dict,))
     position = _json_field(meta, "position", where, {}, (dict,))
@@ -341,27 +344,27 @@ def _describe_resume(p: Path, header, meta, a: InfoArgs, info: dict[str, Any]) -
                  "config": config, "data": data.get("name") if isinstance(data, dict) else data, "tensor_groups": groups})
 
 
-def describe(path: Path, a: InfoArgs) -> dict[str, Any]:
+def describe(path: Path, args: InfoArgs) -> dict[str, Any]:
     """One file's description (a dict, JSON-ready); raises BadInputError for a damaged or foreign file."""
     from cl_tool.safetensors_io import read_header
 
     p = Path(path)
     if p.is_dir():
-        return _describe_timm(p, a)
+        return _describe_timm(p, args)
     header, meta = read_header(p, "File")
     info: dict[str, Any] = {"path": str(p), "kind": None, "file_bytes": p.stat().st_size, "tensors": tensor_summary(header), "problems": []}
     if "cl_tool.model" in meta:
         info["kind"] = "checkpoint"
-        _describe_checkpoint(p, header, meta, a, info)
+        _describe_checkpoint(p, header, meta, args, info)
     elif meta.get("cl_tool.sidecar"):
         info["kind"] = "sidecar"
-        _describe_sidecar(p, header, meta, a, info)
+        _describe_sidecar(p, header, meta, args, info)
     elif meta.get("cl_tool.mask"):
         info["kind"] = "mask"
-        _describe_mask(p, header, meta, a, info)
+        _describe_mask(p, header, meta, args, info)
     elif meta.get("cl_tool.resume"):
         info["kind"] = "resume"
-        _describe_resume(p, header, meta, a, info)
+        _describe_resume(p, header, meta, args, info)
     else:
         raise _not_cl_tool(p)
     return info
@@ -453,73 +456,73 @@ def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, 
 # ----------------------------------------------------------------- output
 
 
-def _print(info: dict[str, Any]) -> None:
+def _print(info: dict[str, Any], out: Output) -> None:
     t = info["tensors"]
-    log(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
+    out.log(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
     dtypes = ", ".join(f"{d} {v['values']:,} values ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
     if info["kind"] in ("checkpoint", "timm-folder"):
         m = info["model"]
         kwargs = " ".join(f"{k}={v}" for k, v in m["kwargs"].items())
-        log(f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
+        out.log(f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
             f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}")
         prm = info.get("parameters")
         if prm:
-            log(f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})")
-        log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+            out.log(f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})")
+        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         fp = info["fingerprint"]
         if info["kind"] == "timm-folder":
-            log(f"  fingerprint: {fp['computed']} (computed)" if fp["computed"] else "  fingerprint: not recorded in a timm folder (--verify computes it)")
+            out.log(f"  fingerprint: {fp['computed']} (computed)" if fp["computed"] else "  fingerprint: not recorded in a timm folder (--verify computes it)")
         elif fp["verified"] is None:
-            log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
+            out.log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
         else:
-            log(f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})")
+            out.log(f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})")
         if info.get("pruning"):
             pr = info["pruning"]
             src = pr.get("source") or {}
-            log(f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
+            out.log(f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
                 + (f", scores from {src['sidecar']}" + (f" ({generations_text_safe(src.get('generations'))})" if src.get("generations") else "") if src.get("sidecar") else ""))
         if info.get("history"):
-            print_table("  history (oldest first)", ["command", "data", "penalty", "λ", "time", "detail"],
+            out.table("  history (oldest first)", ["command", "data", "penalty", "λ", "time", "detail"],
                         [[r["command"], r["data"] or "", r["penalty"] or "", "" if r["lambda"] is None else f"{r['lambda']:g}" if isinstance(r["lambda"], (int, float)) else str(r["lambda"]),
                           _short_time(r["time"]), r["detail"] or ""] for r in info["history"]])
         lin = [r for r in info.get("lineage", []) if r["fingerprint"]]
         if lin:
-            print_table("  lineage (recorded ancestors, newest first)", ["generations back", "fingerprint", "read by"],
+            out.table("  lineage (recorded ancestors, newest first)", ["generations back", "fingerprint", "read by"],
                         [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin])
         elif info["kind"] == "checkpoint":
-            log("  lineage: no recorded ancestors")
+            out.log("  lineage: no recorded ancestors")
     elif info["kind"] == "sidecar":
         opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
         data = info["data"] or {}
-        log(f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
+        out.log(f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
             + (f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)" if data else "none"))
-        log(f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}")
+        out.log(f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}")
         b = info["belongs_to"]
-        log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
-        log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        out.log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
+        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         if info["values_checked"] is not None:
-            log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
+            out.log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
     elif info["kind"] == "mask":
-        log(f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}")
-        log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
+        out.log(f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}")
+        out.log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
     elif info["kind"] == "resume":
         pos, cfg = info["position"], info["config"]
-        log(f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done")
-        log(f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
+        out.log(f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done")
+        out.log(f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
             f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}")
-        log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
-        log(f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}")
+        out.log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
+        out.log(f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}")
     sp = info.get("sparsity")
     if sp is not None:
         what = "pruned (mask zeros)" if info["kind"] == "mask" else "zero weights"
         rows = [[n, c["numel"], c["zeros"], c["fraction"]] for n, c in sp["tensors"].items() if c["zeros"]]
         if rows:
-            print_table(f"  sparsity: {sp['zeros']:,} of {sp['numel']:,} {what} ({sp['fraction']:.4%})", ["tensor", "numel", "zeros", "sparsity"], rows)
+            out.table(f"  sparsity: {sp['zeros']:,} of {sp['numel']:,} {what} ({sp['fraction']:.4%})", ["tensor", "numel", "zeros", "sparsity"], rows)
         else:
-            log(f"  sparsity: no {what} among {sp['numel']:,} values")
+            out.log(f"  sparsity: no {what} among {sp['numel']:,} values")
     rel = info.get("for")
     if rel is not None:
-        log(f"  for {rel['checkpoint']}: {rel['reason']}.")
+        out.log(f"  for {rel['checkpoint']}: {rel['reason']}.")
 
 
 def generations_text_safe(n: Any) -> str:
@@ -528,28 +531,28 @@ def generations_text_safe(n: Any) -> str:
     return generations_text(n) if isinstance(n, int) else str(n)
 
 
-def run_info(a: InfoArgs) -> list[dict[str, Any]]:
+def run_info(args: InfoArgs, out: Output) -> list[dict[str, Any]]:
     from cl_tool.safetensors_io import read_header
 
-    if not a.paths:
+    if not args.paths:
         raise UsageError("info needs at least one PATH.")
-    infos = [describe(p, a) for p in a.paths]
-    if a.for_checkpoint is not None:
+    infos = [describe(p, args) for p in args.paths]
+    if args.for_checkpoint is not None:
         usable = [i for i in infos if i["kind"] in ("sidecar", "mask", "resume")]
         if not usable:
-            raise UsageError("--for CKPT says whether CKPT may use an importance sidecar, mask or resume state, and none of the PATHs is one; drop --for or add such a file.")
-        target = _target(a.for_checkpoint, a.verify)
+            raise UsageError("$for_checkpoint CKPT says whether CKPT may use an importance sidecar, mask or resume state, and none of the PATHs is one; drop $for_checkpoint or add such a file.")
+        target = _target(args.for_checkpoint, args.verify)
         for i in usable:
             header, _ = read_header(i["path"], "File")
             i["for"] = _relation(i, target, {n: list(e["shape"]) for n, e in header.items()})
-    if a.json_out:
-        emit_json(infos)
+    if out.json:
+        out.result(infos)
     else:
         for i in infos:
-            _print(i)
+            _print(i, out)
     problems = [p for i in infos for p in i["problems"]]
     for p in problems[1:]:
-        warn(p)
+        out.warn(p)
     if problems:
         raise BadInputError(problems[0])
     return infos

@@ -23,7 +23,8 @@ import sys, torch, timm
 from torch.nn.utils import prune
 from safetensors.torch import load_file, save_file
 from cl_tool.checkpoint import load_checkpoint
-from cl_tool.pruning import select_prunable, classifier_param_names
+from cl_tool.models import classifier_param_names
+from cl_tool.pruning import select_prunable
 src, dst, sparsity = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ckpt = load_checkpoint(src)
 model = timm.create_model(ckpt.spec.arch, pretrained=False, num_classes=ckpt.spec.num_classes, **ckpt.spec.kwargs)

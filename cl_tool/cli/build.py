@@ -1,0 +1,86 @@
+"""Typer commands built from a workflow's arguments dataclass, so that every option is declared once.
+
+:func:`command` reads the fields of an ``Args`` dataclass (flags, help, help panel, metavar,
+default: see :mod:`cl_tool.params`), nested option groups included, and returns a function with
+the matching typer signature. Called by typer, it builds the ``Args`` (which validates every
+value), the :class:`~cl_tool.output.Output` (``--json``, ``--quiet``) and runs the workflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from typing import Annotated, Any, Callable
+
+import typer
+
+from cl_tool.params import flags_of, param_of
+
+#: Set by the root callback from the global ``--quiet``.
+QUIET = [False]
+#: Field name → flag, for every registered command (used to render ``$name`` in messages).
+FLAGS: dict[str, dict[str, str]] = {}
+
+
+def name_of(command_name: str | None) -> Callable[[str], str]:
+    """How ``$name`` placeholders are shown while ``command_name`` runs: its flag, another command's, or ``--name``."""
+    own = FLAGS.get(command_name or "", {})
+    every = {k: v for flags in FLAGS.values() for k, v in flags.items()}
+    return lambda key: own.get(key) or every.get(key) or "--" + key.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return ...
+
+
+def _parameters(args_type: type) -> tuple[list[inspect.Parameter], dict[str, tuple[type, list[str]]]]:
+    """The typer parameters of ``args_type``'s fields, and its option groups (field → (type, member names))."""
+    hints = typing.get_type_hints(args_type)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for f in dataclasses.fields(args_type):
+        p = param_of(f)
+        if p is None:
+            continue
+        if p.group:
+            inner, _ = _parameters(f.default_factory)  # type: ignore[arg-type]
+            groups[f.name] = (f.default_factory, [x.name for x in inner])  # type: ignore[assignment]
+            params += inner
+            continue
+        hint = hints[f.name]
+        if p.argument:
+            info = typer.Argument(help=p.help, metavar=p.metavar, show_default=False)
+        else:
+            flag = hint is bool
+            info = typer.Option(*p.flags, help=p.help, rich_help_panel=p.panel, metavar="" if flag else p.metavar,
+                                show_default=not flag and _default(f) not in (None, [], ...))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f), annotation=Annotated[hint, info]))
+    return params, groups
+
+
+def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Callable[..., Any]:
+    """The typer command function of ``name``: its options come from ``args_type``'s fields; it calls ``run(args, out)``."""
+    from cl_tool.output import Output
+
+    params, groups = _parameters(args_type)
+    params.append(inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (logs stay on stderr).")]))
+    FLAGS[name] = flags_of(args_type)
+
+    def invoke(**values: Any) -> Any:
+        out = Output(json=values.pop("json_out"), quiet=QUIET[0], name_of=name_of(name))
+        for field_name, (group_type, members) in groups.items():
+            values[field_name] = group_type(**{m: values.pop(m) for m in members})
+        workflow = getattr(sys.modules[run.__module__], run.__name__)  # looked up at call time (tests may replace it)
+        return workflow(args_type(**values), out)
+
+    invoke.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    invoke.__doc__ = doc
+    invoke.__name__ = name.replace("-", "_")
+    return invoke

@@ -1,0 +1,80 @@
+"""The resumable training state of ``train-next --checkpoint-every``: one safetensors file, no pickle.
+
+Tensors: ``model/<name>`` (the state dict), ``opt/<param index>/<key>`` (optimiser state),
+``rng/torch`` (the CPU generator state), ``si/<key>`` (Synaptic Intelligence accumulators).
+Metadata: ``cl_tool.resume`` = "1", ``fingerprint`` of the input checkpoint, ``config`` (the
+training options as JSON; a resume with other options is refused), ``position`` (epoch, batch,
+global step), ``optimizer`` (param groups and which state entries are tensors), ``scaler`` (the
+fp16 grad scaler) and ``epochs`` (the per-epoch records so far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cl_tool.errors import BadInputError, IncompatibleError
+
+
+class ResumeState:
+    """Save and load the resumable state of one training run at ``path``."""
+
+    def __init__(self, path: str | Path, *, fingerprint: str, config: dict[str, Any]):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.config = config
+
+    def save(self, st: dict[str, Any]) -> None:
+        import torch
+
+        from cl_tool.safetensors_io import save_tensors
+
+        tensors: dict[str, Any] = {f"model/{k}": v for k, v in st["model"].items()}
+        opt = st["optimizer"]
+        opt_meta = {"param_groups": opt["param_groups"], "state_keys": {}}
+        for idx, s in opt["state"].items():
+            keys = []
+            for k, v in s.items():
+                tensors[f"opt/{idx}/{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                keys.append([k, isinstance(v, torch.Tensor)])
+            opt_meta["state_keys"][str(idx)] = keys
+        tensors["rng/torch"] = st["rng"]
+        for k, v in (st.get("si") or {}).items():
+            tensors[f"si/{k}"] = v
+        meta = {"cl_tool.resume": "1", "fingerprint": self.fingerprint, "config": json.dumps(self.config, sort_keys=True),
+                "position": json.dumps({"epoch": st["epoch"], "batch": st["batch"], "global_step": st["global_step"]}),
+                "optimizer": json.dumps(opt_meta), "scaler": json.dumps(st.get("scaler")), "epochs": json.dumps(st.get("epochs", []))}
+        save_tensors(self.path, tensors, meta, force=True)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None if there is none; refuses one of another run (other input or options)."""
+        from cl_tool.safetensors_io import load_tensors
+
+        if not self.path.exists():
+            return None
+        tensors, meta = load_tensors(self.path, "Resume state")
+        if meta.get("cl_tool.resume") != "1":
+            raise BadInputError(f"{self.path} is not a cl-tool resume state; remove it or pass another $state_file.")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise IncompatibleError(f"Resume state {self.path} was written for another input checkpoint (fingerprint {meta.get('fingerprint')} "
+                                    f"vs {self.fingerprint}); delete it to start afresh.")
+        saved_cfg = json.loads(meta.get("config", "{}"))
+        if saved_cfg != json.loads(json.dumps(self.config, sort_keys=True)):
+            diff = sorted(k for k in set(saved_cfg) | set(self.config) if saved_cfg.get(k) != self.config.get(k))
+            raise IncompatibleError(f"Resume state {self.path} was written with other training options ({', '.join(diff)}); "
+                                    f"rerun with the same options or delete it.")
+        pos = json.loads(meta["position"])
+        opt_meta = json.loads(meta["optimizer"])
+        state = {}
+        for idx, keys in opt_meta["state_keys"].items():
+            state[int(idx)] = {k: (tensors[f"opt/{idx}/{k}"] if is_t else tensors[f"opt/{idx}/{k}"].item()) for k, is_t in keys}
+        return {**pos, "model": {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+                "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]}, "scaler": json.loads(meta.get("scaler", "null")),
+                "rng": tensors["rng/torch"], "si": {k[len("si/"):]: v for k, v in tensors.items() if k.startswith("si/")} or None,
+                "epochs": json.loads(meta.get("epochs", "[]"))}
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()

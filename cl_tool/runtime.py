@@ -1,0 +1,81 @@
+"""Where and how a command computes: device, precision (autocast), seeding, its own command line.
+
+No torch import at module level; every function imports what it uses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cl_tool.errors import EnvironmentProblem, UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES_TEXT = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str):
+    """``auto`` → cuda if available, else mps, else cpu; check explicit names against the machine."""
+    import torch
+
+    name = (name or "auto").strip()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"$device {name} is not a device name; use {DEVICES_TEXT}.") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"$device {name} is not supported; use {DEVICES_TEXT}.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"$device {name} was asked for but CUDA is not available on this machine; use $device cpu or auto.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(f"$device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick an index below that.")
+    if dev.type == "mps" and not mps:
+        raise EnvironmentProblem(f"$device {name} was asked for but MPS is not available on this machine; use $device cpu or auto.")
+    return dev
+
+
+def autocast(device, precision: str):
+    """A context manager running the forward pass in ``precision`` (fp32: no autocast)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def command_line() -> str:
+    """This process's command line as the user typed it (recorded in a checkpoint's history)."""
+    return " ".join(["cl-tool"] + sys.argv[1:])
+
+
+def device_option():
+    from cl_tool.params import option
+
+    return option("auto", "--device", metavar="DEVICE", help=f"{DEVICES_TEXT}.")
+
+
+def precision_option():
+    from cl_tool.params import option
+
+    return option("fp32", "--precision", metavar="fp32|bf16|fp16", choices=PRECISIONS,
+                  help="fp32, bf16 or fp16 (autocast; statistics and the penalty stay in fp32).")
+
+
+def seed_option():
+    from cl_tool.params import option
+
+    return option(0, "--seed", metavar="N", low=0, high=2**32 - 1, help="Random seed.")
