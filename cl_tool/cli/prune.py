@@ -20,7 +20,7 @@ EPILOG = """Examples:
 
 Scores: magnitude |w|; importance = the sidecar beside the checkpoint (or --importance: the checkpoint's own or an
 ancestor's, see `cl-tool info SIDECAR --for CHECKPOINT`); fisher/mas/si/signal = a sidecar of
-that method if given/found, else (fisher, mas, signal) computed on --score-data. The k = round(sparsity·N) lowest-scored
+that method if given/found, else (fisher, mas, signal) computed on --score-data. The k = floor(sparsity·N + 1/2) lowest-scored
 weights are pruned; ties go to earlier tensors, then lower indices. By default only weight matrices and conv kernels are
 pruned (not biases, norms, embeddings or the classifier).
 """
