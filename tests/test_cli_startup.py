@@ -38,3 +38,17 @@ def test_every_command_help_has_examples(cli):
 def test_python_dash_m_works():
     proc = subprocess.run([sys.executable, "-m", "cl_tool", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("cl-tool ")
+
+
+@pytest.mark.parametrize("command", [None] + COMMANDS)
+def test_help_follows_the_click_convention(cli, command):
+    """Arguments in capitals on the usage line (no braces), flags without a type (no '<bool>'), no type column for arguments."""
+    r = cli(*([command] if command else []), "--help")
+    assert r.code == 0
+    usage = next(line for line in r.out.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "<" not in usage, usage
+    assert "<bool>" not in r.out and "<path>" not in r.out and "<str>" not in r.out, r.out
+    if command in ("train-next", "importance", "prune"):
+        assert usage.split()[-1] == "CHECKPOINT", usage
+    if command == "evaluate":
+        assert usage.split()[-1] == "CHECKPOINT...", usage

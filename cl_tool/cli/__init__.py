@@ -16,11 +16,12 @@ from typing import Any
 import typer
 
 from cl_tool import __version__, distributed
-from cl_tool.cli.build import QUIET, command, name_of
+from cl_tool.cli.build import QUIET, Command, Group, command, name_of
 from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
 
 app = typer.Typer(
     name="cl-tool",
+    cls=Group,
     help="Continue training a saved model on a new task without forgetting the old one (stabilized EWC), "
          "compute weight importances, evaluate forgetting and prune - on safetensors checkpoints.",
     no_args_is_help=True,
@@ -64,7 +65,7 @@ def _register() -> None:
 
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"cl_tool.cli.{module_name}")
-        app.command(name, epilog=module.EPILOG)(command(name, module.ARGS, module.RUN, module.HELP))
+        app.command(name, epilog=module.EPILOG, cls=Command)(command(name, module.ARGS, module.RUN, module.HELP))
 
 
 _register()

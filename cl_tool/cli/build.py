@@ -18,6 +18,37 @@ import typer
 
 from cl_tool.params import flags_of, param_of
 
+class Command(typer.core.TyperCommand):
+    """A typer command whose help follows the click/hf convention: arguments in capitals, no type shown for
+    arguments and flags (``--force``, not ``--force <bool>``)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def get_params(self, ctx) -> list:
+        return _without_types(super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """The root command: flags show no type either."""
+
+    def get_params(self, ctx) -> list:
+        return _without_types(super().get_params(ctx))
+
+
+def _without_types(params: list) -> list:
+    """Arguments and flags (``--help`` too) are shown without a type column entry."""
+    for param in params:
+        if param.param_type_name == "argument" or getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None
+    return params
+
+
 #: Set by the root callback from the global ``--quiet``.
 QUIET = [False]
 #: Field name → flag, for every registered command (used to render ``$name`` in messages).
