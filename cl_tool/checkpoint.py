@@ -58,7 +58,7 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
-def _refuse_nonfinite(ckpt: "Checkpoint", where) -> "Checkpoint":
+def refuse_nonfinite(ckpt: "Checkpoint", where) -> "Checkpoint":
     bad = first_nonfinite(ckpt.state)
     if bad is not None:
         raise BadInputError(f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint.")
@@ -97,7 +97,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {},
                       path=str(p), layout=layout)
-    return _refuse_nonfinite(ckpt, p)
+    return refuse_nonfinite(ckpt, p)
 
 
 def _load_timm_folder(folder: Path) -> Checkpoint:
@@ -106,7 +106,7 @@ def _load_timm_folder(folder: Path) -> Checkpoint:
     spec, weights = timm_folder_spec(folder)
     tensors, _ = load_tensors(weights, "Checkpoint")
     ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
-    return _refuse_nonfinite(ckpt, folder)
+    return refuse_nonfinite(ckpt, folder)
 
 
 def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
@@ -117,7 +117,8 @@ def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
         raise BadInputError(f"Folder {folder} is not a timm model folder (no config.json); give a .safetensors checkpoint or a folder with config.json + model.safetensors.")
     if not weights.is_file():
         if (folder / "pytorch_model.bin").is_file():
-            raise BadInputError(f"Folder {folder} has only pytorch_model.bin; cl-tool reads safetensors only: convert it with safetensors.torch.save_file.")
+            raise BadInputError(f"Folder {folder} has only pytorch_model.bin, a pickle that cl-tool does not load on its own; "
+                                f"convert it once with `cl-tool convert {folder} -o model.safetensors`.")
         raise BadInputError(f"Folder {folder} has no model.safetensors next to config.json.")
     return spec_from_timm_config(cfg_path), weights
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["init", "train-next", "importance", "evaluate", "prune", "info", "demo-data"]
+COMMANDS = ["init", "train-next", "importance", "evaluate", "prune", "info", "convert", "demo-data"]
 
 PROBE = """
 import sys

@@ -57,7 +57,7 @@ def _root(
 
 
 COMMANDS = {"init": "init", "train-next": "train_next", "importance": "importance", "evaluate": "evaluate", "prune": "prune",
-            "info": "info", "demo-data": "demo_data"}
+            "info": "info", "convert": "convert", "demo-data": "demo_data"}
 
 
 def _register() -> None:
