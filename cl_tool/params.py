@@ -108,6 +108,7 @@ class Args:
     """Base of every command's arguments: checks each field against its :class:`Param` on creation."""
 
     def __post_init__(self) -> None:
+        self.notes: list[str] = []  # one-line notes for the user (options that do not apply and are ignored)
         for f in dataclasses.fields(self):
             param = param_of(f)
             if param is not None and not param.group:
@@ -116,6 +117,16 @@ class Args:
 
     def validate(self) -> None:
         """Rules that involve several fields (override)."""
+
+    def ignore_unless(self, applies: bool, names: tuple[str, ...], context: str) -> None:
+        """Note (not an error) each of ``names`` that was set away from its default although it does not apply in ``context``."""
+        if applies:
+            return
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                    for f in dataclasses.fields(self) if f.name in names}
+        given = [n for n in names if getattr(self, n) != defaults[n]]
+        if given:
+            self.notes.append(f"{context} ignores {', '.join('$' + n for n in given)} (not used there).")
 
 
 def flags_of(args_type: type) -> dict[str, str]:

@@ -109,7 +109,10 @@ def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Ca
         for field_name, (group_type, members) in groups.items():
             values[field_name] = group_type(**{m: values.pop(m) for m in members})
         workflow = getattr(sys.modules[run.__module__], run.__name__)  # looked up at call time (tests may replace it)
-        return workflow(args_type(**values), out)
+        args = args_type(**values)
+        for note in args.notes:
+            out.log(f"note: {note}")
+        return workflow(args, out)
 
     invoke.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     invoke.__doc__ = doc

@@ -42,10 +42,12 @@ class ImportanceArgs(Args):
             raise UsageError("SI importances can only be collected while training: run `cl-tool train-next ... $si_out FILE` for the task instead.")
         if self.decay != 1.0 and self.accumulate is None:
             raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
-        if self.method != "magnitude" and len(self.data) != 1:
+        from_data = self.method != "magnitude"
+        self.ignore_unless(from_data, ("data", "samples", "batch_size", "memory_budget_mb", "precision", "seed"), "$method magnitude")
+        self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
+        self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
+        if from_data and len(self.data) != 1:
             raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
-        if self.method == "magnitude" and self.data:
-            raise UsageError("$method magnitude needs no $data; drop it.")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -78,7 +80,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
-    specs = task_specs(args.data, args.data_options) if args.method != "magnitude" else []
+    specs = task_specs(args.data, args.data_options) if args.method != "magnitude" else []  # magnitude ignores --data
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
     roles.input(args.accumulate, "$accumulate")

@@ -46,6 +46,7 @@ class PruneArgs(Args):
     config: Optional[Path] = config_option()
 
     def validate(self) -> None:
+        self.ignore_unless(any(b in ("signal", "fisher", "mas") for b in self.by), ("score_data",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:

@@ -71,8 +71,10 @@ class TrainNextArgs(Args):
             raise UsageError("$penalty none and $lam contradict each other; drop one.")
         if len(self.data) != 1:
             raise UsageError(f"train-next takes exactly one $data (got {len(self.data)}); train tasks one after another.")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise UsageError("$nesterov needs $optimizer sgd with $momentum > 0.")
+        self.ignore_unless(self.optimizer == "sgd", ("momentum", "nesterov"), f"$optimizer {self.optimizer}")
+        self.ignore_unless(self.si_out is not None, ("si_xi",), "training without $si_out")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
+            raise UsageError("$nesterov needs $momentum > 0.")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
