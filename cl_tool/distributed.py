@@ -60,6 +60,27 @@ def all_reduce_sum_(tensors: list, device) -> None:
         t.copy_(buf.to(t.device))
 
 
+def _all_reduce_values(values: list[float], device, op: str) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    buf = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return buf.tolist()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """The sums of ``values`` over all ranks (the values themselves when not distributed)."""
+    return _all_reduce_values(values, device, "sum")
+
+
+def all_reduce_max(values: list[float], device) -> list[float]:
+    """The maxima of ``values`` over all ranks."""
+    return _all_reduce_values(values, device, "max")
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

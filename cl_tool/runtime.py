@@ -6,10 +6,21 @@ No torch import at module level; every function imports what it uses.
 from __future__ import annotations
 
 import sys
+import time
 
 from cl_tool.errors import EnvironmentProblem, UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_STARTED = [time.perf_counter()]  # when this command began (import of cl-tool, or the last mark_start)
+
+
+def mark_start() -> None:
+    """The command starts now (the CLI calls this on entry; set-up time is measured from here)."""
+    _STARTED[0] = time.perf_counter()
+
+
+def started_at() -> float:
+    return _STARTED[0]
 DEVICES_TEXT = "auto, cpu, cuda, cuda:N or mps"
 
 

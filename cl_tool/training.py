@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cl_tool.distributed import DistInfo
+from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
 from cl_tool.evaluation import evaluate_task
 from cl_tool.penalty import divergence_bound
@@ -90,9 +90,18 @@ def make_optimizer(cfg: TrainConfig, params):
 
 @dataclass
 class TrainResult:
+    """Steps taken, per-epoch records, and the time split: set-up (process start to the first step) and training
+    (first step to last, each epoch's steps; evaluations between epochs excluded) over ``samples`` samples."""
+
     steps: int
     epochs: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+    setup_seconds: float | None = None
+    train_seconds: float = 0.0
+    samples: int = 0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
 class _SignalFlag:
@@ -133,7 +142,7 @@ def _check_finite_grads(params) -> bool:
 def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None,
           eval_sets: list[tuple[str, Any, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
           on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
-          state_io=None, dist: DistInfo | None = None, progress=None) -> TrainResult:
+          state_io=None, dist: DistInfo | None = None, progress=None, started_at: float | None = None) -> TrainResult:
     """Train ``model`` on (x, y) with cross-entropy + penalty; return per-epoch records.
 
     ``state_io`` (optional) has ``save(state: dict)`` and ``load() -> dict | None`` for resumable
@@ -184,17 +193,20 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "rng": torch.get_rng_state(), "si": si.state_dict() if si is not None else None, "epochs": result.epochs}
 
-    t_start = time.perf_counter()
+    started_at = time.perf_counter() if started_at is None else started_at
     set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             order = torch.randperm(n, generator=gen)
-            sum_loss = sum_task = 0.0
+            sum_task = 0.0
             correct = seen = 0
-            t_epoch = time.perf_counter()
+            t_epoch = None  # the epoch's training time runs from its first step to its last
             first = start_batch if epoch == start_epoch else 0
             for b in range(first, steps_per_epoch):
+                if t_epoch is None:
+                    t_epoch = time.perf_counter()
+                    result.setup_seconds = result.setup_seconds if result.setup_seconds is not None else t_epoch - started_at
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 if dist.world > 1:
                     share = math.ceil(len(idx) / dist.world)
@@ -245,10 +257,17 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                              else "nothing was written (use $checkpoint_every N to make runs resumable)")
                     raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
             pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
-            dt = time.perf_counter() - t_epoch
+            dt = time.perf_counter() - t_epoch if t_epoch is not None else 0.0
+            if dist.world > 1:  # the epoch's statistics over all ranks' shares, not rank 0's alone
+                sum_task, correct, seen = all_reduce_sum([sum_task, float(correct), float(seen)], device)
+                correct, seen = int(correct), int(seen)
+                (dt,) = all_reduce_max([dt], device)
+            result.train_seconds += dt
+            result.samples += seen
             record = {"epoch": epoch + 1, "steps": global_step, "task_loss": sum_task / max(1, seen), "penalty": pen_val,
                       "loss": sum_task / max(1, seen) + pen_val, "train_accuracy": correct / max(1, seen),
-                      "lr": lr_at(cfg, max(0, global_step - 1), total_steps), "samples_per_s": seen * dist.world / max(dt, 1e-9)}
+                      "lr": lr_at(cfg, max(0, global_step - 1), total_steps), "seconds": dt, "samples_per_s": seen / max(dt, 1e-9),
+                      "setup_seconds": result.setup_seconds}
             for name, ex, ey in eval_sets:
                 acc, loss = evaluate_task(model, ex, ey, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
                 record[f"eval/{name}/accuracy"] = acc
@@ -258,7 +277,6 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 log(record)
             set_training_mode(model, cfg.freeze_bn_stats)
     result.steps = global_step
-    result.seconds = time.perf_counter() - t_start
     return result
 
 

@@ -84,13 +84,20 @@ def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
     common = ["--data", f"{demo_dir}::permute=3,limit=512", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--lambda", "10",
               "--optimizer", "sgd", "--lr", "0.05"]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    p1 = _torchrun(1, "train-next", anchored, *common, "-o", one)
+    p1 = _torchrun(1, "train-next", anchored, *common, "-o", one, "--log-json", tmp_path / "one.jsonl", "--json")
     assert p1.returncode == 0, p1.stderr
-    p2 = _torchrun(2, "train-next", anchored, *common, "-o", two)
+    p2 = _torchrun(2, "train-next", anchored, *common, "-o", two, "--log-json", tmp_path / "two.jsonl", "--json")
     assert p2.returncode == 0, p2.stderr
     a, b = _weights(one), _weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # The epoch statistics are over all ranks' samples (not rank 0's share), in the log and in --json alike.
+    log1, log2 = ([json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    assert json.loads(p2.stdout)["epochs"] == log2
+    for e1, e2 in zip(log1, log2, strict=True):
+        assert abs(e1["train_accuracy"] - e2["train_accuracy"]) <= 1 / 512, (e1, e2)  # at most one prediction flips
+        assert e2["task_loss"] == pytest.approx(e1["task_loss"], rel=1e-4)
+    assert json.loads(p2.stdout)["samples"] == 512
     imp = ["--data", f"{demo_dir}::limit=300", "--method", "fisher", "--device", "cpu", "--batch-size", "32"]
     i1, i2 = tmp_path / "i1.safetensors", tmp_path / "i2.safetensors"
     p1 = _torchrun(1, "importance", one, *imp, "-o", i1)
@@ -132,9 +139,27 @@ def test_log_json_and_eval_data(cli, anchored, demo_dir, tmp_path):
     assert r.code == 0, r.err
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
-    for key in ("loss", "task_loss", "penalty", "lr", "samples_per_s", "eval/old/accuracy"):
+    for key in ("loss", "task_loss", "penalty", "lr", "samples_per_s", "eval/old/accuracy", "seconds", "setup_seconds"):
         assert key in lines[0]
     assert lines[1]["lr"] < lines[0]["lr"]  # cosine decays
+
+
+def test_setup_and_training_time_are_reported_apart(anchored, demo_dir, tmp_path):
+    """set-up (process start → first step: imports, model, data) and training (first step → last) are separate fields."""
+    import time
+
+    t0 = time.perf_counter()
+    r = run_subprocess("train-next", anchored, "--data", f"{demo_dir}::limit=256", "--epochs", "2", "--device", "cpu", "--penalty", "none",
+                       "-o", tmp_path / "o.safetensors", "--log-json", tmp_path / "log.jsonl", "--json")
+    wall = time.perf_counter() - t0
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert 0 < res["setup_seconds"] and 0 < res["train_seconds"] and res["setup_seconds"] + res["train_seconds"] < wall
+    assert res["train_seconds"] == pytest.approx(sum(e["seconds"] for e in log), abs=2e-3)
+    assert res["samples_per_s"] == pytest.approx(512 / res["train_seconds"], rel=1e-2)
+    assert all(e["setup_seconds"] == pytest.approx(res["setup_seconds"], abs=1e-3) for e in log)
+    assert "s of training" in r.err and "s of set-up" in r.err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

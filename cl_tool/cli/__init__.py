@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from cl_tool import __version__, distributed
+from cl_tool import __version__, distributed, runtime
 from cl_tool.cli.build import QUIET, Command, Group, command, name_of
 from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
 
@@ -164,6 +164,7 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
     click = _click()
+    runtime.mark_start()
     _ensure_std_streams()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CL_TOOL_DEBUG") == "1"

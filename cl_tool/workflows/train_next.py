@@ -162,7 +162,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     from cl_tool.masks import load_mask
     from cl_tool.models import trainable_parameters
     from cl_tool.resume import ResumeState
-    from cl_tool.runtime import command_line, seed_everything
+    from cl_tool.runtime import command_line, seed_everything, started_at
     from cl_tool.sidecar import Sidecar, save_sidecar
     from cl_tool.training import train
 
@@ -227,7 +227,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         with out.progress(f"training on {spec.name}", math.ceil(len(task) / args.batch_size) * args.epochs if dist.is_main else None) as bar:
             result = train(model, task.x, task.y, cfg, device=device, penalty=pen, si=si, masks=masks,
                            eval_sets=[(t.spec.name, t.x, t.y) for t in eval_tasks], log=on_epoch, on_restore=write_log,
-                           state_io=state_io, dist=dist, progress=bar.advance if dist.is_main else None)
+                           state_io=state_io, dist=dist, progress=bar.advance if dist.is_main else None, started_at=started_at())
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         bad = first_nonfinite(state)
         if bad is not None:
@@ -250,7 +250,8 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     lineage = {"importance_fingerprint": use.fingerprint if use else None, "importance_generations": use.generations if use else None}
     result_doc: dict[str, Any] = {"output": str(args.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
                                   "importance": str(sidecar_path) if sidecar_path else None, **lineage, "epochs": result.epochs,
-                                  "steps": result.steps, "seconds": round(result.seconds, 3), "samples": len(task)}
+                                  "steps": result.steps, "samples": len(task), "setup_seconds": round(result.setup_seconds or 0.0, 3),
+                                  "train_seconds": round(result.train_seconds, 3), "samples_per_s": round(result.samples_per_s, 1)}
     if dist.is_main:
         hist = ckpt.history + [history_entry(
             "train-next", argv=command_line(), data=task.describe(), penalty=penalty_used, **{"lambda": lam if penalty_used != "none" else None},
@@ -272,8 +273,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         if state_io is not None:
             state_io.remove()
         last = result.epochs[-1] if result.epochs else {}
-        out.log(f"Wrote {args.output} after {result.steps} steps in {result.seconds:.1f}s (penalty {penalty_used}"
-                f"{f', λ={lam:g}' if penalty_used != 'none' else ''}); final train acc {last.get('train_accuracy', float('nan')):.4f}.")
+        out.log(f"Wrote {args.output}: {result.steps} steps in {result.train_seconds:.1f} s of training ({result.samples_per_s:,.0f} samples/s) "
+                f"after {result.setup_seconds or 0.0:.1f} s of set-up (imports, model, data); penalty {penalty_used}"
+                f"{f', λ={lam:g}' if penalty_used != 'none' else ''}; final train acc {last.get('train_accuracy', float('nan')):.4f}.")
         out.result(result_doc)
     distributed.barrier()
     return result_doc
