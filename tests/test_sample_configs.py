@@ -43,3 +43,41 @@ def test_experiment_config_runs(config, tiny_data, tmp_path):
     assert (out / "results.md").read_text().startswith("### ")
     if "prune" in saved:
         assert set(saved["prune"]["curves"]) == set(saved["config"]["prune"]["by"])
+
+
+def test_readme_shows_how_to_get_mnist_and_no_build_machine_paths():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "shared/data" not in text and "mnist-t10k" not in text
+    assert "ylecun/mnist" in text and "t10k-images-idx3-ubyte.gz" in text
+
+
+def test_benchmark_scripts_take_a_dataset_or_an_idx_folder(tmp_path):
+    """The reproduction scripts accept a dataset with MNIST's splits (test split) and an IDX folder (converted once)."""
+    import gzip
+    import struct
+
+    import datasets
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    from _mnist import mnist_arrays, mnist_source
+
+    images = (np.arange(6 * 28 * 28) % 251).astype(np.uint8).reshape(6, 28, 28)
+    labels = np.array([3, 1, 4, 1, 5, 9], dtype=np.uint8)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    with gzip.open(idx / "t10k-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">IIII", 2051, 6, 28, 28) + images.tobytes())
+    with gzip.open(idx / "t10k-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">II", 2049, 6) + labels.tobytes())
+    data, prefix = mnist_source(str(idx), tmp_path / "work")
+    assert prefix == "" and len(datasets.load_from_disk(data)) == 6
+    from PIL import Image
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    test = datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats)
+    datasets.DatasetDict({"train": test.select([0]), "test": test}).save_to_disk(str(tmp_path / "hub_copy"))
+    assert mnist_source(str(tmp_path / "hub_copy"), tmp_path / "work") == (str(tmp_path / "hub_copy"), "test")
+    for source in (idx, tmp_path / "hub_copy"):
+        got_images, got_labels = mnist_arrays(str(source))
+        assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)

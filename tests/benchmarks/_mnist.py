@@ -42,3 +42,43 @@ def mnist_dataset_dir(idx_folder: str | Path, out: str | Path) -> Path:
     ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats)
     ds.save_to_disk(str(out))
     return out
+
+
+#: Where the project's build machines keep the MNIST test split (used only when --data is not given).
+BUILD_MACHINE_FOLDER = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist-t10k"
+
+
+def mnist_source(data: str | None, work: str | Path) -> tuple[str, str]:
+    """(what to pass to cl-tool's --data, the split name to put before the configs' slices) for ``--data``.
+
+    ``data`` is a folder with the MNIST IDX files (t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]),
+    converted once to a datasets folder holding that single split; or a Hugging Face dataset with a test split,
+    e.g. ``ylecun/mnist`` (online) or a local save_to_disk copy of it: MNIST's test split is the same 10,000
+    images as t10k, in the same order, so the configs' slices pick the same samples either way.
+    """
+    if data is None:
+        if not BUILD_MACHINE_FOLDER.is_dir():
+            raise SystemExit("give --data: a folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist")
+        data = str(BUILD_MACHINE_FOLDER)
+    folder = Path(data)
+    if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):
+        return str(mnist_dataset_dir(folder, Path(work) / "_mnist_dataset")), ""
+    if folder.is_dir() and not (folder / "dataset_dict.json").exists():
+        return data, ""  # a folder holding one dataset: the slices apply to it directly
+    return data, "test"
+
+
+def mnist_arrays(data: str | None):
+    """(uint8 images (10000, 28, 28), int64 labels) of MNIST's test split from an IDX folder or a Hugging Face dataset."""
+    import numpy as np
+
+    if data is None:
+        data = str(BUILD_MACHINE_FOLDER)
+    folder = Path(data)
+    if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):
+        return read_idx(folder)
+    import datasets
+
+    ds = datasets.load_from_disk(data)["test"] if folder.is_dir() else datasets.load_dataset(data, split="test")
+    images = np.stack([np.asarray(img.convert("L"), dtype=np.uint8) for img in ds["image"]])
+    return images, np.asarray(ds["label"], dtype=np.int64)

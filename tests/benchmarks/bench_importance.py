@@ -16,7 +16,7 @@ warm-up): Linux's resettable VmHWM, else the growth of ``getrusage`` max RSS; on
 ``torch.cuda.max_memory_allocated``. The loop may be timed on fewer
 samples (``--loop-samples``); its samples/s is then extrapolated to all samples (marked ``*``).
 
-    python tests/benchmarks/bench_importance.py --data /path/to/mnist-idx --samples 2000
+    python tests/benchmarks/bench_importance.py --data ylecun/mnist --samples 2000
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def load_data(folder: str | None, samples: int, seed: int):
 
     if folder:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _mnist import read_idx
+        from _mnist import mnist_arrays
 
-        images, labels = read_idx(folder)
+        images, labels = mnist_arrays(folder)
         x = torch.from_numpy(images[:samples].copy()).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
         return x, torch.from_numpy(labels[:samples].copy())
     gen = torch.Generator().manual_seed(seed)
@@ -190,7 +190,7 @@ def max_rel_err(got: dict, want: dict) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (default: random data)")
+    p.add_argument("--data", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or a dataset such as ylecun/mnist (default: random data)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--models", default="mlp,cnn,resnet18,vit")

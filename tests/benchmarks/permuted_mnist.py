@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist import mnist_dataset_dir  # noqa: E402
+from _mnist import mnist_source  # noqa: E402
 
 
 class Diverged(Exception):
@@ -41,8 +41,11 @@ def cl(*args) -> dict:
     return json.loads(proc.stdout) if proc.stdout.strip() else {}
 
 
+SPLIT_PREFIX = [""]  # "test" for a dataset with MNIST's splits (ylecun/mnist): its test split is t10k
+
+
 def task(ds: Path, t: int, part: str) -> str:
-    split = "[:8000]" if part == "train" else "[8000:]"
+    split = SPLIT_PREFIX[0] + ("[:8000]" if part == "train" else "[8000:]")
     perm = f",permute={t}" if t > 0 else ""
     return f"T{t + 1}={ds}::split={split}{perm}"
 
@@ -94,7 +97,7 @@ def _sum_sidecars(prev: Path, new: Path, ckpt: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with the MNIST IDX files (t10k-*)")
+    p.add_argument("--data", help="folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist (online)")
     p.add_argument("--tasks", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--optimizer", default="adam")
@@ -111,7 +114,7 @@ def main() -> None:
     p.add_argument("--out-json", default=None, help="also write the results here")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="permuted-mnist-"))
-    ds = mnist_dataset_dir(args.data, work / "mnist")
+    ds, SPLIT_PREFIX[0] = mnist_source(args.data, work / "mnist")
     results = []
     for pen in args.penalties.split(","):
         for lam in ([0.0] if pen == "none" else [float(x) for x in args.lams.split(",")]):

@@ -7,13 +7,15 @@ and writes under --out: every checkpoint and sidecar, ``results.json``, ``result
 tables the README shows), ``lambda_sweep.png`` and ``prune_curves.png``.
 
     python tests/benchmarks/reproduce.py sample_configs/experiments/permuted_mnist_mlp.toml \
-        --data MNIST_DIR --out runs/permuted_mnist
+        --data ylecun/mnist --out runs/permuted_mnist
 
---data is a folder with the MNIST IDX files (converted once to a datasets folder) or any dataset
-folder cl-tool reads. --set section.key=value overrides the config (e.g. --set train.epochs=1).
+--data is a folder with the MNIST IDX files (converted once to a datasets folder), a dataset with
+MNIST's splits such as ``ylecun/mnist`` (its test split is the same 10,000 images as t10k), or any
+dataset folder cl-tool reads. --set section.key=value overrides the config (e.g. --set train.epochs=1).
 The commands are run in-process through ``cl_tool.cli.main`` (the console script's entry point).
 
-MNIST_DIR is a folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.
+A folder of IDX files is, e.g., the original MNIST distribution's t10k-images-idx3-ubyte.gz and
+t10k-labels-idx1-ubyte.gz.
 """
 
 from __future__ import annotations
@@ -73,18 +75,21 @@ def kv_args(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+SPLIT_PREFIX = [""]  # "test" when --data is a dataset with MNIST's splits (ylecun/mnist): its test split is t10k
+
+
 def task_ref(data: Path, split: str, task: dict[str, Any]) -> str:
+    split = SPLIT_PREFIX[0] + split if split.startswith("[") else split
     opts = [f"split={split}"] + [f"{k}={v}" for k, v in task.items() if k not in ("name",)]
     return f"{task['name']}={data}::{','.join(opts)}"
 
 
-def resolve_data(path: str, work: Path) -> Path:
-    p = Path(path)
-    if any(p.glob("t10k-images-idx3-ubyte*")):
-        from _mnist import mnist_dataset_dir
+def resolve_data(path: str | None, work: Path) -> str:
+    """--data as cl-tool takes it: an IDX folder is converted once; a hub id or dataset folder is used as it is."""
+    from _mnist import mnist_source
 
-        return mnist_dataset_dir(p, work / "_mnist_dataset")
-    return p
+    data, SPLIT_PREFIX[0] = mnist_source(path, work)
+    return data
 
 
 def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | None) -> dict:
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment TOML, or with --render a results.json to turn into results.md again")
     p.add_argument("--render", action="store_true", help="only re-render results.md (and the λ plot) from CONFIG=results.json")
-    p.add_argument("--data", required=False, help="MNIST IDX folder or a dataset folder cl-tool reads")
+    p.add_argument("--data", help="MNIST IDX folder, a dataset such as ylecun/mnist (online), or a dataset folder cl-tool reads")
     p.add_argument("--out", required=False, help="output folder (created)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--max-lambdas", type=int, default=None, help="keep only the first N λ of each run (quick checks)")
@@ -292,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         res_path.with_name("results.md").write_text(md)
         print(md)
         return results
-    if not (args.data and args.out):
-        p.error("--data and --out are required to run an experiment")
+    if not args.out:
+        p.error("--out is required to run an experiment")
     cfg = apply_overrides(tomllib.loads(Path(args.config).read_text()), args.set)
     if args.max_lambdas:
         for run in cfg["runs"]:
