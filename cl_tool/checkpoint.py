@@ -179,6 +179,62 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     return spec
 
 
+def metadata_json(meta: dict[str, str], key: str, where: str, default: Any, types: tuple[type, ...]) -> Any:
+    """The JSON value of metadata ``key`` (``default`` when absent), which must be of one of ``types``."""
+    if key not in meta:
+        return default
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadInputError(f"{where} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
+    if not isinstance(value, types):
+        raise BadInputError(f"{where} has malformed metadata {key!r} (a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}); the file is damaged.")
+    return value
+
+
+def spec_from_metadata(meta: dict[str, str], where: str) -> ModelSpec:
+    """The validated model description in a checkpoint's metadata."""
+    try:
+        return ModelSpec.from_dict(metadata_json(meta, "cl_tool.model", where, {}, (dict,)))
+    except BadInputError as exc:
+        if exc.message.startswith(where):
+            raise
+        raise BadInputError(f"{where}: {exc.message[0].lower()}{exc.message[1:]}") from exc
+
+
+def layout_from_metadata(meta: dict[str, str], where: str) -> dict[str, Any] | None:
+    """The recorded layout (see :func:`model_layout`), or None for a checkpoint written before layouts were recorded."""
+    layout = metadata_json(meta, "cl_tool.layout", where, None, (dict,))
+    if layout is not None and not (isinstance(layout.get("parameters"), list) and isinstance(layout.get("classifier"), list)
+                                   and isinstance(layout.get("tensors"), dict)):
+        raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
+    return layout
+
+
+def layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: str) -> str | None:
+    """What is wrong between the recorded layout, the model description and a safetensors header (names, shapes,
+    float or integer dtypes), or None; from the header alone, so no tensor is read."""
+    if layout.get("spec") is not None and layout.get("spec") != spec_digest(spec):
+        return f"Checkpoint {where}'s model metadata was changed after writing (it no longer matches its recorded layout); the file is damaged or was edited."
+    for name, rec in layout["tensors"].items():
+        if name not in header:
+            return f"Checkpoint {where} lacks tensor {name!r} that its recorded layout lists; the file is damaged or was edited."
+        if not isinstance(rec, list) or not rec or list(rec[0]) != list(header[name]["shape"]):
+            return f"Tensor {name!r} in {where} has shape {header[name]['shape']}, not the one its recorded layout lists; the file is damaged or was edited."
+        if len(rec) > 1 and (str(rec[1]).startswith(("float", "bfloat")) != (header[name]["dtype"] in _FLOAT_CODES)):
+            return f"Tensor {name!r} in {where} has dtype {header[name]['dtype']}, not the kind its recorded layout lists ({rec[1]}); the file is damaged."
+    extra = [n for n in header if n not in layout["tensors"]]
+    if extra:
+        return f"Checkpoint {where} has tensor {extra[0]!r} that its recorded layout does not list; the file is damaged or was edited."
+    unknown = [n for n in layout["parameters"] + layout["classifier"] if n not in layout["tensors"]]
+    if unknown:
+        return f"Checkpoint {where} has a malformed layout record (unknown tensor {unknown[0]!r}); the file is damaged."
+    return None
+
+
+_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
 def spec_digest(spec: ModelSpec) -> str:
     """A short digest of the model description, so a layout is only trusted together with the spec it was saved with."""
     import hashlib
@@ -199,20 +255,21 @@ def model_layout(model) -> dict[str, Any]:
     }
 
 
-def validate_layout(ckpt: Checkpoint) -> None:
-    """Check the file's tensors against the layout recorded in its metadata (same rules as against the model)."""
-    import torch
-
+def validate_layout(ckpt: Checkpoint, tensors: dict[str, tuple[list[int], str]] | None = None) -> None:
+    """Check the file's tensors (name → (shape, dtype name); default: ``ckpt.state``'s) against the layout recorded in its
+    metadata, with the same rules and sentences as against the built model; reads no tensor data."""
     where = ckpt.path or "the checkpoint"
     if ckpt.layout.get("spec") != spec_digest(ckpt.spec):
         raise BadInputError(f"Checkpoint {where} describes a model that cannot be built as saved (its model metadata was changed after writing); the file is damaged or was not written by cl-tool.")
-    expected = {}
-    for name, (shape, dtype) in ckpt.layout["tensors"].items():
-        expected[name] = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).new_empty(shape, device="meta")
-    _validate_state(ckpt, expected, where)
-    missing = [n for n in ckpt.layout["parameters"] + ckpt.layout["classifier"] if n not in expected]
+    got = tensors if tensors is not None else {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()}
+    _check_tensors(ckpt, {n: (list(shape), dtype) for n, (shape, dtype) in ckpt.layout["tensors"].items()}, got, where)
+    missing = [n for n in ckpt.layout["parameters"] + ckpt.layout["classifier"] if n not in ckpt.layout["tensors"]]
     if missing:
         raise BadInputError(f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged.")
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def build_on_meta_device(ckpt: Checkpoint):
@@ -237,18 +294,28 @@ def build_on_meta_device(ckpt: Checkpoint):
 
 
 def _validate_state(ckpt: Checkpoint, expected: dict[str, Any], where: str) -> None:
-    """Every tensor the architecture needs is present with the right shape and dtype kind; nothing extra."""
-    for name, ref in expected.items():
-        if name not in ckpt.state:
-            raise IncompatibleError(f"Checkpoint {where} lacks tensor {name!r} that architecture {ckpt.spec.arch} needs; it belongs to another model.")
-        got = ckpt.state[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise IncompatibleError(f"Tensor {name!r} in {where} has shape {list(got.shape)}, but {ckpt.spec.arch} needs {list(ref.shape)}; the file does not match its metadata.")
-        if got.dtype != ref.dtype and not (got.dtype.is_floating_point and ref.dtype.is_floating_point):
-            raise IncompatibleError(f"Tensor {name!r} in {where} has dtype {got.dtype}, but {ckpt.spec.arch} needs {ref.dtype}.")
-    unexpected = [k for k in ckpt.state if k not in expected]
+    """Every tensor the architecture needs (``expected``: a state dict) is in ``ckpt.state`` with the right shape and dtype kind."""
+    _check_tensors(ckpt, {n: (list(t.shape), _dtype_name(t)) for n, t in expected.items()},
+                   {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()}, where)
+
+
+_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[list[int], str]], got: dict[str, tuple[list[int], str]], where: str) -> None:
+    """Every expected tensor present with its shape and a dtype of the same kind (float or not); nothing extra (exit 4)."""
+    arch = ckpt.spec.arch
+    for name, (shape, dtype) in expected.items():
+        if name not in got:
+            raise IncompatibleError(f"Checkpoint {where} lacks tensor {name!r} that architecture {arch} needs; it belongs to another model.")
+        got_shape, got_dtype = got[name]
+        if list(got_shape) != list(shape):
+            raise IncompatibleError(f"Tensor {name!r} in {where} has shape {list(got_shape)}, but {arch} needs {list(shape)}; the file does not match its metadata.")
+        if got_dtype != dtype and not (got_dtype in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES):
+            raise IncompatibleError(f"Tensor {name!r} in {where} has dtype torch.{got_dtype}, but {arch} needs torch.{dtype}.")
+    unexpected = [k for k in got if k not in expected]
     if unexpected:
-        raise IncompatibleError(f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {ckpt.spec.arch} does not have; it belongs to another model.")
+        raise IncompatibleError(f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {arch} does not have; it belongs to another model.")
 
 
 def instantiate(ckpt: Checkpoint):

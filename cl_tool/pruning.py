@@ -25,14 +25,19 @@ exactly and deterministically:
   value (this settles heavy ties in two counts), then bisection on the order-preserving
   integer key of the float bit pattern (at most 33 more passes for float32, 65 for
   float64). Typically 2 counting passes suffice. As soon as the bracket holds at most
-  ``max(largest tensor, 2**20)`` elements they are copied out and a selection
-  (``numpy.partition`` on CPU, ``torch.kthvalue`` elsewhere) finishes the job. Then
-  ``m = k - #{score < v}`` elements equal to ``v`` are pruned in (tensor, flat index)
-  order. Extra memory besides the returned masks is a few times the largest single
-  tensor (timings: ``tests/benchmarks/bench_prune_core.py``).
+  ``max(largest tensor, 2**20)`` elements they are copied out and ``numpy.partition``
+  finishes the job. Then ``m = k - #{score < v}`` elements equal to ``v`` are pruned in
+  (tensor, flat index) order.
+* **Streaming.** The selection reads the scores through *sources* (name, shape, dtype, a
+  loader of the values), one tensor at a time: :func:`plan_masks` finds each tensor's cut
+  (threshold and number of ties to prune), after which any tensor's mask follows from its
+  own scores alone, in any order (:class:`MaskPlan`), so scores and masks can stay on disk:
+  extra memory is a few times the largest single tensor. :func:`global_masks` and
+  :func:`layer_masks` are the in-memory API over torch tensors or numpy arrays.
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
-float64 and integer scores in float64 (integers above 2**53 lose exactness).
+float64 and integer scores in float64 (integers above 2**53 lose exactness). The selection
+is numpy; torch is only imported for torch inputs and :func:`apply_masks`.
 """
 
 from __future__ import annotations
@@ -42,11 +47,28 @@ import fnmatch
 import math
 import struct
 from fractions import Fraction
-from typing import Iterable, Mapping, NamedTuple
-
-import torch
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+
+
+class TensorInfo(NamedTuple):
+    """What selection needs of a tensor without its values: shape and dtype name (``float32``, ``int64``...)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+_FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _floating(t: Any) -> bool:
+    return _dtype_name(t) in _FLOAT_NAMES
+
 
 # Parameter-name patterns (fnmatch, matched against the lower-cased name) that are never
 # pruned by default: embeddings and tokens (patch/position/word embeddings, class,
@@ -78,10 +100,10 @@ def _matches(name: str, patterns: Iterable[str], *, lower: bool = False) -> bool
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _guess_classifier(named_params: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+def _guess_classifier(named_params: Mapping[str, Any]) -> tuple[str, ...]:
     last = None
     for name, t in named_params.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2:
+        if _floating(t) and len(t.shape) >= 2:
             last = name
     if last is None:
         return ()
@@ -92,7 +114,7 @@ def _guess_classifier(named_params: Mapping[str, torch.Tensor]) -> tuple[str, ..
 
 
 def select_prunable(
-    named_params: Mapping[str, torch.Tensor],
+    named_params: Mapping[str, Any],
     *,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -122,7 +144,8 @@ def select_prunable(
     defaults and the flags). ``exclude`` then removes matching names (exclude wins over
     include). A pattern matching no name at all raises :class:`UsageError` (likely a
     typo), as does a selection that ends up empty. Integer tensors and BatchNorm running
-    statistics are never selected.
+    statistics are never selected. Values may be torch tensors, numpy arrays or
+    :class:`TensorInfo` (shape and dtype name only).
     """
     names = list(named_params)
     for opt, pats in (("$include", include), ("$exclude", exclude)):
@@ -140,7 +163,7 @@ def select_prunable(
 
     selected = []
     for name, t in named_params.items():
-        if not isinstance(t, torch.Tensor) or not (t.is_floating_point()):
+        if not _floating(t):
             continue
         if name.endswith(_STAT_SUFFIXES):
             continue
@@ -151,7 +174,7 @@ def select_prunable(
                 chosen = False
             elif is_classifier(name) and not include_classifier:
                 chosen = False
-            elif t.ndim >= 2:
+            elif len(t.shape) >= 2:
                 chosen = True
             elif name.endswith("bias"):
                 chosen = include_bias
@@ -185,8 +208,8 @@ def num_to_prune(numel: int, sparsity: float) -> int:
 class _Keys:
     """Order-preserving map between floats of one width and Python ints (bit patterns)."""
 
-    def __init__(self, dtype: torch.dtype):
-        if dtype == torch.float64:
+    def __init__(self, dtype: str):
+        if dtype == "float64":
             self.ffmt, self.ifmt, self.mag = "<d", "<q", (1 << 63) - 1
         else:
             self.ffmt, self.ifmt, self.mag = "<f", "<i", (1 << 31) - 1
@@ -200,83 +223,91 @@ class _Keys:
         return struct.unpack(self.ffmt, struct.pack(self.ifmt, b))[0]
 
 
-def _compute_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
-    wide = False
-    for t in tensors:
-        if t.dtype == torch.float64 or not t.is_floating_point():
-            wide = True
-    return torch.float64 if wide else torch.float32
+# ----------------------------------------------------------------------------- score sources
 
 
-def _validated(scores: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor]], torch.dtype]:
-    items = []
-    for name, t in scores.items():
-        if not isinstance(t, torch.Tensor):
-            raise BadInputError(f"The scores for {name!r} are not a tensor; the importance file is malformed.")
-        if t.is_complex():
-            raise BadInputError(f"The scores for {name!r} are complex numbers; importances must be real.")
-        items.append((name, t.detach()))
-    return items, _compute_dtype(t for _, t in items)
+class Source(NamedTuple):
+    """One tensor of scores: its name, shape, numpy dtype and a loader of its values (any real dtype)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    load: Callable[[], Any]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
-def _as(t: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-    """``t`` in the compute dtype (a temporary copy only for other dtypes)."""
-    return t if t.dtype == cdtype else t.to(cdtype)
+def _compute_dtype(dtypes: Iterable[Any]) -> str:
+    """float64 when any score is float64 or an integer, else float32."""
+    import numpy as np
+
+    return "float64" if any(np.dtype(d) == np.float64 or np.dtype(d).kind in "iub" for d in dtypes) else "float32"
 
 
-def _flat(t: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-    """``t`` flattened in row-major order, in the compute dtype."""
-    return _as(t.reshape(-1), cdtype)
+def _flat(src: Source, cdtype: str):
+    """The source's scores, flat, in the compute dtype (a copy only for another dtype)."""
+    import numpy as np
+
+    values = np.asarray(src.load()).reshape(-1)
+    return values if values.dtype == np.dtype(cdtype) else values.astype(cdtype)
 
 
-def _check_nan_minmax(items, cdtype) -> tuple[float, float] | None:
+def _check_nan_minmax(sources: list[Source], cdtype: str) -> tuple[float, float] | None:
+    import numpy as np
+
     lo = hi = None
-    for name, t in items:
-        if t.numel() == 0:
+    for src in sources:
+        if src.numel == 0:
             continue
-        mn, mx = torch.aminmax(_flat(t, cdtype))
-        mn, mx = mn.item(), mx.item()
+        f = _flat(src, cdtype)
+        mn, mx = float(np.min(f)), float(np.max(f))
         if math.isnan(mn) or math.isnan(mx):
-            raise BadInputError(f"The scores for {name!r} contain NaN; recompute the importances (the run that produced them probably diverged).")
+            raise BadInputError(f"The scores for {src.name!r} contain NaN; recompute the importances (the run that produced them probably diverged).")
         lo = mn if lo is None else min(lo, mn)
         hi = mx if hi is None else max(hi, mx)
     return None if lo is None else (lo, hi)
 
 
-def _count_le(ts: list[torch.Tensor], x: float, cdtype: torch.dtype) -> int:
-    return sum(int((_as(t, cdtype) <= x).sum()) for t in ts)
+def _count_le(sources: list[Source], x: float, cdtype: str) -> int:
+    import numpy as np
+
+    return sum(int(np.count_nonzero(_flat(src, cdtype) <= x)) for src in sources)
 
 
-def _sample(ts: list[torch.Tensor], total: int, cdtype: torch.dtype) -> torch.Tensor:
+def _sample(sources: list[Source], total: int, cdtype: str) -> list[float]:
     """A sorted, seeded random sample of about ``total`` values, stratified by tensor size."""
-    gen = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_all = sum(src.numel for src in sources)
     parts = []
-    n_all = sum(t.numel() for t in ts)
-    for t in ts:
-        n = t.numel()
-        s = max(1, min(n, round(total * n / n_all)))
-        idx = torch.randint(0, n, (s,), generator=gen)
-        parts.append(_as(t.reshape(-1)[idx.to(t.device)], cdtype).cpu())
-    return torch.cat(parts).sort().values
+    for src in sources:
+        s = max(1, min(src.numel, round(total * src.numel / n_all)))
+        parts.append(_flat(src, cdtype)[rng.integers(0, src.numel, s)])
+    return np.sort(np.concatenate(parts)).tolist()
 
 
-def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: float, hi_val: float) -> tuple[float, int, list[int] | None]:
+def _kth_smallest(sources: list[Source], k: int, cdtype: str, lo_val: float, hi_val: float) -> tuple[float, int, list[int] | None]:
     """Return ``(v, #{x < v}, eq)`` where ``v`` is the k-th smallest (1-based) of all values.
 
-    ``ts`` are non-empty tensors without NaN whose overall minimum and maximum are
+    ``sources`` are non-empty and without NaN; their overall minimum and maximum are
     ``lo_val`` and ``hi_val``; ``1 <= k <= total number of elements``. ``eq[i]`` is the
-    number of elements of ``ts[i]`` equal to ``v`` when it came for free, else None.
+    number of elements of ``sources[i]`` equal to ``v`` when it came for free, else None.
     """
+    import numpy as np
+
     keys = _Keys(cdtype)
-    n_all = sum(t.numel() for t in ts)
-    cap = max(_MIN_CAP, max(t.numel() for t in ts))
+    n_all = sum(src.numel for src in sources)
+    cap = max(_MIN_CAP, max(src.numel for src in sources))
     lo, c_lo, lo_virtual = keys.key(lo_val) - 1, 0, True     # invariant: #{<= value(lo)} < k
     hi, c_hi = keys.key(hi_val), n_all                         # invariant: #{<= value(hi)} >= k
 
     probes: list[int] = []
     smp: list[float] = []
     if n_all > cap and _SAMPLE > 0:
-        smp = _sample(ts, _SAMPLE, cdtype).tolist()
+        smp = _sample(sources, _SAMPLE, cdtype)
         s = len(smp)
         p = k / n_all
         d = 4.0 * math.sqrt(s * p * (1.0 - p)) + 2.0
@@ -311,7 +342,7 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
                 continue
         if probe is None:
             probe = lo + (hi - lo) // 2
-        c = _count_le(ts, keys.value(probe), cdtype)
+        c = _count_le(sources, keys.value(probe), cdtype)
         if c >= k:
             hi, c_hi = probe, c
         else:
@@ -319,134 +350,177 @@ def _kth_smallest(ts: list[torch.Tensor], k: int, cdtype: torch.dtype, lo_val: f
 
     hi_v = keys.value(hi)
     lo_v = None if lo_virtual else keys.value(lo)
-    if c_hi - c_lo == n_all and len(ts) == 1:
-        cand = _flat(ts[0], cdtype)            # the whole (single) tensor: no copy needed
-        bounds = [0, n_all]
-    else:
-        cand = torch.empty(c_hi - c_lo, dtype=cdtype, device=ts[0].device)
-        bounds = [0]
-        for t in ts:
-            f = _as(t, cdtype)
-            if c_hi - c_lo == n_all:
-                vals = f.reshape(-1)
-            else:
-                sel = f <= hi_v
-                if lo_v is not None:
-                    sel &= f > lo_v
-                vals = f[sel]
-                del sel
-            pos = bounds[-1]
-            cand[pos:pos + vals.numel()] = vals.to(cand.device)
-            bounds.append(pos + vals.numel())
-            del f, vals
-    assert bounds[-1] == cand.numel()
-    v = _kth_value(cand, k - c_lo)
-    c_lt = c_lo + int((cand < v).sum())
+    cand = np.empty(c_hi - c_lo, dtype=cdtype)
+    bounds = [0]
+    for src in sources:
+        f = _flat(src, cdtype)
+        if c_hi - c_lo != n_all:
+            sel = f <= hi_v
+            if lo_v is not None:
+                sel &= f > lo_v
+            f = f[sel]
+        pos = bounds[-1]
+        cand[pos:pos + f.size] = f
+        bounds.append(pos + f.size)
+    assert bounds[-1] == cand.size
+    v = float(np.partition(cand, k - c_lo - 1)[k - c_lo - 1])
+    c_lt = c_lo + int(np.count_nonzero(cand < v))
     # Every element equal to v lies in the bracket, so the segments give the tie counts.
-    eq = [int((cand[a:b] == v).sum()) for a, b in zip(bounds, bounds[1:])]
+    eq = [int(np.count_nonzero(cand[a:b] == v)) for a, b in zip(bounds, bounds[1:])]
     return v, c_lt, eq
 
 
-def _kth_value(x: torch.Tensor, r: int) -> float:
-    """The r-th smallest (1-based) element of the 1-D tensor ``x`` (introselect)."""
-    if x.device.type == "cpu":
-        try:
-            import numpy as np
-        except ImportError:
-            pass
-        else:
-            return float(np.partition(x.numpy(), r - 1)[r - 1])
-    return x.kthvalue(r).values.item()
-
-
-def _nth_true(flat_bool: torch.Tensor, n: int) -> int:
+def _nth_true(flat_bool, n: int) -> int:
     """Flat index of the n-th (1-based) True element, scanning in chunks."""
-    for start in range(0, flat_bool.numel(), _CHUNK):
+    import numpy as np
+
+    for start in range(0, flat_bool.size, _CHUNK):
         chunk = flat_bool[start:start + _CHUNK]
-        c = int(chunk.sum())
+        c = int(np.count_nonzero(chunk))
         if c >= n:
-            return start + int(chunk.nonzero()[n - 1, 0])
+            return start + int(np.flatnonzero(chunk)[n - 1])
         n -= c
     raise AssertionError("fewer True elements than expected")
 
 
-def _select(items: list[tuple[str, torch.Tensor]], k: int, cdtype: torch.dtype, minmax) -> dict[str, torch.Tensor]:
-    """Keep-masks pruning exactly the k lowest scores (ties: earlier tensor, lower index)."""
-    if k <= 0:
-        return {name: torch.ones(t.shape, dtype=torch.bool, device=t.device) for name, t in items}
-    nonempty = [t for _, t in items if t.numel()]
-    v, c_lt, eq_counts = _kth_smallest(nonempty, k, cdtype, *minmax)
-    eq_iter = iter(eq_counts) if eq_counts is not None else None
-    remaining = k - c_lt                       # elements equal to v still to prune
-    masks = {}
-    for name, t in items:
-        if t.numel() == 0:
-            masks[name] = torch.ones(t.shape, dtype=torch.bool, device=t.device)
-            continue
-        f = _flat(t, cdtype)
-        known = next(eq_iter) if eq_iter is not None else None
-        if remaining == 0:
-            keep = f >= v
-        elif known is not None and known <= remaining:
-            keep = f > v
-            remaining -= known
+class _Cut(NamedTuple):
+    """How one tensor is cut: scores below ``threshold`` are pruned, and the first ``ties`` scores equal to it."""
+
+    threshold: float | None  # None: keep everything
+    ties: int
+    cdtype: str
+    pruned: int
+
+
+class MaskPlan:
+    """The exact cut of every source, computed once (:func:`plan_masks`); masks then come one tensor at a time.
+
+    Each tensor's mask depends only on its own scores and its cut, so masks can be produced in any
+    order and more than once, and nothing but one tensor's scores is held at a time.
+    """
+
+    def __init__(self, cuts: dict[str, _Cut]):
+        self.cuts = cuts
+
+    def pruned(self, name: str) -> int:
+        return self.cuts[name].pruned
+
+    def mask(self, src: Source):
+        """The keep-mask (numpy bool, the source's shape) of ``src``."""
+        import numpy as np
+
+        cut = self.cuts[src.name]
+        if cut.threshold is None or src.numel == 0:
+            return np.ones(src.shape, dtype=bool)
+        f = _flat(src, cut.cdtype)
+        if cut.ties == 0:
+            keep = f >= cut.threshold
         else:
-            keep = f > v
-            eq = f == v
-            e = int(eq.sum()) if known is None else known
-            if e <= remaining:
-                remaining -= e
-            else:
-                p = _nth_true(eq, remaining)
+            keep = f > cut.threshold
+            eq = f == cut.threshold
+            if cut.ties < int(np.count_nonzero(eq)):
+                p = _nth_true(eq, cut.ties)
                 keep[p + 1:] |= eq[p + 1:]
-                remaining = 0
-            del eq
-        masks[name] = keep.view(t.shape)
-        del f
+        return keep.reshape(src.shape)
+
+
+def _cuts(sources: list[Source], k: int, cdtype: str) -> dict[str, _Cut]:
+    """The cuts pruning exactly the k lowest scores of ``sources`` (ties: earlier source, lower index)."""
+    import numpy as np
+
+    if k <= 0:
+        return {src.name: _Cut(None, 0, cdtype, 0) for src in sources}
+    minmax = _check_nan_minmax(sources, cdtype)
+    nonempty = [src for src in sources if src.numel]
+    v, c_lt, eq_counts = _kth_smallest(nonempty, k, cdtype, *minmax)
+    eq_known = dict(zip((src.name for src in nonempty), eq_counts)) if eq_counts is not None else {}
+    remaining = k - c_lt  # scores equal to v still to prune
+    cuts = {}
+    for src in sources:
+        if src.numel == 0:
+            cuts[src.name] = _Cut(None, 0, cdtype, 0)
+            continue
+        f = _flat(src, cdtype)
+        below = int(np.count_nonzero(f < v))
+        equal = eq_known[src.name] if src.name in eq_known else int(np.count_nonzero(f == v))
+        ties = min(remaining, equal)
+        remaining -= ties
+        cuts[src.name] = _Cut(v, ties, cdtype, below + ties)
     assert remaining == 0
-    return masks
+    return cuts
 
 
-# ----------------------------------------------------------------------------- public API
+def plan_masks(sources: list[Source], sparsity: float, scope: str) -> MaskPlan:
+    """The exact cut of every source for ``sparsity`` in ``scope``.
 
-
-@torch.no_grad()
-def global_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """Keep-masks (``True`` = keep) pruning the ``k = floor(s*N + 1/2)`` lowest scores overall.
-
-    ``N`` is the total number of elements of all tensors in ``scores``. Ties are pruned in
-    (dict order, flat index) order, i.e. exactly the first ``k`` entries of a stable
-    ascending sort of ``torch.cat([t.flatten() for t in scores.values()])``. Masks have
-    the shapes and devices of the score tensors, in the same order. Raises
-    :class:`UsageError` for a sparsity outside ``[0, 1)`` and :class:`BadInputError` for
-    NaN scores.
+    ``global``: ``k = floor(s*N + 1/2)`` of all ``N`` scores, ties pruned in (source order, flat
+    index) order; ``layer``: the same rule within each source. Raises UsageError for a sparsity
+    outside [0, 1) and BadInputError for NaN scores.
     """
     s = check_sparsity(sparsity)
-    items, cdtype = _validated(scores)
-    minmax = _check_nan_minmax(items, cdtype)
-    n_all = sum(t.numel() for _, t in items)
-    return _select(items, num_to_prune(n_all, s), cdtype, minmax)
+    if scope == "layer":
+        cuts = {}
+        for src in sources:
+            cuts.update(_cuts([src], num_to_prune(src.numel, s), _compute_dtype([src.dtype])))
+        return MaskPlan(cuts)
+    return MaskPlan(_cuts(sources, num_to_prune(sum(src.numel for src in sources), s), _compute_dtype(src.dtype for src in sources)))
 
 
-@torch.no_grad()
-def layer_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+def _in_memory(scores: Mapping[str, Any]) -> tuple[list[Source], Callable[[str, Any], Any]]:
+    """Sources over in-memory torch tensors or numpy arrays, and how to turn a numpy mask back into the input's type."""
+    import numpy as np
+
+    sources, converters = [], {}
+    for name, t in scores.items():
+        if hasattr(t, "detach"):  # a torch tensor: masks come back as bool tensors on its device
+            import torch
+
+            if t.is_complex():
+                raise BadInputError(f"The scores for {name!r} are complex numbers; importances must be real.")
+            cpu = t.detach().cpu()
+            array = (cpu.float() if cpu.dtype == torch.bfloat16 else cpu).numpy()
+            converters[name] = lambda m, device=t.device: torch.from_numpy(m).to(device)
+        elif isinstance(t, np.ndarray):
+            if t.dtype.kind == "c":
+                raise BadInputError(f"The scores for {name!r} are complex numbers; importances must be real.")
+            array = t
+            converters[name] = lambda m: m
+        else:
+            raise BadInputError(f"The scores for {name!r} are not a tensor; the importance file is malformed.")
+        sources.append(Source(name, tuple(array.shape), str(array.dtype), lambda a=array: a))
+    return sources, lambda name, mask: converters[name](mask)
+
+
+def global_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
+    """Keep-masks (``True`` = keep) pruning the ``k = floor(s*N + 1/2)`` lowest scores overall.
+
+    ``N`` is the total number of elements of all tensors in ``scores`` (torch tensors or numpy
+    arrays). Ties are pruned in (dict order, flat index) order, i.e. exactly the first ``k``
+    entries of a stable ascending sort of the concatenation of all flattened scores in dict
+    order. Masks have the shapes (and, for torch, the devices) of the score tensors, in the same
+    order. Raises :class:`UsageError` for a sparsity outside ``[0, 1)`` and
+    :class:`BadInputError` for NaN scores.
+    """
+    return _masks(scores, sparsity, "global")
+
+
+def layer_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
     """Keep-masks pruning the ``k_i = floor(s*N_i + 1/2)`` lowest scores of each tensor ``i``.
 
     Ties within a tensor are pruned in flat-index order (a stable ascending sort of the
     flattened tensor). Same errors as :func:`global_masks`.
     """
-    s = check_sparsity(sparsity)
-    items, _ = _validated(scores)
-    masks = {}
-    for name, t in items:
-        cdtype = _compute_dtype([t])
-        minmax = _check_nan_minmax([(name, t)], cdtype)
-        masks.update(_select([(name, t)], num_to_prune(t.numel(), s), cdtype, minmax))
-    return masks
+    return _masks(scores, sparsity, "layer")
 
 
-@torch.no_grad()
-def apply_masks(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def _masks(scores: Mapping[str, Any], sparsity: float, scope: str) -> dict[str, Any]:
+    check_sparsity(sparsity)
+    sources, back = _in_memory(scores)
+    plan = plan_masks(sources, sparsity, scope)
+    return {src.name: back(src.name, plan.mask(src)) for src in sources}
+
+
+def apply_masks(state: Mapping[str, Any], masks: Mapping[str, Any]) -> dict[str, float]:
     """Zero, in place, the elements of ``state[name]`` where ``masks[name]`` is False.
 
     ``state`` is a state dict or a dict of parameters (a ``model.state_dict()`` shares
@@ -454,6 +528,8 @@ def apply_masks(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Ten
     the tensor's elements that are masked out}`` for every masked tensor. Raises
     :class:`IncompatibleError` if a mask has no tensor of the same name and shape.
     """
+    import torch
+
     report = {}
     for name, mask in masks.items():
         t = state.get(name)
@@ -461,8 +537,9 @@ def apply_masks(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Ten
             raise IncompatibleError(f"The mask for {name!r} has no matching tensor in the model; the scores belong to another model.")
         if tuple(t.shape) != tuple(mask.shape):
             raise IncompatibleError(f"The mask for {name!r} has shape {tuple(mask.shape)} but the tensor has {tuple(t.shape)}; the scores belong to another model.")
-        keep = mask.to(device=t.device, dtype=torch.bool)
-        t.masked_fill_(keep.logical_not(), 0)
+        keep = torch.as_tensor(mask).to(device=t.device, dtype=torch.bool)
+        with torch.no_grad():
+            t.masked_fill_(keep.logical_not(), 0)
         n = keep.numel()
         report[name] = (n - int(keep.sum())) / n if n else 0.0
     return report
@@ -475,7 +552,7 @@ class SparsityRow(NamedTuple):
     fraction: float
 
 
-def sparsity_report(masks: Mapping[str, torch.Tensor]) -> tuple[list[SparsityRow], SparsityRow]:
+def sparsity_report(masks: Mapping[str, Any]) -> tuple[list[SparsityRow], SparsityRow]:
     """Per-tensor rows ``(name, numel, pruned, fraction)`` and a ``"total"`` row.
 
     ``pruned`` counts mask entries that are False; ``fraction = pruned / numel``
@@ -484,7 +561,7 @@ def sparsity_report(masks: Mapping[str, torch.Tensor]) -> tuple[list[SparsityRow
     rows = []
     tot_n = tot_p = 0
     for name, mask in masks.items():
-        n = mask.numel()
+        n = math.prod(mask.shape)
         p = n - int(mask.sum())
         rows.append(SparsityRow(name, n, p, p / n if n else 0.0))
         tot_n += n

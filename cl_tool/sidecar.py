@@ -71,16 +71,25 @@ def validate_values(tensors: dict[str, Any], where: str) -> None:
 
 
 def load_sidecar(path: str | os.PathLike) -> Sidecar:
+    """The sidecar at ``path``, its values checked (finite, non-negative) and its metadata validated."""
     from cl_tool.safetensors_io import load_tensors
 
     tensors, meta = load_tensors(path, "Importance file")
+    sc = sidecar_from_metadata(meta, path)
+    sc.tensors = {k: v.float() for k, v in tensors.items()}
+    validate_values(sc.tensors, str(path))
+    return sc
+
+
+def sidecar_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> Sidecar:
+    """A Sidecar with the metadata of ``path`` and no tensors yet (exit 3 if it is not a valid sidecar's)."""
     if meta.get("cl_tool.sidecar") != "1":
         if "cl_tool.model" in meta:
             raise BadInputError(f"{path} is a checkpoint, not an importance sidecar; pass the .importance.safetensors file written by `cl-tool importance`.")
         raise BadInputError(f"{path} is not a cl-tool importance sidecar (no 'cl_tool.sidecar' metadata); create it with `cl-tool importance`.")
     try:
         sc = Sidecar(
-            tensors={k: v.float() for k, v in tensors.items()},
+            tensors={},
             method=meta["method"],
             options=json.loads(meta.get("options", "{}")),
             data=json.loads(meta.get("data", "null")),
@@ -96,7 +105,6 @@ def load_sidecar(path: str | os.PathLike) -> Sidecar:
     if not isinstance(sc.options, dict) or not isinstance(sc.tasks, list) or not all(isinstance(t, dict) for t in sc.tasks) \
             or not (sc.data is None or isinstance(sc.data, dict)):
         raise BadInputError(f"Importance file {path} has malformed metadata (options, data or tasks of the wrong type); recompute it with `cl-tool importance`.")
-    validate_values(sc.tensors, str(path))
     return sc
 
 

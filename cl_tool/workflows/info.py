@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cl_tool.errors import BadInputError, UsageError
+from cl_tool.checkpoint import layout_from_metadata, layout_problem, metadata_json, spec_from_metadata
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, option
 
@@ -63,18 +64,6 @@ def tensor_summary(header: dict[str, Any]) -> dict[str, Any]:
             "bytes": sum(d["bytes"] for d in by_dtype.values()), "by_dtype": by_dtype}
 
 
-def _json_field(meta: dict[str, str], key: str, where: str, default: Any, types: tuple[type, ...]) -> Any:
-    if key not in meta:
-        return default
-    try:
-        value = json.loads(meta[key])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadInputError(f"{where} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
-    if not isinstance(value, types):
-        raise BadInputError(f"{where} has malformed metadata {key!r} (a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}); the file is damaged.")
-    return value
-
-
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -89,45 +78,6 @@ def _not_cl_tool(p: Path) -> BadInputError:
         hint = f" (for a timm folder give the folder {p.parent})"
     return BadInputError(f"{p} is a safetensors file without cl-tool metadata{hint}; `cl-tool info` describes checkpoints, importance sidecars, "
                          f"masks and resume states written by cl-tool, and timm folders (config.json + model.safetensors).")
-
-
-def _spec(meta: dict[str, str], where: str):
-    from cl_tool.models import ModelSpec
-
-    try:
-        return ModelSpec.from_dict(_json_field(meta, "cl_tool.model", where, {}, (dict,)))
-    except BadInputError as exc:
-        if exc.message.startswith(where):
-            raise
-        raise BadInputError(f"{where}: {exc.message[0].lower()}{exc.message[1:]}") from exc
-
-
-def _layout(meta: dict[str, str], where: str) -> dict[str, Any] | None:
-    layout = _json_field(meta, "cl_tool.layout", where, None, (dict,))
-    if layout is not None and not (isinstance(layout.get("parameters"), list) and isinstance(layout.get("classifier"), list)
-                                   and isinstance(layout.get("tensors"), dict)):
-        raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
-    return layout
-
-
-def _layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: str) -> str | None:
-    """Check the recorded layout against the model description and the header's names and shapes (what prune trusts)."""
-    from cl_tool.checkpoint import spec_digest
-
-    if layout.get("spec") is not None and layout.get("spec") != spec_digest(spec):
-        return f"Checkpoint {where}'s model metadata was changed after writing (it no longer matches its recorded layout); the file is damaged or was edited."
-    for name, rec in layout["tensors"].items():
-        if name not in header:
-            return f"Checkpoint {where} lacks tensor {name!r} that its recorded layout lists; the file is damaged or was edited."
-        if not isinstance(rec, list) or not rec or list(rec[0]) != list(header[name]["shape"]):
-            return f"Tensor {name!r} in {where} has shape {header[name]['shape']}, not the one its recorded layout lists; the file is damaged or was edited."
-    extra = [n for n in header if n not in layout["tensors"]]
-    if extra:
-        return f"Checkpoint {where} has tensor {extra[0]!r} that its recorded layout does not list; the file is damaged or was edited."
-    unknown = [n for n in layout["parameters"] + layout["classifier"] if n not in layout["tensors"]]
-    if unknown:
-        return f"Checkpoint {where} has a malformed layout record (unknown tensor {unknown[0]!r}); the file is damaged."
-    return None
 
 
 def _omega_text(e: dict[str, Any]) -> str | None:
@@ -208,14 +158,14 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
     from cl_tool.lineage import ancestors
 
     where = str(p)
-    spec = _spec(meta, where)
-    history = _json_field(meta, "cl_tool.history", where, [], (list,))
-    extra = _json_field(meta, "cl_tool.extra", where, {}, (dict,))
-    layout = _layout(meta, where)
+    spec = spec_from_metadata(meta, where)
+    history = metadata_json(meta, "cl_tool.history", where, [], (list,))
+    extra = metadata_json(meta, "cl_tool.extra", where, {}, (dict,))
+    layout = layout_from_metadata(meta, where)
     info["format"] = meta.get("cl_tool.format")
     info["model"] = spec.to_dict()
     if layout is not None:
-        problem = _layout_problem(layout, spec, header, where)
+        problem = layout_problem(layout, spec, header, where)
         if problem:
             info["problems"].append(problem)
         params = [n for n in layout["parameters"] if n in header]
@@ -269,9 +219,9 @@ def _describe_sidecar(p: Path, header, meta, args: InfoArgs, info: dict[str, Any
     for key in ("method", "fingerprint"):
         if key not in meta:
             raise BadInputError(f"{where} lacks the metadata key {key!r}; recompute it with `cl-tool importance`.")
-    options = _json_field(meta, "options", where, {}, (dict,))
-    data = _json_field(meta, "data", where, None, (dict, type(None)))
-    tasks = _json_field(meta, "tasks", where, [], (list,))
+    options = metadata_json(meta, "options", where, {}, (dict,))
+    data = metadata_json(meta, "data", where, None, (dict, type(None)))
+    tasks = metadata_json(meta, "tasks", where, [], (list,))
     if not all(isinstance(t, dict) for t in tasks):
         raise BadInputError(f"{where} has malformed metadata 'tasks' (entries must be objects); recompute it with `cl-tool importance`.")
     try:
@@ -332,9 +282,9 @@ def _describe_mask(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) 
 
 def _describe_resume(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
     where = f"Resume state {p}"
-    config = _json_field(meta, "config", where, {}, (dict,))
-    position = _json_field(meta, "position", where, {}, (dict,))
-    epochs = _json_field(meta, "epochs", where, [], (list,))
+    config = metadata_json(meta, "config", where, {}, (dict,))
+    position = metadata_json(meta, "position", where, {}, (dict,))
+    epochs = metadata_json(meta, "epochs", where, [], (list,))
     groups: dict[str, int] = {}
     for name in header:
         prefix = name.split("/", 1)[0]
@@ -389,8 +339,8 @@ def _target(path: Path, verify: bool) -> dict[str, Any]:
     header, meta = read_header(p, "--for checkpoint")
     if "cl_tool.model" not in meta:
         raise BadInputError(f"--for {p} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file.")
-    history = _json_field(meta, "cl_tool.history", str(p), [], (list,))
-    layout = _layout(meta, str(p))
+    history = metadata_json(meta, "cl_tool.history", str(p), [], (list,))
+    layout = layout_from_metadata(meta, str(p))
     fp, source = meta.get("cl_tool.fingerprint"), "recorded"
     if verify or not fp:
         fp, source = _scan(p, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"

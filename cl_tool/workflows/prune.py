@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
+from cl_tool.checkpoint import HISTORY_LIMIT
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
@@ -152,12 +154,12 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
 
 def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     """Prune ``args.checkpoint`` by one score to ``args.sparsity`` (checkpoint and/or masks), or run the sweep."""
-    from cl_tool.atomic import FileRoles, all_or_nothing
-    from cl_tool.checkpoint import build_on_meta_device, history_entry, instantiate, load_checkpoint, model_layout, save_checkpoint, validate_layout
+    from cl_tool.atomic import FileRoles
+    from cl_tool.checkpoint import build_on_meta_device, instantiate, load_checkpoint, model_layout, save_checkpoint, validate_layout
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
     from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
-    from cl_tool.runtime import command_line, resolve_device
+    from cl_tool.runtime import resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
     roles = FileRoles(force=args.force)
@@ -173,6 +175,10 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
+    if args.sweep is None and args.checkpoint.is_file():
+        streamed = _prune_file(args, out)
+        if streamed is not None:
+            return streamed
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes are recorded, no rebuild needed
@@ -202,11 +208,27 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     del scores
     state = {k: v.detach().cpu() for k, v in (materialised[0].state_dict() if materialised else ckpt.state).items()}
     apply_masks(state, masks)
-    report, total = sparsity_report(masks)
+    rows, total = sparsity_report(masks)
+
+    def write(path, metadata) -> str:
+        return save_checkpoint(path, ckpt.spec, state, metadata["history"], extra=metadata["extra"], force=args.force, layout=layout)
+
+    def write_mask(path) -> None:
+        save_mask(path, masks, by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint, force=args.force)
+
+    return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)
+
+
+def _finish(args: PruneArgs, out: Output, ckpt, by: str, source: dict[str, Any], rows, total, write, write_mask) -> dict[str, Any]:
+    """Report the sparsity, write the pruned checkpoint (``write(path, {"history", "extra"}) -> fingerprint``) and masks, all or nothing."""
+    from cl_tool.atomic import all_or_nothing
+    from cl_tool.checkpoint import history_entry
+    from cl_tool.runtime import command_line
+
     out.table(f"sparsity by parameter ({by}, {args.scope})", ["parameter", "numel", "pruned", "sparsity"],
-              [[n, numel, pruned, frac] for n, numel, pruned, frac in report])
+              [[n, numel, pruned, frac] for n, numel, pruned, frac in rows])
     record = {"by": by, "scope": args.scope, "requested_sparsity": args.sparsity, "achieved_sparsity": total.fraction,
-              "pruned": total.pruned, "selected": total.numel, "source": source, "per_layer": {n: frac for n, _, _, frac in report}}
+              "pruned": total.pruned, "selected": total.numel, "source": source, "per_layer": {n: frac for n, _, _, frac in rows}}
     result = {"output": str(args.output) if args.output else None, "mask_out": str(args.mask_out) if args.mask_out else None, **record}
     with all_or_nothing() as wrote:
         if args.output is not None:
@@ -214,12 +236,90 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
                                                  achieved=total.fraction, source_fingerprint=ckpt.fingerprint, importance=source.get("sidecar"),
                                                  importance_fingerprint=source.get("sidecar_fingerprint"),
                                                  importance_generations=source.get("generations"))]
-            result["fingerprint"] = save_checkpoint(args.output, ckpt.spec, state, hist, extra={**ckpt.extra, "pruning": record},
-                                                    force=args.force, layout=layout)
+            result["fingerprint"] = write(args.output, {"history": hist, "extra": {**ckpt.extra, "pruning": record}})
             wrote(args.output)
         if args.mask_out is not None:
-            save_mask(args.mask_out, masks, by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint, force=args.force)
+            write_mask(args.mask_out)
             wrote(args.mask_out)
     out.log(f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({args.scope})"
             f"{f'; wrote {args.output}' if args.output else ''}{f'; masks in {args.mask_out}' if args.mask_out else ''}.")
     return out.result(result)
+
+
+def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
+    """Prune a cl-tool checkpoint file by |w| or stored scores with numpy, one tensor at a time (no torch, memory of one
+    tensor); None when it cannot be done that way (a timm folder, an old checkpoint without a layout record, scores that
+    need data) and the in-memory path must."""
+    from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
+    from cl_tool.lineage import check_sidecar
+    from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks, select_prunable
+    from cl_tool.prune_stream import (TORCH_NAMES, TensorFile, check_and_fingerprint, check_sidecar_values, magnitude_sources, sidecar_sources,
+                                      write_masks, write_pruned)
+    from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
+
+    by, where = args.by[0], str(args.checkpoint)
+    if args.device not in ("auto", "cpu"):  # nothing runs on a device here, but asking for a missing one is still an error
+        from cl_tool.runtime import resolve_device
+
+        resolve_device(args.device)
+    sidecar_path = args.importance or default_sidecar_path(args.checkpoint)
+    if by not in ("magnitude", "importance", "si") and not (sidecar_path.exists() and args.importance is not None):
+        return None  # signal/fisher/mas: computed on data unless a sidecar of that method is given
+    try:
+        tf = TensorFile(args.checkpoint, "Checkpoint")
+    except NotImplementedError:  # a dtype numpy does not read (float8)
+        return None
+    meta = tf.metadata
+    if "cl_tool.model" not in meta:
+        return None
+    spec = spec_from_metadata(meta, where)
+    layout = layout_from_metadata(meta, where)
+    if layout is None or "spec" not in layout:
+        return None
+    ckpt = Checkpoint(spec=spec, state={}, history=metadata_json(meta, "cl_tool.history", where, [], (list,)),
+                      extra=metadata_json(meta, "cl_tool.extra", where, {}, (dict,)), path=where, layout=layout)
+    validate_layout(ckpt, {n: (e["shape"], TORCH_NAMES[e["dtype"]]) for n, e in tf.header.items()})
+    ckpt._fp = check_and_fingerprint(tf, where)
+    shapes = {n: tf.shape(n) for n in layout["parameters"]}
+    named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
+    chosen = select_prunable(named, include=args.include or None, exclude=args.exclude or None, include_bias=args.include_bias,
+                             include_norm=args.include_norm, include_classifier=args.include_classifier,
+                             classifier_names=tuple(layout["classifier"]))
+    if by == "magnitude":
+        sources, source = magnitude_sources(tf, chosen), {"by": "magnitude"}
+    else:
+        if not sidecar_path.exists():
+            raise BadInputError(f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
+                                f"(or train-next $si_out) first, or pass $importance.")
+        sc_file = TensorFile(sidecar_path, "Importance file")
+        sc = sidecar_from_metadata(sc_file.metadata, sidecar_path)
+        check_sidecar_values(sc_file, str(sidecar_path))
+        if by not in ("importance", sc.method):
+            raise UsageError(f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance.")
+        use = check_sidecar(sc, ckpt, where)  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
+        if use.note:
+            out.log(use.note)
+        for n in chosen:
+            stored = sc_file.shape(n) if n in sc_file.header else None
+            if stored is None:
+                raise BadInputError(f"Importance file {sidecar_path} has no entry for {n!r}; recompute it for {where}.")
+            if stored != shapes[n] and not (n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]):
+                raise IncompatibleError(f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
+                                        f"recompute it with `cl-tool importance {where}`.")
+        sources = sidecar_sources(sc_file, chosen, shapes, set(use.grown), str(sidecar_path))
+        source = {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
+    plan = plan_masks(sources, args.sparsity, args.scope)
+    rows = [SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0) for src in sources]
+    n_all, n_pruned = sum(r.numel for r in rows), sum(r.pruned for r in rows)
+    total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
+    by_name = {src.name: src for src in sources}
+
+    def write(path, metadata) -> str:
+        return write_pruned(tf, plan, by_name, path, {**meta, "cl_tool.history": json.dumps(metadata["history"][-HISTORY_LIMIT:]),
+                                                       "cl_tool.extra": json.dumps(metadata["extra"])}, force=args.force)
+
+    def write_mask(path) -> None:
+        write_masks(plan, sources, path, {"cl_tool.mask": "1", "by": by, "scope": args.scope, "sparsity": repr(args.sparsity),
+                                          "fingerprint": ckpt.fingerprint}, force=args.force)
+
+    return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)

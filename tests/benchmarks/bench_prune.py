@@ -1,11 +1,13 @@
-"""Whole-process global magnitude pruning of vit_base_patch16_224 to 90 %: `cl-tool prune` vs torch.nn.utils.prune.
+"""Whole-process global magnitude pruning to 90 %: `cl-tool prune` vs torch.nn.utils.prune, and memory vs checkpoint size.
 
-Both read the same checkpoint (86 M parameters, random init, ~346 MB), prune the same tensors (cl-tool's
-default selection: weight matrices and kernels, not biases/norms/embeddings/classifier) globally by |w|,
-and write a pruned safetensors file. Each runs in a fresh process; wall time and that process's peak
-RSS (os.wait4) are reported, in the same run, on the same machine.
+Both read the same checkpoint (vit_base_patch16_224: 86 M parameters, random init, ~346 MB), prune the
+same tensors (cl-tool's default selection: weight matrices and kernels, not biases/norms/embeddings/
+classifier) globally by |w|, and write a pruned safetensors file. Each runs in a fresh process; wall
+time and that process's peak RSS (os.wait4) are reported, rounds interleaved, in the same run. With
+--scale-arch (e.g. vit_large_patch16_224, 3.5x the parameters) cl-tool also prunes that checkpoint,
+to show that its peak memory does not grow with the checkpoint (it streams one tensor at a time).
 
-    python tests/benchmarks/bench_prune.py [--arch vit_base_patch16_224] [--sparsity 0.9] [--work DIR]
+    python tests/benchmarks/bench_prune.py [--arch vit_base_patch16_224] [--scale-arch vit_large_patch16_224] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -60,23 +62,44 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--work", default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--scale-arch", default=None, help="a larger architecture pruned by cl-tool too (memory vs checkpoint size)")
+    p.add_argument("--skip-reference", action="store_true", help="only cl-tool (the reference needs ~5 GiB and ~30 s)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-"))
-    src = work / "model.safetensors"
-    if not src.exists():
-        subprocess.run([sys.executable, "-m", "cl_tool", "-q", "init", "--arch", args.arch, "-o", str(src)], check=True)
-    print(f"checkpoint {src} ({src.stat().st_size / 1e6:.0f} MB), {os.cpu_count()} CPUs")
+    checkpoints = {}
+    for arch in filter(None, (args.arch, args.scale_arch)):
+        src = work / f"{arch}.safetensors"
+        if not src.exists():
+            subprocess.run([sys.executable, "-m", "cl_tool", "-q", "init", "--arch", arch, "-o", str(src)], check=True)
+        checkpoints[arch] = src
+        print(f"checkpoint {src} ({src.stat().st_size / 1e6:.0f} MB)")
+    src = checkpoints[args.arch]
     import torch
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for r in range(args.repeats):
-        for name, argv in (
-            ("cl-tool prune", [sys.executable, "-m", "cl_tool", "-q", "prune", str(src), "--by", "magnitude", "--sparsity", str(args.sparsity),
-                               "-o", str(work / "cl.safetensors"), "--force"]),
-            ("torch global_unstructured", [sys.executable, "-c", REFERENCE, str(src), str(work / "ref.safetensors"), str(args.sparsity)]),
-        ):
+    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    def cl_prune(path: Path, out: str) -> list[str]:
+        return [sys.executable, "-m", "cl_tool", "-q", "prune", str(path), "--by", "magnitude", "--sparsity", str(args.sparsity),
+                "-o", str(work / out), "--force"]
+
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        cases = [("cl-tool prune", cl_prune(src, "cl.safetensors"))]
+        if not args.skip_reference:
+            cases.append(("torch global_unstructured", [sys.executable, "-c", REFERENCE, str(src), str(work / "ref.safetensors"), str(args.sparsity)]))
+        if args.scale_arch:
+            cases.append((f"cl-tool prune {args.scale_arch}", cl_prune(checkpoints[args.scale_arch], "cl_large.safetensors")))
+        for name, argv in cases:
             wall, rss, code = run_measured(argv)
-            print(f"{name:>26}: {wall:6.1f} s wall, peak RSS {rss:7.0f} MiB{'' if code == 0 else f'  (FAILED, exit {code})'}", flush=True)
+            rows.setdefault(name, []).append((wall, rss))
+            print(f"{name:>40}: {wall:6.1f} s wall, peak RSS {rss:7.0f} MiB{'' if code == 0 else f'  (FAILED, exit {code})'}", flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+    for name, values in rows.items():
+        walls, rsss = sorted(v[0] for v in values), sorted(v[1] for v in values)
+        print(f"{name:>40}: wall min {walls[0]:.2f} s median {walls[len(walls) // 2]:.2f} s; peak RSS min {rsss[0]:.0f} MiB "
+              f"median {rsss[len(rsss) // 2]:.0f} MiB")
+    if args.skip_reference:
+        return
     from safetensors.torch import load_file
 
     a, b = load_file(str(work / "cl.safetensors")), load_file(str(work / "ref.safetensors"))
