@@ -59,6 +59,28 @@ def autocast(device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def skip_dynamo_import() -> None:
+    """Let torch's ``@_disable_dynamo`` wrappers (optimizer construction, state dicts, ...) call straight through.
+
+    Those wrappers import ``torch._dynamo`` (2-10 s on a small CPU) on first use only to keep
+    ``torch.compile`` from tracing the wrapped function; cl-tool never compiles, so the function is
+    called as it is. Uses torch's own cache attribute of the wrapper; if a torch version changes
+    that, this does nothing and the import happens as before.
+    """
+    import torch
+
+    try:
+        probe = torch._compile._disable_dynamo(lambda: None)
+        code = probe.__code__
+    except Exception:  # noqa: BLE001 - a torch without this mechanism: nothing to skip
+        return
+    for owner in (torch.optim.Optimizer, *torch.optim.Optimizer.__subclasses__()):
+        for member in vars(owner).values():
+            fn = getattr(member, "__wrapped__", None)
+            if fn is not None and getattr(member, "__code__", None) is code and getattr(fn, "__dynamo_disable", None) is None:
+                fn.__dynamo_disable = fn
+
+
 def seed_everything(seed: int) -> None:
     import random
 

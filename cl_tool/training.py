@@ -79,13 +79,40 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, params):
+    """The optimiser of ``cfg`` over ``params``, whose ``step`` runs without torch.compile's import (see :func:`_plain_step`)."""
     import torch
 
+    from cl_tool.runtime import skip_dynamo_import
+
+    skip_dynamo_import()
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return _plain_step(opt)
+
+
+def _plain_step(opt):
+    """Replace ``opt.step`` by the optimiser's own update under ``torch.no_grad()``.
+
+    ``Optimizer.step`` is wrapped (step hooks, profiling, and a ``torch._dynamo.graph_break()``
+    whose import costs seconds per process); cl-tool uses none of it and never compiles, so the
+    innermost step (``__wrapped__``) is called in no-grad mode, as the wrapper would: same update.
+    """
+    import torch
+
+    raw = type(opt).step
+    while hasattr(raw, "__wrapped__"):
+        raw = raw.__wrapped__
+
+    def step(closure=None):
+        with torch.no_grad():
+            return raw(opt, closure)
+
+    opt.step = step
+    return opt
 
 
 @dataclass

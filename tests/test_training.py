@@ -195,3 +195,27 @@ def test_freeze_bn_stats_keeps_running_statistics(cli, demo_dir, tmp_path, freez
     bn_weights = [k for k in before.state if k.startswith("features.1.") and k.endswith(("weight", "bias"))]
     assert bn_weights and not any(torch.equal(before.state[k], after.state[k]) for k in bn_weights)
     assert after.history[-1].get("freeze_bn_stats") is (True if freeze else None)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_plain_step_is_the_optimizers_own_update(name):
+    """make_optimizer's step skips torch's wrappers (and the torch._dynamo import) but updates exactly as Optimizer.step."""
+    import copy
+
+    from cl_tool.training import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    ref_model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model = copy.deepcopy(ref_model)
+    cfg = TrainConfig(optimizer=name, lr=0.05, momentum=0.9 if name == "sgd" else 0.0, nesterov=name == "sgd", weight_decay=0.01)
+    reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](
+        ref_model.parameters(), lr=0.05, weight_decay=0.01, **({"momentum": 0.9, "nesterov": True} if name == "sgd" else {}))
+    opt = make_optimizer(cfg, list(model.parameters()))
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        for m, o in ((ref_model, reference), (model, opt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
