@@ -42,7 +42,10 @@ def test_experiment_config_runs(config, tiny_data, tmp_path):
             assert "diverged" in entry or len(entry["accuracy"]) == len(saved["config"]["data"]["tasks"])
     assert (out / "results.md").read_text().startswith("### ")
     if "prune" in saved:
-        assert set(saved["prune"]["curves"]) == set(saved["config"]["prune"]["by"])
+        for name in saved["prune"]["runs"]:
+            assert set(saved["prune"]["curves"][name]) == set(saved["config"]["prune"]["by"])
+    rendered = reproduce.main([str(out / "results.json"), "--render"])  # every table again from the stored JSON
+    assert (out / "results.md").read_text() == reproduce.markdown(saved) == reproduce.markdown(rendered)
 
 
 def test_readme_shows_how_to_get_mnist_and_no_build_machine_paths():

@@ -92,12 +92,14 @@ def resolve_data(path: str | None, work: Path) -> str:
     return data
 
 
-def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | None) -> dict:
+def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | None, seed: int | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     model, dcfg, train = cfg["model"], cfg["data"], dict(cfg.get("train", {}))
     tasks = dcfg["tasks"]
     penalty, method = run.get("penalty", "none"), run.get("method", "fisher")
     train.update(run.get("train", {}))
+    if seed is not None:  # the seed of the initial weights, the data order and any augmentation
+        train["seed"] = seed
     imp_opts = dict(cfg.get("importance", {}))
     imp_opts.update(run.get("importance", {}))
     prev = folder / "init.safetensors"
@@ -140,26 +142,61 @@ def _accumulate_si(prev: Path | None, new: Path, out: Path) -> None:
     save_sidecar(out, sc, force=True)
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """One sweep entry from its seeds: the mean summary (``summary``) and its standard deviation (``summary_std``)."""
+    ok = [r for r in per_seed if "summary" in r]
+    entry: dict[str, Any] = {"per_seed": per_seed, "seconds": round(sum(r.get("seconds", 0) for r in per_seed), 1)}
+    if not ok:
+        entry["diverged"] = per_seed[0]["diverged"]
+        return entry
+    entry["summary"], entry["summary_std"] = {}, {}
+    for key in ("average_accuracy", "bwt", "learning_accuracy", "average_forgetting"):
+        values = [r["summary"][key] for r in ok if r["summary"].get(key) is not None]
+        if values:
+            entry["summary"][key], entry["summary_std"][key] = _mean_std(values)
+        else:
+            entry["summary"][key] = entry["summary_std"][key] = None
+    entry["accuracy"] = ok[0]["accuracy"]  # the first seed's matrix (all are in per_seed)
+    if len(ok) < len(per_seed):
+        entry["diverged_seeds"] = [r["seed"] for r in per_seed if "summary" not in r]
+    return entry
+
+
+def _one(cfg: dict, data: Path, folder: Path, run: dict, lam: float | None, seed: int) -> dict:
+    try:
+        return {"seed": seed, **run_sequence(cfg, data, folder, run, lam, seed)}
+    except CommandFailed as exc:
+        if exc.code != 5:
+            raise
+        return {"seed": seed, "diverged": str(exc)}
+
+
 def run_experiment(cfg: dict, data: Path, out: Path) -> dict:
-    results: dict[str, Any] = {"name": cfg.get("name", ""), "description": cfg.get("description", ""), "runs": []}
+    """Every run × λ for the config's ``seeds`` (default: the train seed); ``best-seeds``: more seeds at each run's best λ."""
+    seeds = list(cfg.get("seeds", [cfg.get("train", {}).get("seed", 0)]))
+    extra = [s for s in cfg.get("best-seeds", []) if s not in seeds]
+    results: dict[str, Any] = {"name": cfg.get("name", ""), "description": cfg.get("description", ""), "seeds": seeds, "best_seeds": seeds + extra,
+                               "runs": []}
     for run in cfg["runs"]:
         lams = run.get("lambdas", [None]) if run.get("penalty", "none") != "none" else [None]
         sweep = []
         for lam in lams:
             label = run["name"] + ("" if lam is None else f"-lam{lam:g}")
-            try:
-                res = run_sequence(cfg, data, out / label, run, lam)
-                entry = {"lambda": lam, **res}
-            except CommandFailed as exc:
-                if exc.code != 5:
-                    raise
-                entry = {"lambda": lam, "diverged": str(exc)}
+            entry = {"lambda": lam, **aggregate([_one(cfg, data, out / label / f"seed{s}", run, lam, s) for s in seeds])}
             sweep.append(entry)
-            acc = entry.get("summary", {}).get("average_accuracy")
-            print(f"{label:>32}: " + (f"ACC {acc:.4f}  BWT {_fmt(entry['summary']['bwt'], '+.4f')}  [{entry['seconds']} s]" if acc is not None
-                                       else f"DIVERGED: {entry['diverged']}"), flush=True)
+            print(f"{label:>32}: {_entry_text(entry)}", flush=True)
         ok = [e for e in sweep if "summary" in e]
         best = max(ok, key=lambda e: e["summary"]["average_accuracy"]) if ok else None
+        if best is not None and extra:
+            label = run["name"] + ("" if best["lambda"] is None else f"-lam{best['lambda']:g}")
+            best.update(aggregate(best["per_seed"] + [_one(cfg, data, out / label / f"seed{s}", run, best["lambda"], s) for s in extra]))
+            print(f"{label + ' (all seeds)':>32}: {_entry_text(best)}", flush=True)
         results["runs"].append({"name": run["name"], "penalty": run.get("penalty", "none"), "method": run.get("method"),
                                 "train": run.get("train", {}), "sweep": sweep, "best": best})
     if "prune" in cfg:
@@ -167,34 +204,82 @@ def run_experiment(cfg: dict, data: Path, out: Path) -> dict:
     return results
 
 
-def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
-    p = cfg["prune"]
-    source_run = next(r for r in results["runs"] if r["name"] == p.get("run", results["runs"][0]["name"]))
-    ckpt = Path((source_run["best"] or source_run["sweep"][0])["checkpoints"][p.get("task", 1) - 1])
-    task = cfg["data"]["tasks"][p.get("task", 1) - 1]
-    train_ref, test_ref = task_ref(data, cfg["data"]["train-split"], task), task_ref(data, cfg["data"]["test-split"], task)
-    imp = dict(cfg.get("importance", {}))
-    curves = {}
-    for by in p["by"]:
-        extra = []
-        if by in ("fisher", "mas"):
-            side = out / f"prune_{by}.importance.safetensors"
-            cl("importance", ckpt, "--data", train_ref, "--method", by, *kv_args(imp), "-o", side, "--force")
-            extra = ["--importance", side]
-        res = cl("prune", ckpt, "--by", by, *extra, "--score-data", train_ref, "--data", test_ref, "--sweep", p["sweep"],
-                 "--scope", p.get("scope", "global"))
-        curves[by] = res["curves"][by]
-        base = res["unpruned_accuracy"]
-    plot = out / "prune_curves.png"
-    try:
-        from cl_tool.plots import plot_prune_curves
+def _entry_text(entry: dict) -> str:
+    if "summary" not in entry:
+        return f"DIVERGED: {entry['diverged']}"
+    s, sd, n = entry["summary"], entry["summary_std"], len(entry["per_seed"])
+    text = f"ACC {s['average_accuracy']:.4f}" + (f" ± {sd['average_accuracy']:.4f} ({n} seeds)" if n > 1 else "")
+    return text + f"  BWT {_fmt(s['bwt'], '+.4f')}  [{entry['seconds']} s]" + (f"  diverged seeds {entry['diverged_seeds']}" if entry.get("diverged_seeds") else "")
 
-        plot_prune_curves({b: [(c["sparsity"], c["accuracy"]) for c in v] for b, v in curves.items()}, plot,
-                          title=f"one-shot global pruning of {ckpt.name}", force=True)
-    except Exception as exc:  # noqa: BLE001 - matplotlib is optional
-        print(f"(no pruning plot: {exc})")
-        plot = None
-    return {"checkpoint": str(ckpt), "unpruned_accuracy": base, "curves": curves, "plot": str(plot) if plot else None}
+
+def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
+    """One-shot pruning sweeps of task ``task``'s checkpoint of every run in ``prune.runs``, for every seed of its best λ.
+
+    Scores on ``prune.score-split`` (default: the train split), accuracy on the test split; ``prune.options`` are
+    passed to ``cl-tool prune`` (e.g. include-bias, include-classifier, bias-score).
+    """
+    p = cfg["prune"]
+    names = p.get("runs", [p.get("run", results["runs"][0]["name"])])
+    task_index = p.get("task", 1) - 1
+    task = cfg["data"]["tasks"][task_index]
+    score_ref = task_ref(data, p.get("score-split", cfg["data"]["train-split"]), task)
+    test_ref = task_ref(data, cfg["data"]["test-split"], task)
+    imp = dict(cfg.get("importance", {}))
+    options = kv_args(p.get("options", {}))
+    sparsities = [float(x) for x in str(p["sweep"]).split(",")]
+    curves: dict[str, dict[str, dict]] = {}
+    unpruned: dict[str, dict] = {}
+    for name in names:
+        run = next(r for r in results["runs"] if r["name"] == name)
+        best = run["best"] or run["sweep"][0]
+        per_by: dict[str, list[list[float]]] = {by: [] for by in p["by"]}
+        bases = []
+        for seed_run in best.get("per_seed", [best]):
+            ckpt = Path(seed_run["checkpoints"][task_index])
+            for by in p["by"]:
+                extra = []
+                if by in ("fisher", "mas"):
+                    side = ckpt.with_name(f"prune_{by}.importance.safetensors")
+                    cl("importance", ckpt, "--data", score_ref, "--method", by, *kv_args(imp), "-o", side, "--force")
+                    extra = ["--importance", side]
+                res = cl("prune", ckpt, "--by", by, *extra, "--score-data", score_ref, "--data", test_ref, "--sweep", p["sweep"],
+                         "--scope", p.get("scope", "global"), *options)
+                per_by[by].append([c["accuracy"] for c in res["curves"][by]])
+            bases.append(res["unpruned_accuracy"])
+        curves[name] = {by: {"mean": [_mean_std([acc[i] for acc in runs_])[0] for i in range(len(sparsities))],
+                             "std": [_mean_std([acc[i] for acc in runs_])[1] for i in range(len(sparsities))], "per_seed": runs_}
+                        for by, runs_ in per_by.items()}
+        unpruned[name] = dict(zip(("mean", "std"), _mean_std(bases)), per_seed=bases)
+        print(f"pruning {name}: " + ", ".join(f"{by} {curves[name][by]['mean'][-1]:.3f}" for by in p["by"]) + f" at {sparsities[-1]:g}", flush=True)
+    record = {"runs": names, "sparsities": sparsities, "curves": curves, "unpruned": unpruned, "seeds": len(bases),
+              "scope": p.get("scope", "global"), "options": p.get("options", {}), "score_split": p.get("score-split", cfg["data"]["train-split"])}
+    record["plot"] = prune_plot(record, out / "prune_curves.png")
+    return record
+
+
+def prune_plot(record: dict, path: Path) -> str | None:
+    """Accuracy vs sparsity, mean ± standard deviation over seeds, one panel per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = record["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], runs):
+        for by, c in record["curves"][name].items():
+            ax.errorbar(record["sparsities"], c["mean"], yerr=c["std"], marker="o", capsize=3, label=by)
+        ax.set_title(f"{name} (unpruned {record['unpruned'][name]['mean']:.3f}; {record['seeds']} seeds)", fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("accuracy (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def lambda_plot(results: dict, path: Path) -> str | None:
@@ -228,9 +313,22 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _pm(entry: dict, key: str, spec: str) -> str:
+    """``mean ± std`` of a summary value over seeds (just the value for one seed)."""
+    value = entry["summary"].get(key)
+    if value is None:
+        return "–"
+    std = (entry.get("summary_std") or {}).get(key)
+    return format(value, spec) + (f" ± {std:.4f}" if std is not None and len(entry.get("per_seed", [])) > 1 else "")
+
+
 def markdown(results: dict) -> str:
+    seeds = results.get("best_seeds") or results.get("seeds") or [0]
     lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
-             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA (wall time of the sequence) |",
+             f"Best λ: mean ± standard deviation over seeds {', '.join(map(str, seeds))}; the λ sweep: "
+             f"seed{'s' if len(results.get('seeds', [0])) > 1 else ''} {', '.join(map(str, results.get('seeds', [0])))}." if len(seeds) > 1 else "",
+             "",
+             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA (wall time) |",
              "|---|---|---|---|---|---|"]
 
     def took(e) -> str:
@@ -247,18 +345,30 @@ def markdown(results: dict) -> str:
             lines.append(f"| {run['name']} | – | diverged | – | – | {sweep} |")
         else:
             lam = "–" if b["lambda"] is None else f"{b['lambda']:g}"
-            lines.append(f"| {run['name']} | {lam} | {b['summary']['average_accuracy']:.4f} | {_fmt(b['summary']['bwt'], '+.4f')} | "
-                         f"{_fmt(b['summary']['learning_accuracy'], '.4f')} | {sweep or '–'} |")
+            lines.append(f"| {run['name']} | {lam} | {_pm(b, 'average_accuracy', '.4f')} | {_pm(b, 'bwt', '+.4f')} | "
+                         f"{_pm(b, 'learning_accuracy', '.4f')} | {sweep or '–'} |")
     if "prune" in results:
-        pr = results["prune"]
-        bys = list(pr["curves"])
-        lines += ["", f"Pruning {Path(pr['checkpoint']).name} (unpruned accuracy {pr['unpruned_accuracy']:.4f}):", "",
-                  "| sparsity | " + " | ".join(bys) + " |", "|---" * (len(bys) + 1) + "|"]
-        for i, pt in enumerate(pr["curves"][bys[0]]):
-            lines.append(f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |")
+        lines += prune_markdown(results["prune"])
     if results.get("seconds") is not None:
         lines += ["", f"Wall time {results['seconds']:,.0f} s in all, on CPU."]
     return "\n".join(lines) + "\n"
+
+
+def prune_markdown(pr: dict) -> list[str]:
+    if "runs" not in pr:  # a single-seed record of an earlier version of this script
+        bys = list(pr["curves"])
+        lines = ["", f"Pruning {Path(pr['checkpoint']).name} (unpruned accuracy {pr['unpruned_accuracy']:.4f}):", "",
+                 "| sparsity | " + " | ".join(bys) + " |", "|---" * (len(bys) + 1) + "|"]
+        for i, pt in enumerate(pr["curves"][bys[0]]):
+            lines.append(f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |")
+        return lines
+    cols = [(name, by) for name in pr["runs"] for by in pr["curves"][name]]
+    unp = ", ".join(f"{n} {pr['unpruned'][n]['mean']:.4f} ± {pr['unpruned'][n]['std']:.4f}" for n in pr["runs"])
+    lines = ["", f"One-shot {pr['scope']} pruning, accuracy mean ± std over {pr['seeds']} seeds (unpruned: {unp}):", "",
+             "| sparsity | " + " | ".join(f"{by} ({name})" for name, by in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, s in enumerate(pr["sparsities"]):
+        lines.append(f"| {s:g} | " + " | ".join(f"{pr['curves'][n][b]['mean'][i]:.3f} ± {pr['curves'][n][b]['std'][i]:.3f}" for n, b in cols) + " |")
+    return lines
 
 
 def apply_overrides(cfg: dict, sets: list[str]) -> dict:
@@ -293,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
         res_path = Path(args.config)
         results = json.loads(res_path.read_text())
         results["lambda_plot"] = lambda_plot(results, res_path.with_name("lambda_sweep.png"))
+        if "runs" in results.get("prune", {}):
+            results["prune"]["plot"] = prune_plot(results["prune"], res_path.with_name("prune_curves.png"))
         md = markdown(results)
         res_path.with_name("results.md").write_text(md)
         print(md)
