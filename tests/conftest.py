@@ -80,6 +80,18 @@ def small_mlp(tmp_path_factory, demo_dir) -> Path:
     return a
 
 
+@pytest.fixture
+def ws(tmp_path, small_mlp):
+    """(folder, checkpoint): a workspace folder holding a copy of the small trained MLP."""
+    import shutil
+
+    d = tmp_path / "ws"
+    d.mkdir()
+    ck = d / "m.safetensors"
+    shutil.copy(small_mlp, ck)
+    return d, ck
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -47,14 +47,6 @@ class _Evil:
         return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
-@pytest.fixture
-def ws(tmp_path, small_mlp):
-    """A workspace folder holding a copy of the small trained MLP."""
-    d = tmp_path / "ws"
-    d.mkdir()
-    ck = d / "m.safetensors"
-    shutil.copy(small_mlp, ck)
-    return d, ck
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ from tests.conftest import snapshot_dir
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def ws(tmp_path, small_mlp):
-    d = tmp_path / "ws"
-    d.mkdir()
-    ck = d / "m.safetensors"
-    shutil.copy(small_mlp, ck)
-    return d, ck
 
 
 def _fails_cleanly(cli, d: Path, demo: Path, argv, code: int, phrase: str):
