@@ -17,8 +17,10 @@ shuffle buffer for training) and are reproducible the same way.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -26,6 +28,27 @@ from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, SUFFIX, Store, cache_key
 from cl_tool.errors import BadInputError, ClToolError, EnvironmentProblem, IncompatibleError, OutputError, UsageError
 
 STREAM_SHUFFLE_BUFFER = 10_000
+_OPEN: "weakref.WeakSet[Task]" = weakref.WeakSet()
+_EXIT_HOOK = False
+
+
+def _close_open_tasks() -> None:
+    """Stop worker processes before multiprocessing's exit handler joins them (they ignore SIGTERM, so its terminate() would not)."""
+    for task in list(_OPEN):
+        try:
+            task.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+def _register_exit_hook() -> None:
+    """Register after multiprocessing (imported with the DataLoader) so this runs before its exit handler (atexit is LIFO)."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        import multiprocessing.util  # noqa: F401 - make sure its handler is registered first
+
+        atexit.register(_close_open_tasks)
+        _EXIT_HOOK = True
 
 
 class Batch(NamedTuple):
@@ -187,6 +210,7 @@ class Task:
         self._label_check: tuple[int, str] | None = None
         self.cache_note: str | None = None
         self.stats = {"decoded": 0, "batches": 0}
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------------------------------- basics
 
@@ -402,6 +426,7 @@ class Task:
         kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": pin, "generator": torch.Generator()}
         if self.workers:
             kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=worker_init)
+        _register_exit_hook()
         self._loader = DataLoader(fetcher, batch_size=None, sampler=self._feed, **kw)
         self._loader_key = (pin, with_source)
         return self._loader
@@ -442,6 +467,7 @@ class Task:
         kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": dev.type == "cuda", "generator": torch.Generator()}
         if self.workers:
             kw.update(prefetch_factor=2, worker_init_fn=worker_init)
+        _register_exit_hook()
         loader = DataLoader(fetch, batch_size=None, **kw)
         seen = 0
         try:
