@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from _data_util import collect, imagefolder, saved_demo
 from cl_tool.data import Preprocess, TaskSpec, load_task, open_task
 from cl_tool.errors import OutputError
-from conftest import snapshot_dir
+from tests._data_util import collect, imagefolder, saved_demo
+from tests.conftest import snapshot_dir
 
 NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 PRE = Preprocess.builtin((3, 16, 16), *NORM)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from _data_util import arrays, collect, imagefolder, saved_demo
 from cl_tool.data import GlobalBatchSampler, Preprocess, TaskSpec, check_labels, load_task, open_task
 from cl_tool.errors import BadInputError, IncompatibleError
+from tests._data_util import arrays, collect, imagefolder, saved_demo
 
 MNIST_NORM = ((0.1307,), (0.3081,))
 RGB_NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))

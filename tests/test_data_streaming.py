@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _data_util import collect, imagefolder, saved_demo
 from cl_tool.data import Preprocess, TaskSpec, load_task, open_task
 from cl_tool.errors import IncompatibleError, UsageError
+from tests._data_util import collect, imagefolder, saved_demo
 
 NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _data_util import collect, imagefolder
 from cl_tool.data import Preprocess, TaskSpec, open_task, parse_augment
 from cl_tool.errors import UsageError
 from cl_tool.models import ModelSpec, default_spec
+from tests._data_util import collect, imagefolder
 
 
 @pytest.fixture(scope="module")

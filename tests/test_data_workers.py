@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from _data_util import imagefolder
 from cl_tool.data import Preprocess, TaskSpec, as_worker_error, default_workers, open_task
 from cl_tool.errors import EnvironmentProblem
+from tests._data_util import imagefolder
 
 PRE = Preprocess.builtin((3, 16, 16), (0.5,) * 3, (0.2,) * 3)
 ROOT = Path(__file__).resolve().parents[1]
