@@ -209,6 +209,7 @@ class Task:
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
         self.cache_note: str | None = None
+        self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
         _OPEN.add(self)
 
@@ -324,7 +325,6 @@ class Task:
         return arr
 
     def _map(self, order, aug, seed, epoch, dev) -> Iterator[Batch]:
-        import numpy as np
         import torch
 
         store = self._store if not aug.needs_source else None
@@ -334,12 +334,25 @@ class Task:
                 idx = self._drop_known_bad(idx, store)
                 yield self._finish(idx, torch.from_numpy(store.ram[idx]), aug, seed, epoch, dev)
             return
+        if self._in_pass:
+            raise RuntimeError("Task.batches(): another pass over this task is still open (its workers are shared); "
+                               "finish or close it before starting a new one")
         with_source = store is None or not (store.complete and store.on_disk)
         if with_source:
             self._ensure_source()
         loader = self._get_loader(dev, with_source)
         pending: dict[int, tuple[Any, Any]] = {}
         self._feed.set(self._requests(order, aug, seed, epoch, store, pending))
+        self._in_pass = True
+        try:
+            yield from self._receive_all(loader, pending, store, aug, seed, epoch, dev)
+        finally:
+            self._in_pass = False
+
+    def _receive_all(self, loader, pending, store, aug, seed, epoch, dev) -> Iterator[Batch]:
+        import numpy as np
+        import torch
+
         for res in self._iterate(loader):
             if res.get("error"):
                 _raise(res["error"])
