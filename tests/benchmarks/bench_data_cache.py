@@ -12,7 +12,11 @@ cache file under a cache folder (never the data folder):
 
 Measured: first pass (decode + write), second-command start (a fresh process, from
 interpreter start to the first batch in hand, imports included), and shuffled batch reads
-(B=256) of the finished cache. Both children import torch first, as every command does. Each measurement runs in its own process, the sides
+(B=256) of the finished cache. Both children import torch first, as every command does.
+Also (``today_command`` vs ``cl_command_cold``/``_warm``): one command's whole data path on the
+same data, the first version's ``load_task`` + tensor slicing against ``open_task`` +
+``Task.batches`` (3 shuffled epochs of B=64 and an eval pass of B=512, permuted task), with a
+cold decoded cache and then as a later command would see it. Each measurement runs in its own process, the sides
 interleaved, ``--repeats`` times; medians are reported with the load average (the machine
 is shared: compare the ratios, not the absolute numbers).
 
@@ -104,6 +108,35 @@ elif mode in ("cl_second_pread", "cl_second_ram"):
             n += len(b.index)
     out["shuffled_batches_rows_per_s"] = n / (time.perf_counter() - t)
     task.close()
+elif mode in ("today_command", "cl_command"):  # what one command's data path costs: load, 3 training epochs (B=64), one eval pass (B=512)
+    from cl_tool.data import GlobalBatchSampler, Preprocess, TaskSpec, load_task, open_task
+    t = time.perf_counter()
+    if mode == "today_command":
+        task = load_task(TaskSpec(work + "/mnist", permute=1), (1, 28, 28), (0.1307,), (0.3081,))
+        out["load_s"] = time.perf_counter() - t
+        n = len(task)
+        for e in range(3):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(e))
+            for i in range(0, n, 64):
+                idx = order[i:i + 64]
+                xb, yb = task.x[idx], task.y[idx]
+        for i in range(0, n, 512):
+            xb = task.x[i:i + 512]
+    else:
+        task = open_task(TaskSpec(work + "/mnist", permute=1), Preprocess.builtin((1, 28, 28), (0.1307,), (0.3081,)), workers=0,
+                         cache_dir=work + "/cache")
+        out["load_s"] = time.perf_counter() - t
+        for e in range(3):
+            s = GlobalBatchSampler(len(task), 64, seed=0)
+            s.set_epoch(e)
+            for b in task.batches(s):
+                pass
+        for b in task.batches(batch_size=512):
+            pass
+        out["decoded"] = task.stats["decoded"]
+        task.close()
+    out["data_path_s"] = time.perf_counter() - t
+    out["process_s"] = time.time() - T0
 print(json.dumps(out))
 '''
 
@@ -123,6 +156,8 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="scratch folder (the MNIST save_to_disk copy and both caches)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the JSON result here too")
+    ap.add_argument("--no-commands", dest="commands", action="store_false",
+                    help="skip the per-command comparison with the first version's load_task")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _mnist import mnist_dataset_dir
@@ -140,6 +175,11 @@ def main() -> None:
             runs.setdefault(f"{side}_first", []).append(child(f"{side}_first", work))
             for mode in (["hf_second"] if side == "hf" else ["cl_second_pread", "cl_second_ram"]):
                 runs.setdefault(mode, []).append(child(mode, work))
+        if a.commands:  # a command's whole data path, today vs open_task (cold cache, then a later command)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            runs.setdefault("today_command", []).append(child("today_command", work))
+            runs.setdefault("cl_command_cold", []).append(child("cl_command", work))
+            runs.setdefault("cl_command_warm", []).append(child("cl_command", work))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     size = {p.name: p.stat().st_size for p in (work / "cache").iterdir()} if (work / "cache").exists() else {}
     result = {"samples": 10_000, "batch": 256, "repeats": a.repeats, "load_avg_1min": [round(v, 2) for v in load],
