@@ -12,8 +12,8 @@ One file per (source, selection, columns, ``Preprocess.key()``) in the cache fol
     [65536, +n·row)   the rows, row i at 65536 + i·row_bytes (fixed size: read back with os.pread, never mmap)
     then              labels (int64 × n), status (uint8 × n: 1 decoded, 2 undecodable), the undecodable rows' messages (JSON)
 
-The rows are written (pwrite at their offset, in whatever order the first pass visits them)
-into a temporary file beside the destination whose name carries the writer's pid (see
+The rows are written (pwrite at their offset, in whatever order the first pass visits them;
+in one sequential write at the end when the task is also held in memory) into a temporary file beside the destination whose name carries the writer's pid (see
 ``cl_tool.atomic``); when every row has been seen it is fsync'ed and renamed into place, so a
 reader sees no file or a complete one. Concurrent writers each write their own temporary
 file; the last rename wins and both files are complete and identical. An interrupted pass
@@ -245,8 +245,8 @@ class Store:
 
     @property
     def on_disk(self) -> bool:
-        """Rows marked decoded can be read from a file (the temporary one while filling, the final one after)."""
-        return self.file_complete or self._holder["fd"] is not None
+        """Rows marked decoded can be read from a file (the temporary one while filling without RAM copy, the final one after)."""
+        return self.file_complete or (self._holder["fd"] is not None and self.ram is None)
 
     def file_paths(self) -> tuple[str | None, str | None]:
         tmp = self._holder["tmp"]
@@ -293,7 +293,7 @@ class Store:
         if self.ram is not None:
             self.ram[uniq] = rows
         fd = self._holder["fd"]
-        if fd is not None:
+        if fd is not None and self.ram is None:  # with an in-memory copy the file is written in one go at commit
             try:
                 flat = rows.reshape(len(uniq), -1).view(np.uint8)
                 for a, b in _runs(uniq):
@@ -353,6 +353,10 @@ class Store:
             header = json.dumps(meta).encode()
             if len(header) > DATA_OFFSET - 16:
                 raise OSError(0, "header too large")
+            if self.ram is not None:
+                flat = self.ram.reshape(-1).view(np.uint8)
+                for off in range(0, len(flat), 1 << 26):
+                    _pwrite_all(fd, flat[off:off + (1 << 26)], DATA_OFFSET + off)
             _pwrite_all(fd, np.ascontiguousarray(self.labels, dtype=np.int64).view(np.uint8), labels_off)
             _pwrite_all(fd, np.ascontiguousarray(self.status).view(np.uint8), status_off)
             _pwrite_all(fd, bad, bad_off)
