@@ -28,6 +28,8 @@ FROM_SOURCE, FROM_FILE, FROM_MAIN = 0, 1, 2
 def worker_init(_worker_id: int) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see loader._signals_blocked): now they are ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(1)
 
 

@@ -109,6 +109,33 @@ def _install_sigchld_guard() -> None:
     signal.signal(signal.SIGCHLD, guard)
 
 
+class _signals_blocked:
+    """Block SIGINT/SIGTERM in this thread while worker processes start (they inherit the mask, ignore both, then unblock).
+
+    Without it a Ctrl-C that reaches the process group while a worker is starting kills the
+    worker instead of interrupting the command. Signals that arrive meanwhile are delivered to
+    this process when the block ends.
+    """
+
+    def __init__(self, active: bool):
+        import threading
+
+        self.active = active and hasattr(__import__("signal"), "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.active:
+            import signal
+
+            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import signal
+
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+
+
 class _Feed:
     """The DataLoader's sampler: yields the requests of the current pass (set before each iteration)."""
 
@@ -445,7 +472,8 @@ class Task:
         return self._loader
 
     def _iterate(self, loader):
-        it = iter(loader)
+        with _signals_blocked(self.workers > 0):  # workers are forked with SIGINT/SIGTERM blocked until they ignore them
+            it = iter(loader)
         if self.workers:
             _install_sigchld_guard()
         while True:
