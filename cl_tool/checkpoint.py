@@ -176,6 +176,11 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
         norm = dict(zip(("mean", "std"), default_normalisation(input_shape[0])))
     spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=norm["mean"], std=norm["std"], source="timm")
     spec.validate(str(cfg_path))
+    # What timm.data.resolve_data_config gives for this pretrained_cfg, read without importing timm (`info` stays
+    # torch-free): the folder's own geometry, else timm's defaults (bicubic, crop_pct 0.875, centre crop).
+    geometry = {"interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
+    geometry.update({k: pre[k] for k in geometry if isinstance(pre.get(k), type(geometry[k])) or (k == "crop_pct" and isinstance(pre.get(k), int))})
+    spec.data_config = {"input_size": input_shape, "mean": spec.mean, "std": spec.std, **geometry}
     return spec
 
 

@@ -5,10 +5,11 @@ Learning rate η in force at global step t (0-based), with ``warmup`` steps and 
 η_t = η·½(1 + cos(π·(t − warmup)/(T − warmup))). The stabilized penalty uses η_t.
 
 Data order: epoch e visits the samples in ``randperm(N)`` drawn from a generator seeded
-with (seed, e), so a resumed run sees exactly the batches an uninterrupted one would. Under
-torch.distributed each global batch of B samples is split into world-size contiguous
-shares; DDP averages the gradients, which equals the single-process mean gradient when B
-is divisible by the world size.
+with (seed, e) (``cl_tool.data.GlobalBatchSampler``), so a resumed run sees exactly the batches
+an uninterrupted one would; augmentation is a function of (seed, epoch, sample) only, so this
+holds with any number of data workers. Under torch.distributed each global batch of B samples
+is split into world-size contiguous shares; DDP averages the gradients, which equals the
+single-process mean gradient when B is divisible by the world size.
 """
 
 from __future__ import annotations
@@ -166,11 +167,14 @@ def _check_finite_grads(params) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
-def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None,
-          eval_sets: list[tuple[str, Any, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
+def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None, augment=None,
+          eval_sets: list[tuple[str, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
           on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
           state_io=None, dist: DistInfo | None = None, progress=None, started_at: float | None = None) -> TrainResult:
-    """Train ``model`` on (x, y) with cross-entropy + penalty; return per-epoch records.
+    """Train ``model`` on ``task`` (a ``cl_tool.data.Task``) with cross-entropy + penalty; return per-epoch records.
+
+    Batches come from ``task.batches`` in the order of the module docstring (``augment``: none,
+    shift=K or timm); ``eval_sets`` are (name, Task) pairs evaluated after every epoch.
 
     ``state_io`` (optional) has ``save(state: dict)`` and ``load() -> dict | None`` for resumable
     state (``on_restore`` receives the epoch records of a restored state); a state is saved every
@@ -190,13 +194,14 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(cfg, params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    n = int(y.shape[0])
+    n = task.num_samples  # None: a stream of unknown length
     if cfg.batch_size % dist.world:
         raise UsageError(f"$batch_size {cfg.batch_size} must be divisible by the number of processes ({dist.world}).")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    if n is None and (cfg.schedule == "cosine" or cfg.checkpoint_every):
+        raise UsageError(f"{'$schedule cosine' if cfg.schedule == 'cosine' else '$checkpoint_every'} needs the number of samples, "
+                         f"which this stream does not say; give $limit N.")
+    total_steps = math.ceil(n / cfg.batch_size) * cfg.epochs if n is not None else 0
     mask_list = [(p, masks[nm].to(device, p.dtype)) for nm, p in named if masks and nm in masks]
-    x_dev, y_dev = x.to(device), y.to(device)
 
     start_epoch, start_batch, global_step = 0, 0, 0
     result = TrainResult(steps=0)
@@ -224,22 +229,17 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
     set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=gen)
             sum_task = 0.0
             correct = seen = 0
             t_epoch = None  # the epoch's training time runs from its first step to its last
             first = start_batch if epoch == start_epoch else 0
-            for b in range(first, steps_per_epoch):
+            batches = task.batches(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, start_batch=first,
+                                   shard=(dist.rank, dist.world), device=device, augment=augment)
+            for b, batch in enumerate(batches, start=first):
                 if t_epoch is None:
                     t_epoch = time.perf_counter()
                     result.setup_seconds = result.setup_seconds if result.setup_seconds is not None else t_epoch - started_at
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                if dist.world > 1:
-                    share = math.ceil(len(idx) / dist.world)
-                    idx = idx[dist.rank * share:(dist.rank + 1) * share]
-                idx = idx.to(device)
-                xb, yb = x_dev[idx], y_dev[idx]
+                xb, yb = batch.x, batch.y
                 lr = lr_at(cfg, global_step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -295,8 +295,8 @@ def train(model, x, y, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                       "loss": sum_task / max(1, seen) + pen_val, "train_accuracy": correct / max(1, seen),
                       "lr": lr_at(cfg, max(0, global_step - 1), total_steps), "seconds": dt, "samples_per_s": seen / max(dt, 1e-9),
                       "setup_seconds": result.setup_seconds}
-            for name, ex, ey in eval_sets:
-                acc, loss = evaluate_task(model, ex, ey, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+            for name, eval_task in eval_sets:
+                acc, loss = evaluate_task(model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
                 record[f"eval/{name}/accuracy"] = acc
                 record[f"eval/{name}/loss"] = loss
             result.epochs.append(record)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The decoded-image cache of every command run by the tests goes to a folder of this test session, not ~/.cache.
+os.environ.setdefault("CL_TOOL_CACHE", tempfile.mkdtemp(prefix="cl-tool-test-cache-"))
 
 
 @dataclass

@@ -54,12 +54,19 @@ class ModelSpec:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     source: str = "builtin"  # "builtin" or "timm"
+    #: timm models: the data config their images are preprocessed with (timm.data.resolve_data_config: input_size,
+    #: interpolation, mean, std, crop_pct, crop_mode), recorded so that every command preprocesses identically.
+    data_config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.data_config is None:  # checkpoints written before data configs were recorded keep their digest
+            del d["data_config"]
+        else:
+            d["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
         return d
 
     @classmethod
@@ -75,7 +82,10 @@ class ModelSpec:
                 mean=tuple(float(x) for x in d.get("mean", (0.0,))),
                 std=tuple(float(x) for x in d.get("std", (1.0,))),
                 source=str(d.get("source", "builtin")),
+                data_config=d.get("data_config"),
             )
+            if spec.data_config is not None and not isinstance(spec.data_config, dict):
+                raise TypeError("data_config must be a JSON object")
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInputError(f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged.") from exc
         spec.validate("The checkpoint metadata")

@@ -33,30 +33,39 @@ class EvaluateArgs(Args):
     config: Optional[Path] = config_option()
 
 
-def accuracy_matrix(checkpoints, specs, *, device, batch_size: int, precision: str) -> tuple[list, list, list[str]]:
-    """R[i][j] and loss[i][j] for checkpoint i on task j, and the task names; each task is loaded once per input format."""
+def accuracy_matrix(checkpoints, specs, options: DataOptions, *, device, batch_size: int, precision: str, out: Output) -> tuple[list, list, list[str]]:
+    """R[i][j] and loss[i][j] for checkpoint i on task j, and the task names; tasks are opened once per preprocessing."""
+    import json
+
     from cl_tool.checkpoint import load_model
-    from cl_tool.data import check_labels, load_tasks
+    from cl_tool.data import Preprocess, check_labels, open_tasks
     from cl_tool.evaluation import evaluate_task
 
-    cache: dict[Any, list] = {}
+    opened: dict[str, list] = {}
     acc, loss, names = [], [], []
-    for path in checkpoints:
-        ckpt, model = load_model(path)
-        model.to(device)
-        key = (tuple(ckpt.spec.input_shape), tuple(ckpt.spec.mean), tuple(ckpt.spec.std))
-        if key not in cache:
-            cache[key] = load_tasks(specs, ckpt.spec)
-        tasks = cache[key]
-        names = [t.spec.name for t in tasks]
-        row_acc, row_loss = [], []
-        for task in tasks:
-            check_labels(task, ckpt.spec.num_classes)
-            a, l = evaluate_task(model, task.x, task.y, device=device, batch_size=batch_size, precision=precision)
-            row_acc.append(a)
-            row_loss.append(l)
-        acc.append(row_acc)
-        loss.append(row_loss)
+    try:
+        for path in checkpoints:
+            ckpt, model = load_model(path)
+            model.to(device)
+            pre = Preprocess.for_model(ckpt.spec)
+            key = json.dumps([pre.key(), pre.mean, pre.std], sort_keys=True, default=str)
+            if key not in opened:
+                opened[key] = open_tasks(specs, ckpt.spec, options)
+            tasks = opened[key]
+            names = [t.spec.name for t in tasks]
+            row_acc, row_loss = [], []
+            for task in tasks:
+                check_labels(task, ckpt.spec.num_classes)
+                a, l = evaluate_task(model, task, device=device, batch_size=batch_size, precision=precision)
+                row_acc.append(a)
+                row_loss.append(l)
+            acc.append(row_acc)
+            loss.append(row_loss)
+    finally:
+        for task in (t for ts in opened.values() for t in ts):
+            task.close()
+            if task.cache_note:
+                out.log(task.cache_note)
     return acc, loss, names
 
 
@@ -98,7 +107,8 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     roles.output(args.plot, "$plot")
     roles.check()
     device = resolve_device(args.device)
-    acc, loss, names = accuracy_matrix(args.checkpoints, specs, device=device, batch_size=args.batch_size, precision=args.precision)
+    acc, loss, names = accuracy_matrix(args.checkpoints, specs, args.data_options, device=device, batch_size=args.batch_size,
+                                       precision=args.precision, out=out)
     names = _dedupe(names)
     stages = [str(p) for p in args.checkpoints]
     summary = cl_summary(acc)

@@ -66,6 +66,41 @@ def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _sums_on_task(args: ImportanceArgs, out: Output, model, task, dist, device) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """Σ of the statistic over the task's first ``--samples`` rows (a contiguous share per torchrun rank, summed over ranks)."""
+    import itertools
+
+    import torch
+
+    from cl_tool import distributed
+    from cl_tool.importance import importance_sums
+
+    n = task.num_samples
+    if n is not None:
+        total = min(n, args.samples or n)
+        share = -(-total // dist.world)
+        lo, hi = dist.rank * share, min(total, (dist.rank + 1) * share)
+        order = [list(range(i, min(i + args.batch_size, hi))) for i in range(lo, hi, args.batch_size)]
+        batches = ((b.x, b.y) for b in task.batches(order, device=device))
+    else:  # a stream: its first --samples rows, each rank a share of every batch
+        total = args.samples
+        stream = ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device, shard=(dist.rank, dist.world)))
+        batches = stream if total is None else itertools.islice(stream, -(-total // args.batch_size))
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * dist.rank)
+    with out.progress(f"{args.method} importance", (hi - lo) if dist.is_main and n is not None else None) as bar:
+        sums, count = importance_sums(model, batches, args.method, fisher_labels=args.fisher_labels, mas_output=args.mas_output,
+                                      device=device, precision=args.precision, memory_budget_mb=args.memory_budget_mb, generator=gen,
+                                      progress=bar.advance)
+    if dist.world > 1:
+        names = list(sums)
+        cnt = torch.tensor([float(count)])
+        distributed.all_reduce_sum_([sums[n] for n in names] + [cnt], device)
+        count = int(cnt.item())
+    data_desc = task.describe()
+    data_desc["samples"] = count
+    return sums, count, data_desc
+
+
 def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     """Σ of the method's per-sample statistic over the task (sharded over torchrun ranks), finalised, accumulated, written."""
     import torch
@@ -73,7 +108,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool import distributed
     from cl_tool.atomic import FileRoles
     from cl_tool.checkpoint import load_model
-    from cl_tool.data import batches_of, load_tasks, local_paths, task_specs
+    from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
     from cl_tool.models import trainable_parameters
     from cl_tool.runtime import seed_everything
@@ -100,25 +135,13 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     if args.method == "magnitude":
         sums, count = importance_sums(model, iter(()), "magnitude", device=device)
     else:
-        (task,) = load_tasks(specs, ckpt.spec, num_classes=ckpt.spec.num_classes)
-        x, y = task.x, task.y
-        if args.samples is not None:
-            x, y = x[: args.samples], y[: args.samples]
-        if dist.world > 1:  # each rank takes a contiguous shard; sums are all-reduced below
-            share = -(-int(y.shape[0]) // dist.world)
-            x, y = x[dist.rank * share:(dist.rank + 1) * share], y[dist.rank * share:(dist.rank + 1) * share]
-        data_desc = task.describe()
-        data_desc["samples"] = int(min(len(task), args.samples or len(task)))
-        gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * dist.rank)
-        with out.progress(f"{args.method} importance", int(y.shape[0]) if dist.is_main else None) as bar:
-            sums, count = importance_sums(model, batches_of(x, y, args.batch_size), args.method, fisher_labels=args.fisher_labels,
-                                          mas_output=args.mas_output, device=device, precision=args.precision,
-                                          memory_budget_mb=args.memory_budget_mb, generator=gen, progress=bar.advance)
-        if dist.world > 1:
-            names = list(sums)
-            cnt = torch.tensor([float(count)])
-            distributed.all_reduce_sum_([sums[n] for n in names] + [cnt], device)
-            count = int(cnt.item())
+        (task,) = open_tasks(specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+        try:
+            sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
+        finally:
+            task.close()
+            if task.cache_note:
+                out.log(task.cache_note)
     omega = finalize_importance(sums, count, args.method)
     missing = [n for n in named if n not in omega]
     if missing:

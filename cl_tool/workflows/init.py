@@ -74,6 +74,10 @@ def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
     spec.std = parse_floats(args.std, "std", channels) or fallback[1]
     if any(s <= 0 for s in spec.std):
         raise UsageError("$std values must be positive.")
+    if spec.source == "timm":  # recorded, so that every command preprocesses this model's images the same way
+        from cl_tool.data.preprocess import resolve_timm_data_config
+
+        spec.data_config = resolve_timm_data_config(spec.arch, spec.input_shape, spec.mean, spec.std)
     seed_everything(args.seed)
     model = build_model(spec)
     with torch.no_grad():

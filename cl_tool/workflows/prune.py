@@ -81,7 +81,7 @@ def compute_scores(args: PruneArgs, by: str, ckpt, get_model, named: dict[str, A
 
     ``get_model()`` returns the materialised model; it is only called for scores computed on data.
     """
-    from cl_tool.data import batches_of, load_tasks, task_specs
+    from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import check_sidecar, fit_rows
     from cl_tool.sidecar import default_sidecar_path, load_sidecar
@@ -113,23 +113,30 @@ def compute_scores(args: PruneArgs, by: str, ckpt, get_model, named: dict[str, A
     field = "score_data" if args.score_data else "data"
     if len(getattr(args, field)) != 1:
         raise UsageError(f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data).")
-    (task,) = load_tasks(task_specs(getattr(args, field), args.data_options, field), ckpt.spec, num_classes=ckpt.spec.num_classes)
-    scores = compute_importance(get_model(), batches_of(task.x, task.y, args.batch_size), by, device=device)
+    (task,) = open_tasks(task_specs(getattr(args, field), args.data_options, field), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+    with task:
+        scores = compute_importance(get_model(), ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)), by, device=device)
     return {n: scores[n].cpu() for n in named}, {"by": by, "computed_on": task.describe()}
 
 
 def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device) -> dict[str, Any]:
     """Accuracy on ``args.data`` at every sparsity of the sweep, for every ``--by`` score; writes nothing but the plot."""
+    from cl_tool.data import open_tasks, task_specs
+
+    (test,) = open_tasks(task_specs(args.data, args.data_options), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+    with test:
+        return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+
+
+def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test) -> dict[str, Any]:
     import torch
 
-    from cl_tool.data import load_tasks, task_specs
     from cl_tool.evaluation import evaluate_task
 
-    (test,) = load_tasks(task_specs(args.data, args.data_options), ckpt.spec, num_classes=ckpt.spec.num_classes)
     model = get_model()
     params = dict(model.named_parameters())
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base_acc, _ = evaluate_task(model, test.x, test.y, device=device, batch_size=args.batch_size)
+    base_acc, _ = evaluate_task(model, test, device=device, batch_size=args.batch_size)
     curves: dict[str, list[tuple[float, float]]] = {}
     for by in args.by:
         scores, _ = compute_scores(args, by, ckpt, get_model, named, device, out)
@@ -139,7 +146,7 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
             with torch.no_grad():
                 for n, m in make_masks(scores, s).items():
                     params[n].masked_fill_(m.to(params[n].device).logical_not(), 0)
-            curve.append((s, evaluate_task(model, test.x, test.y, device=device, batch_size=args.batch_size)[0]))
+            curve.append((s, evaluate_task(model, test, device=device, batch_size=args.batch_size)[0]))
             model.load_state_dict(original)
         curves[by] = curve
     out.table(f"accuracy vs sparsity on {test.spec.name} (unpruned {base_acc:.4f})", ["sparsity"] + list(curves),

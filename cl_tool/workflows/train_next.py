@@ -51,6 +51,11 @@ class TrainNextArgs(Args):
                                     help="Also write Synaptic Intelligence importances of this task to FILE (a sidecar of the output).")
     si_xi: float = option(0.1, "--si-xi", metavar="ξ", panel="Importance", low=0, low_open=True, help="SI damping ξ in Ω = Σ -g·Δθ / (Δθ_total² + ξ).")
     mask: Optional[Path] = option(None, "--mask", metavar="FILE", panel="Pruning", help="Mask file from `prune --mask-out`; pruned weights stay zero.")
+    augment: str = option("none", "--augment", metavar="AUG", panel="Optimisation",
+                          help="Training augmentation: none, shift=K (random translation by up to K pixels, zero fill) or timm "
+                               "(timm's training transform: random-resized-crop, flip, colour jitter). Task transforms apply after it.")
+    augment_arg: list[str] = option([], "--augment-arg", metavar="KEY=VALUE", panel="Optimisation",
+                                    help="An option of timm's training transform (repeatable), e.g. auto_augment=rand-m9-mstd0.5 or hflip=0.")
     grow_head: bool = option(False, "--grow-head", help="If the data has more classes than the model, add output rows (their importance is 0).")
     eval_data: list[str] = option([], "--eval-data", metavar=DATA_METAVAR, panel="Logging",
                                   help="Evaluate on these datasets after every epoch (repeatable; old tasks too, to watch forgetting).")
@@ -75,6 +80,9 @@ class TrainNextArgs(Args):
         self.ignore_unless(self.si_out is not None, ("si_xi",), "training without $si_out")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
             raise UsageError("$nesterov needs $momentum > 0.")
+        from cl_tool.data import parse_augment
+
+        self.augmentation = parse_augment(self.augment, self.augment_arg)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
@@ -156,15 +164,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     import torch
 
     from cl_tool import distributed
-    from cl_tool.atomic import LineFile, all_or_nothing
-    from cl_tool.checkpoint import first_nonfinite, grow_classifier, history_entry, load_model, model_layout, save_checkpoint
-    from cl_tool.data import load_tasks, task_specs
-    from cl_tool.masks import load_mask
-    from cl_tool.models import trainable_parameters
-    from cl_tool.resume import ResumeState
-    from cl_tool.runtime import command_line, seed_everything, started_at
-    from cl_tool.sidecar import Sidecar, save_sidecar
-    from cl_tool.training import train
+    from cl_tool.checkpoint import load_model
+    from cl_tool.data import task_specs
+    from cl_tool.runtime import seed_everything
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data")
@@ -178,11 +180,42 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
+    tasks: list = []
+    try:
+        return _train_next(args, out, spec, eval_specs, resuming, dist, device, ckpt, model, tasks)
+    finally:
+        for t in tasks:
+            t.close()
+            if t.cache_note:
+                out.log(t.cache_note)
+
+
+def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bool, dist, device, ckpt, model, tasks: list) -> dict[str, Any]:
+    """The part of run_train_next that holds open tasks (closed by the caller)."""
+    import torch
+
+    from cl_tool import distributed
+    from cl_tool.atomic import LineFile, all_or_nothing
+    from cl_tool.checkpoint import first_nonfinite, grow_classifier, history_entry, model_layout, save_checkpoint
+    from cl_tool.data import open_tasks
+    from cl_tool.masks import load_mask
+    from cl_tool.models import trainable_parameters
+    from cl_tool.resume import ResumeState
+    from cl_tool.runtime import command_line, started_at
+    from cl_tool.sidecar import Sidecar, save_sidecar
+    from cl_tool.training import train
+
     anchor_fp = ckpt.fingerprint
-    (task,) = load_tasks([spec], ckpt.spec)
-    classes_in_data = int(task.y.max()) + 1
-    if int(task.y.min()) < 0:
-        raise IncompatibleError(f"$data {spec.source} has negative label {int(task.y.min())}; labels must be class ids 0..C-1.")
+    tasks += open_tasks([spec], ckpt.spec, args.data_options)
+    task = tasks[0]
+    labels = task.labels  # None for a stream: checked batch by batch
+    if labels is not None and len(labels) and int(labels.min()) < 0:
+        raise IncompatibleError(f"$data {spec.source} has negative label {int(labels.min())}; labels must be class ids 0..C-1.")
+    classes_in_data = int(labels.max()) + 1 if labels is not None and len(labels) else ckpt.spec.num_classes
+    if labels is None:
+        from cl_tool.data import check_labels
+
+        check_labels(task, ckpt.spec.num_classes)
     grown: list[str] = []
     if classes_in_data > ckpt.spec.num_classes:
         if not args.grow_head:
@@ -190,7 +223,8 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
                                     f"(0..{ckpt.spec.num_classes - 1}); pass $grow_head to add output rows.")
         model, grown = grow_classifier(ckpt, classes_in_data)
         out.log(f"Grew the classifier to {classes_in_data} classes ({', '.join(grown)}); the new rows have importance 0.")
-    eval_tasks = load_tasks(eval_specs, ckpt.spec, num_classes=ckpt.spec.num_classes)
+    eval_tasks = open_tasks(eval_specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+    tasks += eval_tasks
     model.to(device)
     named = trainable_parameters(model)
     pen, sidecar_path, sc, use, lam = _penalty(args, out, ckpt, named, grown)
@@ -206,7 +240,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     cfg = args.train_config()
     run_cfg = {**{k: v for k, v in vars(cfg).items() if k != "eval_batch_size"}, "penalty": penalty_used, "lambda": lam,
-               "data": spec.describe(), "world": dist.world}
+               "data": spec.describe(), "world": dist.world, **({"augment": args.augmentation.describe()} if args.augmentation.kind else {})}
     state_io = ResumeState(args.state_path, fingerprint=anchor_fp, config=run_cfg) if (args.checkpoint_every or args.resume) else None
     log_file = LineFile(args.log_json, force=args.force or resuming) if args.log_json is not None and dist.is_main else None
 
@@ -224,9 +258,10 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
                     f"{(' | eval ' + evals) if evals else ''}")
 
     try:
-        with out.progress(f"training on {spec.name}", math.ceil(len(task) / args.batch_size) * args.epochs if dist.is_main else None) as bar:
-            result = train(model, task.x, task.y, cfg, device=device, penalty=pen, si=si, masks=masks,
-                           eval_sets=[(t.spec.name, t.x, t.y) for t in eval_tasks], log=on_epoch, on_restore=write_log,
+        n = task.num_samples
+        with out.progress(f"training on {spec.name}", math.ceil(n / args.batch_size) * args.epochs if dist.is_main and n else None) as bar:
+            result = train(model, task, cfg, device=device, penalty=pen, si=si, masks=masks, augment=args.augmentation,
+                           eval_sets=[(t.spec.name, t) for t in eval_tasks], log=on_epoch, on_restore=write_log,
                            state_io=state_io, dist=dist, progress=bar.advance if dist.is_main else None, started_at=started_at())
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         bad = first_nonfinite(state)
@@ -250,13 +285,14 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     lineage = {"importance_fingerprint": use.fingerprint if use else None, "importance_generations": use.generations if use else None}
     result_doc: dict[str, Any] = {"output": str(args.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
                                   "importance": str(sidecar_path) if sidecar_path else None, **lineage, "epochs": result.epochs,
-                                  "steps": result.steps, "samples": len(task), "setup_seconds": round(result.setup_seconds or 0.0, 3),
+                                  "steps": result.steps, "samples": task.num_samples, "setup_seconds": round(result.setup_seconds or 0.0, 3),
                                   "train_seconds": round(result.train_seconds, 3), "samples_per_s": round(result.samples_per_s, 1)}
     if dist.is_main:
         hist = ckpt.history + [history_entry(
             "train-next", argv=command_line(), data=task.describe(), penalty=penalty_used, **{"lambda": lam if penalty_used != "none" else None},
             importance=str(sidecar_path) if sidecar_path else None, importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
             **lineage, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+            augment=args.augmentation.describe() if args.augmentation.kind else None,
             freeze_bn_stats=args.freeze_bn_stats or None, anchor_fingerprint=anchor_fp, grown=grown or None,
             mask=str(args.mask) if args.mask else None)]
         with all_or_nothing(log_file) as wrote:

@@ -1,0 +1,62 @@
+"""Data for cl-tool: ``--data`` sources in, normalised image batches out.
+
+``--data`` accepts a folder written by ``Dataset.save_to_disk`` (or a ``DatasetDict``), an
+``imagefolder`` folder, parquet/csv/json(l) files, or a hub id (online only). An optional
+``name=`` prefix names the task (``--data old=./task_a``).
+
+The way in:
+
+* ``open_task(spec, Preprocess.for_model(model_spec), cache=, workers=, streaming=, skip_bad=)``
+  → ``Task``: the source is opened lazily (Arrow-backed ``datasets``, or an ``IterableDataset``
+  with ``streaming``); ``Task.batches(order, augment=, seed=, epoch=, device=)`` decodes,
+  resizes, augments, applies the task transforms and normalises per batch in DataLoader
+  workers; decoded uint8 pixels are cached (in memory when small, in a cache file shared by
+  later commands) so a task is decoded once, not once per command. See ``loader``, ``cache``,
+  ``preprocess``, ``transforms``; ``GlobalBatchSampler`` gives training's batch order.
+* ``task_specs(values, DataOptions)`` → TaskSpecs: what ``--data`` values and the data options ask for.
+
+Pixels: built-in models keep the first version's exact rules (``preprocess``); timm models use
+timm's eval transform. Task-deriving transforms act on the [0, 1] image, in this order:
+``--rotate DEG`` (counter-clockwise), ``--invert`` (x → 1 − x), ``--permute SEED`` (one fixed
+permutation of the H·W pixel positions, the same for every channel and sample), after any
+augmentation; then per-channel normalisation (x − mean) / std from the checkpoint.
+
+Importing this package is cheap (no torch, timm or datasets until a function needs them).
+"""
+
+from __future__ import annotations
+
+from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, default_cache_dir
+from cl_tool.data.loader import Batch, Task, as_worker_error, check_labels, default_workers, open_task
+from cl_tool.data.preprocess import Preprocess
+from cl_tool.data.specs import (DATA_HELP, DATA_METAVAR, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataOptions, TaskSpec, local_paths,
+                                parse_data_option, task_specs)
+from cl_tool.data.transforms import AUGMENTS, Augment, apply_task_transforms, parse_augment, pixel_permutation
+
+__all__ = [
+    "AUGMENTS", "Augment", "Batch", "CACHE_MODES", "DATA_HELP", "DATA_METAVAR", "DataOptions", "GlobalBatchSampler", "IMAGE_COLUMN_NAMES",
+    "LABEL_COLUMN_NAMES", "Preprocess", "RAM_BUDGET", "Task", "TaskSpec", "apply_task_transforms", "as_worker_error", "check_labels",
+    "default_cache_dir", "default_workers", "local_paths", "open_task", "open_tasks", "parse_augment", "parse_data_option", "pixel_permutation",
+    "task_specs",
+]
+
+
+def open_tasks(specs: list[TaskSpec], model_spec, options: DataOptions, *, num_classes: int | None = None) -> list["Task"]:
+    """Every spec opened for ``model_spec``'s preprocessing with the data options; labels checked against ``num_classes``."""
+    pre = Preprocess.for_model(model_spec)
+    tasks = []
+    for spec in specs:
+        task = open_task(spec, pre, cache=options.cache, workers=options.workers, streaming=options.streaming,
+                         skip_bad=options.skip_bad_images, cache_dir=options.cache_dir)
+        if num_classes is not None:
+            check_labels(task, num_classes)
+        tasks.append(task)
+    return tasks
+
+
+def __getattr__(name: str):
+    if name == "GlobalBatchSampler":  # imports torch
+        from cl_tool.data.samplers import GlobalBatchSampler
+
+        return GlobalBatchSampler
+    raise AttributeError(f"module 'cl_tool.data' has no attribute {name!r}")

@@ -1,0 +1,576 @@
+"""A task opened lazily and read per batch: ``open_task(spec, preprocess)`` → ``Task.batches(...)``.
+
+Per batch, in DataLoader worker processes (``workers``; 0 = in this process): rows are read
+from the source (Arrow, memory-mapped) and decoded to the model's geometry as uint8, or read
+back from the decoded cache; in this process: uint8 → float32 /255 on the target device
+(pinned, ``non_blocking`` copies on CUDA), augmentation, task transforms, normalisation. No
+float32 copy of the task is ever made; memory is a few batches plus, for a task whose decoded
+pixels fit the RAM budget (256 MiB by default), a uint8 copy of it.
+
+Reproducibility: batches, their contents and augmentation are a pure function of (order,
+seed, epoch, sample index); they do not depend on the number of workers or on worker
+scheduling, and reading a task never touches the global torch/numpy/python RNGs of this
+process. A resumed run (same order from batch k) therefore sees exactly the batches the
+uninterrupted one saw, with any ``workers``. Streams are read in source order (a seeded
+shuffle buffer for training) and are reproducible the same way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple
+
+from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, SUFFIX, Store, cache_key, default_cache_dir, folder_writable, space_for
+from cl_tool.errors import BadInputError, ClToolError, EnvironmentProblem, IncompatibleError, OutputError, UsageError
+
+STREAM_SHUFFLE_BUFFER = 10_000
+_OPEN: "weakref.WeakSet[Task]" = weakref.WeakSet()
+_EXIT_HOOK = False
+
+
+def _close_open_tasks() -> None:
+    """Stop worker processes before multiprocessing's exit handler joins them (they ignore SIGTERM, so its terminate() would not)."""
+    for task in list(_OPEN):
+        try:
+            task.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+def _register_exit_hook() -> None:
+    """Register after multiprocessing (imported with the DataLoader) so this runs before its exit handler (atexit is LIFO)."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        import multiprocessing.util  # noqa: F401 - make sure its handler is registered first
+
+        atexit.register(_close_open_tasks)
+        _EXIT_HOOK = True
+
+
+class Batch(NamedTuple):
+    index: Any  # int64 (B,) task rows, on the CPU
+    x: Any  # float32 (B, C, H, W), normalised, on the device
+    y: Any  # int64 (B,), on the device
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: one core for the main process, at most 8; 0 on a one-CPU machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(8, cpus - 1)
+
+
+def as_worker_error(exc: BaseException) -> ClToolError | None:
+    """The one-sentence error for a DataLoader worker that died (killed, out of memory), or None for other errors."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "DataLoader worker" in text:
+        first = text.strip().splitlines()[0].strip().rstrip(".")
+        first = first.replace("DataLoader worker", "worker").replace(" is killed by signal:", " was killed by signal")
+        return EnvironmentProblem(f"A data-loading process died ({first}), often because the machine ran out of memory; "
+                                  f"rerun with fewer $workers (or $workers 0).")
+    return None
+
+
+_ERRORS = {cls.__name__: cls for cls in (BadInputError, IncompatibleError, UsageError, EnvironmentProblem, OutputError)}
+
+
+def _raise(err: tuple[str, str]) -> None:
+    cls_name, message = err
+    raise _ERRORS.get(cls_name, BadInputError)(message)
+
+
+def _install_sigchld_guard() -> None:
+    """torch raises RuntimeError from its SIGCHLD handler when a worker dies; make that our one-sentence error."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "_cl_tool_guard", False):
+        return
+
+    def guard(signum, frame):
+        try:
+            handler(signum, frame)
+        except RuntimeError as exc:
+            err = as_worker_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    guard._cl_tool_guard = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, guard)
+
+
+class _signals_blocked:
+    """Block SIGINT/SIGTERM in this thread while worker processes start (they inherit the mask, ignore both, then unblock).
+
+    Without it a Ctrl-C that reaches the process group while a worker is starting kills the
+    worker instead of interrupting the command. Signals that arrive meanwhile are delivered to
+    this process when the block ends.
+    """
+
+    def __init__(self, active: bool):
+        import threading
+
+        self.active = active and hasattr(__import__("signal"), "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.active:
+            import signal
+
+            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import signal
+
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+
+
+class _Feed:
+    """The DataLoader's sampler: yields the requests of the current pass (set before each iteration)."""
+
+    def __init__(self):
+        self._it: Iterator = iter(())
+
+    def set(self, requests: Iterator) -> None:
+        self._it = requests
+
+    def __iter__(self):  # DataLoader may call iter() more than once when it builds an iterator; all get the same pass
+        return self._it
+
+
+def _key_parts(spec, pre, source_id: str) -> dict[str, Any]:
+    return {"source": source_id, "split": spec.split, "limit": spec.limit, "image_column": spec.image_column,
+            "label_column": spec.label_column, "preprocess": pre.key()}
+
+
+def open_task(spec, pre, *, cache: str = "auto", workers: int | None = None, streaming: bool = False, skip_bad: bool = False,
+              cache_dir=None, ram_budget: int = RAM_BUDGET, shuffle_buffer: int = STREAM_SHUFFLE_BUFFER) -> "Task":
+    """Open ``spec`` (a TaskSpec) for a model preprocessed by ``pre`` (a Preprocess); nothing is decoded yet.
+
+    ``cache``: ``auto`` (a decoded-cache file in ``cache_dir`` when it is writable and has room,
+    the pixels in memory when they fit ``ram_budget``; neither: decode every pass), ``ram``,
+    ``disk`` (the folder must be writable) or ``none``. A cache file made by an earlier command
+    is used without opening the source (no ``datasets`` import, no decoding).
+    """
+    from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
+
+    if cache not in CACHE_MODES:
+        raise UsageError(f"$cache {cache} is unknown; use {', '.join(CACHE_MODES)}.")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise UsageError(f"$workers must be 0 or more, got {workers}.")
+    if streaming and cache in ("ram", "disk"):
+        raise UsageError(f"$cache {cache} does not apply to $streaming (a stream is read anew each pass); use $cache none or drop $streaming.")
+    if spec.name is None:
+        spec.name = Path(spec.source).name or spec.source
+    common = {"workers": workers, "skip_bad": skip_bad, "shuffle_buffer": shuffle_buffer}
+    if streaming:
+        sel = open_selection(spec, streaming=True)
+        info = {"split": sel.split, "image_column": sel.image_column, "label_column": sel.label_column}
+        return Task(spec, pre, n=sel.num_rows, labels=None, info=info, store=None, selection=sel, streaming=True, **common)
+
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    want_disk = cache in ("auto", "disk")
+    parts = path = None
+    if want_disk and is_local(spec.source):
+        parts = _key_parts(spec, pre, "local:" + local_signature(spec.source))
+        path = folder / (cache_key(parts) + SUFFIX)
+        st = Store.load(path, parts, want_ram=True, ram_budget=ram_budget)
+        if st is not None:
+            return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=None, **common)
+    sel = open_selection(spec)
+    labels = read_labels(sel.ds, sel.label_column, spec.source)
+    info = {"split": sel.split, "image_column": sel.image_column, "label_column": sel.label_column}
+    if want_disk and parts is None:  # a hub id: keyed by the datasets fingerprint of the selected rows
+        parts = _key_parts(spec, pre, f"hub:{spec.source}:{sel.fingerprint}")
+        path = folder / (cache_key(parts) + SUFFIX)
+        st = Store.load(path, parts, want_ram=True, ram_budget=ram_budget)
+        if st is not None:
+            return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=sel, **common)
+    n = len(labels)
+    est = n * math.prod(pre.input_shape)  # uint8 bytes
+    shape = tuple(pre.input_shape)
+    store = None
+    if cache == "ram":
+        store = Store(n, shape, labels=labels, info=info, parts=None, want_ram=True, final=None, ram_budget=1 << 62)
+    elif cache == "disk":
+        if not folder_writable(folder):
+            raise OutputError(f"$cache disk: the cache folder {folder} is not writable; set $cache_dir (or $CL_TOOL_CACHE) to a writable folder, or use $cache none.")
+        store = Store(n, shape, labels=labels, info=info, parts=parts, want_ram=est <= ram_budget, final=path, ram_budget=ram_budget)
+    elif cache == "auto":
+        disk_ok = path is not None and folder_writable(folder) and space_for(folder, est, reserve=True)
+        ram_ok = est <= ram_budget
+        if disk_ok or ram_ok:
+            store = Store(n, shape, labels=labels, info=info, parts=parts, want_ram=ram_ok, final=path if disk_ok else None, ram_budget=ram_budget)
+    return Task(spec, pre, n=n, labels=labels, info=info, store=store, selection=sel, **common)
+
+
+class Task:
+    """One opened task: ``len``, ``labels`` (read without decoding), ``describe()``, ``batches(...)``, ``close()``."""
+
+    def __init__(self, spec, pre, *, n, labels, info, store, selection, workers, skip_bad, shuffle_buffer, streaming=False):
+        import numpy as np
+        import torch
+
+        self.spec, self.preprocess, self.info = spec, pre, dict(info)
+        self.streaming = streaming
+        self.workers, self.skip_bad, self.shuffle_buffer = workers, skip_bad, shuffle_buffer
+        self._n = n
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64)) if labels is not None else None
+        self._store: Store | None = store
+        self._sel = selection
+        self._bad: dict[int, str] = dict(store.bad) if store is not None else {}
+        self._loader = None
+        self._loader_key: tuple | None = None
+        self._feed: _Feed | None = None
+        self._label_check: tuple[int, str] | None = None
+        self.cache_note: str | None = None
+        self._in_pass = False
+        self.stats = {"decoded": 0, "batches": 0}
+        _OPEN.add(self)
+
+    # ------------------------------------------------------------------------------------------- basics
+
+    def __len__(self) -> int:
+        if self._n is None:
+            raise TypeError("the length of this stream is not known")
+        return int(self._n)
+
+    @property
+    def num_samples(self) -> int | None:
+        return self._n
+
+    @property
+    def cache(self) -> str:
+        """Where decoded pixels come from after the first pass: ram, disk, or none."""
+        st = self._store
+        if st is None:
+            return "none"
+        return "ram" if st.ram is not None or (st.want_ram and st.dtype is None) else ("disk" if st.on_disk or st.final is not None else "none")
+
+    def describe(self) -> dict[str, Any]:
+        d = self.spec.describe()
+        d.update(self.info)
+        d["samples"] = self._n
+        if self.skip_bad:
+            d["skipped_images"] = len(self._bad)
+        return d
+
+    def close(self) -> None:
+        """Stop the worker processes; remove an unfinished cache file."""
+        self._drop_loader()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "Task":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _drop_loader(self) -> None:
+        loader, self._loader, self._loader_key = self._loader, None, None
+        it = getattr(loader, "_iterator", None) if loader is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def _ensure_source(self) -> None:
+        if self._sel is None:
+            from cl_tool.data.sources import open_selection
+
+            sel = open_selection(self.spec)
+            if len(sel.ds) != self._n:
+                raise BadInputError(f"$data {self.spec.source} changed while cl-tool was using it ({len(sel.ds)} rows instead of {self._n}); run the command again.")
+            self._sel = sel
+            self._drop_loader()  # its workers were started without the source
+
+    def _abandon_store(self, reason: str) -> None:
+        """Stop caching (the command logs :attr:`cache_note` when it is done with the task)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self.cache_note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
+
+    # ------------------------------------------------------------------------------------------- batches
+
+    def batches(self, order: Iterable | None = None, *, batch_size: int | None = None, augment=None, seed: int = 0, epoch: int = 0,
+                device=None, shuffle: bool = False, start_batch: int = 0, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """Yield ``Batch(index, x, y)`` for each list of task rows in ``order``.
+
+        ``order``: an iterable of index lists (e.g. a ``GlobalBatchSampler``: this rank's shares
+        of the shuffled global batches), or None: all rows in order in batches of ``batch_size``
+        (``shuffle``: the training order ``randperm`` of (seed, epoch); ``start_batch``: skip that
+        many batches; ``shard=(rank, world)``: this rank's share of each batch). A stream takes
+        no ``order``: it is read in source order (``shuffle``: a seeded shuffle buffer).
+        ``augment``: None/"none", "shift=K", "timm" or an ``Augment``; randomness is a function
+        of (seed, epoch, sample index) only.
+        """
+        import torch
+
+        from cl_tool.data.transforms import parse_augment
+
+        aug = parse_augment(augment)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        rank, world = shard or (0, 1)
+        if self.streaming:
+            if order is not None:
+                raise ValueError("a streamed task is read in source order; pass batch_size (and shuffle) instead of an order")
+            if not batch_size or batch_size < 1:
+                raise ValueError("batches() of a stream needs batch_size >= 1")
+            return self._stream(batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world)
+        if order is None:
+            if not batch_size or batch_size < 1:
+                raise ValueError("batches() needs an order or batch_size >= 1")
+            from cl_tool.data.samplers import GlobalBatchSampler
+
+            sampler = GlobalBatchSampler(len(self), batch_size, seed=seed, rank=rank, world=world, shuffle=shuffle)
+            sampler.set_epoch(epoch, start_batch)
+            order = sampler
+        return self._map(order, aug, seed, epoch, dev)
+
+    def _index(self, idx):
+        import numpy as np
+        import torch
+
+        arr = idx.numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        arr = arr.astype(np.int64, copy=False).reshape(-1)
+        if len(arr) and (arr.min() < 0 or arr.max() >= self._n):
+            raise IndexError(f"task row {int(arr.min() if arr.min() < 0 else arr.max())} is outside 0..{self._n - 1}")
+        return arr
+
+    def _map(self, order, aug, seed, epoch, dev) -> Iterator[Batch]:
+        import torch
+
+        store = self._store if not aug.needs_source else None
+        if store is not None and store.complete and store.ram is not None:  # everything in memory: no workers needed
+            for idx in order:
+                idx = self._index(idx)
+                idx = self._drop_known_bad(idx, store)
+                yield self._finish(idx, torch.from_numpy(store.ram[idx]), aug, seed, epoch, dev)
+            return
+        if self._in_pass:
+            raise RuntimeError("Task.batches(): another pass over this task is still open (its workers are shared); "
+                               "finish or close it before starting a new one")
+        with_source = store is None or not (store.complete and store.on_disk)
+        if with_source:
+            self._ensure_source()
+        loader = self._get_loader(dev, with_source)
+        pending: dict[int, tuple[Any, Any]] = {}
+        self._feed.set(self._requests(order, aug, seed, epoch, store, pending))
+        self._in_pass = True
+        try:
+            yield from self._receive_all(loader, pending, store, aug, seed, epoch, dev)
+        finally:
+            self._in_pass = False
+
+    def _receive_all(self, loader, pending, store, aug, seed, epoch, dev) -> Iterator[Batch]:
+        import numpy as np
+        import torch
+
+        for res in self._iterate(loader):
+            if res.get("error"):
+                _raise(res["error"])
+            idx, codes = pending.pop(res["pos"])
+            rows_w, xw = res["rows"].numpy(), res["x"]
+            if res["bad"]:
+                self._bad.update(dict(res["bad"]))
+            decoded = res["decoded"].numpy()
+            self.stats["decoded"] += len(decoded)
+            if store is not None and store is self._store:
+                if res["bad"]:
+                    rows, msgs = zip(*res["bad"])
+                    store.mark_bad(rows, msgs)
+                if len(decoded):
+                    sel = np.isin(rows_w, decoded)
+                    if not store.put(rows_w[sel], xw.numpy()[sel]):
+                        self._abandon_store("the images decode to mixed pixel types")
+            from cl_tool.data._fetch import FROM_MAIN
+
+            main = codes == FROM_MAIN
+            if main.any():
+                bad_rows = {r for r, _ in res["bad"]}
+                keep = np.array([m or int(r) not in bad_rows for r, m in zip(idx.tolist(), main.tolist())], dtype=bool)
+                final = idx[keep]
+                from_ram, from_worker = store.ram[idx[main]], xw.numpy()
+                if from_ram.dtype != from_worker.dtype:
+                    from_ram = from_ram.astype(np.float32) / 255.0 if from_ram.dtype == np.uint8 else from_ram
+                    from_worker = from_worker.astype(np.float32) / 255.0 if from_worker.dtype == np.uint8 else from_worker
+                out = np.empty((len(final), *from_ram.shape[1:]), dtype=from_ram.dtype)
+                mk = main[keep]
+                out[mk] = from_ram
+                out[~mk] = from_worker
+                yield self._finish(final, torch.from_numpy(out), aug, seed, epoch, dev)
+            else:
+                yield self._finish(rows_w, xw, aug, seed, epoch, dev)
+
+    def _drop_known_bad(self, idx, store):
+        st = store.status[idx]
+        badm = st == 2
+        if badm.any():
+            if not self.skip_bad:
+                r = int(idx[badm][0])
+                raise BadInputError(store.bad.get(r, f"The image in row {r} of $data {self.spec.source} cannot be decoded; remove or replace it."))
+            idx = idx[~badm]
+        return idx
+
+    def _requests(self, order, aug, seed, epoch, store, pending):
+        import numpy as np
+
+        from cl_tool.data._fetch import FROM_FILE, FROM_MAIN, FROM_SOURCE, Request
+
+        for pos, idx in enumerate(order):
+            idx = self._index(idx)
+            fail = None
+            codes = np.full(len(idx), FROM_SOURCE, dtype=np.uint8)
+            paths, dtype = (None, None), None
+            if store is not None and store is self._store:
+                try:
+                    idx = self._drop_known_bad(idx, store)
+                except BadInputError as exc:
+                    fail = ("BadInputError", exc.message)
+                codes = np.full(len(idx), FROM_SOURCE, dtype=np.uint8)
+                have = store.status[idx] == 1
+                if store.ram is not None:
+                    codes[have] = FROM_MAIN
+                elif store.on_disk:
+                    codes[have] = FROM_FILE
+                paths, dtype = store.file_paths(), store.dtype
+            pending[pos] = (idx, codes)
+            yield Request(pos, idx, codes, paths, dtype, aug if aug.needs_source else None, seed, epoch, fail)
+
+    def _get_loader(self, dev, with_source: bool):
+        import torch
+        from torch.utils.data import DataLoader
+
+        from cl_tool.data._fetch import MapFetcher, identity, worker_init
+
+        pin = dev.type == "cuda"
+        if self._loader is not None and self._loader_key[0] == pin and (self._loader_key[1] or not with_source):
+            return self._loader
+        self._drop_loader()
+        self._feed = _Feed()
+        fetcher = MapFetcher(self._sel.ds if with_source else None, self.info["image_column"], self.preprocess, self.spec.source, self.skip_bad)
+        kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": pin, "generator": torch.Generator()}
+        if self.workers:
+            kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=worker_init)
+        _register_exit_hook()
+        self._loader = DataLoader(fetcher, batch_size=None, sampler=self._feed, **kw)
+        self._loader_key = (pin, with_source)
+        return self._loader
+
+    def _iterate(self, loader):
+        with _signals_blocked(self.workers > 0):  # workers are forked with SIGINT/SIGTERM blocked until they ignore them
+            it = iter(loader)
+        if self.workers:
+            _install_sigchld_guard()
+        while True:
+            try:
+                res = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                err = as_worker_error(exc)
+                if err is None:
+                    raise
+                self._drop_loader()
+                raise err from None
+            except EnvironmentProblem:
+                self._drop_loader()
+                raise
+            yield res
+
+    def _stream(self, batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world) -> Iterator[Batch]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from cl_tool.data._fetch import StreamFetcher, identity, worker_init
+
+        ds = self._sel.ds
+        if shuffle:
+            ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
+            ds.set_epoch(epoch)
+        fetch = StreamFetcher(ds, self.info["image_column"], self.info["label_column"], self.preprocess, self.spec.source,
+                              batch_size=batch_size, augment=aug if aug.needs_source else None, seed=seed, epoch=epoch,
+                              start_batch=start_batch, rank=rank, world=world, skip_bad=self.skip_bad)
+        kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": dev.type == "cuda", "generator": torch.Generator()}
+        if self.workers:
+            kw.update(prefetch_factor=2, worker_init_fn=worker_init)
+        _register_exit_hook()
+        loader = DataLoader(fetch, batch_size=None, **kw)
+        seen = 0
+        try:
+            for res in self._iterate(loader):
+                if res.get("error"):
+                    _raise(res["error"])
+                if res["bad"]:
+                    self._bad.update(dict(res["bad"]))
+                self.stats["decoded"] += len(res["decoded"])
+                seen += 1
+                yield self._finish(res["rows"].numpy(), res["x"], aug, seed, epoch, dev, y=res["y"])
+        finally:
+            it = getattr(loader, "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+        if seen == 0 and start_batch == 0 and rank == 0:
+            raise BadInputError(f"$data {self.spec.source} has no samples; give a non-empty dataset.")
+
+    def _finish(self, idx, x, aug, seed, epoch, dev, y=None) -> Batch:
+        import numpy as np
+        import torch
+
+        from cl_tool.data.transforms import apply_task_transforms, normalise_, shift_batch, to_unit_float
+
+        index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        if y is None:
+            y = self.labels[index]
+        if self._label_check is not None and y.numel():
+            _check_range(int(y.min()), int(y.max()), self._label_check[0], self._label_check[1], self.spec.source)
+        if dev.type == "cuda":
+            if not x.is_pinned():
+                x = x.pin_memory()
+            x = x.to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
+        elif dev.type != "cpu":
+            x, y = x.to(dev), y.to(dev)
+        x = to_unit_float(x)
+        if aug.kind == "shift":
+            x = shift_batch(x, index.numpy(), aug.shift, seed, epoch)
+        x = apply_task_transforms(x, self.spec)
+        x = normalise_(x, self.preprocess.mean, self.preprocess.std)
+        self.stats["batches"] += 1
+        return Batch(index, x, y)
+
+
+def _check_range(lo: int, hi: int, num_classes: int, what: str, source: str) -> None:
+    if lo < 0 or hi >= num_classes:
+        bad = hi if hi >= num_classes else lo
+        raise IncompatibleError(
+            f"{what} {source} has label {bad}, outside the model's {num_classes} classes (0..{num_classes - 1}); "
+            f"use a model with more classes (or $grow_head in train-next)."
+        )
+
+
+def check_labels(task, num_classes: int, what: str | None = None) -> None:
+    """Refuse labels outside [0, num_classes) (exit 4 naming the task's ``--data`` option).
+
+    A stream's labels are not known in advance: they are checked batch by batch instead.
+    """
+    what = what or f"${task.spec.option}"
+    y = task.labels
+    if y is None:
+        task._label_check = (num_classes, what)
+        return
+    if y.numel() == 0:
+        return
+    _check_range(int(y.min()), int(y.max()), num_classes, what, task.spec.source)
