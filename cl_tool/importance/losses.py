@@ -9,6 +9,9 @@ loss ``ℓₙ⁽ᵏ⁾`` (shape ``(B, P)`` for a batch), and a per-element stati
 * ``fisher`` / ``sampled``:   P = 1, the same with yₙ ~ softmax(f(xₙ)) drawn once per batch.
 * ``fisher`` / ``exact``:     P = K (classes), ℓₙ⁽ʸ⁾ = √p(y|xₙ)·(−log p(y|xₙ)) with √p detached, so
   Σ_y (∂ℓₙ⁽ʸ⁾/∂θ)² = Σ_y p(y|xₙ)·gₙ,ᵧ² — the expectation of the squared score under the model.
+  The logit gradients of these K losses are (up to sign) the columns of the symmetric factor
+  S = diag(√p) − p√pᵀ of the softmax cross-entropy Hessian H = diag(p) − ppᵀ = SSᵀ, so the sum
+  is also diag(Jᵀ H J) (J = ∂z/∂θ): the exact GGN diagonal (BackPACK's DiagGGNExact).
 * ``mas``:                    P = 1, ℓₙ = ‖o(xₙ)‖₂² with o = logits or softmax (squared output units).
 
 Fisher statistics are in nats²/parameter-unit², MAS in output-units²/parameter-unit (both per
@@ -104,3 +107,21 @@ def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpe
         return -logp.gather(-1, targets.reshape(-1, 1))
     out = logits if spec.mas_output == "logits" else torch.softmax(logits, dim=-1)
     return out.square().sum(dim=-1, keepdim=True)
+
+
+def output_cotangents(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """∂ℓₙ⁽ᵖ⁾/∂zₙ for every pass: (P, B, K), from float32/64 logits z (B, K); no graph is kept.
+
+    Back-propagating column p of this from the logits gives the gradients of Σₙ ℓₙ⁽ᵖ⁾. For the
+    exact Fisher these are the K columns sᵧ = √pᵧ·(eᵧ − p) of S (see the module docstring; the
+    sign is irrelevant under a square), computed in closed form; otherwise autograd of
+    :func:`per_sample_losses` (P = 1).
+    """
+    z = logits.detach()
+    if spec.method == "fisher" and spec.fisher_labels == "exact":
+        p = torch.softmax(z, dim=-1)  # (B, K)
+        eye = torch.eye(z.shape[1], device=z.device, dtype=z.dtype)
+        return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])  # [y, n, k] = √p_ny (δ_yk − p_nk)
+    with torch.enable_grad():
+        z = z.requires_grad_()
+        return torch.autograd.grad(per_sample_losses(z, targets, spec).sum(), z)[0][None]

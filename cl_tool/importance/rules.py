@@ -4,10 +4,12 @@ Each rule turns what forward/backward hooks saw for one layer — its input ``A`
 call of the layer) and the gradient ``G`` of the *summed* per-sample loss with respect to its
 output — into the per-sample statistic summed over the batch, without a loop over samples:
 
-    S(θ) = Σₙ f(∂ℓₙ/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
+    S(θ) = Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
 
-Row ``n`` of ``A`` and ``G`` belongs to sample ``n`` (the engine checks dim 0 equals the batch
-size). When a layer is called several times in one forward pass, the calls are concatenated
+``G`` carries the output gradients of P loss passes at once, stacked on a leading axis
+(P, B, …): P = 1, or the K columns of the softmax Hessian factor for exact-label Fisher (see
+``losses``). Row ``n`` of ``A`` and of each ``G[p]`` belongs to sample ``n`` (the engine checks
+the batch size). When a layer is called several times in one forward pass, the calls are concatenated
 along the position (token / spatial) axis: the per-sample gradient of a shared weight is the sum
 over all positions of all calls, which is exactly what the rules compute.
 
@@ -17,8 +19,6 @@ magnitude of a weight times the total absolute input signal that reached it, see
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +26,14 @@ from torch import nn
 from cl_tool.importance.losses import stat_fn, wide, wide_dtype
 
 FLOAT_BYTES = 4
-#: Target size of one chunk of materialised per-sample gradients: small enough to stay in the
-#: CPU caches while it is squared and summed (2-3× faster than one batch-sized tensor).
-WORKING_SET_BYTES = 16 << 20
+#: Target size of one chunk of materialised per-sample gradients (and the inputs that make them):
+#: small enough to stay in the CPU's L2/L3 cache between the GEMM that writes it and the pass that
+#: squares and sums it. A buffer of this size is reused for every chunk of a layer.
+WORKING_SET_BYTES = 2 << 20
+#: Per-sample gradient matrices at least this large are squared and summed one at a time with
+#: ``addcmul_`` (one read of the matrix, the running sum stays in cache); smaller ones in one
+#: ``square_`` + ``sum`` per chunk (fewer calls).
+ROW_LOOP_BYTES = 64 << 10
 
 #: Subclasses that override ``forward`` but compute exactly the base layer's function.
 _EQUIVALENT_SUBCLASSES = {
@@ -68,61 +73,82 @@ def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-#: Up to this many positions per sample, Σₙ(Gₙ Aₙᵀ)² is computed from position pairs by one GEMM.
+#: Up to this many positions per sample, Σₙ(Gₙ Aₙ)² is computed from position pairs by one GEMM.
 PAIRWISE_MAX_POSITIONS = 4
 
 
-def _outer_stat(G: torch.Tensor, A: torch.Tensor, f) -> torch.Tensor:
-    """One position: Σₙ f(gₙ aₙᵀ) = f(G)ᵀ f(A) (f multiplicative: x², |x|). (n,g,o),(n,g,i) → (g,o,i)."""
-    return torch.einsum("ngo,ngi->goi", f(G), f(A))
-
-
 def _pairwise_sq_stat(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Σₙ (Σₜ Gₙₜ Aₙₜᵀ)² = Σₙ Σ_{t≤t'} c_tt' (Gₙₜ∘Gₙₜ')(Aₙₜ∘Aₙₜ')ᵀ, c = 1 (t = t') or 2.
+    """Σₙ Σₚ (Σₜ Gₚₙₜ Aₙₜ)² = Σₙ Σ_{t≤t'} c_tt' (Σₚ Gₚₙₜ∘Gₚₙₜ')(Aₙₜ∘Aₙₜ')ᵀ, c = 1 (t = t') or 2.
 
     One GEMM with T(T+1)/2 terms per sample instead of materialising per-sample gradients;
-    faster for few positions. (n,g,o,T),(n,g,i,T) → (g,o,i).
+    faster for few positions. G (P, n, g, o, T), A (n, g, T, i) → (g, o, i).
     """
     T = G.shape[-1]
-    G, A = G.movedim(-1, 0).contiguous(), A.movedim(-1, 0).contiguous()  # (T, n, g, ·)
     first, second = torch.triu_indices(T, T, device=G.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(G.device).reshape(-1, 1, 1, 1)
-    GG = G[first] * G[second] * weight
-    AA = A[first] * A[second]
+    weight = torch.where(first == second, 1.0, 2.0).to(device=G.device, dtype=G.dtype).reshape(-1, 1, 1, 1)
+    Gt, At = G.movedim(-1, 0), A.movedim(2, 0)  # (T, P, n, g, o), (T, n, g, i)
+    GG = (Gt[first] * Gt[second]).sum(1) * weight
+    AA = At[first] * At[second]
     return torch.einsum("kngo,kngi->goi", GG, AA)
 
 
-def _materialised_stat(G: torch.Tensor, A: torch.Tensor, stat: str) -> torch.Tensor:
-    """Σₙ f(Gₙ Aₙᵀ) by ``bmm`` of per-sample gradients (n·g, o, i), then f and a sum over n."""
-    n, g, o, T = G.shape
-    per_sample = torch.bmm(G.reshape(n * g, o, T), A.reshape(n * g, A.shape[2], T).transpose(1, 2))
-    per_sample = per_sample.square_() if stat == "sq" else per_sample.abs_()
-    return per_sample.reshape(n, g, o, -1).sum(0)
+def _add_stat_rows(total: torch.Tensor, prod: torch.Tensor, stat: str) -> None:
+    """``total`` (X,) += Σ_r f(prod[r]) for ``prod`` (R, X); ``prod`` is overwritten."""
+    if stat == "sq" and prod.shape[1] * prod.element_size() >= ROW_LOOP_BYTES:
+        for row in prod:
+            total.addcmul_(row, row)
+    else:
+        total += (prod.square_() if stat == "sq" else prod.abs_()).sum(0)
 
 
-def weight_stat(G: torch.Tensor, A: torch.Tensor, stat: str, budget_bytes: int) -> torch.Tensor:
-    """Σₙ f(∂ℓₙ/∂W) with ∂ℓₙ/∂W = Gₙ Aₙᵀ per group (the weight gradient of a linear map).
+def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
+    """Σₙ Σₚ f(Gₚₙ Aₙ) from per-sample gradients made by ``bmm`` in cache-sized chunks.
 
-    ``G``: (n, g, o, T) output gradients, ``A``: (n, g, i, T) inputs, T positions per sample
-    (views are fine). Picks the cheapest exact formula: T = 1 outer-product identity; f = x² and
-    T ≤ :data:`PAIRWISE_MAX_POSITIONS` position pairs; otherwise materialised per-sample
-    gradients in cache-sized chunks. Returns float32 (g, o, i).
+    For a chunk of samples, the P passes' output gradients of a sample are stacked into one
+    (P·o, T) matrix, so one GEMM per sample (and group) makes all its P gradients from the
+    inputs ``inputs(s, e)`` (built once per chunk); the result goes to a reused buffer and is
+    squared (or made absolute) and summed while it is still in cache.
     """
-    n, g, o, T = G.shape
-    i = A.shape[2]
+    P, n, g, o, T = G.shape
+    per_sample = g * (P * o * i + T * i + (P * o * T if P > 1 else 0))
+    step = chunk_size(per_sample, budget_bytes, n, working_set=True)
+    total = torch.zeros(g, o * i, device=G.device, dtype=G.dtype)
+    buf = torch.empty(step * g, P * o, i, device=G.device, dtype=G.dtype)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        c = e - s
+        A = inputs(s, e).reshape(c * g, T, i)
+        out = buf[:c * g]
+        torch.bmm(G[:, s:e].permute(1, 2, 0, 3, 4).reshape(c * g, P * o, T), A, out=out)
+        if g == 1:
+            _add_stat_rows(total[0], out.view(c * P, o * i), stat)
+        else:
+            prod = out.view(c, g, P, o * i)
+            total += (prod.square_() if stat == "sq" else prod.abs_()).sum((0, 2))
+    return total.view(g, o, i)
+
+
+def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
+    """Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂W) with ∂ℓₙ⁽ᵖ⁾/∂W = Gₚₙ Aₙ per group (the weight gradient of a linear map).
+
+    ``G``: (P, n, g, o, T) output gradients of P passes (views are fine); ``inputs(s, e)``: the
+    inputs (e − s, g, T, i) of samples s..e−1, T positions per sample. Picks the cheapest exact
+    formula: T = 1 outer-product identity (f multiplicative: x², |x|); f = x² and
+    T ≤ :data:`PAIRWISE_MAX_POSITIONS` position pairs; otherwise materialised per-sample
+    gradients in cache-sized chunks. Returns (g, o, i) in G's (accumulation) dtype.
+    """
+    P, n, g, o, T = G.shape
     f = stat_fn(stat)
     if T == 1:
-        return _outer_stat(G[..., 0], A[..., 0], f)
+        return torch.einsum("ngo,ngi->goi", f(G[..., 0]).sum(0), f(inputs(0, n)[:, :, 0]))
     if stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
-        step = chunk_size(g * (o + i) * T * (T + 1) // 2, budget_bytes, n)
-        parts = (_pairwise_sq_stat(G[s:s + step], A[s:s + step]) for s in range(0, n, step))
-    else:
-        step = chunk_size(g * o * i, budget_bytes, n, working_set=True)
-        parts = (_materialised_stat(G[s:s + step], A[s:s + step], stat) for s in range(0, n, step))
-    total = next(parts)
-    for part in parts:
-        total += part
-    return total
+        step = chunk_size(g * ((P + 1) * o + i) * T * (T + 1) // 2, budget_bytes, n)
+        total = None
+        for s in range(0, n, step):
+            part = _pairwise_sq_stat(G[:, s:s + step], inputs(s, min(n, s + step)))
+            total = part if total is None else total.add_(part)
+        return total
+    return _materialised_stat(G, inputs, i, stat, budget_bytes)
 
 
 class Rule:
@@ -134,7 +160,8 @@ class Rule:
         return _is_plain(module, self.base) and _only_weight_bias(module)
 
     def grad_stat(self, module, calls, stat: str, budget_bytes: int) -> dict[str, torch.Tensor]:
-        """``calls``: list of (input, grad_output) pairs → {"weight": Σₙ f(g), "bias": ...}."""
+        """``calls``: list of (input (B, …), grad_output (P, B, …)) pairs, one per call of the layer,
+        the output gradients of P passes stacked on axis 0 → {"weight": Σₙ Σₚ f(g), "bias": ...}."""
         raise NotImplementedError
 
     def signal(self, module, inp: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,8 +173,9 @@ class LinearRule(Rule):
     """``y = W a + b`` on inputs (B, d_in) or (B, …, d_in).
 
     Per sample: ∂ℓₙ/∂W = Σ_t gₙₜ aₙₜᵀ, ∂ℓₙ/∂b = Σ_t gₙₜ. One position (B, d): the outer-product
-    identity Σₙ(gₙaₙᵀ)² = (G∘G)ᵀ(A∘A), Σₙ|gₙaₙᵀ| = |G|ᵀ|A| (no per-sample tensor). Several
-    positions: per-sample Gₙᵀ Aₙ by batched matmul in chunks bounded by the memory budget.
+    identity Σₙ(gₙaₙᵀ)² = (G∘G)ᵀ(A∘A), Σₙ|gₙaₙᵀ| = |G|ᵀ|A| (no per-sample tensor; several passes
+    are summed on the G side first). Several positions: per-sample Gₙᵀ Aₙ by batched matmul in
+    cache-sized chunks, squared while in cache (see :func:`weight_stat`).
 
     Signal: weight w_ji → |w_ji|·Σₙ Σ_t |aₙₜᵢ| (input units × weight units); bias b_j →
     Σₙ Σ_t |yₙₜⱼ| (the layer's pre-activation output, output units).
@@ -157,13 +185,14 @@ class LinearRule(Rule):
 
     def grad_stat(self, module, calls, stat, budget_bytes):
         f = stat_fn(stat)
-        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
-        G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])
+        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a, _ in calls])  # (B, T, i)
+        G = _cat_positions([wide(g).reshape(*g.shape[:2], -1, module.out_features) for _, g in calls], 2)  # (P, B, T, o)
         out: dict[str, torch.Tensor] = {}
         if module.weight.requires_grad:
-            out["weight"] = weight_stat(G.transpose(1, 2)[:, None], A.transpose(1, 2)[:, None], stat, budget_bytes)[0]
+            out["weight"] = weight_stat(G.transpose(2, 3).unsqueeze(2), lambda s, e: A[s:e].unsqueeze(1),
+                                        module.in_features, stat, budget_bytes)[0]
         if module.bias is not None:
-            out["bias"] = f(G.sum(1)).sum(0)
+            out["bias"] = f(G.sum(2)).sum((0, 1))
         return out
 
     def signal(self, module, inp, out):
@@ -176,8 +205,10 @@ class LinearRule(Rule):
 
 class ConvRule(Rule):
     """Conv1d/Conv2d with any stride, padding (incl. "same" and non-zero padding modes), dilation
-    and groups, through ``unfold``: with patches Pₙ (C_in·k, L) and output gradient Gₙ (C_out, L),
-    per group: ∂ℓₙ/∂W = Gₙ Pₙᵀ, computed for chunks of samples by batched matmul; bias Σ_L Gₙ.
+    and groups: with input patches Pₙ (L, k·C_in) and output gradient Gₙ (C_out, L), per group
+    ∂ℓₙ/∂W = Gₙ Pₙ; bias Σ_L Gₙ. The patches are built for one cache-sized chunk of samples at a
+    time, from a channels-last copy of the chunk's input (contiguous runs of C_in values, unlike
+    ``unfold``), and the per-sample products are squared while in cache (see :func:`weight_stat`).
 
     Signal (generalisation of the paper's linear-layer rule): weight w[o,c,kh,kw] →
     |w[o,c,kh,kw]|·Σₙ Σ_positions |patch value at (c,kh,kw)| — the column sums of |unfold(x)|
@@ -196,41 +227,50 @@ class ConvRule(Rule):
             return (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
         return tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
 
-    def patches(self, module, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in·kh·kw, L) input patches as seen by the convolution (padding applied)."""
+    def _padded(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it: padding applied, Conv1d as a 2-d input (B, C, 1, W)."""
         pads = getattr(module, "_reversed_padding_repeated_twice", None)
         if pads is None:
             pads = [p for p in reversed(module.padding) for _ in range(2)]
         if any(pads):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, list(pads), mode=mode)
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
+        return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+
+    def patches(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in·kh·kw, L) input patches as seen by the convolution (padding applied)."""
         kernel, stride, dilation = self._geometry(module)
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        return F.unfold(self._padded(module, x), kernel, dilation=dilation, stride=stride)
+
+    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
+        in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
+        x = self._padded(module, x)
+        (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
+        n, c, h, w = x.shape
+        g = module.groups
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        s_n, s_h, s_w, _ = xc.stride()
+        view = xc.as_strided((n, oh, ow, kh, kw, g, c // g), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, c // g, 1),
+                             xc.storage_offset())
+        return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
 
     def grad_stat(self, module, calls, stat, budget_bytes):
         f = stat_fn(stat)
         c_out, g = module.out_channels, module.groups
-        ik = module.in_channels // g * math.prod(module.kernel_size)
-        batch = calls[0][0].shape[0]
-        positions = sum(math.prod(gr.shape[2:]) for _, gr in calls)
-        step = chunk_size(positions * (module.in_channels * math.prod(module.kernel_size) + c_out), budget_bytes, batch)
-        dtype = wide_dtype(calls[0][1].dtype)
-        weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device, dtype=dtype)
-        bias = torch.zeros(c_out, device=weight.device, dtype=dtype)
-        for s in range(0, batch, step):
-            P = _cat_positions([self.patches(module, wide(a[s:s + step])) for a, _ in calls], 2)
-            G = _cat_positions([wide(gr[s:s + step]).reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
-            n, L = P.shape[0], P.shape[-1]
-            if module.weight.requires_grad:
-                weight += weight_stat(G.reshape(n, g, c_out // g, L), P.reshape(n, g, ik, L), stat, budget_bytes)
-            bias += f(G.sum(-1)).sum(0)
+        (kh, kw), _, _ = self._geometry(module)
+        passes, batch = calls[0][1].shape[:2]
+        G = _cat_positions([wide(gr).reshape(passes, batch, g, c_out // g, -1) for _, gr in calls], 4)  # (P, B, g, o/g, L)
         out = {}
         if module.weight.requires_grad:
-            out["weight"] = weight.reshape(module.weight.shape)
+            def inputs(s, e):
+                return _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a, _ in calls], 2)
+
+            w = weight_stat(G, inputs, module.in_channels // g * kh * kw, stat, budget_bytes)  # (g, o/g, kh·kw·C/g)
+            out["weight"] = w.reshape(g, c_out // g, kh, kw, -1).permute(0, 1, 4, 2, 3).reshape(module.weight.shape)
         if module.bias is not None:
-            out["bias"] = bias
+            out["bias"] = f(G.sum(-1)).sum((0, 1)).reshape(c_out)
         return out
 
     def signal(self, module, inp, out):
@@ -247,7 +287,7 @@ class _NormRule(Rule):
     """Affine normalisation ``y = γ·x̂ + β`` where x̂ is recomputed from the saved input.
 
     Per sample: ∂ℓₙ/∂γ = Σ_positions Gₙ·x̂ₙ, ∂ℓₙ/∂β = Σ_positions Gₙ (materialised: only
-    B × #features values). Signal (the linear rule applied to the diagonal map x̂ ↦ γ·x̂):
+    P × B × #features values). Signal (the linear rule applied to the diagonal map x̂ ↦ γ·x̂):
     γ → |γ|·Σₙ Σ_positions |x̂| (x̂ is unitless), β → Σₙ Σ_positions |y| (output units).
     """
 
@@ -259,15 +299,19 @@ class _NormRule(Rule):
         param = module.weight if module.weight is not None else module.bias
         return t.reshape(t.shape[0], param.shape[0], -1).sum(-1)
 
+    def weight_grads(self, module, a: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
+        """Per-sample ∂ℓ/∂γ (P·B, *param_shape) from the input ``a`` (B, …) and ``gr`` (P, B, …)."""
+        return self.per_sample(module, (gr * self.normalized(module, a)).flatten(0, 1))
+
     def grad_stat(self, module, calls, stat, budget_bytes):
         f = stat_fn(stat)
         gw = gb = 0
         for a, gr in calls:
             gr = wide(gr)
             if module.weight is not None and module.weight.requires_grad:
-                gw = gw + self.per_sample(module, gr * self.normalized(module, wide(a)))
+                gw = gw + self.weight_grads(module, wide(a), gr)
             if module.bias is not None:
-                gb = gb + self.per_sample(module, gr)
+                gb = gb + self.per_sample(module, gr.flatten(0, 1))
         out = {}
         if module.weight is not None and module.weight.requires_grad:
             out["weight"] = f(gw).sum(0)
@@ -301,7 +345,10 @@ class LayerNormRule(_NormRule):
 class BatchNormRule(_NormRule):
     """BatchNorm1d/2d/3d in eval mode with running statistics (channel axis 1):
     x̂ = (x − running_mean)/√(running_var + ε). Without running statistics BatchNorm mixes the
-    samples of a batch; the engine then uses its per-sample fallback for the whole model."""
+    samples of a batch; the engine then uses its per-sample fallback for the whole model.
+
+    The per-sample γ gradient Σ_positions Gₙ,c·x̂ₙ,c = (Σ_positions Gₙ,c·(xₙ,c − μ_c))/σ_c is one
+    batched dot product per (sample, channel) on the centred input, without forming x̂·G."""
 
     base = nn.modules.batchnorm._BatchNorm
 
@@ -311,6 +358,14 @@ class BatchNormRule(_NormRule):
 
     def normalized(self, module, x):
         return F.batch_norm(x, wide(module.running_mean), wide(module.running_var), None, None, False, 0.0, module.eps)
+
+    def weight_grads(self, module, a, gr):
+        passes, batch, c = gr.shape[:3]
+        mean, var = wide(module.running_mean).to(a.dtype), wide(module.running_var).to(a.dtype)
+        centred = (a.reshape(batch, c, -1) - mean[:, None]).unsqueeze(-1)  # (B, C, L, 1)
+        G = gr.reshape(passes, batch, c, 1, -1)
+        dots = torch.stack([torch.matmul(G[p], centred)[..., 0, 0] for p in range(passes)])  # (P, B, C)
+        return (dots * torch.rsqrt(var + module.eps)).flatten(0, 1)
 
 
 class GroupNormRule(_NormRule):
@@ -343,9 +398,9 @@ class EmbeddingRule(Rule):
         vocab, dim = module.weight.shape
         keys, rows = [], []
         for idx, gr in calls:
-            batch = idx.shape[0]
-            sample = torch.arange(batch, device=idx.device).reshape(batch, *([1] * (idx.dim() - 1)))
-            keys.append((sample * vocab + idx).reshape(-1))
+            passes, batch = gr.shape[:2]
+            sample = torch.arange(passes * batch, device=idx.device).reshape(passes, batch, *([1] * (idx.dim() - 1)))
+            keys.append((sample * vocab + idx).reshape(-1))  # one "sample" per (pass, sample)
             rows.append(wide(gr).reshape(-1, dim))
         keys, rows = torch.cat(keys), torch.cat(rows)
         if module.padding_idx is not None:
