@@ -1,23 +1,28 @@
-"""Batch engines: one forward pass, hooks, one backward pass, rules, fallback.
+"""Batch engines: one forward pass, hooks, one backward pass per loss pass, rules, fallback.
 
 ``GradEngine`` (fisher, mas): for a batch x (B samples) it
 1. runs the model once with forward hooks on every layer a rule handles (``record_calls``),
-2. forms the logit cotangents V (P, B, K) of the P per-sample loss passes (``output_cotangents``)
-   and back-propagates each V[p] from the logits to the recorded layer outputs (not to the
-   parameters) — row n of an output gradient is sample n's, because the loss is a sum of
-   per-sample terms and eval-mode layers do not mix samples. With several passes (exact-label
-   Fisher: the K columns of the softmax Hessian's symmetric factor) one backward pass carries a
-   group of them at once, vmapped over V (``torch.func.vmap`` of ``autograd.grad``): every
-   backward op then runs once on P·B rows instead of P times on B rows. If the model's backward
-   cannot be vmapped, the passes run one after another (same result),
+2. forms the logit cotangents V (P, B, K) of the P per-sample loss passes (``output_cotangents``;
+   P = 1, or for exact-label Fisher the K columns of the symmetric factor of the softmax
+   Hessian) and back-propagates each V[p] from the logits to the recorded layer outputs (not to
+   the parameters) — row n of an output gradient is sample n's, because the loss is a sum of
+   per-sample terms and eval-mode layers do not mix samples,
 3. hands each (input, output-gradient) pair to the layer's rule from a tensor hook as soon as
-   the gradient exists (so output gradients do not pile up); additive taps serve ViT-style
-   token/position parameters, and the exact ``PerSampleFallback`` gets everything else.
+   the gradient exists (so output gradients do not pile up), and after the last pass lets each
+   rule finish what it summed over the passes (one GEMM per batch for one-position layers);
+   additive taps serve ViT-style token/position parameters, and the exact
+   ``PerSampleFallback`` gets everything else.
 
-Cost: about one forward and one backward pass per batch, the per-sample weight gradients taking
-the place of the usual weight-gradient GEMMs (materialised, when needed, in cache-sized chunks
-and squared there). Memory: one batch's activations plus a budget-bounded chunk of per-sample
-gradients; a group of passes is sized so that its output gradients fit the budget.
+Cost: about one forward pass per batch and one backward pass per loss pass, the per-sample
+weight gradients taking the place of the usual weight-gradient GEMMs (materialised, where
+needed, in cache-sized chunks and squared there). Memory: one batch's activations plus a
+budget-bounded chunk of per-sample gradients.
+
+The K passes of exact-label Fisher run one after another. Running them as one backward pass
+vmapped over V (``torch.func.vmap`` of ``autograd.grad``, hooks unwrapping the batched
+gradients) gives the same numbers but was slower on CPU (torch 2.14): 1.3× on the paper CNN
+and the ViT, from the layout copies of the batching rules of the conv, batch-norm and attention
+backward ops, and no faster on the MLP once the one-position rules sum over the passes first.
 
 A layer rule is trusted for a parameter only if (a) the parameter belongs to that one module,
 (b) every call of the module this batch had a tensor input/output with B rows and an output
@@ -35,21 +40,15 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import warnings
-
 import torch
 from torch import nn
 
 from cl_tool.errors import IncompatibleError
 from cl_tool.importance.capture import on_forward, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
-from cl_tool.importance.graph import AdditiveTap, GraphIndex, unbatched, without_hooked_ancestors
+from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
 from cl_tool.importance.rules import Rule, rule_for
-
-#: Output gradients of a group of batched passes may be alive this many at a time (per pass,
-#: the size of the largest recorded layer output): the group size is budget // (this × size).
-_LIVE_GRADS = 3
 
 
 @dataclass
@@ -103,25 +102,6 @@ def _check_logits(logits, batch: int) -> torch.Tensor:
     return wide(logits)
 
 
-def _add_to(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in sums:
-        sums[name] += value
-    else:
-        sums[name] = value
-
-
-def _batched_grad(z: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor) -> None:
-    """One backward pass from ``z`` for all rows of ``cotangents`` (P, *z.shape) (hooks fire once)."""
-
-    def one(v):
-        torch.autograd.grad(z, inputs, v, retain_graph=True, allow_unused=True)
-        return v.sum()
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*batching rule.*")
-        torch.func.vmap(one)(cotangents)
-
-
 def _usable(calls, batch: int) -> bool:
     return bool(calls) and all(
         c is not None and c.inp.shape[0] == batch and c.out.dim() > 0 and c.out.shape[0] == batch and c.out.requires_grad
@@ -144,8 +124,6 @@ class GradEngine:
         self.copy: set[nn.Module] = set()
         self.fallback = PerSampleFallback(model, spec, autocast, budget_bytes)
         self.fallback_names: set[str] = set()  # for reporting: parameters that needed the fallback
-        self.batched_passes = True  # several passes in one vmapped backward; off after a failure
-        self.batched_error: Exception | None = None
 
     def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.plan.mixes_samples:
@@ -197,98 +175,75 @@ class GradEngine:
         return ruled, rest
 
     def _backward_passes(self, z, cotangents, ruled, taps, batch: int) -> list[str]:
-        """Back-propagate the P cotangents; add rule and tap statistics; return taps that failed.
+        """Run the P backward passes; add rule and tap statistics; return taps that failed.
 
-        Several passes go through one vmapped backward pass per group (see the module
-        docstring); their statistics are collected apart and added only once all groups
-        succeeded, so that a model whose backward cannot be vmapped is redone pass by pass.
+        Tensor hooks on the recorded layer outputs hand each output gradient to its rule as soon
+        as the backward pass produces it (once all calls of that layer have one), so at most a
+        few output gradients are alive at a time. Autograd is asked only for the outputs without
+        a recorded ancestor and for the tap parameters.
         """
         tap_params = [self.plan.params[n] for n in taps]
         sources = without_hooked_ancestors([c.out for _, cs in ruled for c in cs])
         if not sources and not tap_params:
             return []
-        inputs = sources + tap_params
-        group = self._pass_group(cotangents.shape[0], ruled)
-        if group > 1 and self.batched_passes:
-            sums: dict[str, torch.Tensor] = {}
-            try:
-                failed = self._run_passes(z, cotangents, ruled, taps, batch, inputs, group, sums)
-            except Exception as exc:  # noqa: BLE001 - an op without a vmap rule: redo the passes one by one
-                self.batched_passes, self.batched_error = False, exc
-            else:
-                for n, s in sums.items():
-                    self.sums[n] += s
-                return failed
-        return self._run_passes(z, cotangents, ruled, taps, batch, inputs, 1, self.sums)
-
-    def _pass_group(self, passes: int, ruled) -> int:
-        """Passes per backward pass: all of them, unless their output gradients exceed the budget."""
-        if passes == 1:
-            return 1
-        largest = max((c.out.numel() * c.out.element_size() for _, cs in ruled for c in cs), default=1)
-        return max(1, min(passes, self.budget_bytes // (_LIVE_GRADS * largest)))
-
-    def _run_passes(self, z, cotangents, ruled, taps, batch: int, inputs, group: int, sums) -> list[str]:
-        """Tensor hooks on the recorded layer outputs hand each output gradient to its rule as soon
-        as the backward pass produces it (once all calls of that layer have one), so at most a
-        few output gradients are alive at a time. Autograd is asked only for the outputs without
-        a recorded ancestor and for the tap parameters.
-        """
+        states = [{} for _ in ruled]  # per layer: what its rule sums over the passes
         pending = [[None] * len(cs) for _, cs in ruled]
-        handles = [c.out.register_hook(self._grad_hook(ruled, pending, j, k, sums))
+        handles = [c.out.register_hook(self._grad_hook(ruled, states, pending, j, k))
                    for j, (_, cs) in enumerate(ruled) for k, c in enumerate(cs)]
         tap_sums: dict[str, torch.Tensor] = {}
         failed: set[str] = set()
         for t in taps.values():
             t.attach()
         f = stat_fn(self.spec.stat)
-        passes = cotangents.shape[0]
         try:
-            for s in range(0, passes, group):
-                v = cotangents[s:s + group]
-                if group == 1:
-                    torch.autograd.grad(z, inputs, v[0], retain_graph=s + 1 < passes, allow_unused=True)
-                else:
-                    _batched_grad(z, inputs, v)
-                self._flush(ruled, pending, sums, v.shape[0])
+            passes = cotangents.shape[0]
+            for k in range(passes):
+                torch.autograd.grad(z, sources + tap_params, cotangents[k], retain_graph=k + 1 < passes, allow_unused=True)
+                self._flush(ruled, states, pending)
                 for n, t in taps.items():
                     g = t.take(self.plan.params[n].shape, batch)
                     if g is None:
                         failed.add(n)
                     elif n not in failed:
-                        _add_to(tap_sums, n, f(g).sum(0))
+                        s = f(g).sum(0)
+                        tap_sums[n] = s if n not in tap_sums else tap_sums[n].add_(s)
         finally:
             for h in handles:
                 h.remove()
             for t in taps.values():
                 t.detach()
+        for (rm, cs), state in zip(ruled, states):
+            if state:
+                self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
         for n, s in tap_sums.items():
             if n not in failed:
-                _add_to(sums, n, s)
+                self.sums[n] += s
         return sorted(failed)
 
-    def _grad_hook(self, ruled, pending, j: int, k: int, sums):
+    def _grad_hook(self, ruled, states, pending, j: int, k: int):
         def hook(grad):
-            pending[j][k] = unbatched(grad)
+            pending[j][k] = grad
             if all(g is not None for g in pending[j]):
-                self._apply_rule(ruled[j], pending[j], sums)
+                self._apply_rule(ruled[j], states[j], pending[j])
                 pending[j] = [None] * len(pending[j])
         return hook
 
-    def _flush(self, ruled, pending, sums, passes: int) -> None:
+    def _flush(self, ruled, states, pending) -> None:
         """After a pass: layers with some calls outside the loss's graph (zero gradient there)."""
         for j, grads in enumerate(pending):
             if any(g is not None for g in grads):
                 cs = ruled[j][1]
-                zero = [torch.zeros((passes, *c.out.shape), dtype=c.out.dtype, device=c.out.device) for c in cs]
-                self._apply_rule(ruled[j], [zr if g is None else g for zr, g in zip(zero, grads)], sums)
+                self._apply_rule(ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)])
                 pending[j] = [None] * len(grads)
 
-    def _apply_rule(self, ruled_module, grads, sums) -> None:
+    def _apply_rule(self, ruled_module, state, grads) -> None:
         rm, cs = ruled_module
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
-        for local, s in rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes).items():
-            _add_to(sums, rm.names[local], s)
+        self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
+
+    def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:
+        for local, s in stats.items():
+            self.sums[rm.names[local]] += s
 
     def _add_all_fallback(self, x, y) -> None:
         logits = _check_logits(self.fallback.logits(x), x.shape[0])

@@ -9,7 +9,7 @@ tied, and goes to the exact fallback).
 An *additive tap* handles a parameter whose single use is a broadcasting ``add``/``sub`` or an
 ``expand`` over the batch axis (ViT ``pos_embed`` and ``cls_token``): with G the gradient of the
 summed loss w.r.t. that op's output (B, …), the per-sample gradient is
-∂ℓₙ/∂θ = α·Σ_{broadcast axes} Gₙ (α: the op's scale, ±1 by default), for each pass.
+∂ℓₙ/∂θ = α·Σ_{broadcast axes} Gₙ (α: the op's scale, ±1 by default).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch._C import _functorch
 
 from cl_tool.importance.losses import wide
 
@@ -80,21 +79,6 @@ def without_hooked_ancestors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for t in tensors if t.grad_fn is None or not below[t.grad_fn]]
 
 
-def unbatched(grad: torch.Tensor | None) -> torch.Tensor | None:
-    """A gradient seen by a hook as a plain tensor with the passes on axis 0, (P, B, …).
-
-    In a backward pass run under ``torch.func.vmap`` over P cotangents (the engine's batched
-    passes) hooks see a batched tensor of logical shape (B, …); it is unwrapped here (it must not
-    outlive the hook). A plain gradient is one pass: (1, B, …), a view.
-    """
-    if grad is None:
-        return None
-    if _functorch.is_batchedtensor(grad):
-        bdim = _functorch.maybe_get_bdim(grad)
-        return _functorch.get_unwrapped(grad).movedim(bdim, 0)
-    return grad.unsqueeze(0)
-
-
 def reduce_per_sample(grad: torch.Tensor, shape: torch.Size, batch: int) -> torch.Tensor | None:
     """Per-sample gradient (B, *shape) of a parameter broadcast into ``grad``'s shape (B, …).
 
@@ -143,7 +127,7 @@ class AdditiveTap:
         self.handle = self.node.register_prehook(self._hook)
 
     def _hook(self, grad_outputs):
-        self.grads.append(unbatched(grad_outputs[0]))
+        self.grads.append(grad_outputs[0])
 
     def detach(self) -> None:
         if self.handle is not None:
@@ -151,12 +135,10 @@ class AdditiveTap:
             self.handle = None
 
     def take(self, shape: torch.Size, batch: int) -> torch.Tensor | None:
-        """The per-sample gradients of the last backward pass, (P·B, *shape) (P passes), or None
-        if they cannot be split."""
+        """The per-sample gradient of the last pass, (B, *shape), or None if it cannot be split."""
         if len(self.grads) != 1 or self.grads[0] is None:
             self.grads.clear()
             return None
         grad = self.grads.pop()
-        passes = grad.shape[0]
-        per_sample = reduce_per_sample(grad.flatten(0, 1), shape, passes * batch)
+        per_sample = reduce_per_sample(grad, shape, batch)
         return None if per_sample is None else per_sample * self.scale

@@ -6,9 +6,11 @@ output — into the per-sample statistic summed over the batch, without a loop o
 
     S(θ) = Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
 
-``G`` carries the output gradients of P loss passes at once, stacked on a leading axis
-(P, B, …): P = 1, or the K columns of the softmax Hessian factor for exact-label Fisher (see
-``losses``). Row ``n`` of ``A`` and of each ``G[p]`` belongs to sample ``n`` (the engine checks
+The engine calls ``grad_stat`` once per loss pass p (P = 1, or the K classes of exact-label
+Fisher, see ``losses``) and ``finish`` once after the last pass of a batch: a rule may sum a
+pass-independent factor in ``state`` (a dict per layer and batch) and turn it into the
+statistic once (the one-position outer-product identity needs one GEMM per batch, not per
+pass). Row ``n`` of ``A`` and ``G`` belongs to sample ``n`` (the engine checks dim 0 equals
 the batch size). When a layer is called several times in one forward pass, the calls are concatenated
 along the position (token / spatial) axis: the per-sample gradient of a shared weight is the sum
 over all positions of all calls, which is exactly what the rules compute.
@@ -77,19 +79,16 @@ def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 PAIRWISE_MAX_POSITIONS = 4
 
 
-def _pairwise_sq_stat(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Σₙ Σₚ (Σₜ Gₚₙₜ Aₙₜ)² = Σₙ Σ_{t≤t'} c_tt' (Σₚ Gₚₙₜ∘Gₚₙₜ')(Aₙₜ∘Aₙₜ')ᵀ, c = 1 (t = t') or 2.
-
-    One GEMM with T(T+1)/2 terms per sample instead of materialising per-sample gradients;
-    faster for few positions. G (P, n, g, o, T), A (n, g, T, i) → (g, o, i).
-    """
-    T = G.shape[-1]
-    first, second = torch.triu_indices(T, T, device=G.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(device=G.device, dtype=G.dtype).reshape(-1, 1, 1, 1)
-    Gt, At = G.movedim(-1, 0), A.movedim(2, 0)  # (T, P, n, g, o), (T, n, g, i)
-    GG = (Gt[first] * Gt[second]).sum(1) * weight
-    AA = At[first] * At[second]
-    return torch.einsum("kngo,kngi->goi", GG, AA)
+def _pair_products(X: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Products of position pairs t ≤ t' of ``X`` (n, g, T, ·) → (T(T+1)/2, n, g, ·), times
+    c_tt' = 1 (t = t') or 2 with ``weighted``."""
+    T = X.shape[2]
+    first, second = torch.triu_indices(T, T, device=X.device)
+    Xt = X.movedim(2, 0)
+    out = Xt[first] * Xt[second]
+    if weighted:
+        out *= torch.where(first == second, 1.0, 2.0).to(device=X.device, dtype=X.dtype).reshape(-1, 1, 1, 1)
+    return out
 
 
 def _add_stat_rows(total: torch.Tensor, prod: torch.Tensor, stat: str) -> None:
@@ -102,53 +101,64 @@ def _add_stat_rows(total: torch.Tensor, prod: torch.Tensor, stat: str) -> None:
 
 
 def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
-    """Σₙ Σₚ f(Gₚₙ Aₙ) from per-sample gradients made by ``bmm`` in cache-sized chunks.
+    """Σₙ f(Gₙ Aₙ) from per-sample gradients made by ``bmm`` in cache-sized chunks.
 
-    For a chunk of samples, the P passes' output gradients of a sample are stacked into one
-    (P·o, T) matrix, so one GEMM per sample (and group) makes all its P gradients from the
-    inputs ``inputs(s, e)`` (built once per chunk); the result goes to a reused buffer and is
-    squared (or made absolute) and summed while it is still in cache.
+    The inputs of a chunk are made once (``inputs(s, e)``), the products go to a reused buffer
+    and are squared (or made absolute) and summed while they are still in cache.
     """
-    P, n, g, o, T = G.shape
-    per_sample = g * (P * o * i + T * i + (P * o * T if P > 1 else 0))
-    step = chunk_size(per_sample, budget_bytes, n, working_set=True)
+    n, g, o, T = G.shape
+    step = chunk_size(g * (o * i + T * i), budget_bytes, n, working_set=True)
     total = torch.zeros(g, o * i, device=G.device, dtype=G.dtype)
-    buf = torch.empty(step * g, P * o, i, device=G.device, dtype=G.dtype)
+    buf = torch.empty(step * g, o, i, device=G.device, dtype=G.dtype)
     for s in range(0, n, step):
         e = min(n, s + step)
-        c = e - s
-        A = inputs(s, e).reshape(c * g, T, i)
-        out = buf[:c * g]
-        torch.bmm(G[:, s:e].permute(1, 2, 0, 3, 4).reshape(c * g, P * o, T), A, out=out)
+        out = buf[:(e - s) * g]
+        torch.bmm(G[s:e].reshape(-1, o, T), inputs(s, e).reshape(-1, T, i), out=out)
         if g == 1:
-            _add_stat_rows(total[0], out.view(c * P, o * i), stat)
+            _add_stat_rows(total[0], out.view(e - s, o * i), stat)
         else:
-            prod = out.view(c, g, P, o * i)
-            total += (prod.square_() if stat == "sq" else prod.abs_()).sum((0, 2))
+            prod = out.view(e - s, g, o * i)
+            total += (prod.square_() if stat == "sq" else prod.abs_()).sum(0)
     return total.view(g, o, i)
 
 
-def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
-    """Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂W) with ∂ℓₙ⁽ᵖ⁾/∂W = Gₚₙ Aₙ per group (the weight gradient of a linear map).
+def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, state: dict, key: str = "weight"):
+    """One pass of Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂W), ∂ℓₙ⁽ᵖ⁾/∂W = Gₙ Aₙ per group (a linear map's weight gradient).
 
-    ``G``: (P, n, g, o, T) output gradients of P passes (views are fine); ``inputs(s, e)``: the
+    ``G``: (n, g, o, T) output gradients of this pass (views are fine); ``inputs(s, e)``: the
     inputs (e − s, g, T, i) of samples s..e−1, T positions per sample. Picks the cheapest exact
-    formula: T = 1 outer-product identity (f multiplicative: x², |x|); f = x² and
-    T ≤ :data:`PAIRWISE_MAX_POSITIONS` position pairs; otherwise materialised per-sample
-    gradients in cache-sized chunks. Returns (g, o, i) in G's (accumulation) dtype.
+    formula. T = 1: the outer-product identity Σₙ f(gₙaₙᵀ) = Σₙ f(gₙ) f(aₙ)ᵀ (f = x², |x|);
+    f = x² and T ≤ :data:`PAIRWISE_MAX_POSITIONS`: Σₙ (Σₜ gₙₜaₙₜᵀ)² = Σₙ Σ_{t≤t'} c_tt'
+    (gₙₜ∘gₙₜ')(aₙₜ∘aₙₜ')ᵀ. Both are linear in a G-only factor, so over several passes the factor
+    is summed in ``state[key]`` and one GEMM per batch finishes it (:func:`finish_weight_stat`);
+    this pass then returns None. Otherwise the per-sample gradients are materialised in
+    cache-sized chunks and the pass's (g, o, i) sum is returned (in G's accumulation dtype).
     """
-    P, n, g, o, T = G.shape
-    f = stat_fn(stat)
+    T = G.shape[-1]
     if T == 1:
-        return torch.einsum("ngo,ngi->goi", f(G[..., 0]).sum(0), f(inputs(0, n)[:, :, 0]))
-    if stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
-        step = chunk_size(g * ((P + 1) * o + i) * T * (T + 1) // 2, budget_bytes, n)
-        total = None
-        for s in range(0, n, step):
-            part = _pairwise_sq_stat(G[:, s:s + step], inputs(s, min(n, s + step)))
-            total = part if total is None else total.add_(part)
-        return total
-    return _materialised_stat(G, inputs, i, stat, budget_bytes)
+        factor = stat_fn(stat)(G[..., 0])  # (n, g, o)
+    elif stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
+        factor = _pair_products(G.transpose(2, 3), weighted=True)  # (K, n, g, o)
+    else:
+        return _materialised_stat(G, inputs, i, stat, budget_bytes)
+    if key in state:
+        state[key] += factor
+    else:
+        state[key] = factor
+    return None
+
+
+def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
+    """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes."""
+    if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ
+        return torch.einsum("ngo,ngi->goi", factor, stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]))
+    k, n, g, o = factor.shape
+    total = None
+    step = chunk_size(k * g * i, budget_bytes, n)
+    for s in range(0, n, step):
+        part = torch.einsum("kngo,kngi->goi", factor[:, s:s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False))
+        total = part if total is None else total.add_(part)
+    return total
 
 
 class Rule:
@@ -159,10 +169,14 @@ class Rule:
     def accepts(self, module: nn.Module) -> bool:
         return _is_plain(module, self.base) and _only_weight_bias(module)
 
-    def grad_stat(self, module, calls, stat: str, budget_bytes: int) -> dict[str, torch.Tensor]:
-        """``calls``: list of (input (B, …), grad_output (P, B, …)) pairs, one per call of the layer,
-        the output gradients of P passes stacked on axis 0 → {"weight": Σₙ Σₚ f(g), "bias": ...}."""
+    def grad_stat(self, module, calls, stat: str, budget_bytes: int, state: dict) -> dict[str, torch.Tensor]:
+        """One pass. ``calls``: list of (input, grad_output) pairs → {"weight": Σₙ f(g), "bias": ...}
+        for what is complete after this pass; partial sums for :meth:`finish` may go to ``state``."""
         raise NotImplementedError
+
+    def finish(self, module, inputs: list[torch.Tensor], stat: str, budget_bytes: int, state: dict) -> dict[str, torch.Tensor]:
+        """After the last pass of a batch: the statistics summed in ``state`` (``inputs``: the calls' inputs)."""
+        return {}
 
     def signal(self, module, inp: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
         """Contribution of one call to the signal statistic."""
@@ -174,8 +188,8 @@ class LinearRule(Rule):
 
     Per sample: ∂ℓₙ/∂W = Σ_t gₙₜ aₙₜᵀ, ∂ℓₙ/∂b = Σ_t gₙₜ. One position (B, d): the outer-product
     identity Σₙ(gₙaₙᵀ)² = (G∘G)ᵀ(A∘A), Σₙ|gₙaₙᵀ| = |G|ᵀ|A| (no per-sample tensor; several passes
-    are summed on the G side first). Several positions: per-sample Gₙᵀ Aₙ by batched matmul in
-    cache-sized chunks, squared while in cache (see :func:`weight_stat`).
+    are summed on the G side first, one GEMM per batch). Several positions: per-sample Gₙᵀ Aₙ by
+    batched matmul in cache-sized chunks, squared while in cache (see :func:`weight_stat`).
 
     Signal: weight w_ji → |w_ji|·Σₙ Σ_t |aₙₜᵢ| (input units × weight units); bias b_j →
     Σₙ Σ_t |yₙₜⱼ| (the layer's pre-activation output, output units).
@@ -183,17 +197,29 @@ class LinearRule(Rule):
 
     base = nn.Linear
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    @staticmethod
+    def _inputs(module, inputs):
+        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a in inputs])  # (B, T, i)
+        return lambda s, e: A[s:e].unsqueeze(1)
+
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
-        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a, _ in calls])  # (B, T, i)
-        G = _cat_positions([wide(g).reshape(*g.shape[:2], -1, module.out_features) for _, g in calls], 2)  # (P, B, T, o)
+        G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])  # (B, T, o)
         out: dict[str, torch.Tensor] = {}
         if module.weight.requires_grad:
-            out["weight"] = weight_stat(G.transpose(2, 3).unsqueeze(2), lambda s, e: A[s:e].unsqueeze(1),
-                                        module.in_features, stat, budget_bytes)[0]
+            w = weight_stat(G.transpose(1, 2).unsqueeze(1), self._inputs(module, [a for a, _ in calls]),
+                            module.in_features, stat, budget_bytes, state)
+            if w is not None:
+                out["weight"] = w[0]
         if module.bias is not None:
-            out["bias"] = f(G.sum(2)).sum((0, 1))
+            out["bias"] = f(G.sum(1)).sum(0)
         return out
+
+    def finish(self, module, inputs, stat, budget_bytes, state):
+        if "weight" not in state:
+            return {}
+        w = finish_weight_stat(state["weight"], self._inputs(module, inputs), module.in_features, stat, budget_bytes)
+        return {"weight": w[0]}
 
     def signal(self, module, inp, out):
         a = wide(inp).abs().reshape(-1, module.in_features).sum(0)
@@ -256,22 +282,37 @@ class ConvRule(Rule):
                              xc.storage_offset())
         return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def _inputs(self, module, inputs):
+        return lambda s, e: _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a in inputs], 2)
+
+    def _weight(self, module, w: torch.Tensor) -> torch.Tensor:
+        """(g, o/g, kh·kw·C/g) in patch order → the weight's shape (o, C/g, kh, kw)."""
+        (kh, kw), _, _ = self._geometry(module)
+        g = module.groups
+        return w.reshape(g, module.out_channels // g, kh, kw, -1).permute(0, 1, 4, 2, 3).reshape(module.weight.shape)
+
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         c_out, g = module.out_channels, module.groups
         (kh, kw), _, _ = self._geometry(module)
-        passes, batch = calls[0][1].shape[:2]
-        G = _cat_positions([wide(gr).reshape(passes, batch, g, c_out // g, -1) for _, gr in calls], 4)  # (P, B, g, o/g, L)
+        batch = calls[0][1].shape[0]
+        G = _cat_positions([wide(gr).reshape(batch, g, c_out // g, -1) for _, gr in calls], 3)  # (B, g, o/g, L)
         out = {}
         if module.weight.requires_grad:
-            def inputs(s, e):
-                return _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a, _ in calls], 2)
-
-            w = weight_stat(G, inputs, module.in_channels // g * kh * kw, stat, budget_bytes)  # (g, o/g, kh·kw·C/g)
-            out["weight"] = w.reshape(g, c_out // g, kh, kw, -1).permute(0, 1, 4, 2, 3).reshape(module.weight.shape)
+            w = weight_stat(G, self._inputs(module, [a for a, _ in calls]), module.in_channels // g * kh * kw, stat,
+                            budget_bytes, state)
+            if w is not None:
+                out["weight"] = self._weight(module, w)
         if module.bias is not None:
-            out["bias"] = f(G.sum(-1)).sum((0, 1)).reshape(c_out)
+            out["bias"] = f(G.sum(-1)).sum(0).reshape(c_out)
         return out
+
+    def finish(self, module, inputs, stat, budget_bytes, state):
+        if "weight" not in state:
+            return {}
+        (kh, kw), _, _ = self._geometry(module)
+        i = module.in_channels // module.groups * kh * kw
+        return {"weight": self._weight(module, finish_weight_stat(state["weight"], self._inputs(module, inputs), i, stat, budget_bytes))}
 
     def signal(self, module, inp, out):
         g = module.groups
@@ -287,7 +328,7 @@ class _NormRule(Rule):
     """Affine normalisation ``y = γ·x̂ + β`` where x̂ is recomputed from the saved input.
 
     Per sample: ∂ℓₙ/∂γ = Σ_positions Gₙ·x̂ₙ, ∂ℓₙ/∂β = Σ_positions Gₙ (materialised: only
-    P × B × #features values). Signal (the linear rule applied to the diagonal map x̂ ↦ γ·x̂):
+    B × #features values). Signal (the linear rule applied to the diagonal map x̂ ↦ γ·x̂):
     γ → |γ|·Σₙ Σ_positions |x̂| (x̂ is unitless), β → Σₙ Σ_positions |y| (output units).
     """
 
@@ -300,10 +341,10 @@ class _NormRule(Rule):
         return t.reshape(t.shape[0], param.shape[0], -1).sum(-1)
 
     def weight_grads(self, module, a: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
-        """Per-sample ∂ℓ/∂γ (P·B, *param_shape) from the input ``a`` (B, …) and ``gr`` (P, B, …)."""
-        return self.per_sample(module, (gr * self.normalized(module, a)).flatten(0, 1))
+        """Per-sample ∂ℓ/∂γ (B, *param_shape) from the input ``a`` and output gradient ``gr``."""
+        return self.per_sample(module, gr * self.normalized(module, a))
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         gw = gb = 0
         for a, gr in calls:
@@ -311,7 +352,7 @@ class _NormRule(Rule):
             if module.weight is not None and module.weight.requires_grad:
                 gw = gw + self.weight_grads(module, wide(a), gr)
             if module.bias is not None:
-                gb = gb + self.per_sample(module, gr.flatten(0, 1))
+                gb = gb + self.per_sample(module, gr)
         out = {}
         if module.weight is not None and module.weight.requires_grad:
             out["weight"] = f(gw).sum(0)
@@ -360,12 +401,11 @@ class BatchNormRule(_NormRule):
         return F.batch_norm(x, wide(module.running_mean), wide(module.running_var), None, None, False, 0.0, module.eps)
 
     def weight_grads(self, module, a, gr):
-        passes, batch, c = gr.shape[:3]
+        batch, c = gr.shape[:2]
         mean, var = wide(module.running_mean).to(a.dtype), wide(module.running_var).to(a.dtype)
         centred = (a.reshape(batch, c, -1) - mean[:, None]).unsqueeze(-1)  # (B, C, L, 1)
-        G = gr.reshape(passes, batch, c, 1, -1)
-        dots = torch.stack([torch.matmul(G[p], centred)[..., 0, 0] for p in range(passes)])  # (P, B, C)
-        return (dots * torch.rsqrt(var + module.eps)).flatten(0, 1)
+        dots = torch.matmul(gr.reshape(batch, c, 1, -1), centred)[..., 0, 0]  # (B, C): Σ_L G·(x − μ)
+        return dots * torch.rsqrt(var + module.eps)
 
 
 class GroupNormRule(_NormRule):
@@ -393,14 +433,14 @@ class EmbeddingRule(Rule):
     def accepts(self, module):
         return super().accepts(module) and module.max_norm is None and not module.scale_grad_by_freq
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         vocab, dim = module.weight.shape
         keys, rows = [], []
         for idx, gr in calls:
-            passes, batch = gr.shape[:2]
-            sample = torch.arange(passes * batch, device=idx.device).reshape(passes, batch, *([1] * (idx.dim() - 1)))
-            keys.append((sample * vocab + idx).reshape(-1))  # one "sample" per (pass, sample)
+            batch = idx.shape[0]
+            sample = torch.arange(batch, device=idx.device).reshape(batch, *([1] * (idx.dim() - 1)))
+            keys.append((sample * vocab + idx).reshape(-1))
             rows.append(wide(gr).reshape(-1, dim))
         keys, rows = torch.cat(keys), torch.cat(rows)
         if module.padding_idx is not None:
