@@ -350,7 +350,10 @@ class _NormRule(Rule):
         for a, gr in calls:
             gr = wide(gr)
             if module.weight is not None and module.weight.requires_grad:
-                gw = gw + self.weight_grads(module, wide(a), gr)
+                # In cache-sized chunks of samples: the temporaries stay small and in cache.
+                step = chunk_size(2 * a[:1].numel(), budget_bytes, a.shape[0], working_set=True)
+                gw = gw + torch.cat([self.weight_grads(module, wide(a[s:s + step]), gr[s:s + step])
+                                     for s in range(0, a.shape[0], step)])
             if module.bias is not None:
                 gb = gb + self.per_sample(module, gr)
         out = {}
