@@ -31,7 +31,7 @@ FLOAT_BYTES = 4
 #: Target size of one chunk of materialised per-sample gradients (and the inputs that make them):
 #: small enough to stay in the CPU's L2/L3 cache between the GEMM that writes it and the pass that
 #: squares and sums it. A buffer of this size is reused for every chunk of a layer.
-WORKING_SET_BYTES = 2 << 20
+WORKING_SET_BYTES = 4 << 20
 #: Per-sample gradient matrices at least this large are squared and summed one at a time with
 #: ``addcmul_`` (one read of the matrix, the running sum stays in cache); smaller ones in one
 #: ``square_`` + ``sum`` per chunk (fewer calls).
@@ -107,13 +107,17 @@ def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes:
     and are squared (or made absolute) and summed while they are still in cache.
     """
     n, g, o, T = G.shape
-    step = chunk_size(g * (o * i + T * i), budget_bytes, n, working_set=True)
+    per_sample = g * (o * i + T * i)
+    step = chunk_size(per_sample, budget_bytes, n, working_set=True)
+    threads = torch.get_num_threads()  # a multiple of the threads: bmm splits the chunk evenly
+    step = max(step - step % threads, min(threads, chunk_size(per_sample, budget_bytes, n)))
     total = torch.zeros(g, o * i, device=G.device, dtype=G.dtype)
     buf = torch.empty(step * g, o, i, device=G.device, dtype=G.dtype)
+    G = G.reshape(n * g, o, T)
     for s in range(0, n, step):
         e = min(n, s + step)
         out = buf[:(e - s) * g]
-        torch.bmm(G[s:e].reshape(-1, o, T), inputs(s, e).reshape(-1, T, i), out=out)
+        torch.bmm(G[s * g:e * g], inputs(s, e).reshape(-1, T, i), out=out)
         if g == 1:
             _add_stat_rows(total[0], out.view(e - s, o * i), stat)
         else:
