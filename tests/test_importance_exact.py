@@ -213,6 +213,23 @@ def test_exact_label_cotangents_factor_the_softmax_hessian():
         assert torch.allclose(grad, -S[y], atol=1e-14)
 
 
+@pytest.mark.parametrize("method,kw", CASES, ids=CASE_IDS)
+def test_output_cotangents_are_the_logit_gradients_of_the_losses(method, kw):
+    """The closed-form cotangents the engine back-propagates equal autograd of the per-sample
+    losses (up to sign for the exact Fisher, whose passes enter squared)."""
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(5, 7, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    spec = LossSpec(method, **kw)
+    got = output_cotangents(z, targets, spec)
+    losses = per_sample_losses(z, targets, spec)
+    assert got.shape == (losses.shape[1], 5, 7)
+    for k in range(losses.shape[1]):
+        want = torch.autograd.grad(losses[:, k].sum(), z, retain_graph=True)[0]
+        assert torch.allclose(got[k].abs(), want.abs(), atol=1e-14)
+        assert torch.allclose(got[k], want, atol=1e-14) or torch.allclose(got[k], -want, atol=1e-14)
+
+
 def test_chunks_and_threads_do_not_change_results():
     """Chunk sizes (memory budget, working set, a multiple of the torch threads) only regroup
     the same sums."""

@@ -110,18 +110,22 @@ def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpe
 
 
 def output_cotangents(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """∂ℓₙ⁽ᵖ⁾/∂zₙ for every pass: (P, B, K), from float32/64 logits z (B, K); no graph is kept.
+    """∂ℓₙ⁽ᵖ⁾/∂zₙ for every pass: (P, B, K), from float32/64 logits z (B, K), in closed form.
 
-    Back-propagating column p of this from the logits gives the gradients of Σₙ ℓₙ⁽ᵖ⁾. For the
-    exact Fisher these are the K columns sᵧ = √pᵧ·(eᵧ − p) of S (see the module docstring; the
-    sign is irrelevant under a square), computed in closed form; otherwise autograd of
-    :func:`per_sample_losses` (P = 1).
+    Back-propagating row p of this from the logits gives the gradients of Σₙ ℓₙ⁽ᵖ⁾ (the losses
+    of :func:`per_sample_losses`; a test checks these against autograd). With p = softmax(z):
+    Fisher with one label y: p − e_y. Exact Fisher: the K columns sᵧ = √pᵧ·(eᵧ − p) of S (see
+    the module docstring; the sign is irrelevant under a square). MAS on logits: 2z; on the
+    softmax σ: 2σ∘(σ − ‖σ‖²).
     """
     z = logits.detach()
-    if spec.method == "fisher" and spec.fisher_labels == "exact":
+    if spec.method == "fisher":
         p = torch.softmax(z, dim=-1)  # (B, K)
-        eye = torch.eye(z.shape[1], device=z.device, dtype=z.dtype)
-        return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])  # [y, n, k] = √p_ny (δ_yk − p_nk)
-    with torch.enable_grad():
-        z = z.requires_grad_()
-        return torch.autograd.grad(per_sample_losses(z, targets, spec).sum(), z)[0][None]
+        if spec.fisher_labels == "exact":
+            eye = torch.eye(z.shape[1], device=z.device, dtype=z.dtype)
+            return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])  # [y, n, k] = √p_ny (δ_yk − p_nk)
+        return p.scatter_add_(1, targets.reshape(-1, 1), torch.full_like(p[:, :1], -1.0))[None]
+    if spec.mas_output == "logits":
+        return (2 * z)[None]
+    sigma = torch.softmax(z, dim=-1)
+    return (2 * sigma * (sigma - sigma.square().sum(-1, keepdim=True)))[None]

@@ -154,8 +154,8 @@ def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, s
 
 def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
     """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes."""
-    if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ
-        return torch.einsum("ngo,ngi->goi", factor, stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]))
+    if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
+        return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
     k, n, g, o = factor.shape
     total = None
     step = chunk_size(k * g * i, budget_bytes, n)
