@@ -186,9 +186,11 @@ class GradEngine:
         sources = without_hooked_ancestors([c.out for _, cs in ruled for c in cs])
         if not sources and not tap_params:
             return []
+        passes = cotangents.shape[0]
         states = [{} for _ in ruled]  # per layer: what its rule sums over the passes
         pending = [[None] * len(cs) for _, cs in ruled]
-        handles = [c.out.register_hook(self._grad_hook(ruled, states, pending, j, k))
+        last = [passes == 1]  # the running pass is the last one: rules finish at once
+        handles = [c.out.register_hook(self._grad_hook(ruled, states, pending, last, j, k))
                    for j, (_, cs) in enumerate(ruled) for k, c in enumerate(cs)]
         tap_sums: dict[str, torch.Tensor] = {}
         failed: set[str] = set()
@@ -196,10 +198,10 @@ class GradEngine:
             t.attach()
         f = stat_fn(self.spec.stat)
         try:
-            passes = cotangents.shape[0]
             for k in range(passes):
-                torch.autograd.grad(z, sources + tap_params, cotangents[k], retain_graph=k + 1 < passes, allow_unused=True)
-                self._flush(ruled, states, pending)
+                last[0] = k + 1 == passes
+                torch.autograd.grad(z, sources + tap_params, cotangents[k], retain_graph=not last[0], allow_unused=True)
+                self._flush(ruled, states, pending, last[0])
                 for n, t in taps.items():
                     g = t.take(self.plan.params[n].shape, batch)
                     if g is None:
@@ -212,34 +214,42 @@ class GradEngine:
                 h.remove()
             for t in taps.values():
                 t.detach()
-        for (rm, cs), state in zip(ruled, states):
-            if state:
-                self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
+        for j, state in enumerate(states):
+            if state:  # (layers finish in their last pass's hook; this is only a safety net)
+                self._finish(ruled[j], state)
         for n, s in tap_sums.items():
             if n not in failed:
                 self.sums[n] += s
         return sorted(failed)
 
-    def _grad_hook(self, ruled, states, pending, j: int, k: int):
+    def _grad_hook(self, ruled, states, pending, last, j: int, k: int):
         def hook(grad):
             pending[j][k] = grad
             if all(g is not None for g in pending[j]):
-                self._apply_rule(ruled[j], states[j], pending[j])
+                self._apply_rule(ruled[j], states[j], pending[j], last[0])
                 pending[j] = [None] * len(pending[j])
         return hook
 
-    def _flush(self, ruled, states, pending) -> None:
+    def _flush(self, ruled, states, pending, last: bool) -> None:
         """After a pass: layers with some calls outside the loss's graph (zero gradient there)."""
         for j, grads in enumerate(pending):
             if any(g is not None for g in grads):
                 cs = ruled[j][1]
-                self._apply_rule(ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)])
+                self._apply_rule(ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)], last)
                 pending[j] = [None] * len(grads)
 
-    def _apply_rule(self, ruled_module, state, grads) -> None:
+    def _apply_rule(self, ruled_module, state, grads, last: bool) -> None:
         rm, cs = ruled_module
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
         self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
+        if last and state:
+            self._finish(ruled_module, state)
+
+    def _finish(self, ruled_module, state: dict) -> None:
+        """What the rule summed over the passes, turned into statistics; ``state`` is emptied."""
+        rm, cs = ruled_module
+        self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
+        state.clear()
 
     def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:
         for local, s in stats.items():
