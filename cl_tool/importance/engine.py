@@ -8,7 +8,7 @@
    the parameters) — row n of an output gradient is sample n's, because the loss is a sum of
    per-sample terms and eval-mode layers do not mix samples,
 3. hands each (input, output-gradient) pair to the layer's rule from a tensor hook as soon as
-   the gradient exists (so output gradients do not pile up), and after the last pass lets each
+   the gradient exists (so output gradients do not pile up), and in the last pass lets each
    rule finish what it summed over the passes (one GEMM per batch for one-position layers);
    additive taps serve ViT-style token/position parameters, and the exact
    ``PerSampleFallback`` gets everything else.
