@@ -14,7 +14,7 @@ from torch import nn
 from cl_tool.importance import importance_sums
 from cl_tool.importance.engine import GradEngine
 from cl_tool.importance.fallback import PerSampleFallback
-from cl_tool.importance.losses import LossSpec
+from cl_tool.importance.losses import LossSpec, output_cotangents, per_sample_losses
 from cl_tool.importance.reference import naive_sums
 from cl_tool.models import ModelSpec, build_model
 
@@ -167,19 +167,102 @@ CONVS = {
     "same-even-kernel": lambda: nn.Conv2d(2, 3, (2, 4), padding="same", bias=False),
     "circular-rect": lambda: nn.Conv2d(2, 4, (3, 1), stride=(1, 2), padding=(1, 0), padding_mode="circular"),
     "one-position": lambda: nn.Conv2d(2, 3, 9),
+    "four-positions-groups": lambda: nn.Conv2d(2, 4, 5, stride=4, groups=2),  # position pairs (T <= 4)
     "depthwise": lambda: nn.Conv2d(2, 4, 3, groups=2, padding=1),
 }
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", list(CONVS))
-@pytest.mark.parametrize("method,kw", [CASES[0], CASES[3]], ids=["fisher", "mas"])
+@pytest.mark.parametrize("method,kw", [CASES[0], CASES[2], CASES[3]], ids=["fisher", "fisher-exact", "mas"])
 def test_conv2d_configurations(name, method, kw):
     torch.manual_seed(0)
     model = conv_net(CONVS[name]())
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(4, 2, 9, 9, generator=gen), torch.randint(0, 10, (4,), generator=gen))]
     assert compare(model, batches, method, **kw) < TOL
+
+
+@pytest.mark.parametrize("method,kw", [CASES[0], CASES[2]], ids=["fisher", "fisher-exact"])
+def test_channels_last_inputs(method, kw):
+    """Patches are built from a channels-last view; inputs and gradients that already are
+    channels-last (strided differently) give the same result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(),
+                          nn.Conv2d(4, 3, 3, padding=1), nn.Tanh(), Head(3 * 4 * 4)).to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert compare(model, [(x, torch.randint(0, 10, (4,), generator=gen))], method, **kw) < TOL
+
+
+def test_exact_label_cotangents_factor_the_softmax_hessian():
+    """The K exact-label cotangents are the columns of S with S Sᵀ = diag(p) − ppᵀ, and equal (up
+    to sign) the logit gradients of the K per-pass losses √p_y·(−log p_y) (√p detached)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 7, generator=gen, dtype=torch.float64) * 3
+    spec = LossSpec("fisher", "exact")
+    S = output_cotangents(z, torch.zeros(5, dtype=torch.int64), spec)  # (K, B, K)
+    assert S.shape == (7, 5, 7)
+    p = torch.softmax(z, -1)
+    hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert torch.allclose(torch.einsum("ynk,ynl->nkl", S, S), hessian, atol=1e-14)
+    zz = z.clone().requires_grad_()
+    losses = per_sample_losses(zz, torch.zeros(5, dtype=torch.int64), spec)
+    for y in range(7):
+        grad = torch.autograd.grad(losses[:, y].sum(), zz, retain_graph=True)[0]
+        assert torch.allclose(grad, -S[y], atol=1e-14)
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=CASE_IDS)
+def test_output_cotangents_are_the_logit_gradients_of_the_losses(method, kw):
+    """The closed-form cotangents the engine back-propagates equal autograd of the per-sample
+    losses (up to sign for the exact Fisher, whose passes enter squared)."""
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(5, 7, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    spec = LossSpec(method, **kw)
+    got = output_cotangents(z, targets, spec)
+    losses = per_sample_losses(z, targets, spec)
+    assert got.shape == (losses.shape[1], 5, 7)
+    for k in range(losses.shape[1]):
+        want = torch.autograd.grad(losses[:, k].sum(), z, retain_graph=True)[0]
+        assert torch.allclose(got[k].abs(), want.abs(), atol=1e-14)
+        assert torch.allclose(got[k], want, atol=1e-14) or torch.allclose(got[k], -want, atol=1e-14)
+
+
+def test_chunks_and_threads_do_not_change_results():
+    """Chunk sizes (memory budget, working set, a multiple of the torch threads) only regroup
+    the same sums."""
+    model = tiny("cnn")
+    batches = image_batches((5,))
+    a, _ = importance_sums(model, batches, "fisher", fisher_labels="exact")
+    torch.set_num_threads(2)
+    b, _ = importance_sums(model, batches, "fisher", fisher_labels="exact", memory_budget_mb=0.01)
+    assert max_rel_err(b, a) < 1e-5
+
+
+def test_exact_labels_equal_backpack_diag_ggn_exact():
+    """Independent check of the exact-label Fisher: BackPACK's DiagGGNExact of the summed
+    cross-entropy is Σₙ diag(Jₙᵀ Hₙ Jₙ), the same quantity (optional dependency)."""
+    pytest.importorskip("backpack")
+    import copy
+    import warnings
+
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    for arch in ("mlp", "cnn"):
+        model = tiny(arch).eval()
+        seq = copy.deepcopy(model)
+        seq = seq.net if arch == "mlp" else nn.Sequential(*seq.features, nn.Flatten(), seq.classifier)
+        bp_model = extend(seq).eval()
+        x, y = image_batches((6,))[0]
+        with warnings.catch_warnings(), backpack(DiagGGNExact()):
+            warnings.simplefilter("ignore")  # BackPACK's full backward hooks on a first layer whose input needs no grad
+            extend(nn.CrossEntropyLoss(reduction="sum"))(bp_model(x), y).backward()
+        want = {n: p.diag_ggn_exact.detach().clone() for (n, _), p in zip(model.named_parameters(), bp_model.parameters())}
+        got, _ = importance_sums(model, [(x, y)], "fisher", fisher_labels="exact")
+        assert max_rel_err(got, want) < TOL
 
 
 def test_conv1d_and_norm_layers():

@@ -2,16 +2,27 @@
 
 ``GradEngine`` (fisher, mas): for a batch x (B samples) it
 1. runs the model once with forward hooks on every layer a rule handles (``record_calls``),
-2. forms the per-sample losses ℓ (B, P) and, for each pass k, back-propagates Σₙ ℓₙ⁽ᵏ⁾ to the
-   recorded layer outputs (not to the parameters) — row n of an output gradient is sample n's,
-   because the loss is a sum of per-sample terms and eval-mode layers do not mix samples,
+2. forms the logit cotangents V (P, B, K) of the P per-sample loss passes (``output_cotangents``;
+   P = 1, or for exact-label Fisher the K columns of the symmetric factor of the softmax
+   Hessian) and back-propagates each V[p] from the logits to the recorded layer outputs (not to
+   the parameters) — row n of an output gradient is sample n's, because the loss is a sum of
+   per-sample terms and eval-mode layers do not mix samples,
 3. hands each (input, output-gradient) pair to the layer's rule from a tensor hook as soon as
-   the gradient exists (so output gradients do not pile up); additive taps serve ViT-style
-   token/position parameters, and the exact ``PerSampleFallback`` gets everything else.
+   the gradient exists (so output gradients do not pile up), and in the last pass lets each
+   rule finish what it summed over the passes (one GEMM per batch for one-position layers);
+   additive taps serve ViT-style token/position parameters, and the exact
+   ``PerSampleFallback`` gets everything else.
 
-Cost: about one forward and one backward pass per batch and loss pass, the per-sample weight
-gradients taking the place of the usual weight-gradient GEMMs. Memory: one batch's
-activations plus a budget-bounded chunk of per-sample gradients.
+Cost: about one forward pass per batch and one backward pass per loss pass, the per-sample
+weight gradients taking the place of the usual weight-gradient GEMMs (materialised, where
+needed, in cache-sized chunks and squared there). Memory: one batch's activations plus a
+budget-bounded chunk of per-sample gradients.
+
+The K passes of exact-label Fisher run one after another. Running them as one backward pass
+vmapped over V (``torch.func.vmap`` of ``autograd.grad``, hooks unwrapping the batched
+gradients) gives the same numbers but was slower on CPU (torch 2.14): 1.3× on the paper CNN
+and the ViT, from the layout copies of the batching rules of the conv, batch-norm and attention
+backward ops, and no faster on the MLP once the one-position rules sum over the passes first.
 
 A layer rule is trusted for a parameter only if (a) the parameter belongs to that one module,
 (b) every call of the module this batch had a tensor input/output with B rows and an output
@@ -36,7 +47,7 @@ from cl_tool.errors import IncompatibleError
 from cl_tool.importance.capture import on_forward, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
-from cl_tool.importance.losses import LossSpec, make_targets, per_sample_losses, wide, wide_dtype
+from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
 from cl_tool.importance.rules import Rule, rule_for
 
 
@@ -120,20 +131,22 @@ class GradEngine:
             return
         batch = x.shape[0]
         calls, logits = self._forward(x)
-        logits = _check_logits(logits, batch)
-        targets = make_targets(logits.detach(), y, self.spec, self.generator)
-        losses = per_sample_losses(logits, targets, self.spec)
-        if not losses.requires_grad:
+        z = _check_logits(logits, batch)
+        targets = make_targets(z.detach(), y, self.spec, self.generator)
+        if not z.requires_grad:
             return
-        graph = GraphIndex(losses.grad_fn)
+        if z.grad_fn is None:
+            z = z.view_as(z)  # logits that are a parameter: give the graph a root node
+        cotangents = output_cotangents(z, targets, self.spec)
+        graph = GraphIndex(z.grad_fn)
         ruled, rest = self._split(calls, graph, batch)
         taps = {n: t for n in rest if (t := AdditiveTap.find(graph.consumers(self.plan.params[n]))) is not None}
         fallback = [n for n in rest if n not in taps]
         del graph
-        failed = self._backward_passes(losses, ruled, taps, batch)
+        failed = self._backward_passes(z, cotangents, ruled, taps, batch)
         fallback += failed
         self.fallback_names.update(fallback)
-        for n, s in self.fallback.stats(fallback, x, targets, losses.shape[1]).items():
+        for n, s in self.fallback.stats(fallback, x, targets, cotangents.shape[0]).items():
             self.sums[n] += s
 
     def _forward(self, x):
@@ -161,7 +174,7 @@ class GradEngine:
         rest = [n for n, p in self.plan.params.items() if n not in covered and graph.consumers(p)]
         return ruled, rest
 
-    def _backward_passes(self, losses, ruled, taps, batch: int) -> list[str]:
+    def _backward_passes(self, z, cotangents, ruled, taps, batch: int) -> list[str]:
         """Run the P backward passes; add rule and tap statistics; return taps that failed.
 
         Tensor hooks on the recorded layer outputs hand each output gradient to its rule as soon
@@ -173,55 +186,73 @@ class GradEngine:
         sources = without_hooked_ancestors([c.out for _, cs in ruled for c in cs])
         if not sources and not tap_params:
             return []
+        passes = cotangents.shape[0]
+        states = [{} for _ in ruled]  # per layer: what its rule sums over the passes
         pending = [[None] * len(cs) for _, cs in ruled]
-        handles = [c.out.register_hook(self._grad_hook(ruled, pending, j, k))
+        last = [passes == 1]  # the running pass is the last one: rules finish at once
+        handles = [c.out.register_hook(self._grad_hook(ruled, states, pending, last, j, k))
                    for j, (_, cs) in enumerate(ruled) for k, c in enumerate(cs)]
-        tap_sums = {n: torch.zeros_like(self.sums[n]) for n in taps}
+        tap_sums: dict[str, torch.Tensor] = {}
         failed: set[str] = set()
         for t in taps.values():
             t.attach()
-        f = torch.square if self.spec.stat == "sq" else torch.abs
+        f = stat_fn(self.spec.stat)
         try:
-            passes = losses.shape[1]
             for k in range(passes):
-                torch.autograd.grad(losses[:, k].sum(), sources + tap_params, retain_graph=k + 1 < passes, allow_unused=True)
-                self._flush(ruled, pending)
+                last[0] = k + 1 == passes
+                torch.autograd.grad(z, sources + tap_params, cotangents[k], retain_graph=not last[0], allow_unused=True)
+                self._flush(ruled, states, pending, last[0])
                 for n, t in taps.items():
                     g = t.take(self.plan.params[n].shape, batch)
                     if g is None:
                         failed.add(n)
                     elif n not in failed:
-                        tap_sums[n] += f(g).sum(0)
+                        s = f(g).sum(0)
+                        tap_sums[n] = s if n not in tap_sums else tap_sums[n].add_(s)
         finally:
             for h in handles:
                 h.remove()
             for t in taps.values():
                 t.detach()
+        for j, state in enumerate(states):
+            if state:  # (layers finish in their last pass's hook; this is only a safety net)
+                self._finish(ruled[j], state)
         for n, s in tap_sums.items():
             if n not in failed:
                 self.sums[n] += s
         return sorted(failed)
 
-    def _grad_hook(self, ruled, pending, j: int, k: int):
+    def _grad_hook(self, ruled, states, pending, last, j: int, k: int):
         def hook(grad):
             pending[j][k] = grad
             if all(g is not None for g in pending[j]):
-                self._apply_rule(ruled[j], pending[j])
+                self._apply_rule(ruled[j], states[j], pending[j], last[0])
                 pending[j] = [None] * len(pending[j])
         return hook
 
-    def _flush(self, ruled, pending) -> None:
+    def _flush(self, ruled, states, pending, last: bool) -> None:
         """After a pass: layers with some calls outside the loss's graph (zero gradient there)."""
         for j, grads in enumerate(pending):
             if any(g is not None for g in grads):
                 cs = ruled[j][1]
-                self._apply_rule(ruled[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)])
+                self._apply_rule(ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)], last)
                 pending[j] = [None] * len(grads)
 
-    def _apply_rule(self, ruled_module, grads) -> None:
+    def _apply_rule(self, ruled_module, state, grads, last: bool) -> None:
         rm, cs = ruled_module
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
-        for local, s in rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes).items():
+        self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
+        if last and state:
+            self._finish(ruled_module, state)
+
+    def _finish(self, ruled_module, state: dict) -> None:
+        """What the rule summed over the passes, turned into statistics; ``state`` is emptied."""
+        rm, cs = ruled_module
+        self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
+        state.clear()
+
+    def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:
+        for local, s in stats.items():
             self.sums[rm.names[local]] += s
 
     def _add_all_fallback(self, x, y) -> None:

@@ -9,6 +9,9 @@ loss ``ℓₙ⁽ᵏ⁾`` (shape ``(B, P)`` for a batch), and a per-element stati
 * ``fisher`` / ``sampled``:   P = 1, the same with yₙ ~ softmax(f(xₙ)) drawn once per batch.
 * ``fisher`` / ``exact``:     P = K (classes), ℓₙ⁽ʸ⁾ = √p(y|xₙ)·(−log p(y|xₙ)) with √p detached, so
   Σ_y (∂ℓₙ⁽ʸ⁾/∂θ)² = Σ_y p(y|xₙ)·gₙ,ᵧ² — the expectation of the squared score under the model.
+  The logit gradients of these K losses are (up to sign) the columns of the symmetric factor
+  S = diag(√p) − p√pᵀ of the softmax cross-entropy Hessian H = diag(p) − ppᵀ = SSᵀ, so the sum
+  is also diag(Jᵀ H J) (J = ∂z/∂θ): the exact GGN diagonal (BackPACK's DiagGGNExact).
 * ``mas``:                    P = 1, ℓₙ = ‖o(xₙ)‖₂² with o = logits or softmax (squared output units).
 
 Fisher statistics are in nats²/parameter-unit², MAS in output-units²/parameter-unit (both per
@@ -103,3 +106,25 @@ def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpe
         return -logp.gather(-1, targets.reshape(-1, 1))
     out = logits if spec.mas_output == "logits" else torch.softmax(logits, dim=-1)
     return out.square().sum(dim=-1, keepdim=True)
+
+
+def output_cotangents(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """∂ℓₙ⁽ᵖ⁾/∂zₙ for every pass: (P, B, K), from float32/64 logits z (B, K), in closed form.
+
+    Back-propagating row p of this from the logits gives the gradients of Σₙ ℓₙ⁽ᵖ⁾ (the losses
+    of :func:`per_sample_losses`; a test checks these against autograd). With p = softmax(z):
+    Fisher with one label y: p − e_y. Exact Fisher: the K columns sᵧ = √pᵧ·(eᵧ − p) of S (see
+    the module docstring; the sign is irrelevant under a square). MAS on logits: 2z; on the
+    softmax σ: 2σ∘(σ − ‖σ‖²).
+    """
+    z = logits.detach()
+    if spec.method == "fisher":
+        p = torch.softmax(z, dim=-1)  # (B, K)
+        if spec.fisher_labels == "exact":
+            eye = torch.eye(z.shape[1], device=z.device, dtype=z.dtype)
+            return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])  # [y, n, k] = √p_ny (δ_yk − p_nk)
+        return p.scatter_add_(1, targets.reshape(-1, 1), torch.full_like(p[:, :1], -1.0))[None]
+    if spec.mas_output == "logits":
+        return (2 * z)[None]
+    sigma = torch.softmax(z, dim=-1)
+    return (2 * sigma * (sigma - sigma.square().sum(-1, keepdim=True)))[None]

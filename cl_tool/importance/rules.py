@@ -4,10 +4,14 @@ Each rule turns what forward/backward hooks saw for one layer — its input ``A`
 call of the layer) and the gradient ``G`` of the *summed* per-sample loss with respect to its
 output — into the per-sample statistic summed over the batch, without a loop over samples:
 
-    S(θ) = Σₙ f(∂ℓₙ/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
+    S(θ) = Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂θ),   f = square ("sq") or abs ("abs"), result in float32 (float64 for a float64 model).
 
-Row ``n`` of ``A`` and ``G`` belongs to sample ``n`` (the engine checks dim 0 equals the batch
-size). When a layer is called several times in one forward pass, the calls are concatenated
+The engine calls ``grad_stat`` once per loss pass p (P = 1, or the K classes of exact-label
+Fisher, see ``losses``) and ``finish`` once after the last pass of a batch: a rule may sum a
+pass-independent factor in ``state`` (a dict per layer and batch) and turn it into the
+statistic once (the one-position outer-product identity needs one GEMM per batch, not per
+pass). Row ``n`` of ``A`` and ``G`` belongs to sample ``n`` (the engine checks dim 0 equals
+the batch size). When a layer is called several times in one forward pass, the calls are concatenated
 along the position (token / spatial) axis: the per-sample gradient of a shared weight is the sum
 over all positions of all calls, which is exactly what the rules compute.
 
@@ -17,8 +21,6 @@ magnitude of a weight times the total absolute input signal that reached it, see
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +28,14 @@ from torch import nn
 from cl_tool.importance.losses import stat_fn, wide, wide_dtype
 
 FLOAT_BYTES = 4
-#: Target size of one chunk of materialised per-sample gradients: small enough to stay in the
-#: CPU caches while it is squared and summed (2-3× faster than one batch-sized tensor).
-WORKING_SET_BYTES = 16 << 20
+#: Target size of one chunk of materialised per-sample gradients (and the inputs that make them):
+#: small enough to stay in the CPU's L2/L3 cache between the GEMM that writes it and the pass that
+#: squares and sums it. A buffer of this size is reused for every chunk of a layer.
+WORKING_SET_BYTES = 4 << 20
+#: Per-sample gradient matrices at least this large are squared and summed one at a time with
+#: ``addcmul_`` (one read of the matrix, the running sum stays in cache); smaller ones in one
+#: ``square_`` + ``sum`` per chunk (fewer calls).
+ROW_LOOP_BYTES = 64 << 10
 
 #: Subclasses that override ``forward`` but compute exactly the base layer's function.
 _EQUIVALENT_SUBCLASSES = {
@@ -68,60 +75,93 @@ def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-#: Up to this many positions per sample, Σₙ(Gₙ Aₙᵀ)² is computed from position pairs by one GEMM.
+#: Up to this many positions per sample, Σₙ(Gₙ Aₙ)² is computed from position pairs by one GEMM.
 PAIRWISE_MAX_POSITIONS = 4
 
 
-def _outer_stat(G: torch.Tensor, A: torch.Tensor, f) -> torch.Tensor:
-    """One position: Σₙ f(gₙ aₙᵀ) = f(G)ᵀ f(A) (f multiplicative: x², |x|). (n,g,o),(n,g,i) → (g,o,i)."""
-    return torch.einsum("ngo,ngi->goi", f(G), f(A))
+def _pair_products(X: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Products of position pairs t ≤ t' of ``X`` (n, g, T, ·) → (T(T+1)/2, n, g, ·), times
+    c_tt' = 1 (t = t') or 2 with ``weighted``."""
+    T = X.shape[2]
+    first, second = torch.triu_indices(T, T, device=X.device)
+    Xt = X.movedim(2, 0)
+    out = Xt[first] * Xt[second]
+    if weighted:
+        out *= torch.where(first == second, 1.0, 2.0).to(device=X.device, dtype=X.dtype).reshape(-1, 1, 1, 1)
+    return out
 
 
-def _pairwise_sq_stat(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Σₙ (Σₜ Gₙₜ Aₙₜᵀ)² = Σₙ Σ_{t≤t'} c_tt' (Gₙₜ∘Gₙₜ')(Aₙₜ∘Aₙₜ')ᵀ, c = 1 (t = t') or 2.
+def _add_stat_rows(total: torch.Tensor, prod: torch.Tensor, stat: str) -> None:
+    """``total`` (X,) += Σ_r f(prod[r]) for ``prod`` (R, X); ``prod`` is overwritten."""
+    if stat == "sq" and prod.shape[1] * prod.element_size() >= ROW_LOOP_BYTES:
+        for row in prod:
+            total.addcmul_(row, row)
+    else:
+        total += (prod.square_() if stat == "sq" else prod.abs_()).sum(0)
 
-    One GEMM with T(T+1)/2 terms per sample instead of materialising per-sample gradients;
-    faster for few positions. (n,g,o,T),(n,g,i,T) → (g,o,i).
+
+def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
+    """Σₙ f(Gₙ Aₙ) from per-sample gradients made by ``bmm`` in cache-sized chunks.
+
+    The inputs of a chunk are made once (``inputs(s, e)``), the products go to a reused buffer
+    and are squared (or made absolute) and summed while they are still in cache.
+    """
+    n, g, o, T = G.shape
+    per_sample = g * (o * i + T * i)
+    step = chunk_size(per_sample, budget_bytes, n, working_set=True)
+    threads = torch.get_num_threads()  # a multiple of the threads: bmm splits the chunk evenly
+    step = max(step - step % threads, min(threads, chunk_size(per_sample, budget_bytes, n)))
+    total = torch.zeros(g, o * i, device=G.device, dtype=G.dtype)
+    buf = torch.empty(step * g, o, i, device=G.device, dtype=G.dtype)
+    G = G.reshape(n * g, o, T)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        out = buf[:(e - s) * g]
+        torch.bmm(G[s * g:e * g], inputs(s, e).reshape(-1, T, i), out=out)
+        if g == 1:
+            _add_stat_rows(total[0], out.view(e - s, o * i), stat)
+        else:
+            prod = out.view(e - s, g, o * i)
+            total += (prod.square_() if stat == "sq" else prod.abs_()).sum(0)
+    return total.view(g, o, i)
+
+
+def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, state: dict, key: str = "weight"):
+    """One pass of Σₙ Σₚ f(∂ℓₙ⁽ᵖ⁾/∂W), ∂ℓₙ⁽ᵖ⁾/∂W = Gₙ Aₙ per group (a linear map's weight gradient).
+
+    ``G``: (n, g, o, T) output gradients of this pass (views are fine); ``inputs(s, e)``: the
+    inputs (e − s, g, T, i) of samples s..e−1, T positions per sample. Picks the cheapest exact
+    formula. T = 1: the outer-product identity Σₙ f(gₙaₙᵀ) = Σₙ f(gₙ) f(aₙ)ᵀ (f = x², |x|);
+    f = x² and T ≤ :data:`PAIRWISE_MAX_POSITIONS`: Σₙ (Σₜ gₙₜaₙₜᵀ)² = Σₙ Σ_{t≤t'} c_tt'
+    (gₙₜ∘gₙₜ')(aₙₜ∘aₙₜ')ᵀ. Both are linear in a G-only factor, so over several passes the factor
+    is summed in ``state[key]`` and one GEMM per batch finishes it (:func:`finish_weight_stat`);
+    this pass then returns None. Otherwise the per-sample gradients are materialised in
+    cache-sized chunks and the pass's (g, o, i) sum is returned (in G's accumulation dtype).
     """
     T = G.shape[-1]
-    G, A = G.movedim(-1, 0).contiguous(), A.movedim(-1, 0).contiguous()  # (T, n, g, ·)
-    first, second = torch.triu_indices(T, T, device=G.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(G.device).reshape(-1, 1, 1, 1)
-    GG = G[first] * G[second] * weight
-    AA = A[first] * A[second]
-    return torch.einsum("kngo,kngi->goi", GG, AA)
-
-
-def _materialised_stat(G: torch.Tensor, A: torch.Tensor, stat: str) -> torch.Tensor:
-    """Σₙ f(Gₙ Aₙᵀ) by ``bmm`` of per-sample gradients (n·g, o, i), then f and a sum over n."""
-    n, g, o, T = G.shape
-    per_sample = torch.bmm(G.reshape(n * g, o, T), A.reshape(n * g, A.shape[2], T).transpose(1, 2))
-    per_sample = per_sample.square_() if stat == "sq" else per_sample.abs_()
-    return per_sample.reshape(n, g, o, -1).sum(0)
-
-
-def weight_stat(G: torch.Tensor, A: torch.Tensor, stat: str, budget_bytes: int) -> torch.Tensor:
-    """Σₙ f(∂ℓₙ/∂W) with ∂ℓₙ/∂W = Gₙ Aₙᵀ per group (the weight gradient of a linear map).
-
-    ``G``: (n, g, o, T) output gradients, ``A``: (n, g, i, T) inputs, T positions per sample
-    (views are fine). Picks the cheapest exact formula: T = 1 outer-product identity; f = x² and
-    T ≤ :data:`PAIRWISE_MAX_POSITIONS` position pairs; otherwise materialised per-sample
-    gradients in cache-sized chunks. Returns float32 (g, o, i).
-    """
-    n, g, o, T = G.shape
-    i = A.shape[2]
-    f = stat_fn(stat)
     if T == 1:
-        return _outer_stat(G[..., 0], A[..., 0], f)
-    if stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
-        step = chunk_size(g * (o + i) * T * (T + 1) // 2, budget_bytes, n)
-        parts = (_pairwise_sq_stat(G[s:s + step], A[s:s + step]) for s in range(0, n, step))
+        factor = stat_fn(stat)(G[..., 0])  # (n, g, o)
+    elif stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
+        factor = _pair_products(G.transpose(2, 3), weighted=True)  # (K, n, g, o)
     else:
-        step = chunk_size(g * o * i, budget_bytes, n, working_set=True)
-        parts = (_materialised_stat(G[s:s + step], A[s:s + step], stat) for s in range(0, n, step))
-    total = next(parts)
-    for part in parts:
-        total += part
+        return _materialised_stat(G, inputs, i, stat, budget_bytes)
+    if key in state:
+        state[key] += factor
+    else:
+        state[key] = factor
+    return None
+
+
+def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
+    """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes."""
+    if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
+        return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
+    k, n, g, o = factor.shape
+    total = None
+    step = chunk_size(k * g * i, budget_bytes, n)
+    for s in range(0, n, step):
+        part = torch.einsum("kngo,kngi->goi", factor[:, s:s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False))
+        total = part if total is None else total.add_(part)
     return total
 
 
@@ -133,9 +173,14 @@ class Rule:
     def accepts(self, module: nn.Module) -> bool:
         return _is_plain(module, self.base) and _only_weight_bias(module)
 
-    def grad_stat(self, module, calls, stat: str, budget_bytes: int) -> dict[str, torch.Tensor]:
-        """``calls``: list of (input, grad_output) pairs → {"weight": Σₙ f(g), "bias": ...}."""
+    def grad_stat(self, module, calls, stat: str, budget_bytes: int, state: dict) -> dict[str, torch.Tensor]:
+        """One pass. ``calls``: list of (input, grad_output) pairs → {"weight": Σₙ f(g), "bias": ...}
+        for what is complete after this pass; partial sums for :meth:`finish` may go to ``state``."""
         raise NotImplementedError
+
+    def finish(self, module, inputs: list[torch.Tensor], stat: str, budget_bytes: int, state: dict) -> dict[str, torch.Tensor]:
+        """After the last pass of a batch: the statistics summed in ``state`` (``inputs``: the calls' inputs)."""
+        return {}
 
     def signal(self, module, inp: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
         """Contribution of one call to the signal statistic."""
@@ -146,8 +191,9 @@ class LinearRule(Rule):
     """``y = W a + b`` on inputs (B, d_in) or (B, …, d_in).
 
     Per sample: ∂ℓₙ/∂W = Σ_t gₙₜ aₙₜᵀ, ∂ℓₙ/∂b = Σ_t gₙₜ. One position (B, d): the outer-product
-    identity Σₙ(gₙaₙᵀ)² = (G∘G)ᵀ(A∘A), Σₙ|gₙaₙᵀ| = |G|ᵀ|A| (no per-sample tensor). Several
-    positions: per-sample Gₙᵀ Aₙ by batched matmul in chunks bounded by the memory budget.
+    identity Σₙ(gₙaₙᵀ)² = (G∘G)ᵀ(A∘A), Σₙ|gₙaₙᵀ| = |G|ᵀ|A| (no per-sample tensor; several passes
+    are summed on the G side first, one GEMM per batch). Several positions: per-sample Gₙᵀ Aₙ by
+    batched matmul in cache-sized chunks, squared while in cache (see :func:`weight_stat`).
 
     Signal: weight w_ji → |w_ji|·Σₙ Σ_t |aₙₜᵢ| (input units × weight units); bias b_j →
     Σₙ Σ_t |yₙₜⱼ| (the layer's pre-activation output, output units).
@@ -155,16 +201,29 @@ class LinearRule(Rule):
 
     base = nn.Linear
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    @staticmethod
+    def _inputs(module, inputs):
+        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a in inputs])  # (B, T, i)
+        return lambda s, e: A[s:e].unsqueeze(1)
+
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
-        A = _cat_positions([wide(a).reshape(a.shape[0], -1, module.in_features) for a, _ in calls])
-        G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])
+        G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])  # (B, T, o)
         out: dict[str, torch.Tensor] = {}
         if module.weight.requires_grad:
-            out["weight"] = weight_stat(G.transpose(1, 2)[:, None], A.transpose(1, 2)[:, None], stat, budget_bytes)[0]
+            w = weight_stat(G.transpose(1, 2).unsqueeze(1), self._inputs(module, [a for a, _ in calls]),
+                            module.in_features, stat, budget_bytes, state)
+            if w is not None:
+                out["weight"] = w[0]
         if module.bias is not None:
             out["bias"] = f(G.sum(1)).sum(0)
         return out
+
+    def finish(self, module, inputs, stat, budget_bytes, state):
+        if "weight" not in state:
+            return {}
+        w = finish_weight_stat(state["weight"], self._inputs(module, inputs), module.in_features, stat, budget_bytes)
+        return {"weight": w[0]}
 
     def signal(self, module, inp, out):
         a = wide(inp).abs().reshape(-1, module.in_features).sum(0)
@@ -176,8 +235,10 @@ class LinearRule(Rule):
 
 class ConvRule(Rule):
     """Conv1d/Conv2d with any stride, padding (incl. "same" and non-zero padding modes), dilation
-    and groups, through ``unfold``: with patches Pₙ (C_in·k, L) and output gradient Gₙ (C_out, L),
-    per group: ∂ℓₙ/∂W = Gₙ Pₙᵀ, computed for chunks of samples by batched matmul; bias Σ_L Gₙ.
+    and groups: with input patches Pₙ (L, k·C_in) and output gradient Gₙ (C_out, L), per group
+    ∂ℓₙ/∂W = Gₙ Pₙ; bias Σ_L Gₙ. The patches are built for one cache-sized chunk of samples at a
+    time, from a channels-last copy of the chunk's input (contiguous runs of C_in values, unlike
+    ``unfold``), and the per-sample products are squared while in cache (see :func:`weight_stat`).
 
     Signal (generalisation of the paper's linear-layer rule): weight w[o,c,kh,kw] →
     |w[o,c,kh,kw]|·Σₙ Σ_positions |patch value at (c,kh,kw)| — the column sums of |unfold(x)|
@@ -196,42 +257,66 @@ class ConvRule(Rule):
             return (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
         return tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
 
-    def patches(self, module, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in·kh·kw, L) input patches as seen by the convolution (padding applied)."""
+    def _padded(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it: padding applied, Conv1d as a 2-d input (B, C, 1, W)."""
         pads = getattr(module, "_reversed_padding_repeated_twice", None)
         if pads is None:
             pads = [p for p in reversed(module.padding) for _ in range(2)]
         if any(pads):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, list(pads), mode=mode)
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
-        kernel, stride, dilation = self._geometry(module)
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def patches(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in·kh·kw, L) input patches as seen by the convolution (padding applied)."""
+        kernel, stride, dilation = self._geometry(module)
+        return F.unfold(self._padded(module, x), kernel, dilation=dilation, stride=stride)
+
+    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
+        in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
+        x = self._padded(module, x)
+        (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
+        n, c, h, w = x.shape
+        g = module.groups
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        s_n, s_h, s_w, _ = xc.stride()
+        view = xc.as_strided((n, oh, ow, kh, kw, g, c // g), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, c // g, 1),
+                             xc.storage_offset())
+        return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
+
+    def _inputs(self, module, inputs):
+        return lambda s, e: _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a in inputs], 2)
+
+    def _weight(self, module, w: torch.Tensor) -> torch.Tensor:
+        """(g, o/g, kh·kw·C/g) in patch order → the weight's shape (o, C/g, kh, kw)."""
+        (kh, kw), _, _ = self._geometry(module)
+        g = module.groups
+        return w.reshape(g, module.out_channels // g, kh, kw, -1).permute(0, 1, 4, 2, 3).reshape(module.weight.shape)
+
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         c_out, g = module.out_channels, module.groups
-        ik = module.in_channels // g * math.prod(module.kernel_size)
-        batch = calls[0][0].shape[0]
-        positions = sum(math.prod(gr.shape[2:]) for _, gr in calls)
-        step = chunk_size(positions * (module.in_channels * math.prod(module.kernel_size) + c_out), budget_bytes, batch)
-        dtype = wide_dtype(calls[0][1].dtype)
-        weight = torch.zeros(g, c_out // g, ik, device=calls[0][1].device, dtype=dtype)
-        bias = torch.zeros(c_out, device=weight.device, dtype=dtype)
-        for s in range(0, batch, step):
-            P = _cat_positions([self.patches(module, wide(a[s:s + step])) for a, _ in calls], 2)
-            G = _cat_positions([wide(gr[s:s + step]).reshape(gr[s:s + step].shape[0], c_out, -1) for _, gr in calls], 2)
-            n, L = P.shape[0], P.shape[-1]
-            if module.weight.requires_grad:
-                weight += weight_stat(G.reshape(n, g, c_out // g, L), P.reshape(n, g, ik, L), stat, budget_bytes)
-            bias += f(G.sum(-1)).sum(0)
+        (kh, kw), _, _ = self._geometry(module)
+        batch = calls[0][1].shape[0]
+        G = _cat_positions([wide(gr).reshape(batch, g, c_out // g, -1) for _, gr in calls], 3)  # (B, g, o/g, L)
         out = {}
         if module.weight.requires_grad:
-            out["weight"] = weight.reshape(module.weight.shape)
+            w = weight_stat(G, self._inputs(module, [a for a, _ in calls]), module.in_channels // g * kh * kw, stat,
+                            budget_bytes, state)
+            if w is not None:
+                out["weight"] = self._weight(module, w)
         if module.bias is not None:
-            out["bias"] = bias
+            out["bias"] = f(G.sum(-1)).sum(0).reshape(c_out)
         return out
+
+    def finish(self, module, inputs, stat, budget_bytes, state):
+        if "weight" not in state:
+            return {}
+        (kh, kw), _, _ = self._geometry(module)
+        i = module.in_channels // module.groups * kh * kw
+        return {"weight": self._weight(module, finish_weight_stat(state["weight"], self._inputs(module, inputs), i, stat, budget_bytes))}
 
     def signal(self, module, inp, out):
         g = module.groups
@@ -259,13 +344,20 @@ class _NormRule(Rule):
         param = module.weight if module.weight is not None else module.bias
         return t.reshape(t.shape[0], param.shape[0], -1).sum(-1)
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def weight_grads(self, module, a: torch.Tensor, gr: torch.Tensor) -> torch.Tensor:
+        """Per-sample ∂ℓ/∂γ (B, *param_shape) from the input ``a`` and output gradient ``gr``."""
+        return self.per_sample(module, gr * self.normalized(module, a))
+
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         gw = gb = 0
         for a, gr in calls:
             gr = wide(gr)
             if module.weight is not None and module.weight.requires_grad:
-                gw = gw + self.per_sample(module, gr * self.normalized(module, wide(a)))
+                # In cache-sized chunks of samples: the temporaries stay small and in cache.
+                step = chunk_size(2 * a[:1].numel(), budget_bytes, a.shape[0], working_set=True)
+                gw = gw + torch.cat([self.weight_grads(module, wide(a[s:s + step]), gr[s:s + step])
+                                     for s in range(0, a.shape[0], step)])
             if module.bias is not None:
                 gb = gb + self.per_sample(module, gr)
         out = {}
@@ -301,7 +393,10 @@ class LayerNormRule(_NormRule):
 class BatchNormRule(_NormRule):
     """BatchNorm1d/2d/3d in eval mode with running statistics (channel axis 1):
     x̂ = (x − running_mean)/√(running_var + ε). Without running statistics BatchNorm mixes the
-    samples of a batch; the engine then uses its per-sample fallback for the whole model."""
+    samples of a batch; the engine then uses its per-sample fallback for the whole model.
+
+    The per-sample γ gradient Σ_positions Gₙ,c·x̂ₙ,c = (Σ_positions Gₙ,c·(xₙ,c − μ_c))/σ_c is one
+    batched dot product per (sample, channel) on the centred input, without forming x̂·G."""
 
     base = nn.modules.batchnorm._BatchNorm
 
@@ -311,6 +406,13 @@ class BatchNormRule(_NormRule):
 
     def normalized(self, module, x):
         return F.batch_norm(x, wide(module.running_mean), wide(module.running_var), None, None, False, 0.0, module.eps)
+
+    def weight_grads(self, module, a, gr):
+        batch, c = gr.shape[:2]
+        mean, var = wide(module.running_mean).to(a.dtype), wide(module.running_var).to(a.dtype)
+        centred = (a.reshape(batch, c, -1) - mean[:, None]).unsqueeze(-1)  # (B, C, L, 1)
+        dots = torch.matmul(gr.reshape(batch, c, 1, -1), centred)[..., 0, 0]  # (B, C): Σ_L G·(x − μ)
+        return dots * torch.rsqrt(var + module.eps)
 
 
 class GroupNormRule(_NormRule):
@@ -338,7 +440,7 @@ class EmbeddingRule(Rule):
     def accepts(self, module):
         return super().accepts(module) and module.max_norm is None and not module.scale_grad_by_freq
 
-    def grad_stat(self, module, calls, stat, budget_bytes):
+    def grad_stat(self, module, calls, stat, budget_bytes, state):
         f = stat_fn(stat)
         vocab, dim = module.weight.shape
         keys, rows = [], []

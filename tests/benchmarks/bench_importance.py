@@ -16,15 +16,30 @@ warm-up): Linux's resettable VmHWM, else the growth of ``getrusage`` max RSS; on
 ``torch.cuda.max_memory_allocated``. The loop may be timed on fewer
 samples (``--loop-samples``); its samples/s is then extrapolated to all samples (marked ``*``).
 
+The ratio exact/batchmean is measured separately, in one process that runs batch-mean and exact
+alternately for ``--repeats`` rounds (so that a machine shared with other work slows both
+alike); it prints the ratio of each round's times, min and median.
+
+Exact labels (``--fisher-labels exact``, Fisher only): for the models of ``--labels-models``
+that BackPACK can extend (the paper MLP and CNN, written as ``nn.Sequential``), cl-tool's
+exact-label Fisher sums against BackPACK's ``DiagGGNExact`` with a summed cross-entropy (Σ over
+the batch of the per-sample GGN diagonals: the same quantity; a mean loss would divide it by
+B), both alternately in one process for ``--repeats`` rounds, on ``--labels-samples`` images.
+The values are compared first (max relative difference). Needs ``backpack-for-pytorch``
+(optional; skipped with a note when it is not installed).
+
     python tests/benchmarks/bench_importance.py --data ylecun/mnist --samples 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +121,93 @@ def peak_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def ratio_worker(args) -> None:
+    """Batch-mean and exact alternately in this one process, ``--repeats`` rounds; a JSON line
+    with each round's seconds."""
+    import torch
+
+    from cl_tool.importance import importance_sums
+    from cl_tool.importance.reference import batch_mean_sums
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build(args.model, args.seed).to(device)
+    x, y = load_data(args.data, args.samples, args.seed)
+    data = batches(x, y, args.batch_size)
+    kw = {"fisher_labels": "empirical"} if args.method == "fisher" else {"mas_output": "logits"}
+    run = {"batchmean": lambda: batch_mean_sums(model, data, args.method, device=device, **kw),
+           "exact": lambda: importance_sums(model, data, args.method, device=device, memory_budget_mb=args.budget_mb, **kw)}
+    for f in run.values():
+        f()  # warm-up on the whole data: allocator, kernels
+    times = {k: [] for k in run}
+    for _ in range(args.repeats):
+        for k, f in run.items():
+            start = time.perf_counter()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[k].append(time.perf_counter() - start)
+    print(json.dumps(times))
+
+
+def backpack_sequential(name: str, model):
+    """The benchmark model as the ``nn.Sequential`` BackPACK extends (same parameter objects), or None."""
+    from torch import nn
+
+    if name == "mlp":
+        return model.net
+    if name == "cnn":
+        return nn.Sequential(*model.features, nn.Flatten(), model.classifier)
+    return None
+
+
+def labels_worker(args) -> None:
+    """cl-tool's exact-label Fisher vs BackPACK's DiagGGNExact, alternately in this process."""
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+    from torch import nn
+
+    from cl_tool.importance import importance_sums
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build(args.model, args.seed).eval()
+    seq = backpack_sequential(args.model, copy.deepcopy(model))  # extend() hooks its modules: keep them apart
+    bp_model = extend(seq).eval()
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    x, y = load_data(args.data, args.labels_samples, args.seed)
+    data = batches(x, y, args.batch_size)
+
+    def run_backpack():
+        sums = [torch.zeros_like(p) for p in bp_model.parameters()]
+        for xb, yb in data:
+            loss = loss_fn(bp_model(xb), yb)
+            with backpack(DiagGGNExact()):
+                loss.backward()
+            for s, p in zip(sums, bp_model.parameters()):
+                s += p.diag_ggn_exact
+                p.grad = None
+        return sums
+
+    def run_cl_tool():
+        return importance_sums(model, data, "fisher", fisher_labels="exact", memory_budget_mb=args.budget_mb)[0]
+
+    import warnings
+    warnings.filterwarnings("ignore", message=".*backward hook.*")
+    want, got = run_backpack(), run_cl_tool()
+    diff = max(float((got[n] - w).abs().max() / w.abs().max())
+               for (n, _), w in zip(model.named_parameters(), want))
+    times = {"cl-tool": [], "backpack": []}
+    for _ in range(args.repeats):
+        for k, f in (("cl-tool", run_cl_tool), ("backpack", run_backpack)):
+            start = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - start)
+    print(json.dumps({"times": times, "max_rel_diff": diff, "samples": x.shape[0]}))
+
+
 def worker(args) -> None:
     """Run one variant; print a JSON line; save the sums of the loop's samples for the error."""
     import torch
@@ -113,6 +215,12 @@ def worker(args) -> None:
     from cl_tool.importance import importance_sums
     from cl_tool.importance.reference import batch_mean_sums, naive_sums
 
+    if args.worker == "ratio":
+        ratio_worker(args)
+        return
+    if args.worker == "labels":
+        labels_worker(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -150,7 +258,8 @@ def worker(args) -> None:
 
 def run_variant(args, model: str, variant: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--out", str(out)]
-    for opt in ("samples", "batch_size", "loop_samples", "device", "seed", "method", "repeats", "threads", "budget_mb"):
+    for opt in ("samples", "batch_size", "loop_samples", "device", "seed", "method", "repeats", "threads", "budget_mb",
+                "labels_samples"):
         cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     if args.data:
         cmd += ["--data", args.data]
@@ -188,6 +297,37 @@ def max_rel_err(got: dict, want: dict) -> float:
                for n, w in want.items())
 
 
+def min_median(ratios: list[float]) -> str:
+    return f"{min(ratios):.2f} / {statistics.median(ratios):.2f}"
+
+
+def exact_labels_table(args, names: list[str]) -> None:
+    """The exact-labels comparison with BackPACK (see the module docstring)."""
+    print()
+    print(f"# exact labels (Fisher, --fisher-labels exact) vs BackPACK DiagGGNExact: {args.labels_samples} images, "
+          f"batch {args.batch_size}, {args.repeats} alternating rounds in one process")
+    if args.method != "fisher":
+        print("skipped: exact labels are a Fisher mode (--method fisher)")
+        return
+    if importlib.util.find_spec("backpack") is None:
+        print("skipped: backpack-for-pytorch is not installed (pip install backpack-for-pytorch)")
+        return
+    from importlib.metadata import version
+
+    print(f"backpack-for-pytorch {version('backpack-for-pytorch')}")
+    print(f"{'model':9} {'cl-tool s':>10} {'backpack s':>10} {'cl-tool/backpack min / median':>30} {'max rel diff':>12}")
+    for name in names:
+        if name not in ("mlp", "cnn"):
+            print(f"{name:9} skipped: BackPACK cannot extend this model (timm modules)")
+            continue
+        r = run_variant(args, name, "labels", Path(os.devnull))
+        t = r["times"]
+        ratios = [c / b for c, b in zip(t["cl-tool"], t["backpack"])]
+        print(f"{name:9} {min(t['cl-tool']):10.3f} {min(t['backpack']):10.3f} {min_median(ratios):>30} {r['max_rel_diff']:12.1e}")
+    print("seconds: the fastest round; cl-tool/backpack: ratio of the two times of each round;"
+          " max rel diff: max over parameters of max|cl-tool - backpack| / max|backpack| (float32).")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or a dataset such as ylecun/mnist (default: random data)")
@@ -197,17 +337,23 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", default="fisher", choices=("fisher", "mas"))
     p.add_argument("--loop-samples", type=int, default=None, help="time the loop on this many samples and extrapolate (default: all)")
-    p.add_argument("--repeats", type=int, default=1, help="time batchmean/exact this many times, report the fastest")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="time batchmean/exact this many times (fastest reported), and as many alternating rounds for the ratios")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--budget-mb", type=float, default=512)
     p.add_argument("--check-samples", type=int, default=16, help="samples for the float64 exactness check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=("loop", "batchmean", "exact"), help=argparse.SUPPRESS)
+    p.add_argument("--labels-models", default="mlp,cnn",
+                   help="models for the exact-labels comparison with BackPACK (empty: skip it)")
+    p.add_argument("--labels-samples", type=int, default=None, help="images for the exact-labels comparison (default: --samples)")
+    p.add_argument("--worker", choices=("loop", "batchmean", "exact", "ratio", "labels"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.loop_samples is None:
         args.loop_samples = args.samples
+    if args.labels_samples is None:
+        args.labels_samples = args.samples
     if args.worker:
         worker(args)
         return
@@ -225,6 +371,7 @@ def main(argv=None) -> None:
                 raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
             params = sum(p.numel() for p in build(name, args.seed).parameters())
             res = {v: run_variant(args, name, v, Path(tmp) / f"{name}-{v}.pt") for v in ("loop", "batchmean", "exact")}
+            rounds = run_variant(args, name, "ratio", Path(os.devnull))
             for v, r in res.items():
                 star = "*" if v == "loop" and r["samples"] < args.samples else " "
                 print(f"{name:9} {params / 1e6:7.2f}M {v:10} {r['samples']:7d} {r['seconds']:8.2f} "
@@ -232,17 +379,25 @@ def main(argv=None) -> None:
             rate = {v: r["samples"] / r["seconds"] for v, r in res.items()}
             err = max_rel_err(torch.load(Path(tmp) / f"{name}-exact.pt"), torch.load(Path(tmp) / f"{name}-loop.pt"))
             err64 = fp64_error(args, name) if args.check_samples > 0 else float("nan")
-            summary.append((name, rate["exact"] / rate["loop"], rate["batchmean"] / rate["exact"], err, err64,
-                            res["loop"]["samples"]))
+            ratios = [e / b for e, b in zip(rounds["exact"], rounds["batchmean"])]
+            summary.append((name, rate["exact"] / rate["loop"], min_median(ratios), err, err64, res["loop"]["samples"],
+                            res["batchmean"]["peak_mb"], res["exact"]["peak_mb"]))
     print()
-    print(f"{'model':9} {'loop/exact':>10} {'exact/batchmean':>15} {'rel err fp32':>12} {'rel err fp64':>12}")
-    for name, speedup, overhead, err, err64, n_loop in summary:
+    print(f"{'model':9} {'loop/exact':>10} {'exact/batchmean min / median':>28} {'peak MB bm / exact':>18} "
+          f"{'rel err fp32':>12} {'rel err fp64':>12}")
+    for name, speedup, overhead, err, err64, n_loop, peak_bm, peak_ex in summary:
         note = f"  (loop timed on {n_loop} samples, extrapolated)" if n_loop < args.samples else ""
-        print(f"{name:9} {speedup:9.1f}x {overhead:14.2f}x {err:12.2e} {err64:12.2e}{note}")
+        print(f"{name:9} {speedup:9.1f}x {overhead:>28} {f'{peak_bm:.0f} / {peak_ex:.0f}':>18} {err:12.2e} {err64:12.2e}{note}")
     print("loop/exact: how many times faster the exact engine is than the per-sample loop (per sample);"
-          " exact/batchmean: time of the exact engine relative to the batch-mean approximation;"
+          f" exact/batchmean: time of the exact engine over that of the batch-mean approximation in each of {args.repeats}"
+          " rounds that alternate the two in one process (min and median);"
           f" rel err: max over parameters of max|exact - loop| / max|loop|, fp32 on the loop's samples as timed,"
           f" fp64 with both in float64 on {args.check_samples} samples.")
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    labels = [m.strip() for m in args.labels_models.split(",") if m.strip()]
+    if labels:
+        exact_labels_table(args, labels)
+        print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
