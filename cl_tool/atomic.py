@@ -25,9 +25,9 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cl_tool.errors import OutputError
 
@@ -124,7 +124,9 @@ class FileRoles:
             return
         self.inputs.append(_File(p, role, is_folder=p.is_dir()))
 
-    def output(self, path: str | os.PathLike | None, role: str, *, may_exist: bool = False, folder: bool = False) -> None:
+    def output(
+        self, path: str | os.PathLike | None, role: str, *, may_exist: bool = False, folder: bool = False
+    ) -> None:
         """Register an output file (``folder``: an output folder, replaced as a whole)."""
         if path is not None:
             self.outputs.append((_File(Path(path), role, is_folder=folder), may_exist))
@@ -134,8 +136,12 @@ class FileRoles:
         for out, may_exist in self.outputs:
             self._check_against_inputs(out)
             for other in seen:
-                if _resolved(out.path) == _resolved(other.path) or (out.identity() is not None and out.identity() == other.identity()):
-                    raise OutputError(f"{out.role} and {other.role} both name {out.path}; give each output its own path.")
+                if _resolved(out.path) == _resolved(other.path) or (
+                    out.identity() is not None and out.identity() == other.identity()
+                ):
+                    raise OutputError(
+                        f"{out.role} and {other.role} both name {out.path}; give each output its own path."
+                    )
             seen.append(out)
             self._check_writable(out, may_exist)
 
@@ -145,16 +151,22 @@ class FileRoles:
         for inp in self.inputs:
             same = target == _resolved(inp.path) or (ident is not None and ident == inp.identity())
             if same:
-                raise OutputError(f"{out.describe()} is also an input of this command ({inp.describe()}); cl-tool never overwrites "
-                                  f"an input, even with $force: choose another path for {out.role}.")
+                raise OutputError(
+                    f"{out.describe()} is also an input of this command ({inp.describe()}); cl-tool never overwrites "
+                    f"an input, even with $force: choose another path for {out.role}."
+                )
             if inp.is_folder and target.is_relative_to(_resolved(inp.path)):
-                raise OutputError(f"{out.describe()} lies inside {inp.describe()}, which this command reads; "
-                                  f"write outputs outside that folder.")
+                raise OutputError(
+                    f"{out.describe()} lies inside {inp.describe()}, which this command reads; "
+                    f"write outputs outside that folder."
+                )
         if ident is not None and os.stat(out.path).st_nlink > 1:  # a hard link: look for its twin inside input folders
             for inp in self.inputs:
                 if inp.is_folder and _contains_inode(inp.path, ident):
-                    raise OutputError(f"{out.describe()} is also an input of this command (a hard link to a file inside {inp.describe()}); "
-                                      f"cl-tool never overwrites an input, even with --force: choose another path for {out.role}.")
+                    raise OutputError(
+                        f"{out.describe()} is also an input of this command (a hard link to a file inside {inp.describe()}); "
+                        f"cl-tool never overwrites an input, even with --force: choose another path for {out.role}."
+                    )
 
     def _check_writable(self, out: _File, may_exist: bool) -> None:
         p = out.path
@@ -167,7 +179,9 @@ class FileRoles:
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             if parent.exists():
-                raise OutputError(f"{out.describe()} cannot be written: {parent} is a file, not a folder; choose another path.")
+                raise OutputError(
+                    f"{out.describe()} cannot be written: {parent} is a file, not a folder; choose another path."
+                )
             raise OutputError(f"The folder of {out.describe()} does not exist; create {parent} first.")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"The folder {parent} of {out.describe()} is not writable; choose a writable location.")
@@ -211,7 +225,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def _output_error(dest: Path, exc: OSError) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"No space left on the device while writing {dest}; free some space and run again (nothing was written).")
+        return OutputError(
+            f"No space left on the device while writing {dest}; free some space and run again (nothing was written)."
+        )
     return OutputError(f"Could not write {dest}: {exc.strerror or exc}; nothing was written.")
 
 
@@ -228,14 +244,18 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(dest.name), dir=folder)
     except OSError as exc:
-        raise OutputError(f"Cannot create a file in {folder} for {dest}: {exc.strerror}; choose a writable location.") from exc
+        raise OutputError(
+            f"Cannot create a file in {folder} for {dest}: {exc.strerror}; choose a writable location."
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        with contextlib.suppress(OSError):  # mkstemp (and the safetensors writer) make 0600 files; use what open() would
+        with contextlib.suppress(
+            OSError
+        ):  # mkstemp (and the safetensors writer) make 0600 files; use what open() would
             os.chmod(tmp, 0o666 & ~_umask())
         if os.path.lexists(dest) and not force:
             raise OutputError(f"{dest} appeared while this command ran; pass $force to overwrite it.")
@@ -260,7 +280,9 @@ def atomic_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
     try:
         holder = Path(tempfile.mkdtemp(prefix=tmp_prefix(dest.name), dir=parent))
     except OSError as exc:
-        raise OutputError(f"Cannot create a folder in {parent} for {dest}: {exc.strerror}; choose a writable location.") from exc
+        raise OutputError(
+            f"Cannot create a folder in {parent} for {dest}: {exc.strerror}; choose a writable location."
+        ) from exc
     try:
         yield holder / "content"
         if os.path.lexists(dest):
@@ -312,7 +334,7 @@ class LineFile:
         with contextlib.suppress(BaseException):
             self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("discarded"), None)
 
-    def __enter__(self) -> "LineFile":
+    def __enter__(self) -> LineFile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -323,7 +345,7 @@ class LineFile:
 
 
 @contextlib.contextmanager
-def all_or_nothing(*line_files: "LineFile | None") -> Iterator:
+def all_or_nothing(*line_files: LineFile | None) -> Iterator:
     """Publish several outputs together: yield ``wrote(path)`` to call after each output is in place.
 
     If a later write fails, the outputs already published by the block are removed again (and
@@ -348,9 +370,8 @@ def all_or_nothing(*line_files: "LineFile | None") -> Iterator:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False) -> None:
-    with atomic_path(path, force=force) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False) -> None:

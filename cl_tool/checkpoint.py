@@ -58,10 +58,12 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
-def refuse_nonfinite(ckpt: "Checkpoint", where) -> "Checkpoint":
+def refuse_nonfinite(ckpt: Checkpoint, where) -> Checkpoint:
     bad = first_nonfinite(ckpt.state)
     if bad is not None:
-        raise BadInputError(f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint.")
+        raise BadInputError(
+            f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint."
+        )
     return ckpt
 
 
@@ -71,7 +73,9 @@ def _json_meta(metadata: dict[str, str], key: str, path, default):
     try:
         return json.loads(metadata[key])
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadInputError(f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
+        raise BadInputError(
+            f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged."
+        ) from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -84,7 +88,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tensors, metadata = load_tensors(p, "Checkpoint")
     if "cl_tool.model" not in metadata:
         if metadata.get("cl_tool.sidecar"):
-            raise BadInputError(f"{p} is an importance sidecar, not a checkpoint; pass the model checkpoint (e.g. the file without '.importance').")
+            raise BadInputError(
+                f"{p} is an importance sidecar, not a checkpoint; pass the model checkpoint (e.g. the file without '.importance')."
+            )
         raise BadInputError(
             f"Checkpoint {p} has no cl-tool model metadata; create checkpoints with `cl-tool init`, or put the weights in a timm folder (config.json + model.safetensors)."
         )
@@ -92,11 +98,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     history = _json_meta(metadata, "cl_tool.history", p, [])
     extra = _json_meta(metadata, "cl_tool.extra", p, {})
     layout = _json_meta(metadata, "cl_tool.layout", p, None)
-    if layout is not None and not (isinstance(layout, dict) and isinstance(layout.get("parameters"), list)
-                                   and isinstance(layout.get("classifier"), list) and isinstance(layout.get("tensors"), dict)):
+    if layout is not None and not (
+        isinstance(layout, dict)
+        and isinstance(layout.get("parameters"), list)
+        and isinstance(layout.get("classifier"), list)
+        and isinstance(layout.get("tensors"), dict)
+    ):
         raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
-    ckpt = Checkpoint(spec=spec, state=tensors, history=history if isinstance(history, list) else [], extra=extra if isinstance(extra, dict) else {},
-                      path=str(p), layout=layout)
+    ckpt = Checkpoint(
+        spec=spec,
+        state=tensors,
+        history=history if isinstance(history, list) else [],
+        extra=extra if isinstance(extra, dict) else {},
+        path=str(p),
+        layout=layout,
+    )
     return refuse_nonfinite(ckpt, p)
 
 
@@ -114,11 +130,15 @@ def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
     cfg_path = folder / "config.json"
     weights = folder / "model.safetensors"
     if not cfg_path.is_file():
-        raise BadInputError(f"Folder {folder} is not a timm model folder (no config.json); give a .safetensors checkpoint or a folder with config.json + model.safetensors.")
+        raise BadInputError(
+            f"Folder {folder} is not a timm model folder (no config.json); give a .safetensors checkpoint or a folder with config.json + model.safetensors."
+        )
     if not weights.is_file():
         if (folder / "pytorch_model.bin").is_file():
-            raise BadInputError(f"Folder {folder} has only pytorch_model.bin, a pickle that cl-tool does not load on its own; "
-                                f"convert it once with `cl-tool convert {folder} -o model.safetensors`.")
+            raise BadInputError(
+                f"Folder {folder} has only pytorch_model.bin, a pickle that cl-tool does not load on its own; "
+                f"convert it once with `cl-tool convert {folder} -o model.safetensors`."
+            )
         raise BadInputError(f"Folder {folder} has no model.safetensors next to config.json.")
     return spec_from_timm_config(cfg_path), weights
 
@@ -130,7 +150,9 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise BadInputError(f"{cfg_path} is not a valid timm config.json (not readable JSON); re-export the model with timm.") from exc
+        raise BadInputError(
+            f"{cfg_path} is not a valid timm config.json (not readable JSON); re-export the model with timm."
+        ) from exc
 
     def bad(field_name: str, expected: str):
         return BadInputError(f"{cfg_path}: field {field_name!r} must be {expected}; fix or re-export the config.json.")
@@ -169,17 +191,33 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     norm = {}
     for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
         value = pre.get(key, default)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
             raise bad(f"pretrained_cfg.{key}", "a list of numbers")
         norm[key] = tuple(float(v) for v in value)
     if len(norm["mean"]) != input_shape[0]:  # timm's RGB statistics for a model of another channel count
         norm = dict(zip(("mean", "std"), default_normalisation(input_shape[0])))
-    spec = ModelSpec(arch=arch, kwargs=kwargs, input_shape=input_shape, num_classes=num_classes, mean=norm["mean"], std=norm["std"], source="timm")
+    spec = ModelSpec(
+        arch=arch,
+        kwargs=kwargs,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        mean=norm["mean"],
+        std=norm["std"],
+        source="timm",
+    )
     spec.validate(str(cfg_path))
     # What timm.data.resolve_data_config gives for this pretrained_cfg, read without importing timm (`info` stays
     # torch-free): the folder's own geometry, else timm's defaults (bicubic, crop_pct 0.875, centre crop).
     geometry = {"interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
-    geometry.update({k: pre[k] for k in geometry if isinstance(pre.get(k), type(geometry[k])) or (k == "crop_pct" and isinstance(pre.get(k), int))})
+    geometry.update(
+        {
+            k: pre[k]
+            for k in geometry
+            if isinstance(pre.get(k), type(geometry[k])) or (k == "crop_pct" and isinstance(pre.get(k), int))
+        }
+    )
     spec.data_config = {"input_size": input_shape, "mean": spec.mean, "std": spec.std, **geometry}
     return spec
 
@@ -193,7 +231,9 @@ def metadata_json(meta: dict[str, str], key: str, where: str, default: Any, type
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInputError(f"{where} has malformed metadata {key!r} (not JSON); the file is damaged.") from exc
     if not isinstance(value, types):
-        raise BadInputError(f"{where} has malformed metadata {key!r} (a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}); the file is damaged.")
+        raise BadInputError(
+            f"{where} has malformed metadata {key!r} (a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}); the file is damaged."
+        )
     return value
 
 
@@ -210,8 +250,11 @@ def spec_from_metadata(meta: dict[str, str], where: str) -> ModelSpec:
 def layout_from_metadata(meta: dict[str, str], where: str) -> dict[str, Any] | None:
     """The recorded layout (see :func:`model_layout`), or None for a checkpoint written before layouts were recorded."""
     layout = metadata_json(meta, "cl_tool.layout", where, None, (dict,))
-    if layout is not None and not (isinstance(layout.get("parameters"), list) and isinstance(layout.get("classifier"), list)
-                                   and isinstance(layout.get("tensors"), dict)):
+    if layout is not None and not (
+        isinstance(layout.get("parameters"), list)
+        and isinstance(layout.get("classifier"), list)
+        and isinstance(layout.get("tensors"), dict)
+    ):
         raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     return layout
 
@@ -265,12 +308,16 @@ def validate_layout(ckpt: Checkpoint, tensors: dict[str, tuple[list[int], str]] 
     metadata, with the same rules and sentences as against the built model; reads no tensor data."""
     where = ckpt.path or "the checkpoint"
     if ckpt.layout.get("spec") != spec_digest(ckpt.spec):
-        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built as saved (its model metadata was changed after writing); the file is damaged or was not written by cl-tool.")
+        raise BadInputError(
+            f"Checkpoint {where} describes a model that cannot be built as saved (its model metadata was changed after writing); the file is damaged or was not written by cl-tool."
+        )
     got = tensors if tensors is not None else {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()}
     _check_tensors(ckpt, {n: (list(shape), dtype) for n, (shape, dtype) in ckpt.layout["tensors"].items()}, got, where)
     missing = [n for n in ckpt.layout["parameters"] + ckpt.layout["classifier"] if n not in ckpt.layout["tensors"]]
     if missing:
-        raise BadInputError(f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged.")
+        raise BadInputError(
+            f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged."
+        )
 
 
 def _dtype_name(t: Any) -> str:
@@ -293,34 +340,50 @@ def build_on_meta_device(ckpt: Checkpoint):
         with torch.device("meta"):
             model = build_model(ckpt.spec)
     except UsageError as exc:
-        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool.") from exc
+        raise BadInputError(
+            f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool."
+        ) from exc
     _validate_state(ckpt, model.state_dict(), where)
     return model
 
 
 def _validate_state(ckpt: Checkpoint, expected: dict[str, Any], where: str) -> None:
     """Every tensor the architecture needs (``expected``: a state dict) is in ``ckpt.state`` with the right shape and dtype kind."""
-    _check_tensors(ckpt, {n: (list(t.shape), _dtype_name(t)) for n, t in expected.items()},
-                   {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()}, where)
+    _check_tensors(
+        ckpt,
+        {n: (list(t.shape), _dtype_name(t)) for n, t in expected.items()},
+        {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()},
+        where,
+    )
 
 
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
-def _check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[list[int], str]], got: dict[str, tuple[list[int], str]], where: str) -> None:
+def _check_tensors(
+    ckpt: Checkpoint, expected: dict[str, tuple[list[int], str]], got: dict[str, tuple[list[int], str]], where: str
+) -> None:
     """Every expected tensor present with its shape and a dtype of the same kind (float or not); nothing extra (exit 4)."""
     arch = ckpt.spec.arch
     for name, (shape, dtype) in expected.items():
         if name not in got:
-            raise IncompatibleError(f"Checkpoint {where} lacks tensor {name!r} that architecture {arch} needs; it belongs to another model.")
+            raise IncompatibleError(
+                f"Checkpoint {where} lacks tensor {name!r} that architecture {arch} needs; it belongs to another model."
+            )
         got_shape, got_dtype = got[name]
         if list(got_shape) != list(shape):
-            raise IncompatibleError(f"Tensor {name!r} in {where} has shape {list(got_shape)}, but {arch} needs {list(shape)}; the file does not match its metadata.")
+            raise IncompatibleError(
+                f"Tensor {name!r} in {where} has shape {list(got_shape)}, but {arch} needs {list(shape)}; the file does not match its metadata."
+            )
         if got_dtype != dtype and not (got_dtype in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES):
-            raise IncompatibleError(f"Tensor {name!r} in {where} has dtype torch.{got_dtype}, but {arch} needs torch.{dtype}.")
+            raise IncompatibleError(
+                f"Tensor {name!r} in {where} has dtype torch.{got_dtype}, but {arch} needs torch.{dtype}."
+            )
     unexpected = [k for k in got if k not in expected]
     if unexpected:
-        raise IncompatibleError(f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {arch} does not have; it belongs to another model.")
+        raise IncompatibleError(
+            f"Checkpoint {where} has tensor {unexpected[0]!r} that architecture {arch} does not have; it belongs to another model."
+        )
 
 
 def instantiate(ckpt: Checkpoint):
@@ -332,7 +395,9 @@ def instantiate(ckpt: Checkpoint):
     try:
         model = build_model(ckpt.spec)
     except UsageError as exc:  # the arguments came from the file's metadata, not from the command line
-        raise BadInputError(f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool.") from exc
+        raise BadInputError(
+            f"Checkpoint {where} describes a model that cannot be built ({exc.message.rstrip('.')}); the file is damaged or was not written by cl-tool."
+        ) from exc
     expected = model.state_dict()
     _validate_state(ckpt, expected, where)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state.items()}, strict=True)
@@ -351,7 +416,11 @@ def history_entry(command: str, **fields: Any) -> dict[str, Any]:
 
     from cl_tool import __version__
 
-    entry = {"command": command, "cl_tool": __version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    entry = {
+        "command": command,
+        "cl_tool": __version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     entry.update({k: v for k, v in fields.items() if v is not None})
     return entry
 
@@ -382,14 +451,24 @@ def grow_classifier(ckpt: Checkpoint, new_classes: int):
             new_state[name] = t
             grown.append(name)
         else:
-            raise IncompatibleError(f"$grow_head cannot map tensor {name!r} from {list(old.shape)} to {list(new.shape)}.")
+            raise IncompatibleError(
+                f"$grow_head cannot map tensor {name!r} from {list(old.shape)} to {list(new.shape)}."
+            )
     model.load_state_dict(new_state)
     ckpt.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model, grown
 
 
-def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, state: dict[str, Any], history: list[dict[str, Any]], *,
-                    extra: dict[str, Any] | None = None, force: bool = False, layout: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    path: str | os.PathLike,
+    spec: ModelSpec,
+    state: dict[str, Any],
+    history: list[dict[str, Any]],
+    *,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    layout: dict[str, Any] | None = None,
+) -> str:
     """Write a checkpoint atomically; return its fingerprint."""
     from cl_tool.safetensors_io import fingerprint, save_tensors
 

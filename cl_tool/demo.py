@@ -44,4 +44,6 @@ def make_dataset(n: int, **kwargs: Any):
     imgs, labels = make_images(n, **kwargs)
     classes = kwargs.get("classes", 10)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=classes)})
-    return datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in imgs], "label": labels.tolist()}, features=features)
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a, mode="L") for a in imgs], "label": labels.tolist()}, features=features
+    )

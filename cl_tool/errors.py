@@ -12,7 +12,7 @@ caller sees the parameter name (``sparsity``).
 from __future__ import annotations
 
 import string
-from typing import Callable
+from collections.abc import Callable
 
 # Documented in README.md ("Exit codes"); tests/test_exit_codes.py checks each is produced.
 EXIT_OK = 0
@@ -122,12 +122,21 @@ EXIT_CODE_TABLE = [
     (EXIT_INTERNAL, "internal error (a bug): rerun with --debug and report the traceback"),
     (EXIT_USAGE, "invalid option, option value, combination of options or config file"),
     (EXIT_BAD_INPUT, "an input file or dataset is missing, unreadable, corrupt or malformed"),
-    (EXIT_INCOMPATIBLE, "inputs do not belong together (sidecar of another checkpoint, labels outside the model's classes, wrong shapes)"),
+    (
+        EXIT_INCOMPATIBLE,
+        "inputs do not belong together (sidecar of another checkpoint, labels outside the model's classes, wrong shapes)",
+    ),
     (EXIT_DIVERGED, "training diverged (non-finite loss or gradient); nothing was written"),
-    (EXIT_OUTPUT, "an output cannot be written (exists without --force, is one of the inputs, folder not writable, disk full)"),
+    (
+        EXIT_OUTPUT,
+        "an output cannot be written (exists without --force, is one of the inputs, folder not writable, disk full)",
+    ),
     (EXIT_ENVIRONMENT, "the machine lacks something (device, optional package, network)"),
     (EXIT_GATE, "a quality gate failed (evaluate --fail-under-acc / --fail-over-forgetting)"),
     (EXIT_SIGINT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
-    (EXIT_BROKEN_PIPE, "the reader of standard output went away (e.g. --json piped into head -c1); cl-tool stops quietly, like other Unix tools"),
+    (
+        EXIT_BROKEN_PIPE,
+        "the reader of standard output went away (e.g. --json piped into head -c1); cl-tool stops quietly, like other Unix tools",
+    ),
     (EXIT_SIGTERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
 ]

@@ -18,8 +18,9 @@ or of an unrelated model), it is not a signature. No torch import here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from cl_tool.errors import IncompatibleError
 
@@ -53,13 +54,15 @@ def ancestors(history: Iterable[Any]) -> list[Ancestor]:
     for k, entry in enumerate(reversed(list(history or [])), start=1):
         e = entry if isinstance(entry, dict) else {}
         grown = e.get("grown")
-        out.append(Ancestor(
-            generations=k,
-            fingerprint=_entry_input(e),
-            command=str(e.get("command", "?")),
-            time=e.get("time") if isinstance(e.get("time"), str) else None,
-            grown=tuple(g for g in grown if isinstance(g, str)) if isinstance(grown, list) else (),
-        ))
+        out.append(
+            Ancestor(
+                generations=k,
+                fingerprint=_entry_input(e),
+                command=str(e.get("command", "?")),
+                time=e.get("time") if isinstance(e.get("time"), str) else None,
+                grown=tuple(g for g in grown if isinstance(g, str)) if isinstance(grown, list) else (),
+            )
+        )
     return out
 
 
@@ -92,8 +95,10 @@ def not_related_text(checkpoint_path: str, fingerprint: str, n_ancestors: int) -
     """``which is neither CKPT (fingerprint F) nor one of its N recorded ancestors`` (for the refusal sentences)."""
     if n_ancestors == 0:
         return f"which is not {checkpoint_path} (fingerprint {fingerprint}), and {checkpoint_path} records no ancestors"
-    return (f"which is neither {checkpoint_path} (fingerprint {fingerprint}) nor one of its {n_ancestors} recorded "
-            f"ancestor{'s' if n_ancestors != 1 else ''}")
+    return (
+        f"which is neither {checkpoint_path} (fingerprint {fingerprint}) nor one of its {n_ancestors} recorded "
+        f"ancestor{'s' if n_ancestors != 1 else ''}"
+    )
 
 
 def generations_text(n: int) -> str:
@@ -117,8 +122,10 @@ class SidecarUse:
         if self.generations == 0:
             return None
         whose = f"{self.owner} (fingerprint {self.fingerprint})" if self.owner else f"fingerprint {self.fingerprint}"
-        return (f"Using the importances in {self.path}, computed for {whose}, an ancestor of {self.checkpoint} "
-                f"{generations_text(self.generations)} per its history.")
+        return (
+            f"Using the importances in {self.path}, computed for {whose}, an ancestor of {self.checkpoint} "
+            f"{generations_text(self.generations)} per its history."
+        )
 
     def record(self) -> dict[str, Any]:
         return {"sidecar": self.path, "sidecar_fingerprint": self.fingerprint, "generations": self.generations}
@@ -147,8 +154,14 @@ def check_sidecar(sc, ckpt, checkpoint_path: str, *, fingerprint: str | None = N
             f"{not_related_text(checkpoint_path, own, n)}; "
             f"recompute it with `cl-tool importance {checkpoint_path}` or use the sidecar of a checkpoint it descends from."
         )
-    return SidecarUse(path=str(sc.path), fingerprint=sc.fingerprint, generations=gen, checkpoint=checkpoint_path,
-                      owner=sidecar_owner(sc), grown=grown_since(ckpt.history, gen))
+    return SidecarUse(
+        path=str(sc.path),
+        fingerprint=sc.fingerprint,
+        generations=gen,
+        checkpoint=checkpoint_path,
+        owner=sidecar_owner(sc),
+        grown=grown_since(ckpt.history, gen),
+    )
 
 
 def fit_rows(tensors: dict[str, Any], params: dict[str, Any], grown: Iterable[str]) -> dict[str, Any]:
@@ -162,8 +175,13 @@ def fit_rows(tensors: dict[str, Any], params: dict[str, Any], grown: Iterable[st
     for name, p in params.items():
         om = tensors.get(name)
         shape = tuple(p.shape)
-        if name in grown and om is not None and len(om.shape) == len(shape) >= 1 and tuple(om.shape[1:]) == shape[1:] \
-                and om.shape[0] < shape[0]:
+        if (
+            name in grown
+            and om is not None
+            and len(om.shape) == len(shape) >= 1
+            and tuple(om.shape[1:]) == shape[1:]
+            and om.shape[0] < shape[0]
+        ):
             pad = om.new_zeros(shape)
             pad[: om.shape[0]] = om
             om = pad

@@ -13,13 +13,26 @@ from typing import Any
 from cl_tool.errors import BadInputError, IncompatibleError
 
 
-def save_mask(path: str | os.PathLike, masks: dict[str, Any], *, by: str, scope: str, sparsity: float, fingerprint: str, force: bool) -> None:
+def save_mask(
+    path: str | os.PathLike,
+    masks: dict[str, Any],
+    *,
+    by: str,
+    scope: str,
+    sparsity: float,
+    fingerprint: str,
+    force: bool,
+) -> None:
     import torch
 
     from cl_tool.safetensors_io import save_tensors
 
-    save_tensors(path, {n: m.to(torch.uint8) for n, m in masks.items()},
-                 {"cl_tool.mask": "1", "by": by, "scope": scope, "sparsity": repr(sparsity), "fingerprint": fingerprint}, force=force)
+    save_tensors(
+        path,
+        {n: m.to(torch.uint8) for n, m in masks.items()},
+        {"cl_tool.mask": "1", "by": by, "scope": scope, "sparsity": repr(sparsity), "fingerprint": fingerprint},
+        force=force,
+    )
 
 
 def load_mask(path: str | os.PathLike, params: dict[str, Any]) -> dict[str, Any]:
@@ -33,5 +46,7 @@ def load_mask(path: str | os.PathLike, params: dict[str, Any]) -> dict[str, Any]
         if name not in params:
             raise IncompatibleError(f"$mask {path} has an entry for {name!r}, which the model does not have.")
         if tuple(m.shape) != tuple(params[name].shape):
-            raise IncompatibleError(f"$mask {path}: {name!r} has shape {list(m.shape)}, the parameter {list(params[name].shape)}.")
+            raise IncompatibleError(
+                f"$mask {path}: {name!r} has shape {list(m.shape)}, the parameter {list(params[name].shape)}."
+            )
     return {k: v.to(params[k].dtype) for k, v in tensors.items()}

@@ -27,7 +27,7 @@ Definitions (indices start at 0; ``mean`` is the arithmetic mean):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from cl_tool.errors import BadInputError
 
@@ -43,7 +43,9 @@ def _validate(R: Sequence[Sequence[float]]) -> list[list[float]]:
     rows = []
     for i, row in enumerate(R):
         if len(row) != m:
-            raise BadInputError(f"Row {i} of the accuracy matrix has {len(row)} entries but row 0 has {m}; every checkpoint must be evaluated on the same tasks.")
+            raise BadInputError(
+                f"Row {i} of the accuracy matrix has {len(row)} entries but row 0 has {m}; every checkpoint must be evaluated on the same tasks."
+            )
         out = []
         for j, x in enumerate(row):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):

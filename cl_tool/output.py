@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from cl_tool.errors import ClToolError, StdoutGone
 
@@ -36,7 +37,9 @@ class Output:
             from rich.console import Console
 
             class StderrConsole(Console):
-                def on_broken_pipe(self) -> None:  # rich would exit the process; a log reader that went away must not stop a job
+                def on_broken_pipe(
+                    self,
+                ) -> None:  # rich would exit the process; a log reader that went away must not stop a job
                     self.quiet = True
 
             self._console = StderrConsole(stderr=True, highlight=False)
@@ -64,7 +67,7 @@ class Output:
             table.add_row(*[_fmt(v) for v in row])
         self.console.print(table)
 
-    def progress(self, description: str, total: int | None) -> "Progress":
+    def progress(self, description: str, total: int | None) -> Progress:
         return Progress(self, description, total)
 
     def result(self, obj: Any) -> Any:
@@ -106,13 +109,19 @@ class Progress:
         self._bar = None
         self._task = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.out.console.is_terminal and not self.out.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                     console=self.out.console, transient=True)
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.out.console,
+                transient=True,
+            )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total)
         return self

@@ -122,8 +122,11 @@ class Args:
         """Note (not an error) each of ``names`` that was set away from its default although it does not apply in ``context``."""
         if applies:
             return
-        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-                    for f in dataclasses.fields(self) if f.name in names}
+        defaults = {
+            f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in dataclasses.fields(self)
+            if f.name in names
+        }
         given = [n for n in names if getattr(self, n) != defaults[n]]
         if given:
             self.notes.append(f"{context} ignores {', '.join('$' + n for n in given)} (not used there).")
@@ -150,7 +153,12 @@ def force_option() -> Any:
 
 
 def config_option() -> Any:
-    return option(None, "--config", metavar="FILE", help="TOML (or YAML) file whose keys are this command's option names; command-line options override it.")
+    return option(
+        None,
+        "--config",
+        metavar="FILE",
+        help="TOML (or YAML) file whose keys are this command's option names; command-line options override it.",
+    )
 
 
 def parse_scalar(text: str) -> Any:

@@ -39,7 +39,9 @@ def coefficients(kind: str, omegas: list[Any], lam: float, lr: float) -> list[An
         return [torch.zeros_like(o) for o in omegas]
     lo = torch._foreach_mul(omegas, float(lam))  # λΩ
     if kind == "stabilized":
-        return torch._foreach_div(lo, torch._foreach_mul(torch._foreach_add(torch._foreach_mul(lo, float(lr)), 1.0), 2.0))
+        return torch._foreach_div(
+            lo, torch._foreach_mul(torch._foreach_add(torch._foreach_mul(lo, float(lr)), 1.0), 2.0)
+        )
     return torch._foreach_mul(lo, 0.5)
 
 

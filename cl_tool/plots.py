@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from cl_tool.atomic import check_output, write_bytes_atomic
 from cl_tool.errors import EnvironmentProblem
@@ -76,7 +76,9 @@ def plot_accuracy_matrix(
     fig = _figure((max(9.0, 4.0 + 1.2 * (m + k)), max(4.0, 1.5 + 0.5 * k)))
     ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(m, 2), max(k, 3)]})
     im = ax_h.imshow(R, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
-    ax_h.set_xticks(range(m), [str(t) for t in task_names], rotation=45 if m > 4 else 0, ha="right" if m > 4 else "center")
+    ax_h.set_xticks(
+        range(m), [str(t) for t in task_names], rotation=45 if m > 4 else 0, ha="right" if m > 4 else "center"
+    )
     ax_h.set_yticks(range(k), [str(s) for s in stage_names])
     ax_h.set_xlabel("evaluated on task")
     ax_h.set_ylabel("checkpoint after stage")

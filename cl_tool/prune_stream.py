@@ -23,15 +23,40 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any
 
 from cl_tool.errors import BadInputError
 from cl_tool.pruning import MaskPlan, Source
 
-NUMPY_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32", "I16": "int16",
-                "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
-TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32", "I16": "int16",
-               "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+NUMPY_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "uint16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
+TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _RAW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _PLACEHOLDER = "0" * 32  # the output's fingerprint, filled in once the tensors are written
@@ -70,7 +95,9 @@ class TensorFile:
         while done < end - start:
             got = os.preadv(self.fd, [view[done:]], self.data_start + start + done)
             if got <= 0:
-                raise BadInputError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file; regenerate it.")
+                raise BadInputError(
+                    f"{self.path} is truncated: tensor {name!r} ends past the end of the file; regenerate it."
+                )
             done += got
         return buf
 
@@ -95,8 +122,14 @@ def check_and_fingerprint(tf: TensorFile, where: str) -> str:
     for name in sorted(tf.header):
         raw = tf.raw(name)
         code = tf.header[name]["dtype"]
-        if code in FLOAT_CODES and raw.size and not np.isfinite(tf.values(name) if code == "BF16" else raw.view(NUMPY_DTYPES[code])).all():
-            raise BadInputError(f"Checkpoint {where} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint.")
+        if (
+            code in FLOAT_CODES
+            and raw.size
+            and not np.isfinite(tf.values(name) if code == "BF16" else raw.view(NUMPY_DTYPES[code])).all()
+        ):
+            raise BadInputError(
+                f"Checkpoint {where} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
+            )
         h.update(f"{name}|torch.{TORCH_NAMES[code]}|{tf.shape(name)};".encode())
         if raw.size:
             h.update(raw.view(np.uint8).data)
@@ -117,12 +150,18 @@ def check_sidecar_values(sc: TensorFile, where: str) -> None:
     for name in sc.header:
         values = sc.values(name)
         if not np.isfinite(values).all():
-            raise BadInputError(f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it.")
+            raise BadInputError(
+                f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
+            )
         if (values < 0).any():
-            raise BadInputError(f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it.")
+            raise BadInputError(
+                f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
+            )
 
 
-def sidecar_sources(sc: TensorFile, names: list[str], shapes: dict[str, tuple[int, ...]], grown: set[str], where: str) -> list[Source]:
+def sidecar_sources(
+    sc: TensorFile, names: list[str], shapes: dict[str, tuple[int, ...]], grown: set[str], where: str
+) -> list[Source]:
     """Stored importances (checked by :func:`check_sidecar_values`) as float32 scores; rows a grown head added since score 0."""
     import numpy as np
 
@@ -138,8 +177,15 @@ def sidecar_sources(sc: TensorFile, names: list[str], shapes: dict[str, tuple[in
     return [Source(n, shapes[n], "float32", lambda n=n: load(n)) for n in names]
 
 
-def write_pruned(tf: TensorFile, plan: MaskPlan, sources: dict[str, Source], output: str | os.PathLike, metadata: dict[str, str], *,
-                 force: bool) -> str:
+def write_pruned(
+    tf: TensorFile,
+    plan: MaskPlan,
+    sources: dict[str, Source],
+    output: str | os.PathLike,
+    metadata: dict[str, str],
+    *,
+    force: bool,
+) -> str:
     """Write ``tf``'s tensors to ``output`` (atomically), the ``sources``' tensors masked by ``plan``; return the output's fingerprint.
 
     ``metadata`` is the output's ``__metadata__``; its ``cl_tool.fingerprint`` is filled in here. Tensor entries, dtypes,
@@ -176,7 +222,9 @@ def write_pruned(tf: TensorFile, plan: MaskPlan, sources: dict[str, Source], out
     return fp
 
 
-def write_masks(plan: MaskPlan, sources: list[Source], path: str | os.PathLike, metadata: dict[str, str], *, force: bool) -> None:
+def write_masks(
+    plan: MaskPlan, sources: list[Source], path: str | os.PathLike, metadata: dict[str, str], *, force: bool
+) -> None:
     """The keep-masks as uint8 (1 keep, 0 pruned) in a safetensors file, one tensor at a time."""
     import numpy as np
 

@@ -46,8 +46,9 @@ import bisect
 import fnmatch
 import math
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 
@@ -86,10 +87,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 # Buffers that may appear in a state dict but are statistics, not weights: never selected.
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
-_CHUNK = 1 << 20          # elements per chunk when locating the n-th tie
-_SAMPLE = 1 << 17         # size of the random sample that brackets the threshold
-_MIN_CAP = 1 << 20        # bracket size (elements) below which candidates are copied out
-_GUIDED = 8               # at most this many sample-guided probe pairs before plain bisection
+_CHUNK = 1 << 20  # elements per chunk when locating the n-th tie
+_SAMPLE = 1 << 17  # size of the random sample that brackets the threshold
+_MIN_CAP = 1 << 20  # bracket size (elements) below which candidates are copied out
+_GUIDED = 8  # at most this many sample-guided probe pairs before plain bisection
 
 
 # ----------------------------------------------------------------------------- selection
@@ -110,7 +111,7 @@ def _guess_classifier(named_params: Mapping[str, Any]) -> tuple[str, ...]:
     if "." not in last:
         return (last,)
     prefix = last.rsplit(".", 1)[0] + "."
-    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix):])
+    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix) :])
 
 
 def select_prunable(
@@ -151,7 +152,9 @@ def select_prunable(
     for opt, pats in (("$include", include), ("$exclude", exclude)):
         for pat in pats or ():
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise UsageError(f"{opt} pattern {pat!r} matches no parameter name of the model; check the spelling against the model's parameter names.")
+                raise UsageError(
+                    f"{opt} pattern {pat!r} matches no parameter name of the model; check the spelling against the model's parameter names."
+                )
 
     if classifier_names is None:
         classifier_names = _guess_classifier(named_params)
@@ -170,9 +173,7 @@ def select_prunable(
         if include:
             chosen = _matches(name, include)
         else:
-            if _matches(name, DEFAULT_EXCLUDE, lower=True):
-                chosen = False
-            elif is_classifier(name) and not include_classifier:
+            if _matches(name, DEFAULT_EXCLUDE, lower=True) or is_classifier(name) and not include_classifier:
                 chosen = False
             elif len(t.shape) >= 2:
                 chosen = True
@@ -185,7 +186,9 @@ def select_prunable(
         if chosen:
             selected.append(name)
     if not selected:
-        raise UsageError("No parameter is selected for pruning; adjust $include/$exclude or $include_bias/$include_norm/$include_classifier.")
+        raise UsageError(
+            "No parameter is selected for pruning; adjust $include/$exclude or $include_bias/$include_norm/$include_classifier."
+        )
     return selected
 
 
@@ -264,7 +267,9 @@ def _check_nan_minmax(sources: list[Source], cdtype: str) -> tuple[float, float]
         f = _flat(src, cdtype)
         mn, mx = float(np.min(f)), float(np.max(f))
         if math.isnan(mn) or math.isnan(mx):
-            raise BadInputError(f"The scores for {src.name!r} contain NaN; recompute the importances (the run that produced them probably diverged).")
+            raise BadInputError(
+                f"The scores for {src.name!r} contain NaN; recompute the importances (the run that produced them probably diverged)."
+            )
         lo = mn if lo is None else min(lo, mn)
         hi = mx if hi is None else max(hi, mx)
     return None if lo is None else (lo, hi)
@@ -289,7 +294,9 @@ def _sample(sources: list[Source], total: int, cdtype: str) -> list[float]:
     return np.sort(np.concatenate(parts)).tolist()
 
 
-def _kth_smallest(sources: list[Source], k: int, cdtype: str, lo_val: float, hi_val: float) -> tuple[float, int, list[int] | None]:
+def _kth_smallest(
+    sources: list[Source], k: int, cdtype: str, lo_val: float, hi_val: float
+) -> tuple[float, int, list[int] | None]:
     """Return ``(v, #{x < v}, eq)`` where ``v`` is the k-th smallest (1-based) of all values.
 
     ``sources`` are non-empty and without NaN; their overall minimum and maximum are
@@ -301,8 +308,8 @@ def _kth_smallest(sources: list[Source], k: int, cdtype: str, lo_val: float, hi_
     keys = _Keys(cdtype)
     n_all = sum(src.numel for src in sources)
     cap = max(_MIN_CAP, max(src.numel for src in sources))
-    lo, c_lo, lo_virtual = keys.key(lo_val) - 1, 0, True     # invariant: #{<= value(lo)} < k
-    hi, c_hi = keys.key(hi_val), n_all                         # invariant: #{<= value(hi)} >= k
+    lo, c_lo, lo_virtual = keys.key(lo_val) - 1, 0, True  # invariant: #{<= value(lo)} < k
+    hi, c_hi = keys.key(hi_val), n_all  # invariant: #{<= value(hi)} >= k
 
     probes: list[int] = []
     smp: list[float] = []
@@ -360,7 +367,7 @@ def _kth_smallest(sources: list[Source], k: int, cdtype: str, lo_val: float, hi_
                 sel &= f > lo_v
             f = f[sel]
         pos = bounds[-1]
-        cand[pos:pos + f.size] = f
+        cand[pos : pos + f.size] = f
         bounds.append(pos + f.size)
     assert bounds[-1] == cand.size
     v = float(np.partition(cand, k - c_lo - 1)[k - c_lo - 1])
@@ -375,7 +382,7 @@ def _nth_true(flat_bool, n: int) -> int:
     import numpy as np
 
     for start in range(0, flat_bool.size, _CHUNK):
-        chunk = flat_bool[start:start + _CHUNK]
+        chunk = flat_bool[start : start + _CHUNK]
         c = int(np.count_nonzero(chunk))
         if c >= n:
             return start + int(np.flatnonzero(chunk)[n - 1])
@@ -420,7 +427,7 @@ class MaskPlan:
             eq = f == cut.threshold
             if cut.ties < int(np.count_nonzero(eq)):
                 p = _nth_true(eq, cut.ties)
-                keep[p + 1:] |= eq[p + 1:]
+                keep[p + 1 :] |= eq[p + 1 :]
         return keep.reshape(src.shape)
 
 
@@ -463,7 +470,9 @@ def plan_masks(sources: list[Source], sparsity: float, scope: str) -> MaskPlan:
         for src in sources:
             cuts.update(_cuts([src], num_to_prune(src.numel, s), _compute_dtype([src.dtype])))
         return MaskPlan(cuts)
-    return MaskPlan(_cuts(sources, num_to_prune(sum(src.numel for src in sources), s), _compute_dtype(src.dtype for src in sources)))
+    return MaskPlan(
+        _cuts(sources, num_to_prune(sum(src.numel for src in sources), s), _compute_dtype(src.dtype for src in sources))
+    )
 
 
 def _in_memory(scores: Mapping[str, Any]) -> tuple[list[Source], Callable[[str, Any], Any]]:
@@ -534,9 +543,13 @@ def apply_masks(state: Mapping[str, Any], masks: Mapping[str, Any]) -> dict[str,
     for name, mask in masks.items():
         t = state.get(name)
         if t is None:
-            raise IncompatibleError(f"The mask for {name!r} has no matching tensor in the model; the scores belong to another model.")
+            raise IncompatibleError(
+                f"The mask for {name!r} has no matching tensor in the model; the scores belong to another model."
+            )
         if tuple(t.shape) != tuple(mask.shape):
-            raise IncompatibleError(f"The mask for {name!r} has shape {tuple(mask.shape)} but the tensor has {tuple(t.shape)}; the scores belong to another model.")
+            raise IncompatibleError(
+                f"The mask for {name!r} has shape {tuple(mask.shape)} but the tensor has {tuple(t.shape)}; the scores belong to another model."
+            )
         keep = torch.as_tensor(mask).to(device=t.device, dtype=torch.bool)
         with torch.no_grad():
             t.masked_fill_(keep.logical_not(), 0)

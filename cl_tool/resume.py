@@ -43,9 +43,15 @@ class ResumeState:
         tensors["rng/torch"] = st["rng"]
         for k, v in (st.get("si") or {}).items():
             tensors[f"si/{k}"] = v
-        meta = {"cl_tool.resume": "1", "fingerprint": self.fingerprint, "config": json.dumps(self.config, sort_keys=True),
-                "position": json.dumps({"epoch": st["epoch"], "batch": st["batch"], "global_step": st["global_step"]}),
-                "optimizer": json.dumps(opt_meta), "scaler": json.dumps(st.get("scaler")), "epochs": json.dumps(st.get("epochs", []))}
+        meta = {
+            "cl_tool.resume": "1",
+            "fingerprint": self.fingerprint,
+            "config": json.dumps(self.config, sort_keys=True),
+            "position": json.dumps({"epoch": st["epoch"], "batch": st["batch"], "global_step": st["global_step"]}),
+            "optimizer": json.dumps(opt_meta),
+            "scaler": json.dumps(st.get("scaler")),
+            "epochs": json.dumps(st.get("epochs", [])),
+        }
         save_tensors(self.path, tensors, meta, force=True)
 
     def load(self) -> dict[str, Any] | None:
@@ -58,22 +64,33 @@ class ResumeState:
         if meta.get("cl_tool.resume") != "1":
             raise BadInputError(f"{self.path} is not a cl-tool resume state; remove it or pass another $state_file.")
         if meta.get("fingerprint") != self.fingerprint:
-            raise IncompatibleError(f"Resume state {self.path} was written for another input checkpoint (fingerprint {meta.get('fingerprint')} "
-                                    f"vs {self.fingerprint}); delete it to start afresh.")
+            raise IncompatibleError(
+                f"Resume state {self.path} was written for another input checkpoint (fingerprint {meta.get('fingerprint')} "
+                f"vs {self.fingerprint}); delete it to start afresh."
+            )
         saved_cfg = json.loads(meta.get("config", "{}"))
         if saved_cfg != json.loads(json.dumps(self.config, sort_keys=True)):
             diff = sorted(k for k in set(saved_cfg) | set(self.config) if saved_cfg.get(k) != self.config.get(k))
-            raise IncompatibleError(f"Resume state {self.path} was written with other training options ({', '.join(diff)}); "
-                                    f"rerun with the same options or delete it.")
+            raise IncompatibleError(
+                f"Resume state {self.path} was written with other training options ({', '.join(diff)}); "
+                f"rerun with the same options or delete it."
+            )
         pos = json.loads(meta["position"])
         opt_meta = json.loads(meta["optimizer"])
         state = {}
         for idx, keys in opt_meta["state_keys"].items():
-            state[int(idx)] = {k: (tensors[f"opt/{idx}/{k}"] if is_t else tensors[f"opt/{idx}/{k}"].item()) for k, is_t in keys}
-        return {**pos, "model": {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
-                "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]}, "scaler": json.loads(meta.get("scaler", "null")),
-                "rng": tensors["rng/torch"], "si": {k[len("si/"):]: v for k, v in tensors.items() if k.startswith("si/")} or None,
-                "epochs": json.loads(meta.get("epochs", "[]"))}
+            state[int(idx)] = {
+                k: (tensors[f"opt/{idx}/{k}"] if is_t else tensors[f"opt/{idx}/{k}"].item()) for k, is_t in keys
+            }
+        return {
+            **pos,
+            "model": {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")},
+            "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]},
+            "scaler": json.loads(meta.get("scaler", "null")),
+            "rng": tensors["rng/torch"],
+            "si": {k[len("si/") :]: v for k, v in tensors.items() if k.startswith("si/")} or None,
+            "epochs": json.loads(meta.get("epochs", "[]")),
+        }
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):

@@ -21,6 +21,8 @@ def mark_start() -> None:
 
 def started_at() -> float:
     return _STARTED[0]
+
+
 DEVICES_TEXT = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -40,11 +42,17 @@ def resolve_device(name: str):
         raise UsageError(f"$device {name} is not supported; use {DEVICES_TEXT}.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"$device {name} was asked for but CUDA is not available on this machine; use $device cpu or auto.")
+            raise EnvironmentProblem(
+                f"$device {name} was asked for but CUDA is not available on this machine; use $device cpu or auto."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EnvironmentProblem(f"$device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick an index below that.")
+            raise EnvironmentProblem(
+                f"$device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pick an index below that."
+            )
     if dev.type == "mps" and not mps:
-        raise EnvironmentProblem(f"$device {name} was asked for but MPS is not available on this machine; use $device cpu or auto.")
+        raise EnvironmentProblem(
+            f"$device {name} was asked for but MPS is not available on this machine; use $device cpu or auto."
+        )
     return dev
 
 
@@ -77,7 +85,11 @@ def skip_dynamo_import() -> None:
     for owner in (torch.optim.Optimizer, *torch.optim.Optimizer.__subclasses__()):
         for member in vars(owner).values():
             fn = getattr(member, "__wrapped__", None)
-            if fn is not None and getattr(member, "__code__", None) is code and getattr(fn, "__dynamo_disable", None) is None:
+            if (
+                fn is not None
+                and getattr(member, "__code__", None) is code
+                and getattr(fn, "__dynamo_disable", None) is None
+            ):
                 fn.__dynamo_disable = fn
 
 
@@ -104,8 +116,13 @@ def device_option():
 def precision_option():
     from cl_tool.params import option
 
-    return option("fp32", "--precision", metavar="fp32|bf16|fp16", choices=PRECISIONS,
-                  help="fp32, bf16 or fp16 (autocast; statistics and the penalty stay in fp32).")
+    return option(
+        "fp32",
+        "--precision",
+        metavar="fp32|bf16|fp16",
+        choices=PRECISIONS,
+        help="fp32, bf16 or fp16 (autocast; statistics and the penalty stay in fp32).",
+    )
 
 
 def seed_option():

@@ -17,8 +17,23 @@ from typing import Any
 from cl_tool.errors import BadInputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def check_input_file(path: str | os.PathLike, what: str) -> Path:
@@ -47,21 +62,31 @@ def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str,
     with open(p, "rb") as fh:
         prefix = fh.read(8)
         if len(prefix) < 8:
-            raise BadInputError(f"{what} {p} is too short to be a safetensors file ({size} bytes); it is truncated or not safetensors.")
+            raise BadInputError(
+                f"{what} {p} is too short to be a safetensors file ({size} bytes); it is truncated or not safetensors."
+            )
         (n,) = struct.unpack("<Q", prefix)
         if n == 0 or n > MAX_HEADER_BYTES:
-            raise BadInputError(f"{what} {p} is not a safetensors file (invalid header length {n}); give a .safetensors file written by cl-tool or safetensors.")
+            raise BadInputError(
+                f"{what} {p} is not a safetensors file (invalid header length {n}); give a .safetensors file written by cl-tool or safetensors."
+            )
         if 8 + n > size:
-            raise BadInputError(f"{what} {p} is truncated: its header says {n} bytes but the file has {size - 8} after the length prefix; regenerate or re-download it.")
+            raise BadInputError(
+                f"{what} {p} is truncated: its header says {n} bytes but the file has {size - 8} after the length prefix; regenerate or re-download it."
+            )
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-        raise BadInputError(f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file.") from exc
+        raise BadInputError(
+            f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file."
+        ) from exc
     if not isinstance(header, dict):
         raise BadInputError(f"{what} {p} is not a safetensors file (its header is not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise BadInputError(f"{what} {p} has malformed metadata (must map strings to strings).")
     data_len = size - 8 - n
     for name, entry in header.items():
@@ -76,9 +101,16 @@ def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str,
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 \
-                    and isinstance(entry["data_offsets"][1], int) and entry["data_offsets"][1] > data_len:
-                raise BadInputError(f"{what} {p} is truncated: tensor {name!r} extends past the end of the file; regenerate or re-download it.")
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("data_offsets"), list)
+                and len(entry["data_offsets"]) == 2
+                and isinstance(entry["data_offsets"][1], int)
+                and entry["data_offsets"][1] > data_len
+            ):
+                raise BadInputError(
+                    f"{what} {p} is truncated: tensor {name!r} extends past the end of the file; regenerate or re-download it."
+                )
             raise BadInputError(f"{what} {p} is corrupt: the header entry of tensor {name!r} is invalid.")
     return header, metadata
 
@@ -92,13 +124,29 @@ def load_tensors(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BadInputError(f"{what} {path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it.") from exc
+        raise BadInputError(
+            f"{what} {path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it."
+        ) from exc
     return tensors, metadata
 
 
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
-                       "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
 
 
 def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike, metadata: dict[str, str]) -> None:

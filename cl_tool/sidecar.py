@@ -65,9 +65,13 @@ def validate_values(tensors: dict[str, Any], where: str) -> None:
 
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise BadInputError(f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it.")
+            raise BadInputError(
+                f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
+            )
         if (t < 0).any():
-            raise BadInputError(f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it.")
+            raise BadInputError(
+                f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
+            )
 
 
 def load_sidecar(path: str | os.PathLike) -> Sidecar:
@@ -85,8 +89,12 @@ def sidecar_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> Side
     """A Sidecar with the metadata of ``path`` and no tensors yet (exit 3 if it is not a valid sidecar's)."""
     if meta.get("cl_tool.sidecar") != "1":
         if "cl_tool.model" in meta:
-            raise BadInputError(f"{path} is a checkpoint, not an importance sidecar; pass the .importance.safetensors file written by `cl-tool importance`.")
-        raise BadInputError(f"{path} is not a cl-tool importance sidecar (no 'cl_tool.sidecar' metadata); create it with `cl-tool importance`.")
+            raise BadInputError(
+                f"{path} is a checkpoint, not an importance sidecar; pass the .importance.safetensors file written by `cl-tool importance`."
+            )
+        raise BadInputError(
+            f"{path} is not a cl-tool importance sidecar (no 'cl_tool.sidecar' metadata); create it with `cl-tool importance`."
+        )
     try:
         sc = Sidecar(
             tensors={},
@@ -99,12 +107,22 @@ def sidecar_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> Side
             path=str(path),
         )
     except KeyError as exc:
-        raise BadInputError(f"Importance file {path} lacks the metadata key {exc.args[0]!r}; recompute it with `cl-tool importance`.") from exc
+        raise BadInputError(
+            f"Importance file {path} lacks the metadata key {exc.args[0]!r}; recompute it with `cl-tool importance`."
+        ) from exc
     except (ValueError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadInputError(f"Importance file {path} has malformed metadata ({str(exc)[:200]}); recompute it with `cl-tool importance`.") from exc
-    if not isinstance(sc.options, dict) or not isinstance(sc.tasks, list) or not all(isinstance(t, dict) for t in sc.tasks) \
-            or not (sc.data is None or isinstance(sc.data, dict)):
-        raise BadInputError(f"Importance file {path} has malformed metadata (options, data or tasks of the wrong type); recompute it with `cl-tool importance`.")
+        raise BadInputError(
+            f"Importance file {path} has malformed metadata ({str(exc)[:200]}); recompute it with `cl-tool importance`."
+        ) from exc
+    if (
+        not isinstance(sc.options, dict)
+        or not isinstance(sc.tasks, list)
+        or not all(isinstance(t, dict) for t in sc.tasks)
+        or not (sc.data is None or isinstance(sc.data, dict))
+    ):
+        raise BadInputError(
+            f"Importance file {path} has malformed metadata (options, data or tasks of the wrong type); recompute it with `cl-tool importance`."
+        )
     return sc
 
 
@@ -121,7 +139,9 @@ def check_covers(sc: Sidecar, named_params: dict[str, Any], checkpoint_path: str
     """Every trainable parameter needs an importance tensor of its shape."""
     for name, p in named_params.items():
         if name not in sc.tensors:
-            raise IncompatibleError(f"Importance file {sc.path} has no entry for parameter {name!r} of {checkpoint_path}; recompute it for this checkpoint.")
+            raise IncompatibleError(
+                f"Importance file {sc.path} has no entry for parameter {name!r} of {checkpoint_path}; recompute it for this checkpoint."
+            )
         if tuple(sc.tensors[name].shape) != tuple(p.shape):
             raise IncompatibleError(
                 f"Importance of {name!r} in {sc.path} has shape {list(sc.tensors[name].shape)}, but the parameter has {list(p.shape)}; recompute it for this checkpoint."
@@ -133,8 +153,12 @@ def combine(prev: Sidecar, new: dict[str, Any], decay: float) -> dict[str, Any]:
     out = {}
     for name, t in new.items():
         if name not in prev.tensors:
-            raise IncompatibleError(f"$accumulate {prev.path} has no entry for parameter {name!r}; it was computed for a different architecture.")
+            raise IncompatibleError(
+                f"$accumulate {prev.path} has no entry for parameter {name!r}; it was computed for a different architecture."
+            )
         if prev.tensors[name].shape != t.shape:
-            raise IncompatibleError(f"$accumulate {prev.path}: parameter {name!r} has shape {list(prev.tensors[name].shape)} there but {list(t.shape)} here.")
+            raise IncompatibleError(
+                f"$accumulate {prev.path}: parameter {name!r} has shape {list(prev.tensors[name].shape)} there but {list(t.shape)} here."
+            )
         out[name] = decay * prev.tensors[name] + t
     return out

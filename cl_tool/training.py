@@ -14,13 +14,12 @@ single-process mean gradient when B is divisible by the world size.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
@@ -87,7 +86,9 @@ def make_optimizer(cfg: TrainConfig, params):
 
     skip_dynamo_import()
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     elif cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -147,7 +148,7 @@ class _SignalFlag:
                 pass
         return self
 
-    def _handle(self, signum, frame):  # noqa: ARG002
+    def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -167,10 +168,24 @@ def _check_finite_grads(params) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
-def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks: dict[str, Any] | None = None, augment=None,
-          eval_sets: list[tuple[str, Any]] = (), log: Callable[[dict[str, Any]], None] | None = None,
-          on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
-          state_io=None, dist: DistInfo | None = None, progress=None, started_at: float | None = None) -> TrainResult:
+def train(
+    model,
+    task,
+    cfg: TrainConfig,
+    *,
+    device,
+    penalty=None,
+    si=None,
+    masks: dict[str, Any] | None = None,
+    augment=None,
+    eval_sets: list[tuple[str, Any]] = (),
+    log: Callable[[dict[str, Any]], None] | None = None,
+    on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
+    state_io=None,
+    dist: DistInfo | None = None,
+    progress=None,
+    started_at: float | None = None,
+) -> TrainResult:
     """Train ``model`` on ``task`` (a ``cl_tool.data.Task``) with cross-entropy + penalty; return per-epoch records.
 
     Batches come from ``task.batches`` in the order of the module docstring (``augment``: none,
@@ -198,8 +213,10 @@ def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks
     if cfg.batch_size % dist.world:
         raise UsageError(f"$batch_size {cfg.batch_size} must be divisible by the number of processes ({dist.world}).")
     if n is None and (cfg.schedule == "cosine" or cfg.checkpoint_every):
-        raise UsageError(f"{'$schedule cosine' if cfg.schedule == 'cosine' else '$checkpoint_every'} needs the number of samples, "
-                         f"which this stream does not say; give $limit N.")
+        raise UsageError(
+            f"{'$schedule cosine' if cfg.schedule == 'cosine' else '$checkpoint_every'} needs the number of samples, "
+            f"which this stream does not say; give $limit N."
+        )
     total_steps = math.ceil(n / cfg.batch_size) * cfg.epochs if n is not None else 0
     mask_list = [(p, masks[nm].to(device, p.dtype)) for nm, p in named if masks and nm in masks]
 
@@ -221,9 +238,17 @@ def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 on_restore(result.epochs)
 
     def snapshot(epoch: int, batch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "batch": batch, "global_step": global_step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": torch.get_rng_state(), "si": si.state_dict() if si is not None else None, "epochs": result.epochs}
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": global_step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": torch.get_rng_state(),
+            "si": si.state_dict() if si is not None else None,
+            "epochs": result.epochs,
+        }
 
     started_at = time.perf_counter() if started_at is None else started_at
     set_training_mode(model, cfg.freeze_bn_stats)
@@ -233,12 +258,22 @@ def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks
             correct = seen = 0
             t_epoch = None  # the epoch's training time runs from its first step to its last
             first = start_batch if epoch == start_epoch else 0
-            batches = task.batches(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, start_batch=first,
-                                   shard=(dist.rank, dist.world), device=device, augment=augment)
+            batches = task.batches(
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                epoch=epoch,
+                start_batch=first,
+                shard=(dist.rank, dist.world),
+                device=device,
+                augment=augment,
+            )
             for b, batch in enumerate(batches, start=first):
                 if t_epoch is None:
                     t_epoch = time.perf_counter()
-                    result.setup_seconds = result.setup_seconds if result.setup_seconds is not None else t_epoch - started_at
+                    result.setup_seconds = (
+                        result.setup_seconds if result.setup_seconds is not None else t_epoch - started_at
+                    )
                 xb, yb = batch.x, batch.y
                 lr = lr_at(cfg, global_step, total_steps)
                 for g in opt.param_groups:
@@ -273,15 +308,23 @@ def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 seen += bs
                 if progress:
                     progress(1)
-                if state_io is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and dist.is_main:
+                if (
+                    state_io is not None
+                    and cfg.checkpoint_every
+                    and global_step % cfg.checkpoint_every == 0
+                    and dist.is_main
+                ):
                     state_io.save(snapshot(epoch, b + 1))
                 if flag.signum is not None:
                     resumable = state_io is not None and cfg.checkpoint_every > 0
                     if resumable and dist.is_main:
                         state_io.save(snapshot(epoch, b + 1))
                     name = "SIGTERM" if flag.signum == signal.SIGTERM else "SIGINT"
-                    saved = (f"resumable state written to {state_io.path}; rerun the same command with $resume to continue" if resumable
-                             else "nothing was written (use $checkpoint_every N to make runs resumable)")
+                    saved = (
+                        f"resumable state written to {state_io.path}; rerun the same command with $resume to continue"
+                        if resumable
+                        else "nothing was written (use $checkpoint_every N to make runs resumable)"
+                    )
                     raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
             pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
             dt = time.perf_counter() - t_epoch if t_epoch is not None else 0.0
@@ -291,12 +334,22 @@ def train(model, task, cfg: TrainConfig, *, device, penalty=None, si=None, masks
                 (dt,) = all_reduce_max([dt], device)
             result.train_seconds += dt
             result.samples += seen
-            record = {"epoch": epoch + 1, "steps": global_step, "task_loss": sum_task / max(1, seen), "penalty": pen_val,
-                      "loss": sum_task / max(1, seen) + pen_val, "train_accuracy": correct / max(1, seen),
-                      "lr": lr_at(cfg, max(0, global_step - 1), total_steps), "seconds": dt, "samples_per_s": seen / max(dt, 1e-9),
-                      "setup_seconds": result.setup_seconds}
+            record = {
+                "epoch": epoch + 1,
+                "steps": global_step,
+                "task_loss": sum_task / max(1, seen),
+                "penalty": pen_val,
+                "loss": sum_task / max(1, seen) + pen_val,
+                "train_accuracy": correct / max(1, seen),
+                "lr": lr_at(cfg, max(0, global_step - 1), total_steps),
+                "seconds": dt,
+                "samples_per_s": seen / max(dt, 1e-9),
+                "setup_seconds": result.setup_seconds,
+            }
             for name, eval_task in eval_sets:
-                acc, loss = evaluate_task(model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+                acc, loss = evaluate_task(
+                    model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision
+                )
                 record[f"eval/{name}/accuracy"] = acc
                 record[f"eval/{name}/loss"] = loss
             result.epochs.append(record)

@@ -17,7 +17,9 @@ def saved_demo(path: Path, n: int = 40, seed: int = 0, test: int = 24) -> Path:
 
     datasets.disable_progress_bars()
     if not path.exists():
-        datasets.DatasetDict({"train": make_dataset(n, seed=seed), "test": make_dataset(test, seed=seed + 1)}).save_to_disk(str(path))
+        datasets.DatasetDict(
+            {"train": make_dataset(n, seed=seed), "test": make_dataset(test, seed=seed + 1)}
+        ).save_to_disk(str(path))
     return path
 
 

@@ -55,9 +55,13 @@ def _to_array(value, c: int, h: int, w: int, row: int, source: str):
     try:
         arr = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
-        raise BadInputError(f"Image in row {row} of $data {source} is not a regular array; use an Image column or fixed-size pixel arrays.") from exc
+        raise BadInputError(
+            f"Image in row {row} of $data {source} is not a regular array; use an Image column or fixed-size pixel arrays."
+        ) from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise BadInputError(f"Image in row {row} of $data {source} is not a regular array of numbers (dtype {arr.dtype}); use an Image column or fixed-size pixel arrays.")
+        raise BadInputError(
+            f"Image in row {row} of $data {source} is not a regular array of numbers (dtype {arr.dtype}); use an Image column or fixed-size pixel arrays."
+        )
     scale = 255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0
     arr = arr.astype(np.float32) / scale
     if arr.size == c * h * w:
@@ -69,8 +73,12 @@ def _to_array(value, c: int, h: int, w: int, row: int, source: str):
 
         hw = arr if arr.ndim == 2 else arr
         u8 = (np.clip(hw, 0, 1) * 255).round().astype(np.uint8)
-        return _to_array(Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0]), c, h, w, row, source)
-    raise BadInputError(f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model.")
+        return _to_array(
+            Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0]), c, h, w, row, source
+        )
+    raise BadInputError(
+        f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model."
+    )
 
 
 def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, progress=None) -> TaskData:
@@ -80,16 +88,22 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
 
     split_name, start, stop = _parse_split(spec.split)
     ds, split_name = _load_raw(spec.source, split_name)
-    img_col = _find_column(ds, spec.image_column, "image", "$image_column", IMAGE_COLUMN_NAMES, ("Image", "Array2D", "Array3D"))
+    img_col = _find_column(
+        ds, spec.image_column, "image", "$image_column", IMAGE_COLUMN_NAMES, ("Image", "Array2D", "Array3D")
+    )
     lab_col = _find_column(ds, spec.label_column, "label", "$label_column", LABEL_COLUMN_NAMES, ("ClassLabel",))
     if img_col == lab_col:
-        raise BadInputError(f"$data {spec.source}: the image and label columns are both {img_col!r}; set $image_column / $label_column.")
+        raise BadInputError(
+            f"$data {spec.source}: the image and label columns are both {img_col!r}; set $image_column / $label_column."
+        )
     n_total = len(ds)
     idx = range(n_total)[slice(start, stop)]
     if spec.limit is not None:
         idx = idx[: spec.limit]
     if len(idx) == 0:
-        raise BadInputError(f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset.")
+        raise BadInputError(
+            f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset."
+        )
     if len(idx) != n_total:
         ds = ds.select(idx)
     c, h, w = input_shape
@@ -110,7 +124,9 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
                     raise ValueError(lab)
                 ys[row] = int(lab)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise BadInputError(f"Label {lab!r} in row {row} of $data {spec.source} is not an integer class id; encode labels as integers or a ClassLabel.") from exc
+                raise BadInputError(
+                    f"Label {lab!r} in row {row} of $data {spec.source} is not an integer class id; encode labels as integers or a ClassLabel."
+                ) from exc
             if img is None:
                 raise BadInputError(f"Row {row} of $data {spec.source} has no image.")
             xs[row] = _to_array(img, c, h, w, row, spec.source)
@@ -119,12 +135,18 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
             progress(len(batch[lab_col]))
     bad = ~np.isfinite(xs.reshape(len(xs), -1)).all(axis=1)
     if bad.any():
-        raise BadInputError(f"Image in row {int(np.argmax(bad))} of $data {spec.source} has NaN or infinite pixel values; clean the data.")
+        raise BadInputError(
+            f"Image in row {int(np.argmax(bad))} of $data {spec.source} has NaN or infinite pixel values; clean the data."
+        )
     x = apply_task_transforms(torch.from_numpy(xs), spec)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     x = (x - m) / s
-    info = {"split": split_name if start is None and stop is None else spec.split, "image_column": img_col, "label_column": lab_col}
+    info = {
+        "split": split_name if start is None and stop is None else spec.split,
+        "image_column": img_col,
+        "label_column": lab_col,
+    }
     if spec.name is None:
         spec.name = Path(spec.source).name or spec.source
     return TaskData(x=x, y=torch.from_numpy(ys), spec=spec, info=info)

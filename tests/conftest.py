@@ -50,8 +50,14 @@ def cli(capsys):
 
 def run_subprocess(*args: str, cwd=None, env=None, timeout=300) -> Result:
     """Run ``python -m cl_tool ARGS`` in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-m", "cl_tool", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cl_tool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -64,7 +70,9 @@ def demo_dir(tmp_path_factory) -> Path:
 
     datasets.disable_progress_bars()
     path = tmp_path_factory.mktemp("data") / "demo"
-    datasets.DatasetDict({"train": make_dataset(1200, seed=0), "test": make_dataset(400, seed=1)}).save_to_disk(str(path))
+    datasets.DatasetDict({"train": make_dataset(1200, seed=0), "test": make_dataset(400, seed=1)}).save_to_disk(
+        str(path)
+    )
     return path
 
 
@@ -75,8 +83,10 @@ def small_mlp(tmp_path_factory, demo_dir) -> Path:
 
     folder = tmp_path_factory.mktemp("ckpt")
     a0, a = folder / "a0.safetensors", folder / "a.safetensors"
-    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
-                 ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a]):
+    for argv in (
+        ["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+        ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([str(x) for x in argv])
         assert exc.value.code == 0
@@ -122,9 +132,11 @@ def anchored(tmp_path_factory, demo_dir):
 
     d = tmp_path_factory.mktemp("anch")
     a0, a = d / "a0.safetensors", d / "a.safetensors"
-    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
-                 ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a],
-                 ["importance", a, "--data", demo_dir, "--method", "fisher", "--device", "cpu", "--samples", "600"]):
+    for argv in (
+        ["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+        ["train-next", a0, "--data", demo_dir, "--epochs", "1", "--device", "cpu", "-o", a],
+        ["importance", a, "--data", demo_dir, "--method", "fisher", "--device", "cpu", "--samples", "600"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([str(x) for x in argv])
         assert exc.value.code == 0

@@ -24,8 +24,21 @@ def test_init_writes_self_describing_checkpoint(cli, tmp_path):
 
 def test_timm_vit_checkpoint_roundtrip(cli, tmp_path):
     out = tmp_path / "vit.safetensors"
-    r = cli("init", "--arch", "vit_tiny_patch16_224", "--arch-arg", "img_size=28", "--arch-arg", "patch_size=4",
-            "--input-shape", "1x28x28", "--num-classes", "10", "-o", out)
+    r = cli(
+        "init",
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--arch-arg",
+        "img_size=28",
+        "--arch-arg",
+        "patch_size=4",
+        "--input-shape",
+        "1x28x28",
+        "--num-classes",
+        "10",
+        "-o",
+        out,
+    )
     assert r.code == 0, r.err
     from cl_tool.checkpoint import instantiate, load_checkpoint
 
@@ -41,8 +54,12 @@ def test_timm_folder_is_accepted(cli, tmp_path, demo_dir):
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    cfg = {"architecture": "resnet10t", "num_classes": 10, "model_args": {"in_chans": 1},
-           "pretrained_cfg": {"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5]}}
+    cfg = {
+        "architecture": "resnet10t",
+        "num_classes": 10,
+        "model_args": {"in_chans": 1},
+        "pretrained_cfg": {"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5]},
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     r = cli("evaluate", folder, "--data", f"{demo_dir}::split=test,limit=64", "--device", "cpu", "--json")
     assert r.code == 0, r.err
@@ -51,7 +68,17 @@ def test_timm_folder_is_accepted(cli, tmp_path, demo_dir):
 
 
 def test_mlp_sizes_must_match_input(cli, tmp_path):
-    r = cli("init", "--arch", "mlp", "--arch-arg", "sizes=100,10", "--input-shape", "1x28x28", "-o", tmp_path / "x.safetensors")
+    r = cli(
+        "init",
+        "--arch",
+        "mlp",
+        "--arch-arg",
+        "sizes=100,10",
+        "--input-shape",
+        "1x28x28",
+        "-o",
+        tmp_path / "x.safetensors",
+    )
     assert r.code == 2 and "784" in r.error_line
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -66,11 +93,17 @@ def test_writer_output_reads_back_through_the_safetensors_library(tmp_path, with
 
     gen = torch.Generator().manual_seed(0)
     tensors = {
-        "w": torch.randn(3, 5, generator=gen), "d": torch.randn(7, dtype=torch.float64, generator=gen),
-        "h": torch.randn(4, generator=gen).half(), "b": torch.randn(2, 2, generator=gen).bfloat16(),
-        "i": torch.arange(-3, 3, dtype=torch.int64), "q": torch.arange(9, dtype=torch.int8).reshape(3, 3),
-        "u": torch.arange(5, dtype=torch.uint8), "m": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 4), "a_bool_then_float": torch.ones(1, dtype=torch.bool),
+        "w": torch.randn(3, 5, generator=gen),
+        "d": torch.randn(7, dtype=torch.float64, generator=gen),
+        "h": torch.randn(4, generator=gen).half(),
+        "b": torch.randn(2, 2, generator=gen).bfloat16(),
+        "i": torch.arange(-3, 3, dtype=torch.int64),
+        "q": torch.arange(9, dtype=torch.int8).reshape(3, 3),
+        "u": torch.arange(5, dtype=torch.uint8),
+        "m": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "a_bool_then_float": torch.ones(1, dtype=torch.bool),
     }
     meta = {"cl_tool.x": "1", "note": "ünïcode"} if with_metadata else {}
     path = tmp_path / "t.safetensors"

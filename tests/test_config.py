@@ -12,7 +12,21 @@ def test_config_sets_options_and_cli_overrides(cli, small_mlp, demo_dir, tmp_pat
     cfg = tmp_path / "c.toml"
     cfg.write_text('penalty = "none"\nepochs = 2\nbatch-size = 50\nlr = 0.01\n')
     out = tmp_path / "o.safetensors"
-    r = cli("train-next", small_mlp, "--data", f"{demo_dir}::limit=200", "--config", cfg, "--epochs", "1", "--device", "cpu", "-o", out, "--json")
+    r = cli(
+        "train-next",
+        small_mlp,
+        "--data",
+        f"{demo_dir}::limit=200",
+        "--config",
+        cfg,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["steps"] == 4  # 200 samples / batch 50 from the file, 1 epoch from the command line
@@ -38,12 +52,15 @@ def test_wrong_type_is_a_usage_error(cli, small_mlp, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-@pytest.mark.parametrize("command,line,key", [
-    ("train-next", "lr = \"fast\"", "lr"),
-    ("train-next", "epochs = 2.5", "epochs"),
-    ("prune", "sparsity = [0.5, 0.9]", "sparsity"),
-    ("evaluate", "batch-size = \"big\"", "batch-size"),
-])
+@pytest.mark.parametrize(
+    "command,line,key",
+    [
+        ("train-next", 'lr = "fast"', "lr"),
+        ("train-next", "epochs = 2.5", "epochs"),
+        ("prune", "sparsity = [0.5, 0.9]", "sparsity"),
+        ("evaluate", 'batch-size = "big"', "batch-size"),
+    ],
+)
 def test_wrong_type_names_file_and_key(cli, small_mlp, tmp_path, command, line, key):
     cfg = tmp_path / "c.toml"
     cfg.write_text(line + "\n")

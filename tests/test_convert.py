@@ -19,8 +19,15 @@ def _timm_folder(path, weights: str):
 
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1)
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 10,
-                                                  "pretrained_cfg": {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5]}}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "resnet10t",
+                "num_classes": 10,
+                "pretrained_cfg": {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5]},
+            }
+        )
+    )
     state = model.state_dict()
     if weights == "bin":
         torch.save(state, path / "pytorch_model.bin")

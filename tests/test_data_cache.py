@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cl_tool.data import Preprocess, TaskSpec, open_task
-from tests._legacy_load_task import load_task
 from cl_tool.errors import OutputError
 from tests._data_util import collect, imagefolder, saved_demo
+from tests._legacy_load_task import load_task
 from tests.conftest import snapshot_dir
 
 NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -36,11 +36,15 @@ def folder(tmp_path):
 
 def test_second_open_reads_the_cache_without_opening_the_source(folder, tmp_path):
     before = snapshot_dir(folder)
-    first = open_task(TaskSpec(str(folder), invert=True), PRE, cache="disk", workers=0, cache_dir=tmp_path / "c", ram_budget=0)
+    first = open_task(
+        TaskSpec(str(folder), invert=True), PRE, cache="disk", workers=0, cache_dir=tmp_path / "c", ram_budget=0
+    )
     _, x1, y1 = collect(first, batch_size=5)
     first.close()
     assert first.stats["decoded"] == len(first) and len(cache_files(tmp_path / "c")) == 1
-    second = open_task(TaskSpec(str(folder), invert=True), PRE, cache="disk", workers=0, cache_dir=tmp_path / "c", ram_budget=0)
+    second = open_task(
+        TaskSpec(str(folder), invert=True), PRE, cache="disk", workers=0, cache_dir=tmp_path / "c", ram_budget=0
+    )
     assert second._sel is None  # the source was not opened
     _, x2, y2 = collect(second, batch_size=5)
     assert second.stats["decoded"] == 0 and second.cache == "disk"  # read per batch (pread), not loaded whole
@@ -71,7 +75,10 @@ def test_a_cache_hit_imports_no_datasets(folder, tmp_path):
         n = sum(len(b.index) for b in t.batches(batch_size=7))
         print("decoded", t.stats["decoded"], "datasets" in sys.modules, n)
     """)
-    out = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120) for _ in range(2)]
+    out = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        for _ in range(2)
+    ]
     assert out[0].stdout.split() == ["decoded", "18", "True", "18"], out[0].stderr
     assert out[1].stdout.split() == ["decoded", "0", "False", "18"], out[1].stderr
 
@@ -89,7 +96,9 @@ def test_changed_file_changes_the_key(folder, tmp_path):
     assert t2.stats["decoded"] == len(t2) and len(cache_files(tmp_path / "c")) == 2
     assert not torch.equal(x1, x2) and torch.equal(x2, load_task(TaskSpec(str(folder)), (3, 16, 16), *NORM).x)
     t2.close()
-    other_size = open_task(TaskSpec(str(folder)), Preprocess.builtin((3, 8, 8), *NORM), cache="disk", workers=0, cache_dir=tmp_path / "c")
+    other_size = open_task(
+        TaskSpec(str(folder)), Preprocess.builtin((3, 8, 8), *NORM), cache="disk", workers=0, cache_dir=tmp_path / "c"
+    )
     assert other_size._sel is not None  # another geometry is another key
     other_size.close()
 
@@ -133,8 +142,14 @@ WRITER = textwrap.dedent("""
 
 def _writer(folder, cache, delay):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(cache), str(delay)], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(folder), str(cache), str(delay)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_concurrent_writers_leave_one_valid_cache(folder, tmp_path):
@@ -145,7 +160,9 @@ def test_concurrent_writers_leave_one_valid_cache(folder, tmp_path):
         p.stdin.flush()
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert all(o[0].split()[-2:] == ["done", "18"] for o in outs), outs  # both decoded everything: neither saw a half-written file
+    assert all(o[0].split()[-2:] == ["done", "18"] for o in outs), (
+        outs
+    )  # both decoded everything: neither saw a half-written file
     names = cache_files(tmp_path / "c")
     assert len(names) == 1 and names[0].endswith(".cltd")  # one file, no temporaries
     t = open_task(TaskSpec(str(folder)), PRE, cache="disk", workers=0, cache_dir=tmp_path / "c")

@@ -39,8 +39,16 @@ def test_two_processes_see_each_sample_once_per_epoch(tmp_path):
     folder = imagefolder(tmp_path / "data", per_class=7)  # 21 samples: the last global batch is split 1 + 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), str(folder), init, str(tmp_path / f"r{r}.json")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(r), str(folder), init, str(tmp_path / f"r{r}.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     for r in range(2):
@@ -54,7 +62,9 @@ def test_overlapping_passes_are_refused(tmp_path):
     import pytest
 
     folder = imagefolder(tmp_path / "data", per_class=4)
-    task = open_task(TaskSpec(str(folder)), Preprocess.builtin((3, 8, 8), (0.5,) * 3, (0.2,) * 3), cache="none", workers=0)
+    task = open_task(
+        TaskSpec(str(folder)), Preprocess.builtin((3, 8, 8), (0.5,) * 3, (0.2,) * 3), cache="none", workers=0
+    )
     first = task.batches(batch_size=2)
     next(first)
     with pytest.raises(RuntimeError, match="another pass over this task is still open"):
@@ -71,8 +81,19 @@ def test_task_specs_inline_keys_override_the_options(tmp_path):
     from cl_tool.errors import UsageError
 
     (spec,) = task_specs(["a=./x::split=test[:5],permute=3,invert"], DataOptions(split="train", rotate=45.0))
-    assert (spec.name, spec.source, spec.split, spec.permute, spec.invert, spec.rotate) == ("a", "./x", "test[:5]", 3, True, 45.0)
-    for raw, phrase in (("x::colour=red", "unknown per-task key"), ("x::limit=0", "limit must be at least 1"),
-                        ("x::rotate=abc", "is not a number"), ("::split=a", "needs a path")):
+    assert (spec.name, spec.source, spec.split, spec.permute, spec.invert, spec.rotate) == (
+        "a",
+        "./x",
+        "test[:5]",
+        3,
+        True,
+        45.0,
+    )
+    for raw, phrase in (
+        ("x::colour=red", "unknown per-task key"),
+        ("x::limit=0", "limit must be at least 1"),
+        ("x::rotate=abc", "is not a number"),
+        ("::split=a", "needs a path"),
+    ):
         with pytest.raises(UsageError, match=phrase):
             task_specs([raw], DataOptions())

@@ -51,8 +51,16 @@ def _peak(n: int, work: Path) -> tuple[int, int, int]:
     work.mkdir()
     # A fixed mmap threshold: large arrays are returned to the system when freed, so glibc's heap drift (±10-20 MB
     # from batch-sized buffers, bounded but noisy) does not hide or fake a growth.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(n), str(work)], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(n), str(work)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     seen, base, peak = map(int, out.stdout.split())
     return seen, base, peak
@@ -65,4 +73,6 @@ def test_peak_memory_does_not_grow_with_the_task(tmp_path):
     assert (s_seen, l_seen) == (3 * small_n, 3 * large_n)
     growth_mb = ((l_peak - l_base) - (s_peak - s_base)) / 1024
     float_copy_mb = (large_n - small_n) * 3 * 32 * 32 * 4 / 2**20
-    assert growth_mb < 15, f"peak RSS grew by {growth_mb:.1f} MB for {large_n - small_n} more samples (a float32 copy: {float_copy_mb:.0f} MB)"
+    assert growth_mb < 15, (
+        f"peak RSS grew by {growth_mb:.1f} MB for {large_n - small_n} more samples (a float32 copy: {float_copy_mb:.0f} MB)"
+    )

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cl_tool.data import GlobalBatchSampler, Preprocess, TaskSpec, check_labels, open_task
-from tests._legacy_load_task import load_task
 from cl_tool.errors import BadInputError, IncompatibleError
 from tests._data_util import arrays, collect, imagefolder, saved_demo
+from tests._legacy_load_task import load_task
 
 MNIST_NORM = ((0.1307,), (0.3081,))
 RGB_NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -26,18 +26,32 @@ def data(tmp_path_factory):
         "folder": imagefolder(d / "folder", per_class=4),
         "u8": arrays(d / "u8", rng.integers(0, 256, (12, 28, 28)).tolist(), list(range(12))),
         "float": arrays(d / "float", rng.random((12, 784)).astype(np.float32).tolist(), [i % 10 for i in range(12)]),
-        "wide": arrays(d / "wide", rng.integers(0, 1000, (12, 784)).tolist(), [i % 10 for i in range(12)]),  # ints beyond 8 bits
+        "wide": arrays(
+            d / "wide", rng.integers(0, 1000, (12, 784)).tolist(), [i % 10 for i in range(12)]
+        ),  # ints beyond 8 bits
         "hwc": arrays(d / "hwc", rng.integers(0, 256, (6, 28, 28, 3)).astype(np.uint8).tolist(), list(range(6))),
         "small": arrays(d / "small", rng.random((6, 14, 14)).tolist(), list(range(6))),  # resized through an image
     }
 
 
 CASES = [  # (data key, input shape, normalisation)
-    ("demo", (1, 28, 28), MNIST_NORM), ("folder", (3, 16, 16), RGB_NORM), ("folder", (1, 20, 24), MNIST_NORM),
-    ("u8", (1, 28, 28), MNIST_NORM), ("float", (1, 28, 28), MNIST_NORM), ("wide", (1, 28, 28), MNIST_NORM),
-    ("hwc", (3, 28, 28), RGB_NORM), ("small", (1, 28, 28), MNIST_NORM),
+    ("demo", (1, 28, 28), MNIST_NORM),
+    ("folder", (3, 16, 16), RGB_NORM),
+    ("folder", (1, 20, 24), MNIST_NORM),
+    ("u8", (1, 28, 28), MNIST_NORM),
+    ("float", (1, 28, 28), MNIST_NORM),
+    ("wide", (1, 28, 28), MNIST_NORM),
+    ("hwc", (3, 28, 28), RGB_NORM),
+    ("small", (1, 28, 28), MNIST_NORM),
 ]
-TRANSFORMS = [{}, {"permute": 7}, {"rotate": 90.0}, {"rotate": 33.0}, {"invert": True}, {"rotate": -90.0, "invert": True, "permute": 3}]
+TRANSFORMS = [
+    {},
+    {"permute": 7},
+    {"rotate": 90.0},
+    {"rotate": 33.0},
+    {"invert": True},
+    {"rotate": -90.0, "invert": True, "permute": 3},
+]
 
 
 @pytest.mark.parametrize("key,shape,norm", CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}" for c in CASES])
@@ -53,9 +67,11 @@ def test_bit_identical_to_the_first_version(data, key, shape, norm, tf, tmp_path
 
 
 def test_split_limit_labels_and_describe_match(data):
-    spec = dict(split="test[3:20]", limit=9, permute=1)
+    spec = {"split": "test[3:20]", "limit": 9, "permute": 1}
     ref = load_task(TaskSpec(str(data["demo"]), **spec), (1, 28, 28), *MNIST_NORM)
-    task = open_task(TaskSpec(str(data["demo"]), **spec), Preprocess.builtin((1, 28, 28), *MNIST_NORM), cache="none", workers=0)
+    task = open_task(
+        TaskSpec(str(data["demo"]), **spec), Preprocess.builtin((1, 28, 28), *MNIST_NORM), cache="none", workers=0
+    )
     assert task.stats["decoded"] == 0 and torch.equal(task.labels, ref.y)  # labels come without decoding an image
     assert task.describe() == ref.describe() and len(task) == 9
     _, x, _ = collect(task, batch_size=4)
@@ -67,8 +83,13 @@ def test_split_limit_labels_and_describe_match(data):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cache_modes_and_workers_give_the_same_batches(data, cache, workers, tmp_path):
     ref = load_task(TaskSpec(str(data["folder"]), rotate=90.0), (3, 16, 16), *RGB_NORM)
-    task = open_task(TaskSpec(str(data["folder"]), rotate=90.0), Preprocess.builtin((3, 16, 16), *RGB_NORM), cache=cache, workers=workers,
-                     cache_dir=tmp_path / "c")
+    task = open_task(
+        TaskSpec(str(data["folder"]), rotate=90.0),
+        Preprocess.builtin((3, 16, 16), *RGB_NORM),
+        cache=cache,
+        workers=workers,
+        cache_dir=tmp_path / "c",
+    )
     with task:
         for epoch in range(3):  # pass 1 fills the cache, passes 2-3 read it
             sampler = GlobalBatchSampler(len(task), 4, seed=9)
@@ -77,7 +98,9 @@ def test_cache_modes_and_workers_give_the_same_batches(data, cache, workers, tmp
                 assert b.index.tolist() == idx
                 assert torch.equal(b.x, ref.x[idx]) and torch.equal(b.y, ref.y[idx])
         assert task.stats["decoded"] == (len(task) * 3 if cache == "none" else len(task))
-        assert task.cache == {"none": "none", "ram": "ram", "disk": "ram", "auto": "ram"}[cache]  # small: kept in memory
+        assert (
+            task.cache == {"none": "none", "ram": "ram", "disk": "ram", "auto": "ram"}[cache]
+        )  # small: kept in memory
 
 
 def test_check_labels(data):
@@ -117,7 +140,12 @@ def test_skip_bad_images_drops_and_counts(tmp_path, workers):
     task.close()
     again = open_task(TaskSpec(str(root)), pre, cache="disk", workers=workers, skip_bad=True, cache_dir=tmp_path / "c")
     idx2, x2, _ = collect(again, batch_size=3)  # from the cache: the bad row is known without decoding
-    assert again.stats["decoded"] == 0 and torch.equal(idx, idx2) and torch.equal(x, x2) and again.describe()["skipped_images"] == 1
+    assert (
+        again.stats["decoded"] == 0
+        and torch.equal(idx, idx2)
+        and torch.equal(x, x2)
+        and again.describe()["skipped_images"] == 1
+    )
     again.close()
     strict = open_task(TaskSpec(str(root)), pre, cache="disk", workers=workers, cache_dir=tmp_path / "c")
     with pytest.raises(BadInputError, match="broken.png cannot be decoded"):
@@ -125,11 +153,14 @@ def test_skip_bad_images_drops_and_counts(tmp_path, workers):
     strict.close()
 
 
-@pytest.mark.parametrize("images,match", [
-    ([[0.5] * 783 + [float("nan")]] * 3, "NaN or infinite pixel values"),
-    (["abc"] * 3, "not a regular array of numbers"),
-    ([[0.5] * 100] * 3, "has 100 values, but the model needs 1x28x28"),
-])
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        ([[0.5] * 783 + [float("nan")]] * 3, "NaN or infinite pixel values"),
+        (["abc"] * 3, "not a regular array of numbers"),
+        ([[0.5] * 100] * 3, "has 100 values, but the model needs 1x28x28"),
+    ],
+)
 def test_bad_arrays_give_the_first_versions_message(tmp_path, images, match):
     path = arrays(tmp_path / "a", images, [0, 1, 2])
     with pytest.raises(BadInputError, match=match) as ref_err:
@@ -142,7 +173,10 @@ def test_bad_arrays_give_the_first_versions_message(tmp_path, images, match):
 
 
 def test_bad_labels_are_named_without_decoding(tmp_path):
-    for labels, match in (([0, 1.5, 2], "Label 1.5 in row 1 .* is not an integer class id"), ([0, None, 2], "Row 1 of data .* has no label")):
+    for labels, match in (
+        ([0, 1.5, 2], "Label 1.5 in row 1 .* is not an integer class id"),
+        ([0, None, 2], "Row 1 of data .* has no label"),
+    ):
         path = arrays(tmp_path / f"l{len(match)}", [[0.5] * 784] * 3, labels)
         with pytest.raises(BadInputError, match=match):
             open_task(TaskSpec(str(path)), Preprocess.builtin((1, 28, 28), *MNIST_NORM), cache="none", workers=0)
@@ -167,7 +201,7 @@ def test_sampler_is_trainings_order_and_ranks_see_each_sample_once():
             seen += sum(shares[-1], [])
         assert sorted(seen) == list(range(n))  # every sample exactly once per epoch across the two ranks
         for b, (a, c) in enumerate(zip(*shares)):  # rank 0 takes the first contiguous share of each global batch
-            assert a + c == order[b * B:(b + 1) * B].tolist()
+            assert a + c == order[b * B : (b + 1) * B].tolist()
     s = GlobalBatchSampler(n, B, seed=5)
     s.set_epoch(2, start_batch=4)
     full = GlobalBatchSampler(n, B, seed=5)
@@ -214,7 +248,9 @@ def test_training_resumed_mid_epoch_equals_uninterrupted(data):
 
     def run(stop_at=None, state=None):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 10))
+        model = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 10)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         start = (0, 0)
         if state is not None:
@@ -230,8 +266,12 @@ def test_training_resumed_mid_epoch_equals_uninterrupted(data):
                 torch.nn.functional.cross_entropy(model(b.x), b.y).backward()
                 opt.step()
                 if stop_at == (epoch, k + 1):
-                    return {"model": {n: v.clone() for n, v in model.state_dict().items()}, "opt": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "pos": (epoch, k + 1)}
+                    return {
+                        "model": {n: v.clone() for n, v in model.state_dict().items()},
+                        "opt": opt.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "pos": (epoch, k + 1),
+                    }
         return model.state_dict()
 
     whole = run()
@@ -253,14 +293,22 @@ def test_shift_augmentation_is_seeded_exact_and_worker_independent(data):
         t = open_task(TaskSpec(str(data["demo"])), pre, cache="ram", workers=workers)
         runs[workers] = [collect(t, batch_size=7, augment="shift=3", seed=1, epoch=e)[1] for e in (0, 0, 1)]
         t.close()
-    assert torch.equal(runs[0][0], runs[0][1]) and not torch.equal(runs[0][0], runs[0][2])  # seeded; new epoch, new shifts
+    assert torch.equal(runs[0][0], runs[0][1]) and not torch.equal(
+        runs[0][0], runs[0][2]
+    )  # seeded; new epoch, new shifts
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))  # independent of the number of workers
     other_batching = open_task(TaskSpec(str(data["demo"])), pre, cache="none", workers=0)
-    assert torch.equal(collect(other_batching, batch_size=5, augment="shift=3", seed=1)[1], runs[0][0])  # per sample, not per batch
+    assert torch.equal(
+        collect(other_batching, batch_size=5, augment="shift=3", seed=1)[1], runs[0][0]
+    )  # per sample, not per batch
     aug = runs[0][0]
     for i in range(len(x0)):  # each image is the original translated by some (dy, dx) in [-3, 3]², zero filled
         src = torch.nn.functional.pad(x0[i, 0], (3, 3, 3, 3))
-        assert any(torch.equal(aug[i, 0], src[3 - dy:31 - dy, 3 - dx:31 - dx]) for dy in range(-3, 4) for dx in range(-3, 4))
+        assert any(
+            torch.equal(aug[i, 0], src[3 - dy : 31 - dy, 3 - dx : 31 - dx])
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+        )
     plain.close()
     other_batching.close()
 
@@ -274,6 +322,8 @@ def test_task_transforms_apply_after_augmentation(data):
     _, xa, _ = collect(a, batch_size=8, augment="shift=2", seed=2)
     _, xp, _ = collect(p, batch_size=8, augment="shift=2", seed=2)
     perm = pixel_permutation(11, 784)
-    assert torch.equal(xp, xa.reshape(len(xa), 1, 784)[:, :, perm].reshape(xa.shape))  # the same permutation of every augmented image
+    assert torch.equal(
+        xp, xa.reshape(len(xa), 1, 784)[:, :, perm].reshape(xa.shape)
+    )  # the same permutation of every augmented image
     a.close()
     p.close()

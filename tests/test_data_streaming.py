@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cl_tool.data import Preprocess, TaskSpec, open_task
-from tests._legacy_load_task import load_task
 from cl_tool.errors import IncompatibleError, UsageError
 from tests._data_util import collect, imagefolder, saved_demo
+from tests._legacy_load_task import load_task
 
 NORM = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -27,12 +27,15 @@ def sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("key,shape,spec", [
-    ("folder", (3, 16, 16), {}),
-    ("folder", (3, 16, 16), {"permute": 4, "split": "train[2:13]"}),
-    ("demo", (1, 28, 28), {"rotate": 90.0, "limit": 17}),
-    ("parquet", (1, 28, 28), {"invert": True}),
-])
+@pytest.mark.parametrize(
+    "key,shape,spec",
+    [
+        ("folder", (3, 16, 16), {}),
+        ("folder", (3, 16, 16), {"permute": 4, "split": "train[2:13]"}),
+        ("demo", (1, 28, 28), {"rotate": 90.0, "limit": 17}),
+        ("parquet", (1, 28, 28), {"invert": True}),
+    ],
+)
 def test_streaming_equals_in_memory(sources, workers, key, shape, spec):
     norm = NORM if shape[0] == 3 else ((0.1307,), (0.3081,))
     pre = Preprocess.builtin(shape, *norm)
@@ -51,7 +54,7 @@ def test_streaming_equals_in_memory(sources, workers, key, shape, spec):
 def test_stream_shuffle_buffer_is_seeded_and_shards_split_batches(sources):
     pre = Preprocess.builtin((1, 28, 28), (0.0,), (1.0,))
     t = open_task(TaskSpec(str(sources["parquet"])), pre, cache="none", workers=0, streaming=True, shuffle_buffer=16)
-    ys = lambda **k: collect(t, batch_size=8, **k)[2].tolist()  # noqa: E731
+    ys = lambda **k: collect(t, batch_size=8, **k)[2].tolist()
     plain = ys()
     a, b, c = ys(shuffle=True, seed=1), ys(shuffle=True, seed=1), ys(shuffle=True, seed=1, epoch=1)
     assert a == b and a != c and sorted(a) == sorted(plain) and a != plain
@@ -68,7 +71,9 @@ def test_stream_shuffle_buffer_is_seeded_and_shards_split_batches(sources):
 def test_stream_labels_are_checked_per_batch(sources):
     from cl_tool.data import check_labels
 
-    t = open_task(TaskSpec(str(sources["folder"])), Preprocess.builtin((3, 8, 8), *NORM), cache="none", workers=0, streaming=True)
+    t = open_task(
+        TaskSpec(str(sources["folder"])), Preprocess.builtin((3, 8, 8), *NORM), cache="none", workers=0, streaming=True
+    )
     check_labels(t, 2)
     with pytest.raises(IncompatibleError, match="has label 2, outside the model's 2 classes"):
         collect(t, batch_size=4)

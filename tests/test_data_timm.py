@@ -27,11 +27,15 @@ def _images(folder):
 
 def test_for_model_resolves_timm_data_config():
     spec = default_spec("resnet18", {}, (3, 48, 40), 3)
-    assert Preprocess.for_model(spec).kind == "builtin"  # no recorded data config: a checkpoint from before they were recorded
+    assert (
+        Preprocess.for_model(spec).kind == "builtin"
+    )  # no recorded data config: a checkpoint from before they were recorded
     spec.data_config = resolve_timm_data_config(spec.arch, spec.input_shape, spec.mean, spec.std)  # what `init` records
     pre = Preprocess.for_model(spec)
     assert pre.kind == "timm" and pre.data_config["input_size"] == (3, 48, 40)
-    assert pre.data_config["interpolation"] == "bicubic" and pre.data_config["crop_pct"] == 0.95  # resnet18's pretrained cfg
+    assert (
+        pre.data_config["interpolation"] == "bicubic" and pre.data_config["crop_pct"] == 0.95
+    )  # resnet18's pretrained cfg
     assert tuple(pre.mean) == tuple(spec.mean)
     builtin = Preprocess.for_model(ModelSpec(arch="mlp", input_shape=(1, 28, 28), mean=(0.1,), std=(0.3,)))
     assert builtin.kind == "builtin" and builtin.data_config is None
@@ -63,7 +67,9 @@ def test_timm_augmentation_is_seeded_worker_independent_and_bypasses_the_cache(f
     runs = {}
     for workers in (0, 2):
         task = open_task(TaskSpec(str(folder)), pre, cache="auto", workers=workers, cache_dir=tmp_path / f"c{workers}")
-        runs[workers] = [collect(task, batch_size=4, augment=aug, seed=s, epoch=e)[1] for s, e in ((1, 0), (1, 0), (1, 1), (2, 0))]
+        runs[workers] = [
+            collect(task, batch_size=4, augment=aug, seed=s, epoch=e)[1] for s, e in ((1, 0), (1, 0), (1, 1), (2, 0))
+        ]
         assert task.stats["decoded"] == 4 * len(task)  # every augmented pass decodes the original image
         assert not [p for p in (tmp_path / f"c{workers}").iterdir() if p.suffix == ".cltd"]
         _, plain, _ = collect(task, batch_size=4)
@@ -82,10 +88,16 @@ def test_timm_augmentation_with_a_builtin_model(folder):
     task.close()
 
 
-@pytest.mark.parametrize("value,args,match", [
-    ("shift", None, "shift=K"), ("shift=-1", None, "shift=K"), ("crop", None, "is unknown"),
-    ("timm", ["re_prob=0.5"], "not a timm augmentation option"), ("none", ["hflip=0.5"], "only applies with augment timm"),
-])
+@pytest.mark.parametrize(
+    "value,args,match",
+    [
+        ("shift", None, "shift=K"),
+        ("shift=-1", None, "shift=K"),
+        ("crop", None, "is unknown"),
+        ("timm", ["re_prob=0.5"], "not a timm augmentation option"),
+        ("none", ["hflip=0.5"], "only applies with augment timm"),
+    ],
+)
 def test_parse_augment_errors(value, args, match):
     with pytest.raises(UsageError, match=match):
         parse_augment(value, args)
@@ -94,7 +106,11 @@ def test_parse_augment_errors(value, args, match):
 def test_parse_augment_values():
     a = parse_augment("timm", ["scale=0.5,1.0", "hflip=0", "color_jitter=0.2", "auto_augment=rand-m9"])
     assert a.args == {"scale": (0.5, 1.0), "hflip": 0, "color_jitter": 0.2, "auto_augment": "rand-m9"}
-    assert parse_augment("shift=2").shift == 2 and parse_augment(None).kind is None and parse_augment("none").describe() == "none"
+    assert (
+        parse_augment("shift=2").shift == 2
+        and parse_augment(None).kind is None
+        and parse_augment("none").describe() == "none"
+    )
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
@@ -112,4 +128,8 @@ def test_timm_folder_geometry_equals_resolve_data_config(tmp_path, arch):
     spec = spec_from_timm_config(tmp_path / "config.json")
     expected = resolve_data_config(args={}, pretrained_cfg=pcfg)
     for key in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"):
-        assert tuple(spec.data_config[key]) == tuple(expected[key]) if isinstance(expected[key], tuple) else spec.data_config[key] == expected[key], key
+        assert (
+            tuple(spec.data_config[key]) == tuple(expected[key])
+            if isinstance(expected[key], tuple)
+            else spec.data_config[key] == expected[key]
+        ), key

@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
 
 def _workers_of(task):
     it = getattr(task._loader, "_iterator", None)
-    return [w for w in getattr(it, "_workers", [])]
+    return list(getattr(it, "_workers", []))
 
 
 def test_a_killed_worker_is_a_clear_error_not_a_hang(folder):
@@ -94,8 +94,14 @@ SCRIPT = textwrap.dedent("""
 
 def test_sigterm_to_the_process_group_stops_cleanly(folder):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(folder)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert p.stdout.readline().strip() == "running"
     os.killpg(p.pid, signal.SIGTERM)  # like a batch scheduler: every process of the job gets it
     out, err = p.communicate(timeout=60)

@@ -31,16 +31,37 @@ def workflow(tmp_path_factory, demo_dir):
 def test_stabilized_keeps_task_a_better_than_none(cli, workflow, demo_dir):
     d, a, b_st, b_none = workflow
     assert (d / "a.importance.safetensors").exists()
-    r = cli("evaluate", a, b_st, b_none, "--data", f"A={demo_dir}::split=test", "--data", f"B={demo_dir}::split=test,rotate=90",
-            "--device", "cpu", "--json")
+    r = cli(
+        "evaluate",
+        a,
+        b_st,
+        b_none,
+        "--data",
+        f"A={demo_dir}::split=test",
+        "--data",
+        f"B={demo_dir}::split=test,rotate=90",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["tasks"] == ["A", "B"]
     acc = res["accuracy"]
     a_after_a, a_after_st, a_after_none = acc[0][0], acc[1][0], acc[2][0]
     b_after_st, b_after_none = acc[1][1], acc[2][1]
-    print("A after A", a_after_a, "A after B (stabilized)", a_after_st, "A after B (none)", a_after_none,
-          "B (stabilized)", b_after_st, "B (none)", b_after_none)
+    print(
+        "A after A",
+        a_after_a,
+        "A after B (stabilized)",
+        a_after_st,
+        "A after B (none)",
+        a_after_none,
+        "B (stabilized)",
+        b_after_st,
+        "B (none)",
+        b_after_none,
+    )
     assert a_after_a > 0.8  # task A was learned
     assert b_after_none > 0.5 and b_after_st > 0.3  # both learned task B (chance: 0.1)
     assert a_after_st > a_after_none + 0.1  # the penalty clearly reduced forgetting

@@ -13,9 +13,11 @@ def two_stage(tmp_path_factory, demo_dir):
 
     d = tmp_path_factory.mktemp("two")
     a0, a, b = d / "a0.safetensors", d / "a.safetensors", d / "b.safetensors"
-    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
-                 ["train-next", a0, "--data", f"{demo_dir}::limit=600", "--epochs", "2", "--device", "cpu", "-o", a],
-                 ["train-next", a, "--data", f"{demo_dir}::limit=600,rotate=90", "--epochs", "2", "--device", "cpu", "-o", b]):
+    for argv in (
+        ["init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0],
+        ["train-next", a0, "--data", f"{demo_dir}::limit=600", "--epochs", "2", "--device", "cpu", "-o", a],
+        ["train-next", a, "--data", f"{demo_dir}::limit=600,rotate=90", "--epochs", "2", "--device", "cpu", "-o", b],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([str(x) for x in argv])
         assert exc.value.code == 0
@@ -25,8 +27,22 @@ def two_stage(tmp_path_factory, demo_dir):
 def test_matrix_csv_plot_and_names(cli, two_stage, demo_dir, tmp_path):
     d, a0, a, b = two_stage
     csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
-    r = cli("evaluate", a, b, "--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90",
-            "--device", "cpu", "--json", "--csv", csv_path, "--plot", png)
+    r = cli(
+        "evaluate",
+        a,
+        b,
+        "--data",
+        f"old={demo_dir}::split=test",
+        "--data",
+        f"new={demo_dir}::split=test,rotate=90",
+        "--device",
+        "cpu",
+        "--json",
+        "--csv",
+        csv_path,
+        "--plot",
+        png,
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["tasks"] == ["old", "new"] and len(res["accuracy"]) == 2
@@ -41,7 +57,14 @@ def test_matrix_csv_plot_and_names(cli, two_stage, demo_dir, tmp_path):
 
 def test_gates(cli, two_stage, demo_dir):
     d, a0, a, b = two_stage
-    tasks = ["--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90", "--device", "cpu"]
+    tasks = [
+        "--data",
+        f"old={demo_dir}::split=test",
+        "--data",
+        f"new={demo_dir}::split=test,rotate=90",
+        "--device",
+        "cpu",
+    ]
     r = cli("evaluate", a, b, *tasks, "--fail-under-acc", "0.99")
     assert r.code == 8 and "average accuracy" in r.error_line
     r = cli("evaluate", a, b, *tasks, "--fail-over-forgetting", "0.0001")
@@ -53,8 +76,25 @@ def test_gates(cli, two_stage, demo_dir):
 def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
     d, a0, a, b = two_stage
     png = tmp_path / "curve.png"
-    r = cli("prune", a, "--by", "magnitude", "--by", "signal", "--score-data", f"{demo_dir}::limit=200", "--data", f"{demo_dir}::split=test",
-            "--sweep", "0.5,0.9,0.99", "--plot", png, "--device", "cpu", "--json")
+    r = cli(
+        "prune",
+        a,
+        "--by",
+        "magnitude",
+        "--by",
+        "signal",
+        "--score-data",
+        f"{demo_dir}::limit=200",
+        "--data",
+        f"{demo_dir}::split=test",
+        "--sweep",
+        "0.5,0.9,0.99",
+        "--plot",
+        png,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert set(res["curves"]) == {"magnitude", "signal"}
@@ -69,7 +109,20 @@ def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
     r = cli("prune", a, "--by", "magnitude", "--sparsity", "0.8", "-o", pruned, "--mask-out", mask)
     assert r.code == 0, r.err
     out = tmp_path / "next.safetensors"
-    r = cli("train-next", pruned, "--data", f"{demo_dir}::limit=300,rotate=90", "--device", "cpu", "--mask", mask, "--penalty", "none", "-o", out)
+    r = cli(
+        "train-next",
+        pruned,
+        "--data",
+        f"{demo_dir}::limit=300,rotate=90",
+        "--device",
+        "cpu",
+        "--mask",
+        mask,
+        "--penalty",
+        "none",
+        "-o",
+        out,
+    )
     assert r.code == 0, r.err
     from safetensors.torch import load_file
 

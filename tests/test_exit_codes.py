@@ -49,15 +49,21 @@ def _data(demo_dir, n=32, extra=""):
     return f"{demo_dir}::limit={n}{extra}"
 
 
-def _broken_pipe(cli, d, ck, demo, monkeypatch):  # noqa: ARG001
+def _broken_pipe(cli, d, ck, demo, monkeypatch):
     """A fresh process whose stdout is a pipe nobody reads any more."""
     from tests.conftest import Result
 
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "cl_tool", "evaluate", str(ck), "--data", _data(demo), "--device", "cpu", "--json"],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cl_tool", "evaluate", str(ck), "--data", _data(demo), "--device", "cpu", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
     finally:
         os.close(write_end)
     return Result(proc.returncode, "", proc.stderr)
@@ -84,13 +90,42 @@ def case_4(cli, d, ck, demo):
     other = d / "other.safetensors"
     assert cli("init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "--seed", "7", "-o", other).code == 0
     assert cli("importance", other, "--method", "magnitude", "-o", d / "other.importance.safetensors").code == 0
-    return cli("prune", ck, "--by", "importance", "--importance", d / "other.importance.safetensors", "--sparsity", "0.5", "-o", d / "p.safetensors")
+    return cli(
+        "prune",
+        ck,
+        "--by",
+        "importance",
+        "--importance",
+        d / "other.importance.safetensors",
+        "--sparsity",
+        "0.5",
+        "-o",
+        d / "p.safetensors",
+    )
 
 
 def case_5(cli, d, ck, demo):
     assert cli("importance", ck, "--data", _data(demo, 64), "--method", "fisher", "--device", "cpu").code == 0
-    return cli("train-next", ck, "--data", _data(demo, 64, ",permute=1"), "--batch-size", "8", "--penalty", "ewc", "--optimizer", "sgd",
-               "--lr", "0.5", "--lambda", "1e6", "--device", "cpu", "-o", d / "b.safetensors")
+    return cli(
+        "train-next",
+        ck,
+        "--data",
+        _data(demo, 64, ",permute=1"),
+        "--batch-size",
+        "8",
+        "--penalty",
+        "ewc",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--lambda",
+        "1e6",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+    )
 
 
 def case_6(cli, d, ck, demo):
@@ -124,8 +159,20 @@ def _interrupt_training(signum):
             return real(cfg, step, total)
 
         monkeypatch.setattr(training, "lr_at", lr_at)
-        return cli("train-next", ck, "--data", _data(demo, 64), "--batch-size", "8", "--penalty", "none", "--device", "cpu",
-                   "-o", d / "b.safetensors")
+        return cli(
+            "train-next",
+            ck,
+            "--data",
+            _data(demo, 64),
+            "--batch-size",
+            "8",
+            "--penalty",
+            "none",
+            "--device",
+            "cpu",
+            "-o",
+            d / "b.safetensors",
+        )
 
     return case
 
@@ -163,8 +210,20 @@ CASES = [
     (8, "accuracy gate on an untrained model", case_8, "below --fail-under-acc 0.99", False),
     (141, "the reader of --json output went away", _broken_pipe, None, True),
     (130, "Ctrl-C outside training", _keyboard_interrupt, "Interrupted by Ctrl-C; nothing was written", True),
-    (130, "SIGINT during a training step", _interrupt_training(signal.SIGINT), "Interrupted by SIGINT at step 2; nothing was written", True),
-    (143, "SIGTERM during a training step", _interrupt_training(signal.SIGTERM), "Interrupted by SIGTERM at step 2; nothing was written", True),
+    (
+        130,
+        "SIGINT during a training step",
+        _interrupt_training(signal.SIGINT),
+        "Interrupted by SIGINT at step 2; nothing was written",
+        True,
+    ),
+    (
+        143,
+        "SIGTERM during a training step",
+        _interrupt_training(signal.SIGTERM),
+        "Interrupted by SIGTERM at step 2; nothing was written",
+        True,
+    ),
 ]
 
 
@@ -201,7 +260,9 @@ def test_debug_shows_the_traceback_in_process(cli, ws, monkeypatch):
     d, ck = ws
     import cl_tool.workflows.prune as wf
 
-    monkeypatch.setattr(wf, "run_prune", lambda args, out: (_ for _ in ()).throw(RuntimeError("injected failure for the test")))
+    monkeypatch.setattr(
+        wf, "run_prune", lambda args, out: (_ for _ in ()).throw(RuntimeError("injected failure for the test"))
+    )
     with pytest.raises(RuntimeError, match="injected failure"):  # --debug lets the exception through
         cli("--debug", "prune", ck, "--by", "magnitude", "--sparsity", "0.5", "-o", d / "p.safetensors")
 
@@ -223,11 +284,18 @@ _BUGGY_MAIN = textwrap.dedent("""
 def test_internal_error_in_a_fresh_process(ws, debug):
     """Through a real interpreter: exit 1 either way; a traceback only with --debug (given after the command, too)."""
     d, ck = ws
-    argv = ["prune", str(ck), "--by", "magnitude", "--sparsity", "0.5", "-o", str(d / "p.safetensors")] + (["--debug"] if debug else [])
-    proc = subprocess.run([sys.executable, "-c", _BUGGY_MAIN, *argv], capture_output=True, text=True, cwd=REPO, timeout=120)
+    argv = ["prune", str(ck), "--by", "magnitude", "--sparsity", "0.5", "-o", str(d / "p.safetensors")] + (
+        ["--debug"] if debug else []
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUGGY_MAIN, *argv], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     if debug:
-        assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: injected failure for the test" in proc.stderr
+        assert (
+            "Traceback (most recent call last)" in proc.stderr
+            and "RuntimeError: injected failure for the test" in proc.stderr
+        )
     else:
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("Error: Internal error") and "--debug" in proc.stderr

@@ -47,8 +47,6 @@ class _Evil:
         return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
-
-
 @pytest.fixture
 def evil(tmp_path, ws):
     """A workspace with a good checkpoint and hostile pickles in both torch formats."""
@@ -91,19 +89,66 @@ def _reading_commands(d: Path, ck: Path, demo: Path):
     for bad in (evil_pt, evil_bin, evil_st, d / "timm_model", d / "timm_renamed"):
         phrase = "pytorch_model.bin" if bad.name == "timm_model" else "not a safetensors file"
         cases += [
-            (f"train-next checkpoint {bad.name}", ["train-next", bad, "--data", data, "--device", "cpu", "-o", out], phrase),
-            (f"importance checkpoint {bad.name}", ["importance", bad, "--method", "magnitude", "-o", d / "i.safetensors"], phrase),
+            (
+                f"train-next checkpoint {bad.name}",
+                ["train-next", bad, "--data", data, "--device", "cpu", "-o", out],
+                phrase,
+            ),
+            (
+                f"importance checkpoint {bad.name}",
+                ["importance", bad, "--method", "magnitude", "-o", d / "i.safetensors"],
+                phrase,
+            ),
             (f"evaluate checkpoint {bad.name}", ["evaluate", bad, "--data", data, "--device", "cpu"], phrase),
-            (f"prune checkpoint {bad.name}", ["prune", bad, "--by", "magnitude", "--sparsity", "0.5", "-o", out], phrase),
+            (
+                f"prune checkpoint {bad.name}",
+                ["prune", bad, "--by", "magnitude", "--sparsity", "0.5", "-o", out],
+                phrase,
+            ),
         ]
     for bad in (evil_pt, evil_bin):
         cases += [
-            (f"train-next --importance {bad.name}", ["train-next", ck, "--data", data, "--device", "cpu", "--importance", bad, "-o", out], "not a safetensors file"),
-            (f"prune --importance {bad.name}", ["prune", ck, "--by", "importance", "--importance", bad, "--sparsity", "0.5", "-o", out], "not a safetensors file"),
-            (f"importance --accumulate {bad.name}", ["importance", ck, "--method", "magnitude", "--accumulate", bad, "-o", d / "i.safetensors"], "not a safetensors file"),
-            (f"train-next --mask {bad.name}", ["train-next", ck, "--data", data, "--device", "cpu", "--penalty", "none", "--mask", bad, "-o", out], "not a safetensors file"),
-            (f"train-next --resume --state-file {bad.name}", ["train-next", ck, "--data", data, "--device", "cpu", "--penalty", "none", "--resume",
-                                                               "--checkpoint-every", "5", "--state-file", bad, "-o", out], "not a safetensors file"),
+            (
+                f"train-next --importance {bad.name}",
+                ["train-next", ck, "--data", data, "--device", "cpu", "--importance", bad, "-o", out],
+                "not a safetensors file",
+            ),
+            (
+                f"prune --importance {bad.name}",
+                ["prune", ck, "--by", "importance", "--importance", bad, "--sparsity", "0.5", "-o", out],
+                "not a safetensors file",
+            ),
+            (
+                f"importance --accumulate {bad.name}",
+                ["importance", ck, "--method", "magnitude", "--accumulate", bad, "-o", d / "i.safetensors"],
+                "not a safetensors file",
+            ),
+            (
+                f"train-next --mask {bad.name}",
+                ["train-next", ck, "--data", data, "--device", "cpu", "--penalty", "none", "--mask", bad, "-o", out],
+                "not a safetensors file",
+            ),
+            (
+                f"train-next --resume --state-file {bad.name}",
+                [
+                    "train-next",
+                    ck,
+                    "--data",
+                    data,
+                    "--device",
+                    "cpu",
+                    "--penalty",
+                    "none",
+                    "--resume",
+                    "--checkpoint-every",
+                    "5",
+                    "--state-file",
+                    bad,
+                    "-o",
+                    out,
+                ],
+                "not a safetensors file",
+            ),
         ]
     return cases
 
@@ -164,8 +209,13 @@ def test_sigkill_during_a_slow_write_leaves_no_partial_file(tmp_path, existing):
     if existing:
         dest.write_bytes(b"the previous, complete version")
     old = dest.read_bytes() if existing else None
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(dest), "1" if existing else "0"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(dest), "1" if existing else "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "WRITING", line + proc.stderr.read()
@@ -205,7 +255,9 @@ _BIG_WRITER = textwrap.dedent("""
 def test_sigkill_during_a_real_200mb_write(tmp_path):
     """The real safetensors writer, killed as soon as its temporary file has data: the destination never exists half-written."""
     dest = tmp_path / "big.safetensors"
-    proc = subprocess.Popen([sys.executable, "-c", _BIG_WRITER, str(dest)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BIG_WRITER, str(dest)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     killed_mid_write = False
     try:
         assert proc.stdout.readline().strip() == b"START"
@@ -254,14 +306,36 @@ def _full_disk_cases(d: Path, ck: Path, demo: Path):
     return {
         "init": ["init", "--arch", "mlp", "--arch-arg", "sizes=784,8,10", "-o", d / "i.safetensors"],
         "train-next": ["train-next", ck, "--data", data, "--device", "cpu", "-o", d / "t.safetensors"],
-        "train-next-si-out": ["train-next", ck, "--data", data, "--device", "cpu", "--si-out", d / "si.safetensors", "-o", d / "t.safetensors"],
+        "train-next-si-out": [
+            "train-next",
+            ck,
+            "--data",
+            data,
+            "--device",
+            "cpu",
+            "--si-out",
+            d / "si.safetensors",
+            "-o",
+            d / "t.safetensors",
+        ],
         "importance": ["importance", ck, "--method", "magnitude", "-o", d / "w.importance.safetensors"],
         "prune": ["prune", ck, "--by", "magnitude", "--sparsity", "0.5", "-o", d / "p.safetensors"],
-        "prune-mask-out": ["prune", ck, "--by", "magnitude", "--sparsity", "0.5", "--mask-out", d / "p.mask.safetensors"],
+        "prune-mask-out": [
+            "prune",
+            ck,
+            "--by",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--mask-out",
+            d / "p.mask.safetensors",
+        ],
     }
 
 
-@pytest.mark.parametrize("command", ["init", "train-next", "train-next-si-out", "importance", "prune", "prune-mask-out"])
+@pytest.mark.parametrize(
+    "command", ["init", "train-next", "train-next-si-out", "importance", "prune", "prune-mask-out"]
+)
 def test_disk_full_while_writing_a_safetensors_output(cli, ws, demo_dir, monkeypatch, command):
     from cl_tool import safetensors_io
 
@@ -278,12 +352,17 @@ def test_disk_full_while_writing_a_safetensors_output(cli, ws, demo_dir, monkeyp
             return _full_disk_writer(tensors, filename, metadata)
 
         monkeypatch.setattr(safetensors_io, "write_safetensors_file", second_fails)
-    elif command.startswith("prune"):  # prune streams tensors into the file with os.pwrite / write (cl_tool.prune_stream)
+    elif command.startswith(
+        "prune"
+    ):  # prune streams tensors into the file with os.pwrite / write (cl_tool.prune_stream)
+
         def full_disk(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         real_pwrite = os.pwrite
-        monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data)[:100], offset) and full_disk())
+        monkeypatch.setattr(
+            os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data)[:100], offset) and full_disk()
+        )
     else:
         monkeypatch.setattr(safetensors_io, "write_safetensors_file", _full_disk_writer)
     before = snapshot_dir(d)
@@ -330,7 +409,10 @@ def _mount_tiny_tmpfs(path: Path) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(path)], capture_output=True).returncode
+        == 0
+    )
 
 
 def test_real_full_disk_on_a_tiny_tmpfs(cli, tmp_path, small_mlp):
@@ -361,10 +443,32 @@ def test_sigterm_during_train_next_without_checkpointing(tmp_path, small_mlp, de
     shutil.copy(small_mlp, ck)
     out = d / "b.safetensors"
     before = snapshot_dir(d)
-    proc = subprocess.Popen([sys.executable, "-m", "cl_tool", "train-next", str(ck), "--data", f"{demo_dir}::limit=64", "--batch-size", "8",
-                             "--epochs", "100000", "--penalty", "none", "--device", "cpu", "-o", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cl_tool",
+            "train-next",
+            str(ck),
+            "--data",
+            f"{demo_dir}::limit=64",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "100000",
+            "--penalty",
+            "none",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     err_lines: list[str] = []
     rest = ""
     try:
@@ -384,7 +488,11 @@ def test_sigterm_during_train_next_without_checkpointing(tmp_path, small_mlp, de
     err = "".join(err_lines) + (rest or "")
     assert proc.returncode == 143, err
     error_line = [ln for ln in err.splitlines() if ln.startswith("Error:")][-1]
-    assert "Interrupted by SIGTERM" in error_line and "nothing was written" in error_line and "--checkpoint-every" in error_line
+    assert (
+        "Interrupted by SIGTERM" in error_line
+        and "nothing was written" in error_line
+        and "--checkpoint-every" in error_line
+    )
     assert "Traceback" not in err
     assert snapshot_dir(d) == before  # no output, no resume state, no temporary file
 

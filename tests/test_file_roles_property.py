@@ -23,7 +23,12 @@ from hypothesis import strategies as st
 from tests.conftest import snapshot_dir
 
 INPUTS = ["c.safetensors", "c.importance.safetensors", "data.jsonl", "cfg.toml"]
-LINKS = {"link_ck": "c.safetensors", "hard_ck": "c.safetensors", "link_data": "data.jsonl", "link_sidecar": "c.importance.safetensors"}
+LINKS = {
+    "link_ck": "c.safetensors",
+    "hard_ck": "c.safetensors",
+    "link_data": "data.jsonl",
+    "link_sidecar": "c.importance.safetensors",
+}
 INSIDE_DATA = ["ds/new.out", "ds/dataset_info.json"]
 EXISTING = ["existing.bin"]
 FRESH = ["fresh1.out", "fresh2.out", "fresh3.out"]
@@ -32,16 +37,71 @@ CANDIDATES = INPUTS + list(LINKS) + INSIDE_DATA + EXISTING + FRESH
 # command -> (fixed arguments, its inputs, output options, options that must be given). The sidecar beside the
 # checkpoint is an input of prune --by importance and of train-next (the penalty), not of importance (its default output).
 COMMANDS = {
-    "evaluate": (["evaluate", "c.safetensors", "--data", "data.jsonl", "--data", "ds", "--device", "cpu", "--config", "cfg.toml"],
-                 {"c.safetensors", "data.jsonl", "ds", "cfg.toml"}, ["--csv", "--plot"], []),
-    "prune": (["prune", "c.safetensors", "--by", "importance", "--sparsity", "0.5", "--config", "cfg.toml"],
-              {"c.safetensors", "c.importance.safetensors", "cfg.toml"}, ["-o", "--mask-out"], []),
-    "importance": (["importance", "c.safetensors", "--data", "data.jsonl", "--method", "fisher", "--device", "cpu", "--config", "cfg.toml"],
-                   {"c.safetensors", "data.jsonl", "cfg.toml"}, ["-o"], ["-o"]),
-    "train-next": (["train-next", "c.safetensors", "--data", "data.jsonl", "--eval-data", "ds", "--device", "cpu", "--lambda", "1",
-                    "--config", "cfg.toml"], {"c.safetensors", "c.importance.safetensors", "data.jsonl", "ds", "cfg.toml"},
-                   ["-o", "--si-out", "--log-json"], ["-o"]),
-    "init": (["init", "--arch", "mlp", "--arch-arg", "sizes=784,8,10", "--config", "cfg.toml"], {"cfg.toml"}, ["-o"], ["-o"]),
+    "evaluate": (
+        [
+            "evaluate",
+            "c.safetensors",
+            "--data",
+            "data.jsonl",
+            "--data",
+            "ds",
+            "--device",
+            "cpu",
+            "--config",
+            "cfg.toml",
+        ],
+        {"c.safetensors", "data.jsonl", "ds", "cfg.toml"},
+        ["--csv", "--plot"],
+        [],
+    ),
+    "prune": (
+        ["prune", "c.safetensors", "--by", "importance", "--sparsity", "0.5", "--config", "cfg.toml"],
+        {"c.safetensors", "c.importance.safetensors", "cfg.toml"},
+        ["-o", "--mask-out"],
+        [],
+    ),
+    "importance": (
+        [
+            "importance",
+            "c.safetensors",
+            "--data",
+            "data.jsonl",
+            "--method",
+            "fisher",
+            "--device",
+            "cpu",
+            "--config",
+            "cfg.toml",
+        ],
+        {"c.safetensors", "data.jsonl", "cfg.toml"},
+        ["-o"],
+        ["-o"],
+    ),
+    "train-next": (
+        [
+            "train-next",
+            "c.safetensors",
+            "--data",
+            "data.jsonl",
+            "--eval-data",
+            "ds",
+            "--device",
+            "cpu",
+            "--lambda",
+            "1",
+            "--config",
+            "cfg.toml",
+        ],
+        {"c.safetensors", "c.importance.safetensors", "data.jsonl", "ds", "cfg.toml"},
+        ["-o", "--si-out", "--log-json"],
+        ["-o"],
+    ),
+    "init": (
+        ["init", "--arch", "mlp", "--arch-arg", "sizes=784,8,10", "--config", "cfg.toml"],
+        {"cfg.toml"},
+        ["-o"],
+        ["-o"],
+    ),
 }
 
 
@@ -57,9 +117,13 @@ def template(tmp_path_factory, small_mlp):
     with pytest.raises(SystemExit) as exc:
         main(["-q", "importance", str(root / "c.safetensors"), "--method", "magnitude"])
     assert exc.value.code == 0
-    (root / "data.jsonl").write_text("".join(json.dumps({"pixels": [0.25] * 784, "label": i % 10}) + "\n" for i in range(8)))
-    (root / "cfg.toml").write_text("[evaluate]\nbatch-size = 4\n[prune]\nscope = 'global'\n[importance]\nbatch-size = 4\n"
-                                   "[train-next]\nbatch-size = 4\n[init]\nseed = 1\n")
+    (root / "data.jsonl").write_text(
+        "".join(json.dumps({"pixels": [0.25] * 784, "label": i % 10}) + "\n" for i in range(8))
+    )
+    (root / "cfg.toml").write_text(
+        "[evaluate]\nbatch-size = 4\n[prune]\nscope = 'global'\n[importance]\nbatch-size = 4\n"
+        "[train-next]\nbatch-size = 4\n[init]\nseed = 1\n"
+    )
     datasets.Dataset.from_dict({"pixels": [[0.5] * 784] * 8, "label": list(range(8))}).save_to_disk(str(root / "ds"))
     (root / "existing.bin").write_bytes(b"an unrelated file")
     return root
@@ -105,7 +169,9 @@ def command_lines(draw):
     return name, fixed, chosen, draw(st.booleans())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(case=command_lines())
 def test_outputs_never_alias_inputs(cli, template, case):
     name, fixed, chosen, force = case
@@ -128,7 +194,9 @@ def test_outputs_never_alias_inputs(cli, template, case):
             for path, digest in before.items():
                 if path not in written and path not in LINKS:
                     assert after.get(path) == digest, f"{argv}: {path} changed"
-            assert set(after) - set(before) <= written, f"{argv}: unexpected new files {set(after) - set(before) - written}"
+            assert set(after) - set(before) <= written, (
+                f"{argv}: unexpected new files {set(after) - set(before) - written}"
+            )
             assert all(p in after for p in written), f"{argv}: an output was not written"
             for inp in COMMANDS[name][1]:
                 for path, digest in before.items():

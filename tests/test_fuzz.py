@@ -24,9 +24,29 @@ from hypothesis import strategies as st  # noqa: E402
 from cl_tool.errors import ClToolError  # noqa: E402
 
 DOCUMENTED = {0, 2, 3, 4, 6, 7}
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-                database=None, derandomize=False)
-DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64", "F8_E4M3", "F8_E5M2"]
+FUZZ = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+    derandomize=False,
+)
+DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "U16",
+    "U32",
+    "U64",
+    "F8_E4M3",
+    "F8_E5M2",
+]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -39,9 +59,11 @@ def base(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("fuzz")
     ck, sc, mask = d / "m.safetensors", d / "m.importance.safetensors", d / "m.mask.safetensors"
-    for argv in (["init", "--arch", "mlp", "--arch-arg", "sizes=4,3,2", "--input-shape", "1x2x2", "-o", ck],
-                 ["importance", ck, "--method", "magnitude", "-o", sc],
-                 ["prune", ck, "--by", "magnitude", "--sparsity", "0.5", "--mask-out", mask]):
+    for argv in (
+        ["init", "--arch", "mlp", "--arch-arg", "sizes=4,3,2", "--input-shape", "1x2x2", "-o", ck],
+        ["importance", ck, "--method", "magnitude", "-o", sc],
+        ["prune", ck, "--by", "magnitude", "--sparsity", "0.5", "--mask-out", mask],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([str(a) for a in argv])
         assert exc.value.code == 0
@@ -91,8 +113,17 @@ def test_random_bytes(base, data):
 @st.composite
 def mutated(draw):
     kind = draw(st.sampled_from(["checkpoint", "sidecar", "mask"]))
-    return kind, draw(st.lists(st.tuples(st.sampled_from(["flip", "truncate", "splice", "header-byte"]),
-                                         st.integers(0, 10**6), st.binary(min_size=1, max_size=16)), min_size=1, max_size=4))
+    return kind, draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["flip", "truncate", "splice", "header-byte"]),
+                st.integers(0, 10**6),
+                st.binary(min_size=1, max_size=16),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
 
 
 @settings(FUZZ, max_examples=150)
@@ -108,10 +139,10 @@ def test_mutated_valid_files(base, m):
             i = pos % len(data)
             data[i] ^= chunk[0] or 0xFF
         elif op == "truncate":
-            del data[pos % len(data):]
+            del data[pos % len(data) :]
         elif op == "splice":
             i = pos % len(data)
-            data[i:i + len(chunk)] = chunk
+            data[i : i + len(chunk)] = chunk
         else:  # a byte inside the JSON header, where damage is most interesting
             i = 8 + pos % max(1, min(hlen, len(data) - 8))
             if i < len(data):
@@ -120,23 +151,31 @@ def test_mutated_valid_files(base, m):
     _read_all(base["scratch"])
 
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8))
-json_any = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8)
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8)
+)
+json_any = st.recursive(
+    json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8
+)
 
 tensor_entry = st.one_of(
     json_any,
-    st.fixed_dictionaries({
-        "dtype": st.one_of(st.sampled_from(DTYPES), st.text(max_size=5)),
-        "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), json_any),
-        "data_offsets": st.one_of(st.tuples(st.integers(-4, 80), st.integers(-4, 80)).map(list), json_any),
-    }),
+    st.fixed_dictionaries(
+        {
+            "dtype": st.one_of(st.sampled_from(DTYPES), st.text(max_size=5)),
+            "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), json_any),
+            "data_offsets": st.one_of(st.tuples(st.integers(-4, 80), st.integers(-4, 80)).map(list), json_any),
+        }
+    ),
 )
 
 
 @settings(FUZZ, max_examples=150)
-@given(entries=st.dictionaries(st.text(max_size=6), tensor_entry, max_size=3),
-       metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=3), json_any),
-       body=st.binary(max_size=80))
+@given(
+    entries=st.dictionaries(st.text(max_size=6), tensor_entry, max_size=3),
+    metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=3), json_any),
+    body=st.binary(max_size=80),
+)
 def test_random_header_json(base, entries, metadata, body):
     header = dict(entries)
     if metadata is not None:
@@ -172,23 +211,63 @@ def _json_text(value) -> str:
 
 
 model_dict = st.fixed_dictionaries(
-    {"arch": st.one_of(st.sampled_from(["mlp", "cnn"]), st.text(max_size=6)),
-     "input_shape": st.one_of(st.lists(st.integers(-1, 40), max_size=4), json_any)},
-    optional={"kwargs": st.one_of(st.fixed_dictionaries({"sizes": st.one_of(st.just("4,3,2"), st.text(max_size=8), json_any)}), json_any),
-              "num_classes": st.one_of(st.integers(-1, 4), json_any), "mean": st.one_of(st.lists(st.floats(), max_size=2), json_any),
-              "std": st.one_of(st.lists(st.floats(), max_size=2), json_any), "source": json_any},
+    {
+        "arch": st.one_of(st.sampled_from(["mlp", "cnn"]), st.text(max_size=6)),
+        "input_shape": st.one_of(st.lists(st.integers(-1, 40), max_size=4), json_any),
+    },
+    optional={
+        "kwargs": st.one_of(
+            st.fixed_dictionaries({"sizes": st.one_of(st.just("4,3,2"), st.text(max_size=8), json_any)}), json_any
+        ),
+        "num_classes": st.one_of(st.integers(-1, 4), json_any),
+        "mean": st.one_of(st.lists(st.floats(), max_size=2), json_any),
+        "std": st.one_of(st.lists(st.floats(), max_size=2), json_any),
+        "source": json_any,
+    },
 ).map(_json_text)
 
 metadata_text = st.one_of(st.text(max_size=20), json_any.map(_json_text), model_dict)
 
 
 @settings(FUZZ, max_examples=120)
-@given(kind=st.sampled_from(["checkpoint", "sidecar"]),
-       changes=st.dictionaries(st.sampled_from(["cl_tool.model", "cl_tool.history", "cl_tool.extra", "cl_tool.fingerprint", "cl_tool.sidecar",
-                                                "method", "options", "data", "fingerprint", "tasks", "decay", "cl_tool.mask"]),
-                               st.one_of(st.none(), metadata_text), min_size=1, max_size=3))
-@example(kind="checkpoint", changes={"cl_tool.model": json.dumps({"arch": "mlp", "input_shape": [1, 2, 2], "num_classes": 2, "mean": [0.1, 0.2]})})
-@example(kind="checkpoint", changes={"cl_tool.model": json.dumps({"arch": "mlp", "input_shape": [1, 2, 2], "num_classes": 2, "kwargs": {"sizes": "4,x"}})})
+@given(
+    kind=st.sampled_from(["checkpoint", "sidecar"]),
+    changes=st.dictionaries(
+        st.sampled_from(
+            [
+                "cl_tool.model",
+                "cl_tool.history",
+                "cl_tool.extra",
+                "cl_tool.fingerprint",
+                "cl_tool.sidecar",
+                "method",
+                "options",
+                "data",
+                "fingerprint",
+                "tasks",
+                "decay",
+                "cl_tool.mask",
+            ]
+        ),
+        st.one_of(st.none(), metadata_text),
+        min_size=1,
+        max_size=3,
+    ),
+)
+@example(
+    kind="checkpoint",
+    changes={
+        "cl_tool.model": json.dumps({"arch": "mlp", "input_shape": [1, 2, 2], "num_classes": 2, "mean": [0.1, 0.2]})
+    },
+)
+@example(
+    kind="checkpoint",
+    changes={
+        "cl_tool.model": json.dumps(
+            {"arch": "mlp", "input_shape": [1, 2, 2], "num_classes": 2, "kwargs": {"sizes": "4,x"}}
+        )
+    },
+)
 @example(kind="sidecar", changes={"tasks": '{"a": 1}'})
 @example(kind="sidecar", changes={"options": "[" * 5000 + "]" * 5000})
 def test_random_metadata_strings(base, kind, changes):
@@ -220,8 +299,12 @@ def run(capsys):
     return go
 
 
-number_text = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=10),
-                        st.integers(-(10**6), 10**6).map(str), st.sampled_from(["nan", "-inf", "1e309", "0x10", "1_0", " 0.5", "0,5", ""]))
+number_text = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=10),
+    st.integers(-(10**6), 10**6).map(str),
+    st.sampled_from(["nan", "-inf", "1e309", "0x10", "1_0", " 0.5", "0,5", ""]),
+)
 
 
 @settings(FUZZ, max_examples=100)
@@ -248,7 +331,9 @@ def test_prune_sparsity_floats(base, run, value):
 def shape_text(draw):
     if draw(st.booleans()):
         return draw(st.text(max_size=12))
-    parts = draw(st.lists(st.one_of(st.integers(-3, 40).map(str), st.text(alphabet="x,0123456789 -", max_size=4)), max_size=4))
+    parts = draw(
+        st.lists(st.one_of(st.integers(-3, 40).map(str), st.text(alphabet="x,0123456789 -", max_size=4)), max_size=4)
+    )
     return draw(st.sampled_from(["x", ",", "X"])).join(parts)
 
 
@@ -263,8 +348,19 @@ def test_init_input_shape_values(base, run, shape):
 
 @st.composite
 def arch_arg(draw):
-    key = draw(st.one_of(st.sampled_from(["sizes", "negative_slope", "in_chans", "num_classes", "pretrained", "widths"]), st.text(max_size=6)))
-    value = draw(st.one_of(st.text(max_size=10), st.text(alphabet="0123456789,-.;", max_size=10), st.sampled_from(["4,3,2", "4,0,2", "true", "none"])))
+    key = draw(
+        st.one_of(
+            st.sampled_from(["sizes", "negative_slope", "in_chans", "num_classes", "pretrained", "widths"]),
+            st.text(max_size=6),
+        )
+    )
+    value = draw(
+        st.one_of(
+            st.text(max_size=10),
+            st.text(alphabet="0123456789,-.;", max_size=10),
+            st.sampled_from(["4,3,2", "4,0,2", "true", "none"]),
+        )
+    )
     return draw(st.sampled_from([f"{key}={value}", key, value, f"={value}"]))
 
 
@@ -293,4 +389,16 @@ def test_init_arch_arg_values(base, run, args):
 def test_importance_numeric_options(base, run, decay, samples):
     out = base["dir"] / "fuzz.importance.safetensors"
     extra = [] if samples is None else [f"--memory-budget-mb={samples}"]
-    run("importance", base["checkpoint"], "--method", "magnitude", "--accumulate", base["sidecar"], f"--decay={decay}", *extra, "-o", out, "--force")
+    run(
+        "importance",
+        base["checkpoint"],
+        "--method",
+        "magnitude",
+        "--accumulate",
+        base["sidecar"],
+        f"--decay={decay}",
+        *extra,
+        "-o",
+        out,
+        "--force",
+    )

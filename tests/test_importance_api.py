@@ -13,7 +13,6 @@ from cl_tool.importance.checks import check_finite
 from cl_tool.importance.reference import naive_sums
 from cl_tool.models import ModelSpec, build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -37,8 +36,13 @@ def cnn() -> nn.Module:
 
 def vit() -> nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelSpec("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "depth": 1, "embed_dim": 16,
-                                                          "num_heads": 2}, source="timm"))
+    return build_model(
+        ModelSpec(
+            "vit_tiny_patch16_224",
+            {"img_size": 28, "patch_size": 7, "depth": 1, "embed_dim": 16, "num_heads": 2},
+            source="timm",
+        )
+    )
 
 
 def data(n=5, seed=1):
@@ -89,8 +93,13 @@ def test_fisher_without_samples_is_an_error():
 
 def test_invalid_options_are_usage_errors():
     model, (x, y) = mlp(), data()
-    for kwargs in ({"method": "nope"}, {"method": "si"}, {"method": "fisher", "fisher_labels": "bogus"},
-                   {"method": "mas", "mas_output": "probs"}, {"method": "fisher", "precision": "fp8"}):
+    for kwargs in (
+        {"method": "nope"},
+        {"method": "si"},
+        {"method": "fisher", "fisher_labels": "bogus"},
+        {"method": "mas", "mas_output": "probs"},
+        {"method": "fisher", "precision": "fp8"},
+    ):
         with pytest.raises(UsageError):
             importance_sums(model, [(x, y)], **kwargs)
 
@@ -201,8 +210,12 @@ def test_signal_matches_independent_replay(make):
 
 def test_signal_of_grouped_padded_convolution():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 6, 3, stride=2, groups=2),
-                          nn.Flatten(), nn.Linear(6 * 13 * 13, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        nn.Flatten(),
+        nn.Linear(6 * 13 * 13, 10),
+    )
     x, y = data(3)
     got, _ = importance_sums(model, [(x, y)], "signal")
     want = reference_signal(model, x)

@@ -59,7 +59,10 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            if (
+                isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+                and getattr(m, "weight", None) is not None
+            ):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
     return model
@@ -71,8 +74,11 @@ def tiny(arch: str) -> nn.Module:
         "mlp": ModelSpec("mlp", {"sizes": "784,32,16,10"}),
         "cnn": ModelSpec("cnn", {"widths": "4,6,8"}),
         "resnet": ModelSpec("resnet10t", {"channels": (8, 8, 16, 16), "stem_width": 8}, source="timm"),
-        "vit": ModelSpec("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 4, "depth": 2, "embed_dim": 32,
-                                                  "num_heads": 2}, source="timm"),
+        "vit": ModelSpec(
+            "vit_tiny_patch16_224",
+            {"img_size": 28, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2},
+            source="timm",
+        ),
     }
     return randomize_norms(build_model(specs[arch]))
 
@@ -112,7 +118,7 @@ def test_float64_engine_equals_loop_to_round_off(arch):
         engine.add_batch(x, y)
         want, _ = naive_sums(model, [(x, y)], method, **kw)
         assert all(t.dtype == torch.float64 for t in engine.sums.values())
-        assert max_rel_err({n: t for n, t in engine.sums.items()}, want, dtype=torch.float64) < 1e-10
+        assert max_rel_err(dict(engine.sums.items()), want, dtype=torch.float64) < 1e-10
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet", "vit"])
@@ -188,8 +194,13 @@ def test_channels_last_inputs(method, kw):
     """Patches are built from a channels-last view; inputs and gradients that already are
     channels-last (strided differently) give the same result."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(),
-                          nn.Conv2d(4, 3, 3, padding=1), nn.Tanh(), Head(3 * 4 * 4)).to(memory_format=torch.channels_last)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.Tanh(),
+        Head(3 * 4 * 4),
+    ).to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 2, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
     assert compare(model, [(x, torch.randint(0, 10, (4,), generator=gen))], method, **kw) < TOL
@@ -260,7 +271,9 @@ def test_exact_labels_equal_backpack_diag_ggn_exact():
         with warnings.catch_warnings(), backpack(DiagGGNExact()):
             warnings.simplefilter("ignore")  # BackPACK's full backward hooks on a first layer whose input needs no grad
             extend(nn.CrossEntropyLoss(reduction="sum"))(bp_model(x), y).backward()
-        want = {n: p.diag_ggn_exact.detach().clone() for (n, _), p in zip(model.named_parameters(), bp_model.parameters())}
+        want = {
+            n: p.diag_ggn_exact.detach().clone() for (n, _), p in zip(model.named_parameters(), bp_model.parameters())
+        }
         got, _ = importance_sums(model, [(x, y)], "fisher", fisher_labels="exact")
         assert max_rel_err(got, want) < TOL
 
@@ -268,8 +281,14 @@ def test_exact_labels_equal_backpack_diag_ggn_exact():
 def test_conv1d_and_norm_layers():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.Conv1d(4, 4, 2, padding="same", padding_mode="replicate"), nn.BatchNorm1d(4), nn.Tanh(), Head(4 * 6))
+        nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv1d(4, 4, 2, padding="same", padding_mode="replicate"),
+        nn.BatchNorm1d(4),
+        nn.Tanh(),
+        Head(4 * 6),
+    )
     randomize_norms(model)
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(5, 2, 12, generator=gen), torch.randint(0, 10, (5,), generator=gen))]
@@ -323,11 +342,11 @@ class Awkward(nn.Module):
         self.out = nn.Linear(5, 10)
 
     def forward(self, x):
-        h = torch.relu_(self.inp(x))                       # in-place op overwrites the layer output
-        h = h * self.scale - self.offset                   # custom multiplicative and subtractive params
+        h = torch.relu_(self.inp(x))  # in-place op overwrites the layer output
+        h = h * self.scale - self.offset  # custom multiplicative and subtractive params
         h = torch.add(h, self.shift, alpha=0.5)
-        h = torch.tanh(self.reused(torch.tanh(self.reused(h))))      # one module called twice
-        h = torch.tanh(self.tied_b(torch.tanh(self.tied_a(h))))      # a weight shared by two modules
+        h = torch.tanh(self.reused(torch.tanh(self.reused(h))))  # one module called twice
+        h = torch.tanh(self.tied_b(torch.tanh(self.tied_a(h))))  # a weight shared by two modules
         h = torch.tanh(self.side(h) + F.linear(h, self.side.weight))  # module weight also used directly
         return self.out(self.frozen(h))
 

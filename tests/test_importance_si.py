@@ -47,7 +47,7 @@ def test_matches_hand_computation(momentum):
     torch.testing.assert_close(theta.detach(), t)
     torch.testing.assert_close(acc.W["theta"], W)
     omega = acc.omega()["theta"]
-    torch.testing.assert_close(omega, W.clamp(min=0) / (t ** 2 + 0.1))
+    torch.testing.assert_close(omega, W.clamp(min=0) / (t**2 + 0.1))
     assert omega.dtype == torch.float32 and omega.device.type == "cpu"
 
 

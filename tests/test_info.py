@@ -23,7 +23,11 @@ def _run(argv):
 def files(tmp_path_factory, demo_dir):
     d = tmp_path_factory.mktemp("info")
     f = {k: d / f"{k}.safetensors" for k in ("a0", "a", "b", "b50", "other")}
-    f["a_imp"], f["other_imp"], f["mask"] = d / "a.importance.safetensors", d / "other.importance.safetensors", d / "b50.mask.safetensors"
+    f["a_imp"], f["other_imp"], f["mask"] = (
+        d / "a.importance.safetensors",
+        d / "other.importance.safetensors",
+        d / "b50.mask.safetensors",
+    )
     data = f"{demo_dir}::limit=64"
     common = ["--epochs", "1", "--batch-size", "32", "--device", "cpu"]
     for argv in (
@@ -31,7 +35,20 @@ def files(tmp_path_factory, demo_dir):
         ["train-next", f["a0"], "--data", f"A={data}", *common, "-o", f["a"]],
         ["importance", f["a"], "--data", f"A={data}", "--method", "fisher", "--device", "cpu"],
         ["train-next", f["a"], "--data", f"B={data},permute=1", *common, "--lambda", "200", "-o", f["b"]],
-        ["prune", f["b"], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", f["b50"], "--mask-out", f["mask"]],
+        [
+            "prune",
+            f["b"],
+            "--by",
+            "importance",
+            "--importance",
+            f["a_imp"],
+            "--sparsity",
+            "0.5",
+            "-o",
+            f["b50"],
+            "--mask-out",
+            f["mask"],
+        ],
         ["init", "--arch", "mlp", "--arch-arg", "sizes=784,16,10", "--seed", "7", "-o", f["other"]],
         ["importance", f["other"], "--method", "magnitude"],
     ):
@@ -42,10 +59,23 @@ def files(tmp_path_factory, demo_dir):
 
     timm_dir = d / "timm_model"
     timm_dir.mkdir()
-    (timm_dir / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 7,
-                                                      "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
-    save_file({"fc.weight": torch.ones(7, 4), "fc.bias": torch.zeros(7), "bn.running_mean": torch.zeros(4, dtype=torch.float16)},
-              str(timm_dir / "model.safetensors"))
+    (timm_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "resnet18",
+                "num_classes": 7,
+                "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            }
+        )
+    )
+    save_file(
+        {
+            "fc.weight": torch.ones(7, 4),
+            "fc.bias": torch.zeros(7),
+            "bn.running_mean": torch.zeros(4, dtype=torch.float16),
+        },
+        str(timm_dir / "model.safetensors"),
+    )
     f["timm"] = timm_dir
     return d, f
 
@@ -60,19 +90,37 @@ def test_checkpoint(cli, files):
     d, f = files
     (i,) = _info(cli, f["b50"])
     assert i["kind"] == "checkpoint" and i["path"] == str(f["b50"]) and i["problems"] == []
-    assert i["model"]["arch"] == "mlp" and i["model"]["kwargs"] == {"sizes": "784,16,10"} and i["model"]["input_shape"] == [1, 28, 28]
+    assert (
+        i["model"]["arch"] == "mlp"
+        and i["model"]["kwargs"] == {"sizes": "784,16,10"}
+        and i["model"]["input_shape"] == [1, 28, 28]
+    )
     assert i["model"]["num_classes"] == 10 and i["model"]["mean"] == [0.0] and i["model"]["std"] == [1.0]
-    assert i["parameters"]["trainable"] == 784 * 16 + 16 + 16 * 10 + 10 and i["parameters"]["classifier"] == ["net.3.weight", "net.3.bias"]
+    assert i["parameters"]["trainable"] == 784 * 16 + 16 + 16 * 10 + 10 and i["parameters"]["classifier"] == [
+        "net.3.weight",
+        "net.3.bias",
+    ]
     assert i["tensors"]["by_dtype"]["float32"]["values"] == i["parameters"]["trainable"]
     assert i["tensors"]["by_dtype"]["float32"]["bytes"] == 4 * i["parameters"]["trainable"]
     from cl_tool.checkpoint import load_checkpoint
 
     ck = load_checkpoint(f["b50"])
-    assert i["fingerprint"] == {"recorded": ck.fingerprint, "computed": None, "verified": None}  # header only: not checked
+    assert i["fingerprint"] == {
+        "recorded": ck.fingerprint,
+        "computed": None,
+        "verified": None,
+    }  # header only: not checked
     assert [h["command"] for h in i["history"]] == ["init", "train-next", "train-next", "prune"]
-    assert i["history"][2]["data"] == "B" and i["history"][2]["penalty"] == "stabilized" and i["history"][2]["lambda"] == 200
+    assert (
+        i["history"][2]["data"] == "B"
+        and i["history"][2]["penalty"] == "stabilized"
+        and i["history"][2]["lambda"] == 200
+    )
     assert [(x["generations"], x["fingerprint"]) for x in i["lineage"][:3]] == [
-        (1, load_checkpoint(f["b"]).fingerprint), (2, load_checkpoint(f["a"]).fingerprint), (3, load_checkpoint(f["a0"]).fingerprint)]
+        (1, load_checkpoint(f["b"]).fingerprint),
+        (2, load_checkpoint(f["a"]).fingerprint),
+        (3, load_checkpoint(f["a0"]).fingerprint),
+    ]
     assert i["pruning"]["by"] == "importance" and i["pruning"]["source"]["generations"] == 1
     assert "sparsity" not in i
 
@@ -81,8 +129,19 @@ def test_checkpoint_human_output(cli, files):
     d, f = files
     r = cli("info", f["b50"])
     assert r.code == 0 and r.out == ""  # people read stderr; stdout only carries --json
-    for text in ("cl-tool checkpoint", "mlp", "1x28x28", "10 classes", "12,730 trainable", "float32", "history", "lineage",
-                 "stabilized", "prune", "--verify"):
+    for text in (
+        "cl-tool checkpoint",
+        "mlp",
+        "1x28x28",
+        "10 classes",
+        "12,730 trainable",
+        "float32",
+        "history",
+        "lineage",
+        "stabilized",
+        "prune",
+        "--verify",
+    ):
         assert text in r.err, text
 
 
@@ -122,15 +181,24 @@ def test_sidecar_and_for(cli, files):
     assert i["data"]["name"] == "A" and i["samples"] == 64 and len(i["tasks"]) == 1 and i["decay"] == 1.0
     assert i["belongs_to"] == {"fingerprint": load_checkpoint(f["a"]).fingerprint, "checkpoint": str(f["a"])}
     assert "for" not in i
-    cases = {"a": (True, 0, "itself"), "b": (True, 1, "1 generation back"), "b50": (True, 2, "2 generations back"),
-             "a0": (False, None, "records no ancestors"), "other": (False, None, "belongs to another checkpoint")}
+    cases = {
+        "a": (True, 0, "itself"),
+        "b": (True, 1, "1 generation back"),
+        "b50": (True, 2, "2 generations back"),
+        "a0": (False, None, "records no ancestors"),
+        "other": (False, None, "belongs to another checkpoint"),
+    }
     for target, (usable, gen, phrase) in cases.items():
         (i,) = _info(cli, f["a_imp"], "--for", f[target])
         rel = i["for"]
         assert (rel["usable"], rel["generations"]) == (usable, gen), (target, rel)
         assert phrase in rel["reason"] and rel["checkpoint"] == str(f[target])
     (i,) = _info(cli, f["other_imp"], "--for", f["b"], "--verify")
-    assert i["for"]["usable"] is False and "recorded ancestors" in i["for"]["reason"] and "judged by" not in i["for"]["reason"]
+    assert (
+        i["for"]["usable"] is False
+        and "recorded ancestors" in i["for"]["reason"]
+        and "judged by" not in i["for"]["reason"]
+    )
     assert i["values_checked"] is True
     r = cli("info", f["a_imp"], "--for", f["b50"])
     assert r.code == 0 and "for " + str(f["b50"]) + ": yes" in r.err.replace("\n", " ")
@@ -161,7 +229,20 @@ def test_resume_state(cli, files, demo_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "lr_at", lr_at)
     out = tmp_path / "r.safetensors"
-    r = cli("train-next", f["a"], "--data", f"R={demo_dir}::limit=64", "--batch-size", "8", "--device", "cpu", "--checkpoint-every", "1", "-o", out)
+    r = cli(
+        "train-next",
+        f["a"],
+        "--data",
+        f"R={demo_dir}::limit=64",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "1",
+        "-o",
+        out,
+    )
     assert r.code == 143, r.err
     state = tmp_path / "r.resume.safetensors"
     assert state.exists()
@@ -184,7 +265,9 @@ def test_timm_folder(cli, files):
     assert i["model"]["input_shape"] == [3, 32, 32] and i["model"]["source"] == "timm"
     assert i["tensors"]["count"] == 3 and set(i["tensors"]["by_dtype"]) == {"float32", "float16"}
     assert i["tensors"]["by_dtype"]["float16"]["bytes"] == 8
-    assert i["sparsity"]["tensors"]["fc.bias"]["fraction"] == 1.0 and i["sparsity"]["tensors"]["fc.weight"]["zeros"] == 0
+    assert (
+        i["sparsity"]["tensors"]["fc.bias"]["fraction"] == 1.0 and i["sparsity"]["tensors"]["fc.weight"]["zeros"] == 0
+    )
     (i,) = _info(cli, f["timm"], "--verify")
     from cl_tool.checkpoint import load_checkpoint
 
@@ -234,7 +317,9 @@ def _damaged(d, f, tmp_path):
     save_file(load_file(str(f["b"])), str(out["bad-model"]), {**meta, "cl_tool.model": json.dumps({"arch": "mlp"})})
     _, smeta = read_header(f["a_imp"])
     out["bad-sidecar"] = tmp_path / "sc.importance.safetensors"
-    save_file(load_file(str(f["a_imp"])), str(out["bad-sidecar"]), {k: v for k, v in smeta.items() if k != "fingerprint"})
+    save_file(
+        load_file(str(f["a_imp"])), str(out["bad-sidecar"]), {k: v for k, v in smeta.items() if k != "fingerprint"}
+    )
     out["folder"] = tmp_path / "not_a_model"
     out["folder"].mkdir()
     return out
@@ -255,10 +340,12 @@ def test_damaged_files_exit_3_with_one_sentence(cli, files, tmp_path):
 def test_header_only_info_imports_no_torch(files):
     d, f = files
     argv = ["info", *(str(f[k]) for k in ("b50", "a_imp", "mask", "timm")), "--for", str(f["b"]), "--json"]
-    probe = ("import sys\nfrom cl_tool.cli import main\n"
-             f"try:\n    main({argv!r})\n"
-             "except SystemExit as exc:\n    print('CODE=' + str(exc.code), file=sys.stderr)\n"
-             "print('HEAVY=' + ','.join(m for m in ('torch', 'timm', 'datasets') if m in sys.modules), file=sys.stderr)\n")
+    probe = (
+        "import sys\nfrom cl_tool.cli import main\n"
+        f"try:\n    main({argv!r})\n"
+        "except SystemExit as exc:\n    print('CODE=' + str(exc.code), file=sys.stderr)\n"
+        "print('HEAVY=' + ','.join(m for m in ('torch', 'timm', 'datasets') if m in sys.modules), file=sys.stderr)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "CODE=0" in proc.stderr, proc.stderr
     assert "HEAVY=\n" in proc.stderr, proc.stderr

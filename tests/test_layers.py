@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cl_tool"
-INFRASTRUCTURE = {"cl_tool.errors", "cl_tool.atomic", "cl_tool.output", "cl_tool.params", "cl_tool.runtime", "cl_tool.distributed",
-                  "cl_tool.safetensors_io"}
+INFRASTRUCTURE = {
+    "cl_tool.errors",
+    "cl_tool.atomic",
+    "cl_tool.output",
+    "cl_tool.params",
+    "cl_tool.runtime",
+    "cl_tool.distributed",
+    "cl_tool.safetensors_io",
+}
 
 
 def module_name(path: Path) -> str:
@@ -35,7 +42,9 @@ def imports_of(path: Path) -> set[str]:
 
 
 _RAW = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__main__.py"}
-MODULES = {m: {name for name in names if name in _RAW} for m, names in _RAW.items()}  # names imported from a module are not modules
+MODULES = {
+    m: {name for name in names if name in _RAW} for m, names in _RAW.items()
+}  # names imported from a module are not modules
 
 
 def _layer(name: str) -> str:
@@ -59,8 +68,12 @@ def test_imports_point_down(module):
         if layer != "cli":
             assert target != "cli", f"{module} imports {imported}: nothing below cl_tool/cli may import the CLI"
         if layer == "workflows" and target == "workflows":
-            assert imported == "cl_tool.workflows", f"{module} imports the workflow {imported}; shared steps belong in core modules"
+            assert imported == "cl_tool.workflows", (
+                f"{module} imports the workflow {imported}; shared steps belong in core modules"
+            )
         if layer in ("core", "infrastructure"):
             assert target not in ("workflows", "cli"), f"{module} ({layer}) imports {imported}"
         if layer == "infrastructure":
-            assert target == "infrastructure" or imported == "cl_tool", f"{module} (infrastructure) imports the core module {imported}"
+            assert target == "infrastructure" or imported == "cl_tool", (
+                f"{module} (infrastructure) imports the core module {imported}"
+            )

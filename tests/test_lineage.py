@@ -35,7 +35,9 @@ def family(tmp_path_factory, demo_dir):
 
     d = tmp_path_factory.mktemp("family")
     f = {k: d / f"{k}.safetensors" for k in ("a0", "a", "b", "c", "bp", "d", "s", "g", "other")}
-    f["a_imp"], f["s_imp"], f["b_imp"], f["other_imp"] = (d / f"{k}.importance.safetensors" for k in ("a", "s", "b", "other"))
+    f["a_imp"], f["s_imp"], f["b_imp"], f["other_imp"] = (
+        d / f"{k}.importance.safetensors" for k in ("a", "s", "b", "other")
+    )
     twelve = d / "twelve"
     datasets.disable_progress_bars()
     make_dataset(64, seed=3, classes=12).save_to_disk(str(twelve))
@@ -46,7 +48,20 @@ def family(tmp_path_factory, demo_dir):
         ["train-next", f["a0"], "--data", f"A={data}", *common, "-o", f["a"]],
         ["importance", f["a"], "--data", f"A={data}", "--method", "fisher", "--device", "cpu"],
         ["train-next", f["a"], "--data", f"B={data},permute=1", *common, "--lambda", "200", "-o", f["b"]],
-        ["train-next", f["b"], "--data", f"C={data},permute=2", *common, "--importance", f["a_imp"], "--lambda", "200", "-o", f["c"], "--json"],
+        [
+            "train-next",
+            f["b"],
+            "--data",
+            f"C={data},permute=2",
+            *common,
+            "--importance",
+            f["a_imp"],
+            "--lambda",
+            "200",
+            "-o",
+            f["c"],
+            "--json",
+        ],
         ["prune", f["b"], "--by", "magnitude", "--sparsity", "0.5", "-o", f["bp"]],
         ["train-next", f["bp"], "--data", f"D={data},permute=3", *common, "--penalty", "none", "-o", f["d"]],
         ["train-next", f["a"], "--data", f"S={data},rotate=90", *common, "--penalty", "none", "-o", f["s"]],
@@ -72,11 +87,13 @@ def _fp(path):
 def test_ancestry_is_read_from_the_history():
     from cl_tool.lineage import ancestor_fingerprints, ancestors, generations_back, grown_since
 
-    history = [{"command": "init"},
-               {"command": "train-next", "anchor_fingerprint": "f0"},
-               {"command": "prune", "source_fingerprint": "f1"},
-               "not an entry",
-               {"command": "train-next", "anchor_fingerprint": "f3", "grown": ["head.weight", "head.bias"]}]
+    history = [
+        {"command": "init"},
+        {"command": "train-next", "anchor_fingerprint": "f0"},
+        {"command": "prune", "source_fingerprint": "f1"},
+        "not an entry",
+        {"command": "train-next", "anchor_fingerprint": "f3", "grown": ["head.weight", "head.bias"]},
+    ]
     assert ancestor_fingerprints(history) == [(1, "f3"), (3, "f1"), (4, "f0")]
     assert [a.command for a in ancestors(history)] == ["train-next", "?", "prune", "train-next", "init"]
     assert generations_back("me", "me", history) == 0
@@ -95,7 +112,11 @@ def test_fit_rows_pads_only_grown_tensors():
     om = {"w": torch.ones(2, 3), "v": torch.ones(2)}
     params = {"w": torch.zeros(4, 3), "v": torch.zeros(3), "missing": torch.zeros(1)}
     out = fit_rows(om, params, {"w"})
-    assert out["w"].shape == (4, 3) and torch.equal(out["w"][2:], torch.zeros(2, 3)) and torch.equal(out["w"][:2], torch.ones(2, 3))
+    assert (
+        out["w"].shape == (4, 3)
+        and torch.equal(out["w"][2:], torch.zeros(2, 3))
+        and torch.equal(out["w"][:2], torch.ones(2, 3))
+    )
     assert out["v"].shape == (2,)  # not grown: left for the caller's shape check
     assert out["missing"] is None
 
@@ -118,7 +139,9 @@ def test_prune_accepts_an_ancestors_sidecar(cli, family, tmp_path, target, gener
 
     d, f = family
     out = tmp_path / "p.safetensors"
-    r = cli("prune", f[target], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", out, "--json")
+    r = cli(
+        "prune", f[target], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", out, "--json"
+    )
     assert r.code == 0, r.err
     gen_text = f"{generations} generation{'s' if generations > 1 else ''} back"
     note = [ln for ln in r.err.splitlines() if ln.startswith("Using the importances")]
@@ -150,14 +173,36 @@ def test_own_sidecar_needs_no_note(cli, family, tmp_path):
     assert json.loads(r.out)["source"]["generations"] == 0
 
 
-@pytest.mark.parametrize("target,sidecar,who", [("b", "s_imp", "sibling"), ("b", "other_imp", "unrelated"), ("a", "b_imp", "descendant"),
-                                                ("g", "s_imp", "sibling (grown head)")])
+@pytest.mark.parametrize(
+    "target,sidecar,who",
+    [
+        ("b", "s_imp", "sibling"),
+        ("b", "other_imp", "unrelated"),
+        ("a", "b_imp", "descendant"),
+        ("g", "s_imp", "sibling (grown head)"),
+    ],
+)
 def test_prune_refuses_a_sidecar_outside_the_ancestry(cli, family, tmp_path, target, sidecar, who):
     d, f = family
     before, before_tmp = snapshot_dir(d), snapshot_dir(tmp_path)
-    r = cli("prune", f[target], "--by", "importance", "--importance", f[sidecar], "--sparsity", "0.5", "-o", tmp_path / "p.safetensors")
+    r = cli(
+        "prune",
+        f[target],
+        "--by",
+        "importance",
+        "--importance",
+        f[sidecar],
+        "--sparsity",
+        "0.5",
+        "-o",
+        tmp_path / "p.safetensors",
+    )
     assert r.code == 4, f"{who}: {r.err}"
-    assert "belongs to another checkpoint" in r.error_line and str(f[sidecar]) in r.error_line and str(f[target]) in r.error_line
+    assert (
+        "belongs to another checkpoint" in r.error_line
+        and str(f[sidecar]) in r.error_line
+        and str(f[target]) in r.error_line
+    )
     assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
     assert snapshot_dir(d) == before and snapshot_dir(tmp_path) == before_tmp  # inputs unchanged, nothing written
 
@@ -165,8 +210,22 @@ def test_prune_refuses_a_sidecar_outside_the_ancestry(cli, family, tmp_path, tar
 def test_grown_head_rows_score_zero(cli, family, tmp_path):
     d, f = family
     out = tmp_path / "g.safetensors"
-    r = cli("prune", f["g"], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.3", "--include-classifier",
-            "--scope", "layer", "-o", out, "--json")
+    r = cli(
+        "prune",
+        f["g"],
+        "--by",
+        "importance",
+        "--importance",
+        f["a_imp"],
+        "--sparsity",
+        "0.3",
+        "--include-classifier",
+        "--scope",
+        "layer",
+        "-o",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     assert json.loads(r.out)["source"]["generations"] == 1
     from cl_tool.checkpoint import load_checkpoint
@@ -192,19 +251,49 @@ def test_train_next_records_an_ancestors_sidecar(family):
 def test_train_next_ancestor_note_and_json(cli, family, demo_dir, tmp_path):
     d, f = family
     out = tmp_path / "e.safetensors"
-    r = cli("train-next", f["bp"], "--data", f"{demo_dir}::limit=32", "--epochs", "1", "--device", "cpu", "--importance", f["a_imp"],
-            "-o", out, "--json")
+    r = cli(
+        "train-next",
+        f["bp"],
+        "--data",
+        f"{demo_dir}::limit=32",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--importance",
+        f["a_imp"],
+        "-o",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     assert "2 generations back" in r.err and str(f["a_imp"]) in r.err
     res = json.loads(r.out)
-    assert res["importance"] == str(f["a_imp"]) and res["importance_generations"] == 2 and res["importance_fingerprint"] == _fp(f["a"])
+    assert (
+        res["importance"] == str(f["a_imp"])
+        and res["importance_generations"] == 2
+        and res["importance_fingerprint"] == _fp(f["a"])
+    )
 
 
 def test_train_next_pads_grown_rows_of_an_ancestor(cli, family, tmp_path):
     d, f = family
     out = tmp_path / "g2.safetensors"
-    r = cli("train-next", f["g"], "--data", f"{d / 'twelve'}::limit=32", "--epochs", "1", "--device", "cpu", "--importance", f["a_imp"],
-            "-o", out, "--json")
+    r = cli(
+        "train-next",
+        f["g"],
+        "--data",
+        f"{d / 'twelve'}::limit=32",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--importance",
+        f["a_imp"],
+        "-o",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     assert json.loads(r.out)["importance_generations"] == 1
 
@@ -212,7 +301,18 @@ def test_train_next_pads_grown_rows_of_an_ancestor(cli, family, tmp_path):
 def test_train_next_refuses_a_sibling(cli, family, demo_dir, tmp_path):
     d, f = family
     before = snapshot_dir(d)
-    r = cli("train-next", f["b"], "--data", f"{demo_dir}::limit=32", "--device", "cpu", "--importance", f["s_imp"], "-o", tmp_path / "x.safetensors")
+    r = cli(
+        "train-next",
+        f["b"],
+        "--data",
+        f"{demo_dir}::limit=32",
+        "--device",
+        "cpu",
+        "--importance",
+        f["s_imp"],
+        "-o",
+        tmp_path / "x.safetensors",
+    )
     assert r.code == 4 and "belongs to another checkpoint" in r.error_line, r.err
     assert snapshot_dir(d) == before and not (tmp_path / "x.safetensors").exists()
 
@@ -228,5 +328,16 @@ def test_edited_history_is_metadata_not_a_signature(cli, family, tmp_path):
     hist = json.loads(meta["cl_tool.history"]) + [{"command": "train-next", "anchor_fingerprint": _fp(f["a"])}]
     forged = tmp_path / "forged.safetensors"
     save_file(load_file(str(f["other"])), str(forged), {**meta, "cl_tool.history": json.dumps(hist)})
-    r = cli("prune", forged, "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", tmp_path / "p.safetensors")
+    r = cli(
+        "prune",
+        forged,
+        "--by",
+        "importance",
+        "--importance",
+        f["a_imp"],
+        "--sparsity",
+        "0.5",
+        "-o",
+        tmp_path / "p.safetensors",
+    )
     assert r.code == 0, r.err

@@ -97,7 +97,9 @@ def test_single_stage_many_tasks():
     assert s["bwt"] is None and s["learning_accuracy"] is None
 
 
-@pytest.mark.parametrize("R", [[], [[]], [[0.1, 0.2], [0.3]], [[float("nan")]], [[0.5, float("inf")]], [["0.5"]], [[True]]])
+@pytest.mark.parametrize(
+    "R", [[], [[]], [[0.1, 0.2], [0.3]], [[float("nan")]], [[0.5, float("inf")]], [["0.5"]], [[True]]]
+)
 def test_invalid_matrix(R):
     with pytest.raises(BadInputError):
         cl_summary(R)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +18,6 @@ import pytest
 from tests.conftest import snapshot_dir
 
 REPO = Path(__file__).resolve().parent.parent
-
-
 
 
 def _fails_cleanly(cli, d: Path, demo: Path, argv, code: int, phrase: str):
@@ -54,9 +51,32 @@ def test_divergence_leaves_no_log_state_si_or_temporary_file(cli, ws, demo_dir):
     data = f"{demo_dir}::limit=64"
     imp = d / "m.importance.safetensors"
     assert cli("importance", ck, "--data", data, "--method", "fisher", "--device", "cpu").code == 0
-    argv = ["train-next", ck, "--data", f"{data},permute=1", "--batch-size", "8", "--penalty", "ewc", "--optimizer", "sgd", "--lr", "0.5",
-            "--lambda", "1e6", "--device", "cpu", "-o", d / "b.safetensors", "--log-json", d / "log.jsonl", "--checkpoint-every", "1",
-            "--si-out", d / "b.si.safetensors"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        f"{data},permute=1",
+        "--batch-size",
+        "8",
+        "--penalty",
+        "ewc",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--lambda",
+        "1e6",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+        "--log-json",
+        d / "log.jsonl",
+        "--checkpoint-every",
+        "1",
+        "--si-out",
+        d / "b.si.safetensors",
+    ]
     _fails_cleanly(cli, d, demo_dir, argv, 5, "Training diverged")
     assert imp.exists()
 
@@ -64,8 +84,29 @@ def test_divergence_leaves_no_log_state_si_or_temporary_file(cli, ws, demo_dir):
 def test_weights_that_overflow_on_the_last_step_are_never_written(cli, ws, demo_dir):
     """The loss of every step is finite, but the last update sends the weights to infinity: exit 5, nothing written."""
     d, ck = ws
-    argv = ["train-next", ck, "--data", f"{demo_dir}::limit=8", "--batch-size", "8", "--optimizer", "sgd", "--lr", "10", "--momentum", "3e38",
-            "--nesterov", "--penalty", "none", "--device", "cpu", "-o", d / "b.safetensors", "--log-json", d / "log.jsonl"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        f"{demo_dir}::limit=8",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "10",
+        "--momentum",
+        "3e38",
+        "--nesterov",
+        "--penalty",
+        "none",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+        "--log-json",
+        d / "log.jsonl",
+    ]
     _fails_cleanly(cli, d, demo_dir, argv, 5, "NaN or infinite values")
 
 
@@ -75,8 +116,20 @@ def test_bad_labels_found_after_the_start_leave_nothing(cli, ws, demo_dir, tmp_p
     d, ck = ws
     bad = tmp_path / "bad"
     datasets.Dataset.from_dict({"pixels": [[0.5] * 784] * 4, "label": [0, 1, 2, 12]}).save_to_disk(str(bad))
-    argv = ["train-next", ck, "--data", bad, "--device", "cpu", "-o", d / "b.safetensors", "--log-json", d / "log.jsonl",
-            "--checkpoint-every", "1"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        bad,
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+        "--log-json",
+        d / "log.jsonl",
+        "--checkpoint-every",
+        "1",
+    ]
     _fails_cleanly(cli, d, bad, argv, 4, "outside the model's 10 classes")
 
 
@@ -84,16 +137,50 @@ def test_bad_labels_found_after_the_start_leave_nothing(cli, ws, demo_dir, tmp_p
 def test_interruption_without_checkpointing_leaves_nothing(cli, ws, demo_dir, monkeypatch, signum, code):
     d, ck = ws
     _signal_at_step(monkeypatch, signum, 3)
-    argv = ["train-next", ck, "--data", f"{demo_dir}::limit=64", "--batch-size", "8", "--penalty", "none", "--device", "cpu",
-            "-o", d / "b.safetensors", "--log-json", d / "log.jsonl", "--si-out", d / "si.safetensors"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        f"{demo_dir}::limit=64",
+        "--batch-size",
+        "8",
+        "--penalty",
+        "none",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+        "--log-json",
+        d / "log.jsonl",
+        "--si-out",
+        d / "si.safetensors",
+    ]
     _fails_cleanly(cli, d, demo_dir, argv, code, "nothing was written")
 
 
 def test_a_resumed_run_logs_each_epoch_once(cli, ws, demo_dir, monkeypatch):
     """Interrupted in epoch 2 (epoch 1 already logged), then resumed: the log has epochs 1, 2, 3 exactly once."""
     d, ck = ws
-    argv = ["train-next", ck, "--data", f"{demo_dir}::limit=64", "--batch-size", "16", "--epochs", "3", "--penalty", "none", "--device", "cpu",
-            "-o", d / "b.safetensors", "--log-json", d / "log.jsonl", "--checkpoint-every", "1"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        f"{demo_dir}::limit=64",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "3",
+        "--penalty",
+        "none",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+        "--log-json",
+        d / "log.jsonl",
+        "--checkpoint-every",
+        "1",
+    ]
     _signal_at_step(monkeypatch, signal.SIGTERM, 6)  # 4 steps per epoch: step 6 is in epoch 2
     r = cli(*argv)
     assert r.code == 143, r.err
@@ -110,7 +197,18 @@ def test_a_resumed_run_logs_each_epoch_once(cli, ws, demo_dir, monkeypatch):
 
 def test_resume_without_a_state_does_not_replace_a_finished_output(cli, ws, demo_dir):
     d, ck = ws
-    argv = ["train-next", ck, "--data", f"{demo_dir}::limit=32", "--penalty", "none", "--device", "cpu", "-o", d / "b.safetensors"]
+    argv = [
+        "train-next",
+        ck,
+        "--data",
+        f"{demo_dir}::limit=32",
+        "--penalty",
+        "none",
+        "--device",
+        "cpu",
+        "-o",
+        d / "b.safetensors",
+    ]
     assert cli(*argv).code == 0
     _fails_cleanly(cli, d, demo_dir, argv + ["--resume"], 6, "already exists")
     assert cli(*argv, "--resume", "--force").code == 0
@@ -119,8 +217,14 @@ def test_resume_without_a_state_does_not_replace_a_finished_output(cli, ws, demo
 def test_a_closed_stdout_is_not_an_error(ws, demo_dir):
     """`cl-tool ... --json >&-`: the result cannot be printed, the command still does its work and exits 0."""
     d, ck = ws
-    proc = subprocess.run([sys.executable, "-m", "cl_tool", "importance", str(ck), "--method", "magnitude", "--json"],
-                          stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300, preexec_fn=lambda: os.close(1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cl_tool", "importance", str(ck), "--method", "magnitude", "--json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        preexec_fn=lambda: os.close(1),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Error" not in proc.stderr and "Traceback" not in proc.stderr
     assert (d / "m.importance.safetensors").exists()
@@ -132,8 +236,26 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(ws, demo_dir):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "cl_tool", "prune", str(ck), "--by", "magnitude", "--sparsity", "0.5", "-o",
-                               str(d / "p.safetensors"), "--json"], stdout=write_end, stderr=write_end, cwd=REPO, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cl_tool",
+                "prune",
+                str(ck),
+                "--by",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "-o",
+                str(d / "p.safetensors"),
+                "--json",
+            ],
+            stdout=write_end,
+            stderr=write_end,
+            cwd=REPO,
+            timeout=300,
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == 141

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from cl_tool.errors import EnvironmentProblem, OutputError  # noqa: E402
-from cl_tool.plots import plot_accuracy_matrix, plot_prune_curves  # noqa: E402
+from cl_tool.errors import EnvironmentProblem, OutputError
+from cl_tool.plots import plot_accuracy_matrix, plot_prune_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
 R = [[0.90, 0.10, 0.05], [0.70, 0.95, 0.10], [0.60, 0.80, 0.97]]

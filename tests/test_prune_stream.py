@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cl_tool.checkpoint import load_checkpoint
-from cl_tool.models import classifier_param_names
 from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable
 
 
@@ -45,8 +44,23 @@ def cnn(cli, tmp_path):
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_magnitude_equals_the_in_memory_path(cli, cnn, tmp_path, scope):
     out, mask = tmp_path / "p.safetensors", tmp_path / "p.mask.safetensors"
-    r = cli("prune", cnn, "--by", "magnitude", "--scope", scope, "--sparsity", "0.7", "--include-bias", "--include-classifier", "-o", out,
-            "--mask-out", mask, "--json")
+    r = cli(
+        "prune",
+        cnn,
+        "--by",
+        "magnitude",
+        "--scope",
+        scope,
+        "--sparsity",
+        "0.7",
+        "--include-bias",
+        "--include-classifier",
+        "-o",
+        out,
+        "--mask-out",
+        mask,
+        "--json",
+    )
     assert r.code == 0, r.err
     state, masks = _expected(cnn, lambda n, p: p.abs().float(), 0.7, scope, include_bias=True, include_classifier=True)
     pruned = load_checkpoint(out)  # recomputes the fingerprint from the tensors and validates them
@@ -57,7 +71,10 @@ def test_magnitude_equals_the_in_memory_path(cli, cnn, tmp_path, scope):
 
     stored = load_file(str(mask))
     assert stored.keys() == masks.keys() and all(torch.equal(stored[n], masks[n].to(torch.uint8)) for n in masks)
-    assert pruned.history[-1]["command"] == "prune" and pruned.extra["pruning"]["achieved_sparsity"] == json.loads(r.out)["achieved_sparsity"]
+    assert (
+        pruned.history[-1]["command"] == "prune"
+        and pruned.extra["pruning"]["achieved_sparsity"] == json.loads(r.out)["achieved_sparsity"]
+    )
 
 
 def test_stored_scores_equal_the_in_memory_path(cli, demo_dir, tmp_path):
@@ -78,7 +95,6 @@ def test_stored_scores_equal_the_in_memory_path(cli, demo_dir, tmp_path):
 
 def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path):
     """New output rows of a grown head score 0 and go first, exactly as in memory."""
-    import datasets
 
     from cl_tool.demo import make_dataset
 
@@ -90,14 +106,28 @@ def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path):
     make_dataset(48, classes=12, seed=3).save_to_disk(str(twelve))
     assert cli("train-next", a, "--data", twelve, "--grow-head", "--device", "cpu", "--lambda", "1", "-o", b).code == 0
     out = tmp_path / "p.safetensors"
-    r = cli("prune", b, "--by", "importance", "--importance", tmp_path / "a.importance.safetensors", "--include-classifier",
-            "--include-bias", "--sparsity", "0.5", "-o", out)
+    r = cli(
+        "prune",
+        b,
+        "--by",
+        "importance",
+        "--importance",
+        tmp_path / "a.importance.safetensors",
+        "--include-classifier",
+        "--include-bias",
+        "--sparsity",
+        "0.5",
+        "-o",
+        out,
+    )
     assert r.code == 0, r.err
     from cl_tool.lineage import fit_rows
     from cl_tool.sidecar import load_sidecar
 
     ckpt_b = load_checkpoint(b)
-    omega = fit_rows(load_sidecar(tmp_path / "a.importance.safetensors").tensors, ckpt_b.state, {"net.3.weight", "net.3.bias"})
+    omega = fit_rows(
+        load_sidecar(tmp_path / "a.importance.safetensors").tensors, ckpt_b.state, {"net.3.weight", "net.3.bias"}
+    )
     state, _ = _expected(b, lambda n, p: omega[n], 0.5, "global", include_bias=True, include_classifier=True)
     pruned = load_checkpoint(out)
     assert all(torch.equal(pruned.state[n], state[n]) for n in state)
@@ -105,8 +135,27 @@ def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path):
 
 
 def test_the_streaming_path_imports_no_torch(cli, tmp_path, small_mlp):
-    probe = ("import sys\nfrom cl_tool.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
-             "print('TORCH=' + str('torch' in sys.modules), 'CODE=' + str(code))")
-    proc = subprocess.run([sys.executable, "-c", probe, "prune", str(small_mlp), "--by", "magnitude", "--sparsity", "0.9", "-o",
-                           str(tmp_path / "p.safetensors"), "-q"], capture_output=True, text=True, timeout=120)
+    probe = (
+        "import sys\nfrom cl_tool.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print('TORCH=' + str('torch' in sys.modules), 'CODE=' + str(code))"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "prune",
+            str(small_mlp),
+            "--by",
+            "magnitude",
+            "--sparsity",
+            "0.9",
+            "-o",
+            str(tmp_path / "p.safetensors"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "TORCH=False CODE=0" in proc.stdout, proc.stdout + proc.stderr

@@ -41,7 +41,7 @@ def reference_masks(scores, sparsity):
     keep[order[:k]] = False
     out, pos = {}, 0
     for name, t in scores.items():
-        out[name] = keep[pos:pos + t.numel()].view(t.shape)
+        out[name] = keep[pos : pos + t.numel()].view(t.shape)
         pos += t.numel()
     return out
 
@@ -76,8 +76,18 @@ def small_cap(request, monkeypatch):
 
 @pytest.mark.parametrize(
     "n, s, k",
-    [(10, 0.25, 3), (10, 0.24, 2), (4, 0.125, 1), (8, 0.0625, 1), (10, 0.0, 0), (1, 0.5, 1), (1, 0.49, 0),
-     (86_567_656, 0.9, 77_910_890), (3, 0.999, 3), (0, 0.5, 0)],
+    [
+        (10, 0.25, 3),
+        (10, 0.24, 2),
+        (4, 0.125, 1),
+        (8, 0.0625, 1),
+        (10, 0.0, 0),
+        (1, 0.5, 1),
+        (1, 0.49, 0),
+        (86_567_656, 0.9, 77_910_890),
+        (3, 0.999, 3),
+        (0, 0.5, 0),
+    ],
 )
 def test_num_to_prune_rounds_half_up_on_the_decimal(n, s, k):
     assert num_to_prune(n, s) == k
@@ -139,9 +149,9 @@ def test_mixed_dtypes_and_non_contiguous(small_cap):
     g = torch.Generator().manual_seed(3)
     base = torch.randint(0, 4, (30, 20), generator=g)
     scores = {
-        "t": base.float().t(),                       # non-contiguous view
+        "t": base.float().t(),  # non-contiguous view
         "h": torch.randint(0, 4, (64,), generator=g).half(),
-        "d": (torch.randint(0, 4, (25,), generator=g).double() + 1e-12),   # differs from 1.0f only in float64
+        "d": (torch.randint(0, 4, (25,), generator=g).double() + 1e-12),  # differs from 1.0f only in float64
         "i": torch.randint(0, 4, (9,), generator=g),  # integer scores
     }
     for s in (0.2, 0.5, 0.8):
@@ -150,14 +160,17 @@ def test_mixed_dtypes_and_non_contiguous(small_cap):
 
 def test_float64_distinctions_are_kept():
     # 1.0 and 1.0 + 1e-12 are equal in float32 but not in float64: float64 scores must see the difference.
-    scores = {"a": torch.tensor([1.0 + 1e-12, 1.0 + 1e-12], dtype=torch.float64), "b": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    scores = {
+        "a": torch.tensor([1.0 + 1e-12, 1.0 + 1e-12], dtype=torch.float64),
+        "b": torch.tensor([1.0, 1.0], dtype=torch.float64),
+    }
     m = global_masks(scores, 0.5)
     assert m["a"].tolist() == [True, True] and m["b"].tolist() == [False, False]
 
 
 def test_all_equal_ties_prune_in_dict_then_index_order():
     scores = {"x": torch.ones(2, 3), "y": torch.ones(4)}
-    m = global_masks(scores, 0.5)   # k = 5 of 10
+    m = global_masks(scores, 0.5)  # k = 5 of 10
     # k = floor(0.5 * 10 + 0.5) = 5: the first 5 in (dict, flat index) order.
     assert m["x"].flatten().tolist() == [False, False, False, False, False, True]
     assert m["y"].tolist() == [True, True, True, True]
@@ -221,7 +234,7 @@ def test_large_input_is_never_concatenated_or_sorted_whole(monkeypatch):
 def test_apply_masks_and_report():
     state = {"a": torch.arange(1.0, 7.0).view(2, 3), "b": torch.tensor([5.0, -1.0, 2.0, 0.5])}
     scores = {k: v.abs() for k, v in state.items()}
-    masks = global_masks(scores, 0.5)   # k = 5 of 10: 0.5, 1, 1, 2, 2 -> a[0,0], a[0,1], b[1], b[2], b[3]
+    masks = global_masks(scores, 0.5)  # k = 5 of 10: 0.5, 1, 1, 2, 2 -> a[0,0], a[0,1], b[1], b[2], b[3]
     frac = apply_masks(state, masks)
     assert state["a"].tolist() == [[0.0, 0.0, 3.0], [4.0, 5.0, 6.0]]
     assert state["b"].tolist() == [5.0, 0.0, 0.0, 0.0]
@@ -237,7 +250,7 @@ def test_apply_masks_on_model_state_dict_prunes_model():
     masks = global_masks({"weight": sd["weight"].abs()}, 0.75)
     apply_masks(sd, masks)
     assert int((lin.weight == 0).sum()) == 48
-    apply_masks(dict(lin.named_parameters()), masks)   # in place on Parameters too
+    apply_masks(dict(lin.named_parameters()), masks)  # in place on Parameters too
 
 
 def test_apply_masks_mismatch():
@@ -253,7 +266,9 @@ def test_apply_masks_mismatch():
 @pytest.fixture(scope="module")
 def vit():
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10, pretrained=False)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10, pretrained=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -267,11 +282,15 @@ def test_select_vit_defaults(vit):
     assert classifier_param_names(vit) == ("head.weight", "head.bias")
     want = [f"blocks.{i}.{n}.weight" for i in range(12) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert select_prunable(params, classifier_names=classifier_param_names(vit)) == want
-    assert select_prunable(params) == want          # classifier guessed: last >= 2-D tensor and its bias
+    assert select_prunable(params) == want  # classifier guessed: last >= 2-D tensor and its bias
     with_cls = select_prunable(params, include_classifier=True)
     assert with_cls == want + ["head.weight"]
     with_bias = select_prunable(params, include_bias=True)
-    assert "blocks.0.attn.qkv.bias" in with_bias and "patch_embed.proj.bias" not in with_bias and "head.bias" not in with_bias
+    assert (
+        "blocks.0.attn.qkv.bias" in with_bias
+        and "patch_embed.proj.bias" not in with_bias
+        and "head.bias" not in with_bias
+    )
     assert "norm.weight" not in with_bias
     with_norm = select_prunable(params, include_norm=True)
     assert "blocks.0.norm1.weight" in with_norm and "norm.weight" in with_norm and "norm.bias" not in with_norm
@@ -281,7 +300,11 @@ def test_select_vit_patterns(vit):
     params = dict(vit.named_parameters())
     # Explicit include wins over the defaults (embedding, classifier, biases).
     assert select_prunable(params, include=["patch_embed.*", "head.*"]) == [
-        "patch_embed.proj.weight", "patch_embed.proj.bias", "head.weight", "head.bias"]
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "head.weight",
+        "head.bias",
+    ]
     got = select_prunable(params, include=["blocks.*"], exclude=["*.bias", "*norm*", "blocks.1[01].*"])
     assert got == [f"blocks.{i}.{n}.weight" for i in range(10) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     got = select_prunable(params, exclude=["*.mlp.*"])
@@ -298,7 +321,7 @@ def test_select_vit_patterns(vit):
 def test_select_resnet_defaults(resnet):
     params = dict(resnet.named_parameters())
     assert classifier_param_names(resnet) == ("fc.weight", "fc.bias")
-    want = [n for n, p in params.items() if p.ndim == 4]      # every conv kernel, incl. stem and downsample
+    want = [n for n, p in params.items() if p.ndim == 4]  # every conv kernel, incl. stem and downsample
     got = select_prunable(params, classifier_names=classifier_param_names(resnet))
     assert got == want and "conv1.0.weight" in got and "layer4.0.downsample.1.weight" in got
     assert select_prunable(params) == want
@@ -311,13 +334,21 @@ def test_select_resnet_defaults(resnet):
 
 
 def test_select_sequential_mlp():
-    mlp = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    )
     params = dict(mlp.named_parameters())
     assert classifier_param_names(mlp) == ("4.weight", "4.bias")
     assert select_prunable(params) == ["0.weight", "2.weight"]
     assert select_prunable(params, classifier_names=()) == ["0.weight", "2.weight", "4.weight"]
     assert select_prunable(params, include_bias=True, include_classifier=True) == [
-        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+        "4.weight",
+        "4.bias",
+    ]
 
 
 def test_end_to_end_on_selected_vit_params(vit):

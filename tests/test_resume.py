@@ -28,8 +28,17 @@ def _state() -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.ones(4, 3)).sum().backward()
     opt.step()
-    return {"epoch": 1, "batch": 2, "global_step": 7, "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": None,
-            "rng": torch.get_rng_state(), "si": {"W.weight": torch.ones(2, 3)}, "epochs": [{"epoch": 1, "loss": 0.5}]}
+    return {
+        "epoch": 1,
+        "batch": 2,
+        "global_step": 7,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": None,
+        "rng": torch.get_rng_state(),
+        "si": {"W.weight": torch.ones(2, 3)},
+        "epochs": [{"epoch": 1, "loss": 0.5}],
+    }
 
 
 def test_round_trip(tmp_path):
@@ -44,7 +53,9 @@ def test_round_trip(tmp_path):
     for idx, entry in saved["optimizer"]["state"].items():
         for key, value in entry.items():
             assert torch.equal(torch.as_tensor(back["optimizer"]["state"][idx][key]), torch.as_tensor(value))
-    assert back["optimizer"]["param_groups"] == json.loads(json.dumps(saved["optimizer"]["param_groups"]))  # tuples come back as lists
+    assert back["optimizer"]["param_groups"] == json.loads(
+        json.dumps(saved["optimizer"]["param_groups"])
+    )  # tuples come back as lists
     io.remove()
     assert not io.path.exists()
 
@@ -63,15 +74,43 @@ def test_a_state_of_another_run_is_refused(tmp_path):
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(anchored, demo_dir, tmp_path):
-    args = ["train-next", anchored, "--data", f"{demo_dir}::permute=2,limit=480", "--epochs", "20", "--batch-size", "32", "--device", "cpu",
-            "--deterministic", "--lambda", "50", "--si-out"]
+    args = [
+        "train-next",
+        anchored,
+        "--data",
+        f"{demo_dir}::permute=2,limit=480",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--deterministic",
+        "--lambda",
+        "50",
+        "--si-out",
+    ]
     ref = tmp_path / "ref.safetensors"
     r = run_subprocess(*args, tmp_path / "ref.si.safetensors", "-o", ref)
     assert r.code == 0, r.err
     out = tmp_path / "out.safetensors"
     state = tmp_path / "out.resume.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "cl_tool", *map(str, args), tmp_path / "out.si.safetensors", "-o", out,
-                             "--checkpoint-every", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cl_tool",
+            *map(str, args),
+            tmp_path / "out.si.safetensors",
+            "-o",
+            out,
+            "--checkpoint-every",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -30,11 +30,21 @@ def test_experiment_config_runs(config, tiny_data, tmp_path):
     text = config.read_text()
     assert text.startswith("# Reproduces"), "each config says what it reproduces"
     out = tmp_path / "out"
-    overrides = ["--set", "train.epochs=1", "--set", 'data.train-split="[:64]"', "--set", 'data.test-split="[64:]"',
-                 "--set", "importance.samples=32"]
+    overrides = [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        'data.train-split="[:64]"',
+        "--set",
+        'data.test-split="[64:]"',
+        "--set",
+        "importance.samples=32",
+    ]
     if "\n[prune]" in text:
         overrides += ["--set", 'prune.sweep="0.5,0.9"']
-    results = reproduce.main([str(config), "--data", str(tiny_data), "--out", str(out), "--max-lambdas", "1", *overrides])
+    results = reproduce.main(
+        [str(config), "--data", str(tiny_data), "--out", str(out), "--max-lambdas", "1", *overrides]
+    )
     saved = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in saved["runs"]] == [r["name"] for r in results["runs"]]
     for run in saved["runs"]:
@@ -79,7 +89,9 @@ def test_benchmark_scripts_take_a_dataset_or_an_idx_folder(tmp_path):
     from PIL import Image
 
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    test = datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats)
+    test = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats
+    )
     datasets.DatasetDict({"train": test.select([0]), "test": test}).save_to_disk(str(tmp_path / "hub_copy"))
     assert mnist_source(str(tmp_path / "hub_copy"), tmp_path / "work") == (str(tmp_path / "hub_copy"), "test")
     for source in (idx, tmp_path / "hub_copy"):

@@ -3,14 +3,27 @@
 import json
 
 import pytest
-import torch
 
 
 def test_si_sidecar_feeds_next_task(cli, demo_dir, tmp_path):
     a0, a, b = tmp_path / "a0.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     si = tmp_path / "a.importance.safetensors"  # the default sidecar name beside a.safetensors
     assert cli("init", "--arch", "mlp", "--arch-arg", "sizes=784,64,10", "-o", a0).code == 0
-    r = cli("train-next", a0, "--data", f"{demo_dir}::limit=600", "--epochs", "2", "--device", "cpu", "--si-out", si, "-o", a, "--json")
+    r = cli(
+        "train-next",
+        a0,
+        "--data",
+        f"{demo_dir}::limit=600",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--si-out",
+        si,
+        "-o",
+        a,
+        "--json",
+    )
     assert r.code == 0, r.err
     assert json.loads(r.out)["si_out"] == str(si)
     from cl_tool.checkpoint import load_checkpoint
@@ -20,8 +33,21 @@ def test_si_sidecar_feeds_next_task(cli, demo_dir, tmp_path):
     assert sc.method == "si" and sc.options["xi"] == pytest.approx(0.1)
     assert sc.fingerprint == load_checkpoint(a).fingerprint  # belongs to the checkpoint it was trained into
     assert all(float(t.sum()) > 0 for t in sc.tensors.values())
-    r = cli("train-next", a, "--data", f"{demo_dir}::limit=600,rotate=90", "--epochs", "1", "--device", "cpu", "--lambda", "100",
-            "-o", b, "--json")
+    r = cli(
+        "train-next",
+        a,
+        "--data",
+        f"{demo_dir}::limit=600,rotate=90",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--lambda",
+        "100",
+        "-o",
+        b,
+        "--json",
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["penalty"] == "stabilized" and res["importance"] == str(si)

@@ -9,13 +9,28 @@ import torch
 
 from cl_tool.errors import BadInputError, IncompatibleError
 from cl_tool.safetensors_io import read_header
-from cl_tool.sidecar import Sidecar, check_belongs_to, check_covers, combine, default_sidecar_path, load_sidecar, save_sidecar
+from cl_tool.sidecar import (
+    Sidecar,
+    check_belongs_to,
+    check_covers,
+    combine,
+    default_sidecar_path,
+    load_sidecar,
+    save_sidecar,
+)
 
 
 def _sidecar(**kw) -> Sidecar:
     tensors = {"w": torch.tensor([[0.5, 2.0], [0.0, 1.0]]), "b": torch.tensor([3.0, 0.25], dtype=torch.float64)}
-    return Sidecar(tensors=tensors, method="fisher", options={"fisher_labels": "empirical"}, data={"name": "A", "samples": 8},
-                   fingerprint="f" * 32, tasks=[{"method": "fisher", "fingerprint": "f" * 32}], **kw)
+    return Sidecar(
+        tensors=tensors,
+        method="fisher",
+        options={"fisher_labels": "empirical"},
+        data={"name": "A", "samples": 8},
+        fingerprint="f" * 32,
+        tasks=[{"method": "fisher", "fingerprint": "f" * 32}],
+        **kw,
+    )
 
 
 def test_default_path_sits_beside_the_checkpoint(tmp_path):
@@ -31,7 +46,11 @@ def test_round_trip_keeps_values_as_float32_and_the_metadata(tmp_path):
     assert {e["dtype"] for e in header.values()} == {"F32"}
     assert json.loads(meta["tasks"]) == [{"method": "fisher", "fingerprint": "f" * 32}] and float(meta["decay"]) == 0.9
     back = load_sidecar(path)
-    assert back.options == {"fisher_labels": "empirical"} and back.data == {"name": "A", "samples": 8} and back.path == str(path)
+    assert (
+        back.options == {"fisher_labels": "empirical"}
+        and back.data == {"name": "A", "samples": 8}
+        and back.path == str(path)
+    )
     for name, t in _sidecar().tensors.items():
         assert torch.equal(back.tensors[name], t.float())
 

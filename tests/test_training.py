@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -52,8 +51,22 @@ def test_penalty_gradient_and_value_match_autograd():
 
 
 def test_divergence_guard_plain_ewc_vs_stabilized(cli, anchored, demo_dir, tmp_path):
-    common = ["--data", f"{demo_dir}::permute=1", "--optimizer", "sgd", "--lr", "0.5", "--lambda", "1e6", "--epochs", "1",
-              "--device", "cpu", "--limit", "600"]
+    common = [
+        "--data",
+        f"{demo_dir}::permute=1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--lambda",
+        "1e6",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--limit",
+        "600",
+    ]
     out_ewc = tmp_path / "ewc.safetensors"
     r = cli("train-next", anchored, *common, "--penalty", "ewc", "-o", out_ewc)
     assert r.code == 5, r.err
@@ -75,14 +88,43 @@ def _weights(path):
 
 def _torchrun(nproc, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                           "-m", "cl_tool", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "cl_tool",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     return proc
 
 
 def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
-    common = ["--data", f"{demo_dir}::permute=3,limit=512", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--lambda", "10",
-              "--optimizer", "sgd", "--lr", "0.05"]
+    common = [
+        "--data",
+        f"{demo_dir}::permute=3,limit=512",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--lambda",
+        "10",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+    ]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     p1 = _torchrun(1, "train-next", anchored, *common, "-o", one, "--log-json", tmp_path / "one.jsonl", "--json")
     assert p1.returncode == 0, p1.stderr
@@ -110,7 +152,6 @@ def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
 
 
 def test_grow_head(cli, anchored, tmp_path):
-    import datasets
 
     from cl_tool.demo import make_dataset
 
@@ -133,9 +174,30 @@ def test_grow_head(cli, anchored, tmp_path):
 def test_log_json_and_eval_data(cli, anchored, demo_dir, tmp_path):
     log = tmp_path / "log.jsonl"
     out = tmp_path / "o.safetensors"
-    r = cli("train-next", anchored, "--data", f"{demo_dir}::permute=4,limit=300", "--epochs", "2", "--device", "cpu",
-            "--eval-data", f"old={demo_dir}::split=test", "--log-json", log, "--schedule", "cosine", "--warmup-steps", "3",
-            "--optimizer", "adamw", "--weight-decay", "0.01", "-o", out)
+    r = cli(
+        "train-next",
+        anchored,
+        "--data",
+        f"{demo_dir}::permute=4,limit=300",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--eval-data",
+        f"old={demo_dir}::split=test",
+        "--log-json",
+        log,
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        "3",
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0.01",
+        "-o",
+        out,
+    )
     assert r.code == 0, r.err
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
@@ -146,19 +208,35 @@ def test_log_json_and_eval_data(cli, anchored, demo_dir, tmp_path):
 
 def test_setup_and_training_time_are_reported_apart(anchored, demo_dir, tmp_path):
     """set-up (process start → first step: imports, model, data) and training (first step → last) are separate fields."""
-    import time
 
     t0 = time.perf_counter()
-    r = run_subprocess("train-next", anchored, "--data", f"{demo_dir}::limit=256", "--epochs", "2", "--device", "cpu", "--penalty", "none",
-                       "-o", tmp_path / "o.safetensors", "--log-json", tmp_path / "log.jsonl", "--json")
+    r = run_subprocess(
+        "train-next",
+        anchored,
+        "--data",
+        f"{demo_dir}::limit=256",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--penalty",
+        "none",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--log-json",
+        tmp_path / "log.jsonl",
+        "--json",
+    )
     wall = time.perf_counter() - t0
     assert r.code == 0, r.err
     res = json.loads(r.out)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert 0 < res["setup_seconds"] and 0 < res["train_seconds"] and res["setup_seconds"] + res["train_seconds"] < wall
+    assert res["setup_seconds"] > 0 and res["train_seconds"] > 0 and res["setup_seconds"] + res["train_seconds"] < wall
     assert res["train_seconds"] == pytest.approx(sum(e["seconds"] for e in log), abs=2e-3)
     # train_seconds is rounded to 1 ms in the JSON: allow that rounding (and samples/s's 0.1) in samples = rate × time
-    assert res["samples_per_s"] * res["train_seconds"] == pytest.approx(512, abs=res["samples_per_s"] * 5e-4 + 0.1 * res["train_seconds"] + 1e-6)
+    assert res["samples_per_s"] * res["train_seconds"] == pytest.approx(
+        512, abs=res["samples_per_s"] * 5e-4 + 0.1 * res["train_seconds"] + 1e-6
+    )
     assert all(e["setup_seconds"] == pytest.approx(res["setup_seconds"], abs=1e-3) for e in log)
     assert "s of training" in r.err and "s of set-up" in r.err
 
@@ -166,15 +244,30 @@ def test_setup_and_training_time_are_reported_apart(anchored, demo_dir, tmp_path
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_penalty_in_fp32(cli, anchored, demo_dir, tmp_path, precision):
     out = tmp_path / f"{precision}.safetensors"
-    r = cli("train-next", anchored, "--data", f"{demo_dir}::limit=256,rotate=90", "--device", "cpu", "--precision", precision,
-            "--lambda", "100", "-o", out, "--json")
+    r = cli(
+        "train-next",
+        anchored,
+        "--data",
+        f"{demo_dir}::limit=256,rotate=90",
+        "--device",
+        "cpu",
+        "--precision",
+        precision,
+        "--lambda",
+        "100",
+        "-o",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["penalty"] == "stabilized" and res["epochs"][-1]["penalty"] > 0
     from safetensors.torch import load_file
 
     w = load_file(str(out))
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())  # weights stay fp32 under autocast
+    assert all(
+        v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values()
+    )  # weights stay fp32 under autocast
 
 
 @pytest.mark.parametrize("freeze", [False, True])
@@ -208,9 +301,15 @@ def test_the_plain_step_is_the_optimizers_own_update(name):
     torch.manual_seed(0)
     ref_model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     model = copy.deepcopy(ref_model)
-    cfg = TrainConfig(optimizer=name, lr=0.05, momentum=0.9 if name == "sgd" else 0.0, nesterov=name == "sgd", weight_decay=0.01)
+    cfg = TrainConfig(
+        optimizer=name, lr=0.05, momentum=0.9 if name == "sgd" else 0.0, nesterov=name == "sgd", weight_decay=0.01
+    )
     reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](
-        ref_model.parameters(), lr=0.05, weight_decay=0.01, **({"momentum": 0.9, "nesterov": True} if name == "sgd" else {}))
+        ref_model.parameters(),
+        lr=0.05,
+        weight_decay=0.01,
+        **({"momentum": 0.9, "nesterov": True} if name == "sgd" else {}),
+    )
     opt = make_optimizer(cfg, list(model.parameters()))
     x = torch.randn(8, 5)
     for _ in range(4):

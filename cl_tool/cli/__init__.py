@@ -17,27 +17,27 @@ import typer
 
 from cl_tool import __version__, distributed, runtime
 from cl_tool.cli.build import QUIET, Command, Group, command, name_of
-from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, ClToolError, StdoutGone, UsageError
+from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, ClToolError, StdoutGone, UsageError
 
 app = typer.Typer(
     name="cl-tool",
     cls=Group,
     help="Continue training a saved model on a new task without forgetting the old one (stabilized EWC), "
-         "compute weight importances, evaluate forgetting and prune - on safetensors checkpoints.",
+    "compute weight importances, evaluate forgetting and prune - on safetensors checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     epilog="Examples:\n\n"
-           "  cl-tool init --arch mlp --input-shape 1x28x28 -o a0.safetensors\n\n"
-           "  cl-tool train-next a0.safetensors --data ./task_a --penalty none -o a.safetensors\n\n"
-           "  cl-tool importance a.safetensors --data ./task_a --method fisher\n\n"
-           "  cl-tool train-next a.safetensors --data ./task_b --lambda 200 -o b.safetensors\n\n"
-           "  cl-tool evaluate a.safetensors b.safetensors --data A=./task_a --data B=./task_b\n\n"
-           "  cl-tool prune b.safetensors --by importance --importance a.importance.safetensors --sparsity 0.9 -o b90.safetensors\n\n"
-           "  cl-tool info b90.safetensors\n\n"
-           "Global flags: --debug (show tracebacks), --version.",
+    "  cl-tool init --arch mlp --input-shape 1x28x28 -o a0.safetensors\n\n"
+    "  cl-tool train-next a0.safetensors --data ./task_a --penalty none -o a.safetensors\n\n"
+    "  cl-tool importance a.safetensors --data ./task_a --method fisher\n\n"
+    "  cl-tool train-next a.safetensors --data ./task_b --lambda 200 -o b.safetensors\n\n"
+    "  cl-tool evaluate a.safetensors b.safetensors --data A=./task_a --data B=./task_b\n\n"
+    "  cl-tool prune b.safetensors --by importance --importance a.importance.safetensors --sparsity 0.9 -o b90.safetensors\n\n"
+    "  cl-tool info b90.safetensors\n\n"
+    "Global flags: --debug (show tracebacks), --version.",
 )
 
 
@@ -49,15 +49,27 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout with --json)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout with --json)."
+    ),
 ):
     """cl-tool: continual learning with stabilized EWC, importances and pruning from the shell."""
     QUIET[0] = quiet
 
 
-COMMANDS = {"init": "init", "train-next": "train_next", "importance": "importance", "evaluate": "evaluate", "prune": "prune",
-            "info": "info", "convert": "convert", "demo-data": "demo_data"}
+COMMANDS = {
+    "init": "init",
+    "train-next": "train_next",
+    "importance": "importance",
+    "evaluate": "evaluate",
+    "prune": "prune",
+    "info": "info",
+    "convert": "convert",
+    "demo-data": "demo_data",
+}
 
 
 def _register() -> None:
@@ -115,7 +127,7 @@ def config_default_map(command, path: str) -> dict[str, Any]:
             data = tomllib.loads(text.decode("utf-8"))
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+    except Exception as exc:
         raise UsageError(f"--config {path} is not valid TOML/YAML ({str(exc).splitlines()[0]}).") from exc
     if not isinstance(data, dict):
         raise UsageError(f"--config {path} must hold a table of option names and values.")
@@ -134,8 +146,18 @@ def config_default_map(command, path: str) -> dict[str, Any]:
     for key, value in data.items():
         param = by_key.get(key)
         if param is None or param.name == "config":
-            valid = sorted({o[2:] for prm in command.params if prm.param_type_name == "option" for o in prm.opts if o.startswith("--") and o != "--config"})
-            raise UsageError(f"--config {path}: unknown key {key!r} for {command.name}; valid keys: {', '.join(valid)}.")
+            valid = sorted(
+                {
+                    o[2:]
+                    for prm in command.params
+                    if prm.param_type_name == "option"
+                    for o in prm.opts
+                    if o.startswith("--") and o != "--config"
+                }
+            )
+            raise UsageError(
+                f"--config {path}: unknown key {key!r} for {command.name}; valid keys: {', '.join(valid)}."
+            )
         if getattr(param, "multiple", False) and not isinstance(value, list):
             value = [value]
         if isinstance(value, (dict,)):
@@ -156,7 +178,9 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
                 param.type.convert(v, param, None)
     except click.exceptions.BadParameter as exc:
         option = next((o for o in param.opts if o.startswith("--")), param.name)
-        raise UsageError(f"--config {path}: key {key!r} ({option}) has an invalid value {value!r} ({exc.message.rstrip('.')}); fix it in the file.") from exc
+        raise UsageError(
+            f"--config {path}: key {key!r} ({option}) has an invalid value {value!r} ({exc.message.rstrip('.')}); fix it in the file."
+        ) from exc
     except Exception:  # noqa: BLE001 - a type that needs a context: the option's own check reports it later
         return
 
@@ -182,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
         rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
         code = rv if isinstance(rv, int) else 0
-        if code == EXIT_SIGINT:  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
+        if (
+            code == EXIT_SIGINT
+        ):  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
             _print_error("Interrupted by Ctrl-C; nothing was written.")
     except typer.Exit as exc:
         code = exc.exit_code
@@ -206,10 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _print_error("Interrupted; nothing was written.")
         code = EXIT_SIGINT
-    except Exception as exc:  # noqa: BLE001 - last resort: one sentence unless --debug
+    except Exception as exc:
         if debug:
             raise
-        _print_error(f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback.")
+        _print_error(
+            f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback."
+        )
         code = EXIT_INTERNAL
     finally:
         distributed.shutdown()

@@ -12,11 +12,13 @@ import dataclasses
 import inspect
 import sys
 import typing
-from typing import Annotated, Any, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from cl_tool.params import flags_of, param_of
+
 
 class Command(typer.core.TyperCommand):
     """A typer command whose help follows the click/hf convention: arguments in capitals, no type shown for
@@ -89,9 +91,18 @@ def _parameters(args_type: type) -> tuple[list[inspect.Parameter], dict[str, tup
             info = typer.Argument(help=p.help, metavar=p.metavar, show_default=False)
         else:
             flag = hint is bool
-            info = typer.Option(*p.flags, help=p.help, rich_help_panel=p.panel, metavar="" if flag else p.metavar,
-                                show_default=not flag and _default(f) not in (None, [], ...))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f), annotation=Annotated[hint, info]))
+            info = typer.Option(
+                *p.flags,
+                help=p.help,
+                rich_help_panel=p.panel,
+                metavar="" if flag else p.metavar,
+                show_default=not flag and _default(f) not in (None, [], ...),
+            )
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f), annotation=Annotated[hint, info]
+            )
+        )
     return params, groups
 
 
@@ -100,8 +111,17 @@ def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Ca
     from cl_tool.output import Output
 
     params, groups = _parameters(args_type)
-    params.append(inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (logs stay on stderr).")]))
+    params.append(
+        inspect.Parameter(
+            "json_out",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option("--json", metavar="", help="Print the result as JSON on stdout (logs stay on stderr)."),
+            ],
+        )
+    )
     FLAGS[name] = flags_of(args_type)
 
     def invoke(**values: Any) -> Any:

@@ -29,25 +29,65 @@ from __future__ import annotations
 from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, default_cache_dir
 from cl_tool.data.loader import Batch, Task, as_worker_error, check_labels, default_workers, open_task
 from cl_tool.data.preprocess import Preprocess
-from cl_tool.data.specs import (DATA_HELP, DATA_METAVAR, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, DataOptions, TaskSpec, local_paths,
-                                parse_data_option, task_specs)
+from cl_tool.data.specs import (
+    DATA_HELP,
+    DATA_METAVAR,
+    IMAGE_COLUMN_NAMES,
+    LABEL_COLUMN_NAMES,
+    DataOptions,
+    TaskSpec,
+    local_paths,
+    parse_data_option,
+    task_specs,
+)
 from cl_tool.data.transforms import AUGMENTS, Augment, apply_task_transforms, parse_augment, pixel_permutation
 
 __all__ = [
-    "AUGMENTS", "Augment", "Batch", "CACHE_MODES", "DATA_HELP", "DATA_METAVAR", "DataOptions", "GlobalBatchSampler", "IMAGE_COLUMN_NAMES",
-    "LABEL_COLUMN_NAMES", "Preprocess", "RAM_BUDGET", "Task", "TaskSpec", "apply_task_transforms", "as_worker_error", "check_labels",
-    "default_cache_dir", "default_workers", "local_paths", "open_task", "open_tasks", "parse_augment", "parse_data_option", "pixel_permutation",
+    "AUGMENTS",
+    "Augment",
+    "Batch",
+    "CACHE_MODES",
+    "DATA_HELP",
+    "DATA_METAVAR",
+    "DataOptions",
+    "GlobalBatchSampler",
+    "IMAGE_COLUMN_NAMES",
+    "LABEL_COLUMN_NAMES",
+    "Preprocess",
+    "RAM_BUDGET",
+    "Task",
+    "TaskSpec",
+    "apply_task_transforms",
+    "as_worker_error",
+    "check_labels",
+    "default_cache_dir",
+    "default_workers",
+    "local_paths",
+    "open_task",
+    "open_tasks",
+    "parse_augment",
+    "parse_data_option",
+    "pixel_permutation",
     "task_specs",
 ]
 
 
-def open_tasks(specs: list[TaskSpec], model_spec, options: DataOptions, *, num_classes: int | None = None) -> list["Task"]:
+def open_tasks(
+    specs: list[TaskSpec], model_spec, options: DataOptions, *, num_classes: int | None = None
+) -> list[Task]:
     """Every spec opened for ``model_spec``'s preprocessing with the data options; labels checked against ``num_classes``."""
     pre = Preprocess.for_model(model_spec)
     tasks = []
     for spec in specs:
-        task = open_task(spec, pre, cache=options.cache, workers=options.workers, streaming=options.streaming,
-                         skip_bad=options.skip_bad_images, cache_dir=options.cache_dir)
+        task = open_task(
+            spec,
+            pre,
+            cache=options.cache,
+            workers=options.workers,
+            streaming=options.streaming,
+            skip_bad=options.skip_bad_images,
+            cache_dir=options.cache_dir,
+        )
         if num_classes is not None:
             check_labels(task, num_classes)
         tasks.append(task)

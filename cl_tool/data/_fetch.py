@@ -28,7 +28,9 @@ FROM_SOURCE, FROM_FILE, FROM_MAIN = 0, 1, 2
 def worker_init(_worker_id: int) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see loader._signals_blocked): now they are ignored
+    if hasattr(
+        signal, "pthread_sigmask"
+    ):  # forked with both blocked (see loader._signals_blocked): now they are ignored
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(1)
 
@@ -91,8 +93,10 @@ def decode_rows(pre, values, rows, source: str, *, augment=None, seed=0, epoch=0
                 if tuple(arr.shape) != tuple(pre.input_shape):
                     from cl_tool.errors import BadInputError
 
-                    raise BadInputError(f"timm's training transform made a {'x'.join(map(str, arr.shape))} image from row {int(r)} of $data {source}, "
-                                        f"but the model needs {'x'.join(map(str, pre.input_shape))}; check $augment_arg.")
+                    raise BadInputError(
+                        f"timm's training transform made a {'x'.join(map(str, arr.shape))} image from row {int(r)} of $data {source}, "
+                        f"but the model needs {'x'.join(map(str, pre.input_shape))}; check $augment_arg."
+                    )
                 out.append(arr)
                 kept.append(int(r))
         return out, kept, bad
@@ -113,7 +117,9 @@ def stack(arrays, shape) -> np.ndarray:
         return np.empty((0, *shape), dtype=np.uint8)
     if all(a.dtype == np.uint8 for a in arrays):
         return np.stack(arrays)
-    return np.stack([(a.astype(np.float32) / 255.0) if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for a in arrays])
+    return np.stack(
+        [(a.astype(np.float32) / 255.0) if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for a in arrays]
+    )
 
 
 def _error(exc: ClToolError) -> dict[str, Any]:
@@ -147,8 +153,16 @@ class MapFetcher:
                 raise RuntimeError("internal: a batch needs the source, but the loader was built without it")
             src_rows = rows[src_pos]
             values = self.ds[src_rows.tolist()][self.image_column]
-            outs, kept, bad = decode_rows(self.pre, values, src_rows, self.source, augment=req.augment, seed=req.seed,
-                                          epoch=req.epoch, skip_bad=self.skip_bad)
+            outs, kept, bad = decode_rows(
+                self.pre,
+                values,
+                src_rows,
+                self.source,
+                augment=req.augment,
+                seed=req.seed,
+                epoch=req.epoch,
+                skip_bad=self.skip_bad,
+            )
             bad_rows = {r for r, _ in bad}
             it = iter(outs)
             for p, r in zip(src_pos.tolist(), src_rows.tolist()):
@@ -162,8 +176,14 @@ class MapFetcher:
                 arrays[p] = got[j]
         keep = [p for p in range(len(rows)) if arrays[p] is not None]
         x = stack([arrays[p] for p in keep], tuple(self.pre.input_shape))
-        return {"pos": req.pos, "rows": torch.from_numpy(rows[keep].astype(np.int64)), "x": torch.from_numpy(x),
-                "decoded": torch.tensor(decoded_rows, dtype=torch.int64), "bad": bad, "error": None}
+        return {
+            "pos": req.pos,
+            "rows": torch.from_numpy(rows[keep].astype(np.int64)),
+            "x": torch.from_numpy(x),
+            "decoded": torch.tensor(decoded_rows, dtype=torch.int64),
+            "bad": bad,
+            "error": None,
+        }
 
 
 class StreamFetcher(torch.utils.data.IterableDataset):
@@ -174,10 +194,31 @@ class StreamFetcher(torch.utils.data.IterableDataset):
     Under DDP, rank r takes the r-th contiguous share of every global batch.
     """
 
-    def __init__(self, ds, image_column: str, label_column: str, pre, source: str, *, batch_size: int, augment=None, seed=0,
-                 epoch=0, start_batch=0, rank=0, world=1, skip_bad=False):
+    def __init__(
+        self,
+        ds,
+        image_column: str,
+        label_column: str,
+        pre,
+        source: str,
+        *,
+        batch_size: int,
+        augment=None,
+        seed=0,
+        epoch=0,
+        start_batch=0,
+        rank=0,
+        world=1,
+        skip_bad=False,
+    ):
         super().__init__()
-        self.ds, self.image_column, self.label_column, self.pre, self.source = ds, image_column, label_column, pre, source
+        self.ds, self.image_column, self.label_column, self.pre, self.source = (
+            ds,
+            image_column,
+            label_column,
+            pre,
+            source,
+        )
         self.batch_size, self.augment, self.seed, self.epoch = batch_size, augment, seed, epoch
         self.start_batch, self.rank, self.world, self.skip_bad = start_batch, rank, world, skip_bad
 
@@ -201,12 +242,27 @@ class StreamFetcher(torch.utils.data.IterableDataset):
                     if err is not None:
                         raise err
                     ys.append(int(lab))
-                outs, kept, bad = decode_rows(self.pre, images[lo:hi], rows, self.source, augment=self.augment, seed=self.seed,
-                                              epoch=self.epoch, skip_bad=self.skip_bad)
+                outs, kept, bad = decode_rows(
+                    self.pre,
+                    images[lo:hi],
+                    rows,
+                    self.source,
+                    augment=self.augment,
+                    seed=self.seed,
+                    epoch=self.epoch,
+                    skip_bad=self.skip_bad,
+                )
                 kept_set = set(kept)
                 ykeep = [y for y, r in zip(ys, rows.tolist()) if r in kept_set] if bad else ys
-                yield {"pos": k, "rows": torch.tensor(kept, dtype=torch.int64), "x": torch.from_numpy(stack(outs, tuple(self.pre.input_shape))),
-                       "y": torch.tensor(ykeep, dtype=torch.int64), "bad": bad, "error": None, "decoded": torch.tensor(kept, dtype=torch.int64)}
+                yield {
+                    "pos": k,
+                    "rows": torch.tensor(kept, dtype=torch.int64),
+                    "x": torch.from_numpy(stack(outs, tuple(self.pre.input_shape))),
+                    "y": torch.tensor(ykeep, dtype=torch.int64),
+                    "bad": bad,
+                    "error": None,
+                    "decoded": torch.tensor(kept, dtype=torch.int64),
+                }
             except ClToolError as exc:
                 yield {"pos": k, **_error(exc)}
                 return

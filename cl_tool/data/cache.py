@@ -165,8 +165,18 @@ class Store:
     (``bad[i]`` is its one-sentence message).
     """
 
-    def __init__(self, n: int, shape, *, labels, info: dict[str, Any], parts: dict[str, Any] | None, want_ram: bool,
-                 final: Path | None, ram_budget: int = RAM_BUDGET):
+    def __init__(
+        self,
+        n: int,
+        shape,
+        *,
+        labels,
+        info: dict[str, Any],
+        parts: dict[str, Any] | None,
+        want_ram: bool,
+        final: Path | None,
+        ram_budget: int = RAM_BUDGET,
+    ):
         import numpy as np
 
         self.n, self.shape = int(n), tuple(int(v) for v in shape)
@@ -188,7 +198,7 @@ class Store:
     # ------------------------------------------------------------------------------------------- reading an existing file
 
     @classmethod
-    def load(cls, path: Path, parts: dict[str, Any], *, want_ram: bool, ram_budget: int = RAM_BUDGET) -> "Store | None":
+    def load(cls, path: Path, parts: dict[str, Any], *, want_ram: bool, ram_budget: int = RAM_BUDGET) -> Store | None:
         """A complete cache file as a Store (its rows in RAM when they fit ``ram_budget``), or None if absent/invalid."""
         import numpy as np
 
@@ -208,9 +218,21 @@ class Store:
                 return None
             n, shape, dtype = int(meta["n"]), tuple(meta["shape"]), str(meta["dtype"])
             labels = np.frombuffer(_pread_exact(fd, 8 * n, meta["labels_offset"]), dtype=np.int64).copy()
-            st = cls(n, shape, labels=labels, info=meta.get("info", {}), parts=parts, want_ram=want_ram, final=path, ram_budget=ram_budget)
+            st = cls(
+                n,
+                shape,
+                labels=labels,
+                info=meta.get("info", {}),
+                parts=parts,
+                want_ram=want_ram,
+                final=path,
+                ram_budget=ram_budget,
+            )
             st.status = np.frombuffer(_pread_exact(fd, n, meta["status_offset"]), dtype=np.uint8).copy()
-            st.bad = {int(k): v for k, v in json.loads(_pread_exact(fd, meta["bad_length"], meta["bad_offset"]) or b"{}").items()}
+            st.bad = {
+                int(k): v
+                for k, v in json.loads(_pread_exact(fd, meta["bad_length"], meta["bad_offset"]) or b"{}").items()
+            }
             st.dtype, st.filled, st.committed, st.file_complete = dtype, n, True, True
             if not ((st.status == 1) | (st.status == 2)).all():
                 return None
@@ -220,7 +242,7 @@ class Store:
                 flat = ram.reshape(-1).view(np.uint8)
                 off = 0
                 while off < size:
-                    k = os.preadv(fd, [memoryview(flat[off:off + (1 << 28)])], DATA_OFFSET + off)
+                    k = os.preadv(fd, [memoryview(flat[off : off + (1 << 28)])], DATA_OFFSET + off)
                     if k <= 0:
                         return None
                     off += k
@@ -347,16 +369,26 @@ class Store:
             labels_off, status_off = end, end + 8 * self.n
             bad = json.dumps({str(k): v for k, v in sorted(self.bad.items())}).encode()
             bad_off = status_off + self.n
-            meta = {"format": "cl-tool decoded cache 1", "parts": _canon(self.parts or {}), "n": self.n, "shape": list(self.shape),
-                    "dtype": self.dtype, "info": self.info, "labels_offset": labels_off, "status_offset": status_off,
-                    "bad_offset": bad_off, "bad_length": len(bad), "end": bad_off + len(bad)}
+            meta = {
+                "format": "cl-tool decoded cache 1",
+                "parts": _canon(self.parts or {}),
+                "n": self.n,
+                "shape": list(self.shape),
+                "dtype": self.dtype,
+                "info": self.info,
+                "labels_offset": labels_off,
+                "status_offset": status_off,
+                "bad_offset": bad_off,
+                "bad_length": len(bad),
+                "end": bad_off + len(bad),
+            }
             header = json.dumps(meta).encode()
             if len(header) > DATA_OFFSET - 16:
                 raise OSError(0, "header too large")
             if self.ram is not None:
                 flat = self.ram.reshape(-1).view(np.uint8)
                 for off in range(0, len(flat), 1 << 26):
-                    _pwrite_all(fd, flat[off:off + (1 << 26)], DATA_OFFSET + off)
+                    _pwrite_all(fd, flat[off : off + (1 << 26)], DATA_OFFSET + off)
             _pwrite_all(fd, np.ascontiguousarray(self.labels, dtype=np.int64).view(np.uint8), labels_off)
             _pwrite_all(fd, np.ascontiguousarray(self.status).view(np.uint8), status_off)
             _pwrite_all(fd, bad, bad_off)

@@ -21,14 +21,24 @@ import atexit
 import math
 import os
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
-from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, SUFFIX, Store, cache_key, default_cache_dir, folder_writable, space_for
+from cl_tool.data.cache import (
+    CACHE_MODES,
+    RAM_BUDGET,
+    SUFFIX,
+    Store,
+    cache_key,
+    default_cache_dir,
+    folder_writable,
+    space_for,
+)
 from cl_tool.errors import BadInputError, ClToolError, EnvironmentProblem, IncompatibleError, OutputError, UsageError
 
 STREAM_SHUFFLE_BUFFER = 10_000
-_OPEN: "weakref.WeakSet[Task]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[Task] = weakref.WeakSet()
 _EXIT_HOOK = False
 
 
@@ -72,8 +82,10 @@ def as_worker_error(exc: BaseException) -> ClToolError | None:
     if isinstance(exc, RuntimeError) and "DataLoader worker" in text:
         first = text.strip().splitlines()[0].strip().rstrip(".")
         first = first.replace("DataLoader worker", "worker").replace(" is killed by signal:", " was killed by signal")
-        return EnvironmentProblem(f"A data-loading process died ({first}), often because the machine ran out of memory; "
-                                  f"rerun with fewer $workers (or $workers 0).")
+        return EnvironmentProblem(
+            f"A data-loading process died ({first}), often because the machine ran out of memory; "
+            f"rerun with fewer $workers (or $workers 0)."
+        )
     return None
 
 
@@ -120,7 +132,11 @@ class _signals_blocked:
     def __init__(self, active: bool):
         import threading
 
-        self.active = active and hasattr(__import__("signal"), "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        self.active = (
+            active
+            and hasattr(__import__("signal"), "pthread_sigmask")
+            and threading.current_thread() is threading.main_thread()
+        )
 
     def __enter__(self):
         if self.active:
@@ -150,12 +166,28 @@ class _Feed:
 
 
 def _key_parts(spec, pre, source_id: str) -> dict[str, Any]:
-    return {"source": source_id, "split": spec.split, "limit": spec.limit, "image_column": spec.image_column,
-            "label_column": spec.label_column, "preprocess": pre.key()}
+    return {
+        "source": source_id,
+        "split": spec.split,
+        "limit": spec.limit,
+        "image_column": spec.image_column,
+        "label_column": spec.label_column,
+        "preprocess": pre.key(),
+    }
 
 
-def open_task(spec, pre, *, cache: str = "auto", workers: int | None = None, streaming: bool = False, skip_bad: bool = False,
-              cache_dir=None, ram_budget: int = RAM_BUDGET, shuffle_buffer: int = STREAM_SHUFFLE_BUFFER) -> "Task":
+def open_task(
+    spec,
+    pre,
+    *,
+    cache: str = "auto",
+    workers: int | None = None,
+    streaming: bool = False,
+    skip_bad: bool = False,
+    cache_dir=None,
+    ram_budget: int = RAM_BUDGET,
+    shuffle_buffer: int = STREAM_SHUFFLE_BUFFER,
+) -> Task:
     """Open ``spec`` (a TaskSpec) for a model preprocessed by ``pre`` (a Preprocess); nothing is decoded yet.
 
     ``cache``: ``auto`` (a decoded-cache file in ``cache_dir`` when it is writable and has room,
@@ -171,14 +203,18 @@ def open_task(spec, pre, *, cache: str = "auto", workers: int | None = None, str
     if workers < 0:
         raise UsageError(f"$workers must be 0 or more, got {workers}.")
     if streaming and cache in ("ram", "disk"):
-        raise UsageError(f"$cache {cache} does not apply to $streaming (a stream is read anew each pass); use $cache none or drop $streaming.")
+        raise UsageError(
+            f"$cache {cache} does not apply to $streaming (a stream is read anew each pass); use $cache none or drop $streaming."
+        )
     if spec.name is None:
         spec.name = Path(spec.source).name or spec.source
     common = {"workers": workers, "skip_bad": skip_bad, "shuffle_buffer": shuffle_buffer}
     if streaming:
         sel = open_selection(spec, streaming=True)
         info = {"split": sel.split, "image_column": sel.image_column, "label_column": sel.label_column}
-        return Task(spec, pre, n=sel.num_rows, labels=None, info=info, store=None, selection=sel, streaming=True, **common)
+        return Task(
+            spec, pre, n=sel.num_rows, labels=None, info=info, store=None, selection=sel, streaming=True, **common
+        )
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     want_disk = cache in ("auto", "disk")
@@ -206,20 +242,42 @@ def open_task(spec, pre, *, cache: str = "auto", workers: int | None = None, str
         store = Store(n, shape, labels=labels, info=info, parts=None, want_ram=True, final=None, ram_budget=1 << 62)
     elif cache == "disk":
         if not folder_writable(folder):
-            raise OutputError(f"$cache disk: the cache folder {folder} is not writable; set $cache_dir (or $CL_TOOL_CACHE) to a writable folder, or use $cache none.")
-        store = Store(n, shape, labels=labels, info=info, parts=parts, want_ram=est <= ram_budget, final=path, ram_budget=ram_budget)
+            raise OutputError(
+                f"$cache disk: the cache folder {folder} is not writable; set $cache_dir (or $CL_TOOL_CACHE) to a writable folder, or use $cache none."
+            )
+        store = Store(
+            n,
+            shape,
+            labels=labels,
+            info=info,
+            parts=parts,
+            want_ram=est <= ram_budget,
+            final=path,
+            ram_budget=ram_budget,
+        )
     elif cache == "auto":
         disk_ok = path is not None and folder_writable(folder) and space_for(folder, est, reserve=True)
         ram_ok = est <= ram_budget
         if disk_ok or ram_ok:
-            store = Store(n, shape, labels=labels, info=info, parts=parts, want_ram=ram_ok, final=path if disk_ok else None, ram_budget=ram_budget)
+            store = Store(
+                n,
+                shape,
+                labels=labels,
+                info=info,
+                parts=parts,
+                want_ram=ram_ok,
+                final=path if disk_ok else None,
+                ram_budget=ram_budget,
+            )
     return Task(spec, pre, n=n, labels=labels, info=info, store=store, selection=sel, **common)
 
 
 class Task:
     """One opened task: ``len``, ``labels`` (read without decoding), ``describe()``, ``batches(...)``, ``close()``."""
 
-    def __init__(self, spec, pre, *, n, labels, info, store, selection, workers, skip_bad, shuffle_buffer, streaming=False):
+    def __init__(
+        self, spec, pre, *, n, labels, info, store, selection, workers, skip_bad, shuffle_buffer, streaming=False
+    ):
         import numpy as np
         import torch
 
@@ -257,7 +315,11 @@ class Task:
         st = self._store
         if st is None:
             return "none"
-        return "ram" if st.ram is not None or (st.want_ram and st.dtype is None) else ("disk" if st.on_disk or st.final is not None else "none")
+        return (
+            "ram"
+            if st.ram is not None or (st.want_ram and st.dtype is None)
+            else ("disk" if st.on_disk or st.final is not None else "none")
+        )
 
     def describe(self) -> dict[str, Any]:
         d = self.spec.describe()
@@ -273,7 +335,7 @@ class Task:
         if self._store is not None:
             self._store.close()
 
-    def __enter__(self) -> "Task":
+    def __enter__(self) -> Task:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -291,7 +353,9 @@ class Task:
 
             sel = open_selection(self.spec)
             if len(sel.ds) != self._n:
-                raise BadInputError(f"$data {self.spec.source} changed while cl-tool was using it ({len(sel.ds)} rows instead of {self._n}); run the command again.")
+                raise BadInputError(
+                    f"$data {self.spec.source} changed while cl-tool was using it ({len(sel.ds)} rows instead of {self._n}); run the command again."
+                )
             self._sel = sel
             self._drop_loader()  # its workers were started without the source
 
@@ -304,8 +368,19 @@ class Task:
 
     # ------------------------------------------------------------------------------------------- batches
 
-    def batches(self, order: Iterable | None = None, *, batch_size: int | None = None, augment=None, seed: int = 0, epoch: int = 0,
-                device=None, shuffle: bool = False, start_batch: int = 0, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
+    def batches(
+        self,
+        order: Iterable | None = None,
+        *,
+        batch_size: int | None = None,
+        augment=None,
+        seed: int = 0,
+        epoch: int = 0,
+        device=None,
+        shuffle: bool = False,
+        start_batch: int = 0,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[Batch]:
         """Yield ``Batch(index, x, y)`` for each list of task rows in ``order``.
 
         ``order``: an iterable of index lists (e.g. a ``GlobalBatchSampler``: this rank's shares
@@ -325,7 +400,9 @@ class Task:
         rank, world = shard or (0, 1)
         if self.streaming:
             if order is not None:
-                raise ValueError("a streamed task is read in source order; pass batch_size (and shuffle) instead of an order")
+                raise ValueError(
+                    "a streamed task is read in source order; pass batch_size (and shuffle) instead of an order"
+                )
             if not batch_size or batch_size < 1:
                 raise ValueError("batches() of a stream needs batch_size >= 1")
             return self._stream(batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world)
@@ -360,8 +437,10 @@ class Task:
                 yield self._finish(idx, torch.from_numpy(store.ram[idx]), aug, seed, epoch, dev)
             return
         if self._in_pass:
-            raise RuntimeError("Task.batches(): another pass over this task is still open (its workers are shared); "
-                               "finish or close it before starting a new one")
+            raise RuntimeError(
+                "Task.batches(): another pass over this task is still open (its workers are shared); "
+                "finish or close it before starting a new one"
+            )
         with_source = store is None or not (store.complete and store.on_disk)
         if with_source:
             self._ensure_source()
@@ -405,7 +484,9 @@ class Task:
                 from_ram, from_worker = store.ram[idx[main]], xw.numpy()
                 if from_ram.dtype != from_worker.dtype:
                     from_ram = from_ram.astype(np.float32) / 255.0 if from_ram.dtype == np.uint8 else from_ram
-                    from_worker = from_worker.astype(np.float32) / 255.0 if from_worker.dtype == np.uint8 else from_worker
+                    from_worker = (
+                        from_worker.astype(np.float32) / 255.0 if from_worker.dtype == np.uint8 else from_worker
+                    )
                 out = np.empty((len(final), *from_ram.shape[1:]), dtype=from_ram.dtype)
                 mk = main[keep]
                 out[mk] = from_ram
@@ -420,7 +501,11 @@ class Task:
         if badm.any():
             if not self.skip_bad:
                 r = int(idx[badm][0])
-                raise BadInputError(store.bad.get(r, f"The image in row {r} of $data {self.spec.source} cannot be decoded; remove or replace it."))
+                raise BadInputError(
+                    store.bad.get(
+                        r, f"The image in row {r} of $data {self.spec.source} cannot be decoded; remove or replace it."
+                    )
+                )
             idx = idx[~badm]
         return idx
 
@@ -460,8 +545,19 @@ class Task:
             return self._loader
         self._drop_loader()
         self._feed = _Feed()
-        fetcher = MapFetcher(self._sel.ds if with_source else None, self.info["image_column"], self.preprocess, self.spec.source, self.skip_bad)
-        kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": pin, "generator": torch.Generator()}
+        fetcher = MapFetcher(
+            self._sel.ds if with_source else None,
+            self.info["image_column"],
+            self.preprocess,
+            self.spec.source,
+            self.skip_bad,
+        )
+        kw: dict[str, Any] = {
+            "num_workers": self.workers,
+            "collate_fn": identity,
+            "pin_memory": pin,
+            "generator": torch.Generator(),
+        }
         if self.workers:
             kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=worker_init)
         _register_exit_hook()
@@ -470,7 +566,9 @@ class Task:
         return self._loader
 
     def _iterate(self, loader):
-        with _signals_blocked(self.workers > 0):  # workers are forked with SIGINT/SIGTERM blocked until they ignore them
+        with _signals_blocked(
+            self.workers > 0
+        ):  # workers are forked with SIGINT/SIGTERM blocked until they ignore them
             it = iter(loader)
         if self.workers:
             _install_sigchld_guard()
@@ -500,10 +598,27 @@ class Task:
         if shuffle:
             ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(epoch)
-        fetch = StreamFetcher(ds, self.info["image_column"], self.info["label_column"], self.preprocess, self.spec.source,
-                              batch_size=batch_size, augment=aug if aug.needs_source else None, seed=seed, epoch=epoch,
-                              start_batch=start_batch, rank=rank, world=world, skip_bad=self.skip_bad)
-        kw: dict[str, Any] = {"num_workers": self.workers, "collate_fn": identity, "pin_memory": dev.type == "cuda", "generator": torch.Generator()}
+        fetch = StreamFetcher(
+            ds,
+            self.info["image_column"],
+            self.info["label_column"],
+            self.preprocess,
+            self.spec.source,
+            batch_size=batch_size,
+            augment=aug if aug.needs_source else None,
+            seed=seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            rank=rank,
+            world=world,
+            skip_bad=self.skip_bad,
+        )
+        kw: dict[str, Any] = {
+            "num_workers": self.workers,
+            "collate_fn": identity,
+            "pin_memory": dev.type == "cuda",
+            "generator": torch.Generator(),
+        }
         if self.workers:
             kw.update(prefetch_factor=2, worker_init_fn=worker_init)
         _register_exit_hook()

@@ -16,7 +16,6 @@ No torch/timm at import time.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +48,10 @@ def _is_pil(value) -> bool:
 
 def _mode_for(c: int, row: int, source: str) -> str:
     if c not in (1, 3):
-        raise BadInputError(f"The model takes {c}-channel images, but images in $data {source} (row {row}) can only be read as 1 (L) or 3 (RGB) channels; "
-                            f"use array data of {c} channels or a matching model.")
+        raise BadInputError(
+            f"The model takes {c}-channel images, but images in $data {source} (row {row}) can only be read as 1 (L) or 3 (RGB) channels; "
+            f"use array data of {c} channels or a matching model."
+        )
     return "L" if c == 1 else "RGB"
 
 
@@ -73,7 +74,7 @@ class Preprocess:
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def for_model(cls, spec) -> "Preprocess":
+    def for_model(cls, spec) -> Preprocess:
         """From a ``cl_tool.models.ModelSpec``: timm's eval transform from the recorded data config, else the built-in rules."""
         shape = tuple(int(v) for v in spec.input_shape)
         mean, std = tuple(float(v) for v in spec.mean), tuple(float(v) for v in spec.std)
@@ -82,24 +83,33 @@ class Preprocess:
             # built-in models; and timm checkpoints written before data configs were recorded keep the rules they were trained with
             return cls(shape, mean, std)
         cfg = dict(cfg)
-        cfg["input_size"] = shape  # the model's input shape is the authority; normalisation comes from ModelSpec.mean/std
+        cfg["input_size"] = (
+            shape  # the model's input shape is the authority; normalisation comes from ModelSpec.mean/std
+        )
         cfg["mean"], cfg["std"] = mean, std
         return cls(shape, mean, std, kind="timm", data_config=cfg)
 
     @classmethod
-    def builtin(cls, input_shape, mean, std) -> "Preprocess":
+    def builtin(cls, input_shape, mean, std) -> Preprocess:
         return cls(tuple(int(v) for v in input_shape), tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
     def key(self) -> dict[str, Any]:
         """What the decoded pixels depend on (part of the decoded cache's key); not mean/std (applied per batch)."""
         import PIL
 
-        k: dict[str, Any] = {"format": FORMAT_VERSION, "kind": self.kind, "input_shape": list(self.input_shape), "pillow": PIL.__version__}
+        k: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "pillow": PIL.__version__,
+        }
         if self.kind == "timm":
             import torchvision
 
             cfg = self.data_config or {}
-            k.update({g: (list(cfg[g]) if isinstance(cfg.get(g), (tuple, list)) else cfg.get(g)) for g in _GEOMETRY_KEYS})
+            k.update(
+                {g: (list(cfg[g]) if isinstance(cfg.get(g), (tuple, list)) else cfg.get(g)) for g in _GEOMETRY_KEYS}
+            )
             k["torchvision"] = torchvision.__version__
         return k
 
@@ -125,7 +135,14 @@ class Preprocess:
         """The data config timm's training transform uses (built-in models: their geometry, bilinear, no crop)."""
         if self.kind == "timm":
             return dict(self.data_config or {})
-        return {"input_size": self.input_shape, "interpolation": "bilinear", "mean": self.mean, "std": self.std, "crop_pct": 1.0, "crop_mode": "center"}
+        return {
+            "input_size": self.input_shape,
+            "interpolation": "bilinear",
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
 
     def train_transform(self, args: dict[str, Any]):
         """timm's training transform (random-resized-crop, flip, colour jitter, ...) without normalisation: PIL → uint8 tensor."""
@@ -140,7 +157,9 @@ class Preprocess:
             try:
                 self._cache[tag] = create_transform(**self.train_config(), is_training=True, normalize=False, **args)
             except (TypeError, ValueError, AssertionError, KeyError) as exc:
-                raise UsageError(f"timm could not build the training transform with $augment_arg {args}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from exc
+                raise UsageError(
+                    f"timm could not build the training transform with $augment_arg {args}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
+                ) from exc
         return self._cache[tag]
 
     # ------------------------------------------------------------------------------------------- decoding
@@ -165,7 +184,9 @@ class Preprocess:
                 arr = arr.reshape(c, h, w).transpose(1, 2, 0)
                 arr = arr[..., 0] if c == 1 else arr
             elif arr.ndim not in (2, 3):
-                raise BadInputError(f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model.")
+                raise BadInputError(
+                    f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model."
+                )
             u8 = (np.clip(arr.astype(np.float32) / scale, 0, 1) * 255).round().astype(np.uint8)
             value = Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0])
         return value.convert(_mode_for(c, row, source))
@@ -188,8 +209,10 @@ class Preprocess:
                     img = img.resize((w, h), resample=2)  # bilinear
                 out = _pil_to_chw(img, c)
             if tuple(out.shape) != (c, h, w):
-                raise BadInputError(f"The image in row {row} of $data {source} became {'x'.join(map(str, out.shape))} after preprocessing, "
-                                    f"but the model needs {c}x{h}x{w}; check the model's data config.")
+                raise BadInputError(
+                    f"The image in row {row} of $data {source} became {'x'.join(map(str, out.shape))} after preprocessing, "
+                    f"but the model needs {c}x{h}x{w}; check the model's data config."
+                )
             return np.ascontiguousarray(out)
         arr = self._numeric(value, row, source)
         integer = np.issubdtype(arr.dtype, np.integer)
@@ -200,15 +223,21 @@ class Preprocess:
                 return np.ascontiguousarray(arr.astype(np.uint8).reshape(c, h, w))
             out = (arr.astype(np.float32) / (255.0 if integer else 1.0)).reshape(c, h, w)
             if not np.isfinite(out).all():
-                raise BadInputError(f"Image in row {row} of $data {source} has NaN or infinite pixel values; clean the data.")
+                raise BadInputError(
+                    f"Image in row {row} of $data {source} has NaN or infinite pixel values; clean the data."
+                )
             return np.ascontiguousarray(out)
         if arr.ndim in (2, 3):
             from PIL import Image
 
             hw = arr.astype(np.float32) / (255.0 if integer else 1.0)
             u8 = (np.clip(hw, 0, 1) * 255).round().astype(np.uint8)
-            return self.decode(Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0]), row, source)
-        raise BadInputError(f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model.")
+            return self.decode(
+                Image.fromarray(u8 if u8.ndim == 2 or u8.shape[-1] in (3, 4) else u8[..., 0]), row, source
+            )
+        raise BadInputError(
+            f"Image in row {row} of $data {source} has {arr.size} values, but the model needs {c}x{h}x{w}; resize the data or use a matching model."
+        )
 
     @staticmethod
     def _numeric(value, row: int, source: str):
@@ -217,9 +246,13 @@ class Preprocess:
         try:
             arr = np.asarray(value)
         except ValueError as exc:  # ragged nested lists
-            raise BadInputError(f"Image in row {row} of $data {source} is not a regular array; use an Image column or fixed-size pixel arrays.") from exc
+            raise BadInputError(
+                f"Image in row {row} of $data {source} is not a regular array; use an Image column or fixed-size pixel arrays."
+            ) from exc
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise BadInputError(f"Image in row {row} of $data {source} is not a regular array of numbers (dtype {arr.dtype}); use an Image column or fixed-size pixel arrays.")
+            raise BadInputError(
+                f"Image in row {row} of $data {source} is not a regular array of numbers (dtype {arr.dtype}); use an Image column or fixed-size pixel arrays."
+            )
         return arr
 
 
@@ -232,5 +265,7 @@ def resolve_timm_data_config(arch: str, input_shape, mean, std) -> dict[str, Any
         pcfg = timm.models.get_pretrained_cfg(arch).to_dict()  # type: ignore[union-attr]
     except Exception:  # noqa: BLE001 - an architecture without a pretrained cfg: timm's defaults
         pcfg = {}
-    cfg = resolve_data_config(args={"input_size": tuple(input_shape), "mean": tuple(mean), "std": tuple(std)}, pretrained_cfg=pcfg)
+    cfg = resolve_data_config(
+        args={"input_size": tuple(input_shape), "mean": tuple(mean), "std": tuple(std)}, pretrained_cfg=pcfg
+    )
     return {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in cfg}

@@ -10,7 +10,7 @@ start_batch=k)`` starts epoch e at global batch k (a resumed run).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -22,7 +22,14 @@ class GlobalBatchSampler(Sampler):
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True):
         if n < 0 or batch_size < 1 or world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad sampler arguments n={n} batch_size={batch_size} rank={rank} world={world}")
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world,
+            shuffle,
+        )
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -41,8 +48,8 @@ class GlobalBatchSampler(Sampler):
         order = self.order()
         B = self.batch_size
         for b in range(self.start_batch, math.ceil(self.n / B)):
-            idx = order[b * B:(b + 1) * B]
+            idx = order[b * B : (b + 1) * B]
             if self.world > 1:
                 share = math.ceil(len(idx) / self.world)
-                idx = idx[self.rank * share:(self.rank + 1) * share]
+                idx = idx[self.rank * share : (self.rank + 1) * share]
             yield idx.tolist()

@@ -36,20 +36,30 @@ def load_raw(source: str, split_name: str | None, *, streaming: bool = False):
 
     p = Path(source)
     if p.exists() and not (p.is_dir() or p.is_file()):
-        raise BadInputError(f"$data {source} is not a regular file or folder (a pipe or device); give a dataset folder or file.")
+        raise BadInputError(
+            f"$data {source} is not a regular file or folder (a pipe or device); give a dataset folder or file."
+        )
     try:
         if p.is_dir():
             if _is_saved_folder(p):
-                ds = datasets.load_from_disk(str(p))  # streaming: made iterable after the selection (see open_selection)
+                ds = datasets.load_from_disk(
+                    str(p)
+                )  # streaming: made iterable after the selection (see open_selection)
             else:
                 ds = datasets.load_dataset("imagefolder", data_dir=str(p), streaming=streaming)
         elif p.is_file():
             builder = FILE_BUILDERS.get(p.suffix.lower())
             if builder is None:
-                raise BadInputError(f"$data {source}: unsupported file type {p.suffix!r}; use a save_to_disk folder, an imagefolder, or parquet/csv/json files.")
+                raise BadInputError(
+                    f"$data {source}: unsupported file type {p.suffix!r}; use a save_to_disk folder, an imagefolder, or parquet/csv/json files."
+                )
             ds = datasets.load_dataset(builder, data_files=str(p), streaming=streaming)
-        elif p.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")) or os.sep in source and (
-                not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or p.parent.is_dir()):  # `runs/task_b` with ./runs present: a path
+        elif (
+            p.suffix.lower() in FILE_BUILDERS
+            or source.startswith((".", "/", "~"))
+            or os.sep in source
+            and (not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or p.parent.is_dir())
+        ):  # `runs/task_b` with ./runs present: a path
             raise BadInputError(f"$data {source} does not exist; check the path.")
         else:
             ds = load_hub(source, streaming=streaming)
@@ -76,8 +86,10 @@ def load_raw(source: str, split_name: str | None, *, streaming: bool = False):
     elif split_name is not None:
         own = str(ds.split) if getattr(ds, "split", None) is not None else None
         if split_name != own:
-            raise UsageError(f"$split {split_name} is not in $data {source}: it holds a single dataset "
-                             f"{f'(split {own!r})' if own else 'without named splits'}; drop the split name (a slice such as [:100] works).")
+            raise UsageError(
+                f"$split {split_name} is not in $data {source}: it holds a single dataset "
+                f"{f'(split {own!r})' if own else 'without named splits'}; drop the split name (a slice such as [:100] works)."
+            )
     return ds, split_name
 
 
@@ -88,14 +100,26 @@ def load_hub(source: str, *, streaming: bool = False):
         raise BadInputError(f"$data {source} does not exist; check the path.")
     try:
         return datasets.load_dataset(source, streaming=streaming)
-    except Exception as exc:  # noqa: BLE001 - hub failures come in many types
+    except Exception as exc:
         text = str(exc)
-        if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower() or "network" in text.lower() or "Max retries" in text:
-            raise EnvironmentProblem(f"$data {source} is not a local path and the Hugging Face Hub cannot be reached; download it on a connected machine and pass the local folder.") from exc
-        raise BadInputError(f"$data {source} is neither a local path nor a loadable hub dataset ({text.splitlines()[0] if text else type(exc).__name__}).") from exc
+        if (
+            "offline" in text.lower()
+            or "connect" in text.lower()
+            or "resolve" in text.lower()
+            or "network" in text.lower()
+            or "Max retries" in text
+        ):
+            raise EnvironmentProblem(
+                f"$data {source} is not a local path and the Hugging Face Hub cannot be reached; download it on a connected machine and pass the local folder."
+            ) from exc
+        raise BadInputError(
+            f"$data {source} is neither a local path nor a loadable hub dataset ({text.splitlines()[0] if text else type(exc).__name__})."
+        ) from exc
 
 
-def find_column(ds, wanted: str | None, kind: str, option: str, names: tuple[str, ...], feature_types: tuple[str, ...]) -> str:
+def find_column(
+    ds, wanted: str | None, kind: str, option: str, names: tuple[str, ...], feature_types: tuple[str, ...]
+) -> str:
     cols = list(ds.column_names or [])
     features = ds.features or {}
     if wanted:
@@ -132,7 +156,9 @@ def _columns(ds, spec, image_names, label_names):
     img_col = find_column(ds, spec.image_column, "image", "$image_column", image_names, ("Image", "Array2D", "Array3D"))
     lab_col = find_column(ds, spec.label_column, "label", "$label_column", label_names, ("ClassLabel",))
     if img_col == lab_col:
-        raise BadInputError(f"$data {spec.source}: the image and label columns are both {img_col!r}; set $image_column / $label_column.")
+        raise BadInputError(
+            f"$data {spec.source}: the image and label columns are both {img_col!r}; set $image_column / $label_column."
+        )
     return img_col, lab_col
 
 
@@ -161,10 +187,11 @@ def open_selection(spec, *, streaming: bool = False) -> Selection:
             ds = ds._resolve_features()
         img_col, lab_col = _columns(ds, spec, IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES)
         total = _stream_length(ds, split_name)
-        if (start is not None and start < 0) or (stop is not None and stop < 0):
-            if total is None:
-                raise UsageError(f"$split {spec.split}: a slice counted from the end needs the dataset's length, which $streaming "
-                                 f"does not know for $data {spec.source}; use a non-negative slice or drop $streaming.")
+        if total is None and ((start is not None and start < 0) or (stop is not None and stop < 0)):
+            raise UsageError(
+                f"$split {spec.split}: a slice counted from the end needs the dataset's length, which $streaming "
+                f"does not know for $data {spec.source}; use a non-negative slice or drop $streaming."
+            )
         n = None
         if total is not None:
             idx = range(total)[slice(start, stop)]
@@ -172,7 +199,9 @@ def open_selection(spec, *, streaming: bool = False) -> Selection:
                 idx = idx[: spec.limit]
             first, n = (idx.start if len(idx) else 0), len(idx)
             if n == 0:
-                raise BadInputError(f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset.")
+                raise BadInputError(
+                    f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset."
+                )
             ds = ds.skip(first).take(n) if first else ds.take(n)
         else:
             first = start or 0
@@ -191,12 +220,16 @@ def open_selection(spec, *, streaming: bool = False) -> Selection:
     if spec.limit is not None:
         idx = idx[: spec.limit]
     if len(idx) == 0:
-        raise BadInputError(f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset.")
+        raise BadInputError(
+            f"$data {spec.source} has no samples{' in the chosen split/slice' if (start, stop) != (None, None) or spec.limit else ''}; give a non-empty dataset."
+        )
     if len(idx) != n_total:
         ds = ds.select(idx)
     ds = _undecoded(ds.select_columns([img_col, lab_col]), img_col)
     if streaming:  # a save_to_disk folder, streamed from its Arrow files
-        return Selection(ds.to_iterable_dataset(num_shards=1), img_col, lab_col, described_split, len(idx), streaming=True)
+        return Selection(
+            ds.to_iterable_dataset(num_shards=1), img_col, lab_col, described_split, len(idx), streaming=True
+        )
     return Selection(ds, img_col, lab_col, described_split, len(idx), fingerprint=getattr(ds, "_fingerprint", None))
 
 
@@ -221,7 +254,9 @@ def label_error(lab, row: int, source: str) -> BadInputError | None:
             raise ValueError(lab)
         int(lab)
     except (TypeError, ValueError, OverflowError):
-        return BadInputError(f"Label {lab!r} in row {row} of $data {source} is not an integer class id; encode labels as integers or a ClassLabel.")
+        return BadInputError(
+            f"Label {lab!r} in row {row} of $data {source} is not an integer class id; encode labels as integers or a ClassLabel."
+        )
     return None
 
 

@@ -5,7 +5,6 @@ No torch, timm or datasets here (``cl-tool --help`` imports this).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +60,10 @@ def parse_split(split: str | None) -> tuple[str | None, int | None, int | None]:
         return None, None, None
     m = _SPLIT_RE.match(split.strip())
     if not m:
-        raise UsageError(f"$split {split!r} is not understood; use a split name with an optional slice, e.g. train or train[:8000] or test[-2000:].")
-    to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
+        raise UsageError(
+            f"$split {split!r} is not understood; use a split name with an optional slice, e.g. train or train[:8000] or test[-2000:]."
+        )
+    to_int = lambda s: int(s) if s not in (None, "") else None
     return m.group("name"), to_int(m.group("start")), to_int(m.group("stop"))
 
 
@@ -70,32 +71,90 @@ def parse_split(split: str | None) -> tuple[str | None, int | None, int | None]:
 class DataOptions(Args):
     """Options that apply to every dataset a command reads (``::key=value`` after one ``--data`` overrides the first seven)."""
 
-    split: Optional[str] = option(None, "--split", panel="Data", metavar="SPLIT",
-                                  help="Split name with optional slice, e.g. train, test, train[:8000], [8000:] (a single dataset has no named splits).")
-    image_column: Optional[str] = option(None, "--image-column", panel="Data", metavar="NAME",
-                                         help="Image column (default: the Image feature, or image/img/pixels...).")
-    label_column: Optional[str] = option(None, "--label-column", panel="Data", metavar="NAME",
-                                         help="Label column (default: the ClassLabel feature, or label/labels/target...).")
-    permute: Optional[int] = option(None, "--permute", panel="Data", metavar="SEED", low=0,
-                                    help="Apply a fixed pixel permutation drawn from SEED (permuted-MNIST tasks).")
-    rotate: Optional[float] = option(None, "--rotate", panel="Data", metavar="DEG", help="Rotate images by DEG degrees counter-clockwise (rotated-MNIST tasks).")
+    split: Optional[str] = option(
+        None,
+        "--split",
+        panel="Data",
+        metavar="SPLIT",
+        help="Split name with optional slice, e.g. train, test, train[:8000], [8000:] (a single dataset has no named splits).",
+    )
+    image_column: Optional[str] = option(
+        None,
+        "--image-column",
+        panel="Data",
+        metavar="NAME",
+        help="Image column (default: the Image feature, or image/img/pixels...).",
+    )
+    label_column: Optional[str] = option(
+        None,
+        "--label-column",
+        panel="Data",
+        metavar="NAME",
+        help="Label column (default: the ClassLabel feature, or label/labels/target...).",
+    )
+    permute: Optional[int] = option(
+        None,
+        "--permute",
+        panel="Data",
+        metavar="SEED",
+        low=0,
+        help="Apply a fixed pixel permutation drawn from SEED (permuted-MNIST tasks).",
+    )
+    rotate: Optional[float] = option(
+        None,
+        "--rotate",
+        panel="Data",
+        metavar="DEG",
+        help="Rotate images by DEG degrees counter-clockwise (rotated-MNIST tasks).",
+    )
     invert: bool = option(False, "--invert", panel="Data", help="Invert images (x -> 1 - x on the [0,1] scale).")
-    limit: Optional[int] = option(None, "--limit", panel="Data", metavar="N", low=1, help="Use only the first N samples (after --split slicing).")
-    workers: Optional[int] = option(None, "--workers", panel="Data", metavar="N", low=0,
-                                    help="Data-loading worker processes (default: one per CPU but one, at most 8; 0 = in this process).")
-    cache: str = option("auto", "--cache", panel="Data", metavar="MODE", choices=CACHE_MODES,
-                        help="Decoded-image cache: auto (a cache file shared by later commands, in memory when small), ram, disk or none.")
-    cache_dir: Optional[Path] = option(None, "--cache-dir", panel="Data", metavar="DIR",
-                                       help="Folder of the decoded-image cache (default $CL_TOOL_CACHE or ~/.cache/cl-tool/decoded).")
-    streaming: bool = option(False, "--streaming", panel="Data", help="Read the dataset as a stream (datasets' iterable streaming; for hub datasets).")
-    skip_bad_images: bool = option(False, "--skip-bad-images", panel="Data", help="Skip images that cannot be decoded (and count them) instead of stopping.")
+    limit: Optional[int] = option(
+        None, "--limit", panel="Data", metavar="N", low=1, help="Use only the first N samples (after --split slicing)."
+    )
+    workers: Optional[int] = option(
+        None,
+        "--workers",
+        panel="Data",
+        metavar="N",
+        low=0,
+        help="Data-loading worker processes (default: one per CPU but one, at most 8; 0 = in this process).",
+    )
+    cache: str = option(
+        "auto",
+        "--cache",
+        panel="Data",
+        metavar="MODE",
+        choices=CACHE_MODES,
+        help="Decoded-image cache: auto (a cache file shared by later commands, in memory when small), ram, disk or none.",
+    )
+    cache_dir: Optional[Path] = option(
+        None,
+        "--cache-dir",
+        panel="Data",
+        metavar="DIR",
+        help="Folder of the decoded-image cache (default $CL_TOOL_CACHE or ~/.cache/cl-tool/decoded).",
+    )
+    streaming: bool = option(
+        False,
+        "--streaming",
+        panel="Data",
+        help="Read the dataset as a stream (datasets' iterable streaming; for hub datasets).",
+    )
+    skip_bad_images: bool = option(
+        False,
+        "--skip-bad-images",
+        panel="Data",
+        help="Skip images that cannot be decoded (and count them) instead of stopping.",
+    )
 
 
 #: The per-task keys ``--data PATH::key=value`` accepts (the first seven DataOptions, and the task's name).
 TASK_OPTIONS = ("split", "image_column", "label_column", "permute", "rotate", "invert", "limit")
 
-DATA_HELP = ("Dataset: a save_to_disk folder, an imagefolder, a parquet/csv/json file or a hub id. Optional NAME= names the task; "
-             "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, image_column, label_column, name).")
+DATA_HELP = (
+    "Dataset: a save_to_disk folder, an imagefolder, a parquet/csv/json file or a hub id. Optional NAME= names the task; "
+    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, image_column, label_column, name)."
+)
 DATA_METAVAR = "[NAME=]PATH[::KEY=VAL,...]"
 
 
@@ -113,7 +172,9 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data") -> 
             key, eq, val = item.partition("=")
             key = key.strip().replace("-", "_")
             if key not in params and key != "name":
-                raise UsageError(f"${field} {raw}: unknown per-task key {key!r}; use {', '.join(sorted([*params, 'name']))}.")
+                raise UsageError(
+                    f"${field} {raw}: unknown per-task key {key!r}; use {', '.join(sorted([*params, 'name']))}."
+                )
             if key == "invert":
                 opts[key] = (val.strip().lower() in ("", "1", "true", "yes")) if eq else True
                 continue

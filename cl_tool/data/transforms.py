@@ -26,7 +26,11 @@ def _rotate(x, degrees: float):
 
     k = degrees / 90.0
     if abs(k - round(k)) < 1e-9:
-        return torch.rot90(x, int(round(k)) % 4, dims=(2, 3)) if x.shape[2] == x.shape[3] or int(round(k)) % 2 == 0 else _rotate_general(x, degrees)
+        return (
+            torch.rot90(x, int(round(k)) % 4, dims=(2, 3))
+            if x.shape[2] == x.shape[3] or int(round(k)) % 2 == 0
+            else _rotate_general(x, degrees)
+        )
     return _rotate_general(x, degrees)
 
 
@@ -35,7 +39,9 @@ def _rotate_general(x, degrees: float):
     import torch.nn.functional as F
 
     t = math.radians(degrees)
-    theta = torch.tensor([[math.cos(t), math.sin(t), 0.0], [-math.sin(t), math.cos(t), 0.0]], dtype=x.dtype, device=x.device)
+    theta = torch.tensor(
+        [[math.cos(t), math.sin(t), 0.0], [-math.sin(t), math.cos(t), 0.0]], dtype=x.dtype, device=x.device
+    )
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -99,7 +105,9 @@ def sample_seeds(seed: int, epoch: int, index, stream: int = 0):
     import numpy as np
 
     with np.errstate(over="ignore"):
-        base = _splitmix64(np.array([(int(seed) * 1_000_003 + int(epoch) * 8191 + int(stream) * 131) & _M64], dtype=np.uint64))[0]
+        base = _splitmix64(
+            np.array([(int(seed) * 1_000_003 + int(epoch) * 8191 + int(stream) * 131) & _M64], dtype=np.uint64)
+        )[0]
         idx = np.asarray(index, dtype=np.int64).astype(np.uint64)
         return _splitmix64(idx ^ base)
 
@@ -129,8 +137,19 @@ class Augment:
 
 
 # create_transform arguments a user may set with $augment_arg; geometry and normalisation come from the data config.
-_TIMM_AUG_KEYS = {"scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob",
-                  "auto_augment", "interpolation", "train_crop_mode"}
+_TIMM_AUG_KEYS = {
+    "scale",
+    "ratio",
+    "hflip",
+    "vflip",
+    "color_jitter",
+    "color_jitter_prob",
+    "grayscale_prob",
+    "gaussian_blur_prob",
+    "auto_augment",
+    "interpolation",
+    "train_crop_mode",
+}
 
 
 def _parse_value(text: str):
@@ -172,7 +191,9 @@ def parse_augment(value, args=None) -> Augment:
         except ValueError:
             shift = -1
         if shift < 0:
-            raise UsageError(f"$augment {value} is not understood; use shift=K with K a non-negative number of pixels, e.g. shift=2.")
+            raise UsageError(
+                f"$augment {value} is not understood; use shift=K with K a non-negative number of pixels, e.g. shift=2."
+            )
         if items:
             raise UsageError("$augment_arg only applies with $augment timm; add it or drop $augment_arg.")
         return Augment("shift", shift=shift)
@@ -181,7 +202,9 @@ def parse_augment(value, args=None) -> Augment:
         for key, val in items:
             key = str(key).strip().replace("-", "_")
             if key not in _TIMM_AUG_KEYS:
-                raise UsageError(f"$augment_arg {key} is not a timm augmentation option; use one of {', '.join(sorted(_TIMM_AUG_KEYS))}.")
+                raise UsageError(
+                    f"$augment_arg {key} is not a timm augmentation option; use one of {', '.join(sorted(_TIMM_AUG_KEYS))}."
+                )
             parsed[key] = _parse_value(val) if isinstance(val, str) else val
         return Augment("timm", args=parsed)
     raise UsageError(f"$augment {value} is unknown; use none, shift=K or timm.")

@@ -24,20 +24,18 @@ forward pass ran in. The model's ``.grad`` fields are not touched.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from cl_tool.errors import BadInputError, UsageError
+from cl_tool.importance import METHODS
 from cl_tool.importance.checks import check_finite
 from cl_tool.importance.engine import GradEngine, SignalEngine
 from cl_tool.importance.losses import LossSpec
-from cl_tool.importance.si import SIAccumulator
-
-from cl_tool.importance import METHODS
 from cl_tool.runtime import PRECISIONS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +43,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _check_method(method: str) -> None:
     if method == "si":
-        raise UsageError("SI importances are accumulated during training (SIAccumulator), not computed from data afterwards.")
+        raise UsageError(
+            "SI importances are accumulated during training (SIAccumulator), not computed from data afterwards."
+        )
     if method not in METHODS:
         raise UsageError(f"$method {method} is unknown; use one of {', '.join(METHODS)}.")
 
@@ -96,10 +96,19 @@ def _batch_tensors(batch, device: torch.device):
     return x.to(device, non_blocking=True), (y.to(device) if isinstance(y, torch.Tensor) else y)
 
 
-def importance_sums(model: nn.Module, batches: Iterable, method: str, *, fisher_labels: str = "empirical",
-                    mas_output: str = "logits", device="cpu", precision: str = "fp32", memory_budget_mb: float = 512,
-                    generator: torch.Generator | None = None,
-                    progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def importance_sums(
+    model: nn.Module,
+    batches: Iterable,
+    method: str,
+    *,
+    fisher_labels: str = "empirical",
+    mas_output: str = "logits",
+    device="cpu",
+    precision: str = "fp32",
+    memory_budget_mb: float = 512,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Σₙ of the per-sample statistic of ``method`` for every trainable parameter, and N.
 
     ``batches`` yields (x, y): x already normalised, y int64 labels (used by fisher/empirical
@@ -113,7 +122,9 @@ def importance_sums(model: nn.Module, batches: Iterable, method: str, *, fisher_
     _check_method(method)
     device = torch.device(device)
     if method == "magnitude":
-        return check_finite({n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}), 0
+        return check_finite(
+            {n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        ), 0
     autocast = _autocast(device, precision)
     spec = None if method == "signal" else LossSpec(method, fisher_labels, mas_output)
     if not float(memory_budget_mb) > 0:
@@ -145,7 +156,9 @@ def finalize_importance(sums: dict[str, torch.Tensor], count: int, method: str) 
     _check_method(method)
     if method in ("fisher", "mas"):
         if count <= 0:
-            raise BadInputError(f"No samples were seen, so the {method} importance is undefined; give a non-empty dataset.")
+            raise BadInputError(
+                f"No samples were seen, so the {method} importance is undefined; give a non-empty dataset."
+            )
         out = {n: t.float() / float(count) for n, t in sums.items()}
     else:
         out = {n: t.float().clone() for n, t in sums.items()}

@@ -12,5 +12,6 @@ def check_finite(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in result.items():
         if not bool(torch.isfinite(t).all()):
             raise BadInputError(
-                f"The importance of parameter {name!r} is not finite (NaN or Inf): the model weights or the input data contain non-finite values or overflowed.")
+                f"The importance of parameter {name!r} is not finite (NaN or Inf): the model weights or the input data contain non-finite values or overflowed."
+            )
     return result

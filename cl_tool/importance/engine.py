@@ -104,8 +104,13 @@ def _check_logits(logits, batch: int) -> torch.Tensor:
 
 def _usable(calls, batch: int) -> bool:
     return bool(calls) and all(
-        c is not None and c.inp.shape[0] == batch and c.out.dim() > 0 and c.out.shape[0] == batch and c.out.requires_grad
-        for c in calls)
+        c is not None
+        and c.inp.shape[0] == batch
+        and c.out.dim() > 0
+        and c.out.shape[0] == batch
+        and c.out.requires_grad
+        for c in calls
+    )
 
 
 class GradEngine:
@@ -115,12 +120,21 @@ class GradEngine:
     float32 round-off); ``importance_sums`` always returns float32.
     """
 
-    def __init__(self, model: nn.Module, spec: LossSpec, *, autocast=nullcontext, budget_bytes: int = 512 << 20,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: LossSpec,
+        *,
+        autocast=nullcontext,
+        budget_bytes: int = 512 << 20,
+        generator: torch.Generator | None = None,
+    ):
         self.model, self.spec, self.autocast = model, spec, autocast
         self.budget_bytes, self.generator = budget_bytes, generator
         self.plan = make_plan(model)
-        self.sums = {n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()}
+        self.sums = {
+            n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()
+        }
         self.copy: set[nn.Module] = set()
         self.fallback = PerSampleFallback(model, spec, autocast, budget_bytes)
         self.fallback_names: set[str] = set()  # for reporting: parameters that needed the fallback
@@ -190,8 +204,11 @@ class GradEngine:
         states = [{} for _ in ruled]  # per layer: what its rule sums over the passes
         pending = [[None] * len(cs) for _, cs in ruled]
         last = [passes == 1]  # the running pass is the last one: rules finish at once
-        handles = [c.out.register_hook(self._grad_hook(ruled, states, pending, last, j, k))
-                   for j, (_, cs) in enumerate(ruled) for k, c in enumerate(cs)]
+        handles = [
+            c.out.register_hook(self._grad_hook(ruled, states, pending, last, j, k))
+            for j, (_, cs) in enumerate(ruled)
+            for k, c in enumerate(cs)
+        ]
         tap_sums: dict[str, torch.Tensor] = {}
         failed: set[str] = set()
         for t in taps.values():
@@ -228,6 +245,7 @@ class GradEngine:
             if all(g is not None for g in pending[j]):
                 self._apply_rule(ruled[j], states[j], pending[j], last[0])
                 pending[j] = [None] * len(pending[j])
+
         return hook
 
     def _flush(self, ruled, states, pending, last: bool) -> None:
@@ -235,7 +253,9 @@ class GradEngine:
         for j, grads in enumerate(pending):
             if any(g is not None for g in grads):
                 cs = ruled[j][1]
-                self._apply_rule(ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)], last)
+                self._apply_rule(
+                    ruled[j], states[j], [torch.zeros_like(c.out) if g is None else g for c, g in zip(cs, grads)], last
+                )
                 pending[j] = [None] * len(grads)
 
     def _apply_rule(self, ruled_module, state, grads, last: bool) -> None:
@@ -276,7 +296,9 @@ class SignalEngine:
     def __init__(self, model: nn.Module, *, autocast=nullcontext):
         self.model, self.autocast = model, autocast
         self.plan = make_plan(model)
-        self.sums = {n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()}
+        self.sums = {
+            n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()
+        }
         self.count = 0
 
     def add_batch(self, x: torch.Tensor) -> None:

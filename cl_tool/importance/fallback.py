@@ -72,7 +72,7 @@ class PerSampleFallback:
         with torch.no_grad(), unfused_attention(self.model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for s in range(0, x.shape[0], step):
-                jac = per_sample_jac(sub, x[s:s + step], targets[s:s + step])
+                jac = per_sample_jac(sub, x[s : s + step], targets[s : s + step])
                 for n in names:
                     acc[n] += f(wide(jac[n])).sum(dim=(0, 1))
         return acc
@@ -83,8 +83,8 @@ class PerSampleFallback:
         acc = [torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for p in params]
         for i in range(x.shape[0]):
             with torch.enable_grad(), self.autocast():
-                z = self.model(x[i:i + 1])
-            losses = per_sample_losses(wide(z), targets[i:i + 1], self.spec)[0]
+                z = self.model(x[i : i + 1])
+            losses = per_sample_losses(wide(z), targets[i : i + 1], self.spec)[0]
             for k in range(losses.shape[0]):
                 grads = torch.autograd.grad(losses[k], params, retain_graph=k + 1 < losses.shape[0], allow_unused=True)
                 for a, g in zip(acc, grads):
@@ -98,5 +98,5 @@ class PerSampleFallback:
         outs = []
         for i in range(x.shape[0]):
             with self.autocast():
-                outs.append(wide(self.model(x[i:i + 1])))
+                outs.append(wide(self.model(x[i : i + 1])))
         return torch.cat(outs)

@@ -110,7 +110,7 @@ class AdditiveTap:
     handle: object = None
 
     @classmethod
-    def find(cls, consumers: list[tuple[object, int]]) -> "AdditiveTap | None":
+    def find(cls, consumers: list[tuple[object, int]]) -> AdditiveTap | None:
         if len(consumers) != 1:
             return None
         node, position = consumers[0]

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-
 from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS
+
 GRAD_METHODS = ("fisher", "mas")
 
 
@@ -42,9 +42,13 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         if self.method not in GRAD_METHODS:
-            raise UsageError(f"Importance method {self.method!r} has no per-sample loss; use one of {', '.join(GRAD_METHODS)}.")
+            raise UsageError(
+                f"Importance method {self.method!r} has no per-sample loss; use one of {', '.join(GRAD_METHODS)}."
+            )
         if self.method == "fisher" and self.fisher_labels not in FISHER_LABELS:
-            raise UsageError(f"Unknown Fisher label mode {self.fisher_labels!r}; use one of {', '.join(FISHER_LABELS)}.")
+            raise UsageError(
+                f"Unknown Fisher label mode {self.fisher_labels!r}; use one of {', '.join(FISHER_LABELS)}."
+            )
         if self.method == "mas" and self.mas_output not in MAS_OUTPUTS:
             raise UsageError(f"Unknown MAS output {self.mas_output!r}; use one of {', '.join(MAS_OUTPUTS)}.")
 
@@ -73,7 +77,9 @@ def stat_fn(stat: str):
     return torch.square if stat == "sq" else torch.abs
 
 
-def make_targets(logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generator: torch.Generator | None) -> torch.Tensor:
+def make_targets(
+    logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generator: torch.Generator | None
+) -> torch.Tensor:
     """Per-sample int64 targets for :func:`per_sample_losses` (shape ``(B,)``, on ``logits.device``).
 
     ``empirical``: the true labels (checked against the number of classes); ``sampled``: one draw
@@ -88,7 +94,9 @@ def make_targets(logits: torch.Tensor, y: torch.Tensor, spec: LossSpec, generato
         if y.numel() != batch:
             raise IncompatibleError(f"A batch has {batch} inputs but {y.numel()} labels; they must match.")
         if batch and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise IncompatibleError(f"Labels must lie in 0..{num_classes - 1} (the model's classes) but a batch has {int(y.min())}..{int(y.max())}.")
+            raise IncompatibleError(
+                f"Labels must lie in 0..{num_classes - 1} (the model's classes) but a batch has {int(y.min())}..{int(y.max())}."
+            )
         return y
     if spec.method == "fisher" and spec.fisher_labels == "sampled":
         gen_device = generator.device if generator is not None else torch.device("cpu")

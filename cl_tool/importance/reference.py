@@ -23,8 +23,16 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "empirical", mas_output: str = "logits",
-               generator: torch.Generator | None = None, device="cpu") -> tuple[dict[str, torch.Tensor], int]:
+def naive_sums(
+    model: nn.Module,
+    batches,
+    method: str,
+    *,
+    fisher_labels: str = "empirical",
+    mas_output: str = "logits",
+    generator: torch.Generator | None = None,
+    device="cpu",
+) -> tuple[dict[str, torch.Tensor], int]:
     """Per-sample loop: same contract as ``importance_sums`` (fp32 only; float64 sums for a float64 model)."""
     device = torch.device(device)
     params = _trainable(model)
@@ -33,7 +41,7 @@ def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "
             engine = SignalEngine(model)
             for x, _ in batches:
                 for i in range(x.shape[0]):
-                    engine.add_batch(x[i:i + 1].to(device))
+                    engine.add_batch(x[i : i + 1].to(device))
             return {n: t.cpu() for n, t in engine.result().items()}, engine.count
         spec = LossSpec(method, fisher_labels, mas_output)
         f = stat_fn(spec.stat)
@@ -45,15 +53,20 @@ def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "
             if spec.method == "fisher" and spec.fisher_labels == "sampled":
                 # One draw per batch from all its logits, like the engine (same generator sequence).
                 with torch.no_grad():
-                    logits = torch.cat([wide(model(x[i:i + 1])) for i in range(x.shape[0])])
+                    logits = torch.cat([wide(model(x[i : i + 1])) for i in range(x.shape[0])])
                 targets = make_targets(logits, y, spec, generator)
             for i in range(x.shape[0]):
-                logits_i = wide(model(x[i:i + 1]))
-                target_i = targets[i:i + 1] if targets is not None else make_targets(logits_i.detach(), y[i:i + 1], spec, generator)
+                logits_i = wide(model(x[i : i + 1]))
+                target_i = (
+                    targets[i : i + 1]
+                    if targets is not None
+                    else make_targets(logits_i.detach(), y[i : i + 1], spec, generator)
+                )
                 losses = per_sample_losses(logits_i, target_i, spec)[0]
                 for k in range(losses.shape[0]):
-                    grads = torch.autograd.grad(losses[k], list(params.values()), retain_graph=k + 1 < losses.shape[0],
-                                                allow_unused=True)
+                    grads = torch.autograd.grad(
+                        losses[k], list(params.values()), retain_graph=k + 1 < losses.shape[0], allow_unused=True
+                    )
                     for n, g in zip(params, grads):
                         if g is not None:
                             sums[n] += f(wide(g))
@@ -61,9 +74,16 @@ def naive_sums(model: nn.Module, batches, method: str, *, fisher_labels: str = "
     return {n: t.cpu() for n, t in sums.items()}, count
 
 
-def batch_mean_sums(model: nn.Module, batches, method: str = "fisher", *, fisher_labels: str = "empirical",
-                    mas_output: str = "logits", generator: torch.Generator | None = None,
-                    device="cpu") -> tuple[dict[str, torch.Tensor], int]:
+def batch_mean_sums(
+    model: nn.Module,
+    batches,
+    method: str = "fisher",
+    *,
+    fisher_labels: str = "empirical",
+    mas_output: str = "logits",
+    generator: torch.Generator | None = None,
+    device="cpu",
+) -> tuple[dict[str, torch.Tensor], int]:
     """Σ over batches of B·f(∇ mean-loss): the mini-batch approximation of the same sums."""
     device = torch.device(device)
     params = _trainable(model)

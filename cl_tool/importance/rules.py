@@ -116,8 +116,8 @@ def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes:
     G = G.reshape(n * g, o, T)
     for s in range(0, n, step):
         e = min(n, s + step)
-        out = buf[:(e - s) * g]
-        torch.bmm(G[s * g:e * g], inputs(s, e).reshape(-1, T, i), out=out)
+        out = buf[: (e - s) * g]
+        torch.bmm(G[s * g : e * g], inputs(s, e).reshape(-1, T, i), out=out)
         if g == 1:
             _add_stat_rows(total[0], out.view(e - s, o * i), stat)
         else:
@@ -160,7 +160,9 @@ def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_b
     total = None
     step = chunk_size(k * g * i, budget_bytes, n)
     for s in range(0, n, step):
-        part = torch.einsum("kngo,kngi->goi", factor[:, s:s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False))
+        part = torch.einsum(
+            "kngo,kngi->goi", factor[:, s : s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False)
+        )
         total = part if total is None else total.add_(part)
     return total
 
@@ -178,7 +180,9 @@ class Rule:
         for what is complete after this pass; partial sums for :meth:`finish` may go to ``state``."""
         raise NotImplementedError
 
-    def finish(self, module, inputs: list[torch.Tensor], stat: str, budget_bytes: int, state: dict) -> dict[str, torch.Tensor]:
+    def finish(
+        self, module, inputs: list[torch.Tensor], stat: str, budget_bytes: int, state: dict
+    ) -> dict[str, torch.Tensor]:
         """After the last pass of a batch: the statistics summed in ``state`` (``inputs``: the calls' inputs)."""
         return {}
 
@@ -211,8 +215,14 @@ class LinearRule(Rule):
         G = _cat_positions([wide(g).reshape(g.shape[0], -1, module.out_features) for _, g in calls])  # (B, T, o)
         out: dict[str, torch.Tensor] = {}
         if module.weight.requires_grad:
-            w = weight_stat(G.transpose(1, 2).unsqueeze(1), self._inputs(module, [a for a, _ in calls]),
-                            module.in_features, stat, budget_bytes, state)
+            w = weight_stat(
+                G.transpose(1, 2).unsqueeze(1),
+                self._inputs(module, [a for a, _ in calls]),
+                module.in_features,
+                stat,
+                budget_bytes,
+                state,
+            )
             if w is not None:
                 out["weight"] = w[0]
         if module.bias is not None:
@@ -282,8 +292,11 @@ class ConvRule(Rule):
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         s_n, s_h, s_w, _ = xc.stride()
-        view = xc.as_strided((n, oh, ow, kh, kw, g, c // g), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, c // g, 1),
-                             xc.storage_offset())
+        view = xc.as_strided(
+            (n, oh, ow, kh, kw, g, c // g),
+            (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, c // g, 1),
+            xc.storage_offset(),
+        )
         return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
 
     def _inputs(self, module, inputs):
@@ -303,8 +316,14 @@ class ConvRule(Rule):
         G = _cat_positions([wide(gr).reshape(batch, g, c_out // g, -1) for _, gr in calls], 3)  # (B, g, o/g, L)
         out = {}
         if module.weight.requires_grad:
-            w = weight_stat(G, self._inputs(module, [a for a, _ in calls]), module.in_channels // g * kh * kw, stat,
-                            budget_bytes, state)
+            w = weight_stat(
+                G,
+                self._inputs(module, [a for a, _ in calls]),
+                module.in_channels // g * kh * kw,
+                stat,
+                budget_bytes,
+                state,
+            )
             if w is not None:
                 out["weight"] = self._weight(module, w)
         if module.bias is not None:
@@ -316,7 +335,11 @@ class ConvRule(Rule):
             return {}
         (kh, kw), _, _ = self._geometry(module)
         i = module.in_channels // module.groups * kh * kw
-        return {"weight": self._weight(module, finish_weight_stat(state["weight"], self._inputs(module, inputs), i, stat, budget_bytes))}
+        return {
+            "weight": self._weight(
+                module, finish_weight_stat(state["weight"], self._inputs(module, inputs), i, stat, budget_bytes)
+            )
+        }
 
     def signal(self, module, inp, out):
         g = module.groups
@@ -356,8 +379,12 @@ class _NormRule(Rule):
             if module.weight is not None and module.weight.requires_grad:
                 # In cache-sized chunks of samples: the temporaries stay small and in cache.
                 step = chunk_size(2 * a[:1].numel(), budget_bytes, a.shape[0], working_set=True)
-                gw = gw + torch.cat([self.weight_grads(module, wide(a[s:s + step]), gr[s:s + step])
-                                     for s in range(0, a.shape[0], step)])
+                gw = gw + torch.cat(
+                    [
+                        self.weight_grads(module, wide(a[s : s + step]), gr[s : s + step])
+                        for s in range(0, a.shape[0], step)
+                    ]
+                )
             if module.bias is not None:
                 gb = gb + self.per_sample(module, gr)
         out = {}
@@ -401,8 +428,13 @@ class BatchNormRule(_NormRule):
     base = nn.modules.batchnorm._BatchNorm
 
     def accepts(self, module):
-        return (super().accepts(module) and module.affine and not module.training
-                and module.running_mean is not None and module.running_var is not None)
+        return (
+            super().accepts(module)
+            and module.affine
+            and not module.training
+            and module.running_mean is not None
+            and module.running_var is not None
+        )
 
     def normalized(self, module, x):
         return F.batch_norm(x, wide(module.running_mean), wide(module.running_var), None, None, False, 0.0, module.eps)

@@ -79,12 +79,16 @@ class SIAccumulator:
         expected = {f"{kind}.{n}" for n in self.params for kind in ("W", "start")} | {"xi"}
         if set(sd) != expected:
             missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-            raise IncompatibleError(f"The SI state does not match the model (missing {missing[:3]}, unexpected {extra[:3]}).")
+            raise IncompatibleError(
+                f"The SI state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})."
+            )
         for n, p in self.params.items():
             for kind, store in (("W", self.W), ("start", self.start)):
                 t = sd[f"{kind}.{n}"]
                 if tuple(t.shape) != tuple(p.shape):
-                    raise IncompatibleError(f"The SI state for {n!r} has shape {tuple(t.shape)} but the parameter has {tuple(p.shape)}.")
+                    raise IncompatibleError(
+                        f"The SI state for {n!r} has shape {tuple(t.shape)} but the parameter has {tuple(p.shape)}."
+                    )
                 store[n] = t.detach().to(device=p.device, dtype=torch.float32).clone()
         self.xi = float(sd["xi"])
         self._before = self._grads = None

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-MAX_INPUT_VALUES = 1 << 26  # values per sample: 3x4096x4096 fits; more is a typo, and building a model for it would exhaust memory
+MAX_INPUT_VALUES = (
+    1 << 26
+)  # values per sample: 3x4096x4096 fits; more is a typo, and building a model for it would exhaust memory
 
 _BUILTIN: dict[str, Callable[..., Any]] = {}
 
@@ -70,7 +73,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         from cl_tool.errors import BadInputError
 
         try:
@@ -87,7 +90,9 @@ class ModelSpec:
             if spec.data_config is not None and not isinstance(spec.data_config, dict):
                 raise TypeError("data_config must be a JSON object")
         except (KeyError, TypeError, ValueError) as exc:
-            raise BadInputError(f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged.") from exc
+            raise BadInputError(
+                f"The model description in the checkpoint metadata is malformed ({exc!r}); the file was not written by cl-tool or is damaged."
+            ) from exc
         spec.validate("The checkpoint metadata")
         return spec
 
@@ -96,19 +101,32 @@ class ModelSpec:
         from cl_tool.errors import BadInputError
 
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise BadInputError(f"{where} has an invalid input shape {list(self.input_shape)}; expected C,H,W with positive sizes.")
+            raise BadInputError(
+                f"{where} has an invalid input shape {list(self.input_shape)}; expected C,H,W with positive sizes."
+            )
         if math.prod(self.input_shape) > MAX_INPUT_VALUES:
-            raise BadInputError(f"{where} has an input shape {list(self.input_shape)} of more than {MAX_INPUT_VALUES:,} values per sample; the file is damaged.")
+            raise BadInputError(
+                f"{where} has an input shape {list(self.input_shape)} of more than {MAX_INPUT_VALUES:,} values per sample; the file is damaged."
+            )
         c = self.input_shape[0]
         if self.num_classes < 1:
             raise BadInputError(f"{where} has an invalid number of classes {self.num_classes}; the file is damaged.")
-        if len(self.mean) != c or len(self.std) != c or not all(math.isfinite(v) for v in self.mean + self.std) or min(self.std) <= 0:
-            raise BadInputError(f"{where} has invalid normalisation (mean {list(self.mean)}, std {list(self.std)}) for {c} channel(s); "
-                                f"it needs {c} finite value(s) each and a positive std; the file is damaged.")
+        if (
+            len(self.mean) != c
+            or len(self.std) != c
+            or not all(math.isfinite(v) for v in self.mean + self.std)
+            or min(self.std) <= 0
+        ):
+            raise BadInputError(
+                f"{where} has invalid normalisation (mean {list(self.mean)}, std {list(self.std)}) for {c} channel(s); "
+                f"it needs {c} finite value(s) each and a positive std; the file is damaged."
+            )
         key = forbidden_kwarg(self.kwargs)
         if key is not None:
-            raise BadInputError(f"{where} asks the model builder for {key!r}, which would make cl-tool read other files or the network; "
-                                f"cl-tool refuses it: remove that model argument.")
+            raise BadInputError(
+                f"{where} asks the model builder for {key!r}, which would make cl-tool read other files or the network; "
+                f"cl-tool refuses it: remove that model argument."
+            )
 
 
 #: Model keyword arguments that make a builder open files or the network (timm's pretrained machinery and the like).
@@ -126,7 +144,12 @@ def forbidden_kwarg(kwargs: dict[str, Any]) -> str | None:
     for key, value in kwargs.items():
         low = str(key).lower()
         tokens = low.split("_")
-        if low in _FORBIDDEN_KWARGS or low.startswith("pretrained") or tokens[-1] in _FORBIDDEN_SUFFIXES or "hub" in tokens:
+        if (
+            low in _FORBIDDEN_KWARGS
+            or low.startswith("pretrained")
+            or tokens[-1] in _FORBIDDEN_SUFFIXES
+            or "hub" in tokens
+        ):
             return str(key)
         if isinstance(value, str) and _URL_RE.match(value):
             return str(key)
@@ -151,7 +174,9 @@ def build_model(spec: ModelSpec):
         try:
             return _BUILTIN[spec.arch](tuple(spec.input_shape), spec.num_classes, **spec.kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:  # e.g. sizes=784,abc,10 or a negative width
-            raise UsageError(f"Invalid $arch_arg for {spec.arch}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from exc
+            raise UsageError(
+                f"Invalid $arch_arg for {spec.arch}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
+            ) from exc
     import timm
 
     if not timm.is_model(spec.arch):
@@ -166,15 +191,24 @@ def build_model(spec: ModelSpec):
         raise UsageError(f"timm could not build {spec.arch} with {kwargs}: {exc}.") from exc
 
 
-def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int, int] | None, num_classes: int | None) -> ModelSpec:
+def default_spec(
+    arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int, int] | None, num_classes: int | None
+) -> ModelSpec:
     """Fill in input shape, classes and normalisation defaults for ``arch``."""
     from cl_tool.errors import UsageError
 
     _load_builtins()
     if arch in _BUILTIN:
         shape = input_shape or (1, 28, 28)
-        return ModelSpec(arch=arch, kwargs=kwargs, input_shape=shape, num_classes=num_classes or 10,
-                         mean=(0.0,) * shape[0], std=(1.0,) * shape[0], source="builtin")
+        return ModelSpec(
+            arch=arch,
+            kwargs=kwargs,
+            input_shape=shape,
+            num_classes=num_classes or 10,
+            mean=(0.0,) * shape[0],
+            std=(1.0,) * shape[0],
+            source="builtin",
+        )
     import timm
 
     if not timm.is_model(arch):
@@ -192,8 +226,15 @@ def default_spec(arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int,
     std = tuple(cfg.get("std", IMAGENET_STD))
     if len(mean) != c:
         mean, std = default_normalisation(c)
-    return ModelSpec(arch=arch, kwargs=kwargs, input_shape=tuple(shape), num_classes=num_classes or int(cfg.get("num_classes", 1000)),
-                     mean=mean, std=std, source="timm")
+    return ModelSpec(
+        arch=arch,
+        kwargs=kwargs,
+        input_shape=tuple(shape),
+        num_classes=num_classes or int(cfg.get("num_classes", 1000)),
+        mean=mean,
+        std=std,
+        source="timm",
+    )
 
 
 def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -253,6 +294,7 @@ def parse_input_shape(text: str | None, name: str = "input_shape") -> tuple[int,
     if len(values) != 3 or min(values) < 1:
         raise UsageError(f"${name} {text!r} is not of the form CxHxW with positive sizes, e.g. 1x28x28.")
     if math.prod(values) > MAX_INPUT_VALUES:
-        raise UsageError(f"${name} {text!r} has {math.prod(values):,} values per sample, more than cl-tool's limit of {MAX_INPUT_VALUES:,}; check the sizes.")
+        raise UsageError(
+            f"${name} {text!r} has {math.prod(values):,} values per sample, more than cl-tool's limit of {MAX_INPUT_VALUES:,}; check the sizes."
+        )
     return values  # type: ignore[return-value]
-

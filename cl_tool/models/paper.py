@@ -48,7 +48,9 @@ def mlp(input_shape, num_classes, sizes="784,300,150,10", negative_slope: float 
     if len(sizes) < 2:
         raise UsageError("$arch_arg sizes= needs at least two widths (input and output), e.g. sizes=784,300,150,10.")
     if sizes[0] != d_in:
-        raise UsageError(f"mlp sizes start with {sizes[0]} but the input shape {'x'.join(map(str, input_shape))} has {d_in} values; make them agree.")
+        raise UsageError(
+            f"mlp sizes start with {sizes[0]} but the input shape {'x'.join(map(str, input_shape))} has {d_in} values; make them agree."
+        )
     if sizes[-1] != num_classes:
         raise UsageError(f"mlp sizes end with {sizes[-1]} but $num_classes is {num_classes}; make them agree.")
     return MLP(sizes, float(negative_slope))
@@ -61,11 +63,18 @@ class PaperCNN(nn.Module):
         super().__init__()
         c, h, w = input_shape
         w1, w2, w3 = widths
-        act = lambda: nn.LeakyReLU(negative_slope)  # noqa: E731
+        act = lambda: nn.LeakyReLU(negative_slope)
         self.features = nn.Sequential(
-            nn.Conv2d(c, w1, 5), nn.BatchNorm2d(w1), act(), nn.MaxPool2d(2),
-            nn.Conv2d(w1, w2, 3), nn.BatchNorm2d(w2), act(),
-            nn.Conv2d(w2, w3, 3), nn.BatchNorm2d(w3), act(),
+            nn.Conv2d(c, w1, 5),
+            nn.BatchNorm2d(w1),
+            act(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w1, w2, 3),
+            nn.BatchNorm2d(w2),
+            act(),
+            nn.Conv2d(w2, w3, 3),
+            nn.BatchNorm2d(w3),
+            act(),
         )
         with torch.no_grad():
             n_flat = self.features(torch.zeros(1, c, h, w)).numel()

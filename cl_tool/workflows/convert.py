@@ -21,7 +21,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 @dataclass(kw_only=True)
 class ConvertArgs(Args):
-    folder: Path = argument(metavar="FOLDER", help="A timm model folder: config.json and model.safetensors or pytorch_model.bin.")
+    folder: Path = argument(
+        metavar="FOLDER", help="A timm model folder: config.json and model.safetensors or pytorch_model.bin."
+    )
     output: Path = option(..., "--output", "-o", metavar="FILE", help="cl-tool checkpoint to write (.safetensors).")
     force: bool = force_option()
     config: Optional[Path] = config_option()
@@ -37,11 +39,20 @@ def _load_pickled_weights(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(f"{path} could not be read as tensors with torch.load(weights_only=True) ({first[:200]}); "
-                            f"it holds other objects or is damaged, and cl-tool runs no code from a pickle.") from exc
-    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model") and isinstance(next(iter(state.values())), dict):
+        raise BadInputError(
+            f"{path} could not be read as tensors with torch.load(weights_only=True) ({first[:200]}); "
+            f"it holds other objects or is damaged, and cl-tool runs no code from a pickle."
+        ) from exc
+    if (
+        isinstance(state, dict)
+        and len(state) == 1
+        and next(iter(state)) in ("state_dict", "model")
+        and isinstance(next(iter(state.values())), dict)
+    ):
         state = next(iter(state.values()))
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise BadInputError(f"{path} does not hold a state dict (parameter name → tensor); cl-tool cannot convert it.")
     return state
 
@@ -49,7 +60,15 @@ def _load_pickled_weights(path: Path) -> dict[str, Any]:
 def run_convert(args: ConvertArgs, out: Output) -> dict[str, Any]:
     """Read FOLDER's config and weights, check them against the architecture, write one cl-tool checkpoint."""
     from cl_tool.atomic import FileRoles
-    from cl_tool.checkpoint import Checkpoint, refuse_nonfinite, history_entry, instantiate, model_layout, save_checkpoint, spec_from_timm_config
+    from cl_tool.checkpoint import (
+        Checkpoint,
+        history_entry,
+        instantiate,
+        model_layout,
+        refuse_nonfinite,
+        save_checkpoint,
+        spec_from_timm_config,
+    )
     from cl_tool.safetensors_io import load_tensors
 
     roles = FileRoles(force=args.force)
@@ -58,7 +77,9 @@ def run_convert(args: ConvertArgs, out: Output) -> dict[str, Any]:
     roles.output(args.output, "$output")
     roles.check()
     if not args.folder.is_dir() or not (args.folder / "config.json").is_file():
-        raise BadInputError(f"{args.folder} is not a timm model folder (config.json with model.safetensors or pytorch_model.bin).")
+        raise BadInputError(
+            f"{args.folder} is not a timm model folder (config.json with model.safetensors or pytorch_model.bin)."
+        )
     spec = spec_from_timm_config(args.folder / "config.json")
     weights = next((args.folder / name for name in WEIGHT_FILES if (args.folder / name).is_file()), None)
     if weights is None:
@@ -73,5 +94,15 @@ def run_convert(args: ConvertArgs, out: Output) -> dict[str, Any]:
     history = [history_entry("convert", source=str(args.folder), weights=weights.name)]
     fp = save_checkpoint(args.output, spec, model.state_dict(), history, force=args.force, layout=model_layout(model))
     n_params = sum(p.numel() for p in model.parameters())
-    out.log(f"Wrote {args.output}: {spec.arch} with {n_params:,} parameters, input {'x'.join(map(str, spec.input_shape))}, {spec.num_classes} classes.")
-    return out.result({"output": str(args.output), "arch": spec.arch, "weights": weights.name, "parameters": n_params, "fingerprint": fp})
+    out.log(
+        f"Wrote {args.output}: {spec.arch} with {n_params:,} parameters, input {'x'.join(map(str, spec.input_shape))}, {spec.num_classes} classes."
+    )
+    return out.result(
+        {
+            "output": str(args.output),
+            "arch": spec.arch,
+            "weights": weights.name,
+            "parameters": n_params,
+            "fingerprint": fp,
+        }
+    )

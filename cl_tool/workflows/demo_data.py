@@ -13,7 +13,9 @@ from cl_tool.runtime import seed_option
 
 @dataclass(kw_only=True)
 class DemoDataArgs(Args):
-    output: Path = argument(metavar="FOLDER", help="Folder to create (a datasets.save_to_disk DatasetDict with train and test splits).")
+    output: Path = argument(
+        metavar="FOLDER", help="Folder to create (a datasets.save_to_disk DatasetDict with train and test splits)."
+    )
     train: int = option(2000, "--train", metavar="N", low=1, high=1_000_000, help="Training images.")
     test: int = option(500, "--test", metavar="N", low=1, high=1_000_000, help="Test images.")
     classes: int = option(10, "--classes", metavar="N", low=2, high=1000, help="Number of classes.")
@@ -30,8 +32,12 @@ def run_demo_data(args: DemoDataArgs, out: Output) -> dict[str, Any]:
 
     check_output(args.output, force=args.force, role="the output folder", folder=True)
     datasets.disable_progress_bars()
-    splits = datasets.DatasetDict({"train": make_dataset(args.train, classes=args.classes, seed=args.seed),
-                                   "test": make_dataset(args.test, classes=args.classes, seed=args.seed + 1)})
+    splits = datasets.DatasetDict(
+        {
+            "train": make_dataset(args.train, classes=args.classes, seed=args.seed),
+            "test": make_dataset(args.test, classes=args.classes, seed=args.seed + 1),
+        }
+    )
     with atomic_folder(args.output, force=args.force) as tmp:
         splits.save_to_disk(str(tmp))
     out.log(f"Wrote {args.output}: {args.train} train and {args.test} test images, 28x28, {args.classes} classes.")

@@ -17,23 +17,41 @@ from cl_tool.runtime import device_option, precision_option
 
 @dataclass(kw_only=True)
 class EvaluateArgs(Args):
-    checkpoints: list[Path] = argument(metavar="CHECKPOINT...", help="Checkpoints in stage order (after task 1, after task 2, ...).")
+    checkpoints: list[Path] = argument(
+        metavar="CHECKPOINT...", help="Checkpoints in stage order (after task 1, after task 2, ...)."
+    )
     data: list[str] = option(..., "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
     batch_size: int = option(512, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
     device: str = device_option()
     precision: str = precision_option()
-    csv: Optional[Path] = option(None, "--csv", metavar="FILE", help="Also write checkpoint,task,accuracy,loss rows to FILE.")
-    plot: Optional[Path] = option(None, "--plot", metavar="FILE", help="Draw the accuracy matrix and per-task curves to FILE.png (needs matplotlib).")
-    fail_under_acc: Optional[float] = option(None, "--fail-under-acc", metavar="X", low=0, high=1,
-                                             help="Exit 8 if the average accuracy after the last stage is below X.")
-    fail_over_forgetting: Optional[float] = option(None, "--fail-over-forgetting", metavar="Y", low=0, high=1,
-                                                   help="Exit 8 if the average forgetting is above Y.")
+    csv: Optional[Path] = option(
+        None, "--csv", metavar="FILE", help="Also write checkpoint,task,accuracy,loss rows to FILE."
+    )
+    plot: Optional[Path] = option(
+        None,
+        "--plot",
+        metavar="FILE",
+        help="Draw the accuracy matrix and per-task curves to FILE.png (needs matplotlib).",
+    )
+    fail_under_acc: Optional[float] = option(
+        None,
+        "--fail-under-acc",
+        metavar="X",
+        low=0,
+        high=1,
+        help="Exit 8 if the average accuracy after the last stage is below X.",
+    )
+    fail_over_forgetting: Optional[float] = option(
+        None, "--fail-over-forgetting", metavar="Y", low=0, high=1, help="Exit 8 if the average forgetting is above Y."
+    )
     data_options: DataOptions = group(DataOptions)
     force: bool = force_option()
     config: Optional[Path] = config_option()
 
 
-def accuracy_matrix(checkpoints, specs, options: DataOptions, *, device, batch_size: int, precision: str, out: Output) -> tuple[list, list, list[str]]:
+def accuracy_matrix(
+    checkpoints, specs, options: DataOptions, *, device, batch_size: int, precision: str, out: Output
+) -> tuple[list, list, list[str]]:
     """R[i][j] and loss[i][j] for checkpoint i on task j, and the task names; tasks are opened once per preprocessing."""
     import json
 
@@ -107,14 +125,27 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     roles.output(args.plot, "$plot")
     roles.check()
     device = resolve_device(args.device)
-    acc, loss, names = accuracy_matrix(args.checkpoints, specs, args.data_options, device=device, batch_size=args.batch_size,
-                                       precision=args.precision, out=out)
+    acc, loss, names = accuracy_matrix(
+        args.checkpoints,
+        specs,
+        args.data_options,
+        device=device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        out=out,
+    )
     names = _dedupe(names)
     stages = [str(p) for p in args.checkpoints]
     summary = cl_summary(acc)
-    out.table("accuracy (rows: checkpoints, columns: tasks)", ["checkpoint"] + names, [[s] + r for s, r in zip(stages, acc)])
+    out.table(
+        "accuracy (rows: checkpoints, columns: tasks)", ["checkpoint"] + names, [[s] + r for s, r in zip(stages, acc)]
+    )
     parts = [f"average accuracy {summary['average_accuracy']:.4f}"]
-    for key, text in (("bwt", "BWT {:+.4f}"), ("average_forgetting", "average forgetting {:.4f}"), ("learning_accuracy", "learning accuracy {:.4f}")):
+    for key, text in (
+        ("bwt", "BWT {:+.4f}"),
+        ("average_forgetting", "average forgetting {:.4f}"),
+        ("learning_accuracy", "learning accuracy {:.4f}"),
+    ):
         if summary.get(key) is not None:
             parts.append(text.format(summary[key]))
     out.log("; ".join(parts) + ".")

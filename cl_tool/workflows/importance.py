@@ -18,18 +18,54 @@ from cl_tool.runtime import device_option, precision_option, seed_option
 class ImportanceArgs(Args):
     checkpoint: Path = argument(metavar="CHECKPOINT", help="Checkpoint whose parameters the importances belong to.")
     data: list[str] = option([], "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
-    method: str = option("fisher", "--method", "-m", metavar="METHOD", choices=METHODS + ("si",),
-                         help="fisher, mas, signal, magnitude (si: see train-next --si-out).")
-    fisher_labels: str = option("empirical", "--fisher-labels", metavar="MODE", choices=FISHER_LABELS,
-                                help="empirical (true labels; the paper), sampled, or exact.")
-    mas_output: str = option("logits", "--mas-output", metavar="OUTPUT", choices=MAS_OUTPUTS, help="logits (MAS paper) or softmax (the paper's code).")
-    output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Sidecar to write (default <checkpoint stem>.importance.safetensors).")
-    accumulate: Optional[Path] = option(None, "--accumulate", metavar="PREV",
-                                        help="Add the new importances to those of a previous sidecar: Ω = γ·Ω_prev + Ω_new.")
-    decay: float = option(1.0, "--decay", metavar="γ", low=0, high=1, help="γ for --accumulate (1 = sum, the paper's rule; < 1 = online EWC).")
+    method: str = option(
+        "fisher",
+        "--method",
+        "-m",
+        metavar="METHOD",
+        choices=METHODS + ("si",),
+        help="fisher, mas, signal, magnitude (si: see train-next --si-out).",
+    )
+    fisher_labels: str = option(
+        "empirical",
+        "--fisher-labels",
+        metavar="MODE",
+        choices=FISHER_LABELS,
+        help="empirical (true labels; the paper), sampled, or exact.",
+    )
+    mas_output: str = option(
+        "logits",
+        "--mas-output",
+        metavar="OUTPUT",
+        choices=MAS_OUTPUTS,
+        help="logits (MAS paper) or softmax (the paper's code).",
+    )
+    output: Optional[Path] = option(
+        None,
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Sidecar to write (default <checkpoint stem>.importance.safetensors).",
+    )
+    accumulate: Optional[Path] = option(
+        None,
+        "--accumulate",
+        metavar="PREV",
+        help="Add the new importances to those of a previous sidecar: Ω = γ·Ω_prev + Ω_new.",
+    )
+    decay: float = option(
+        1.0,
+        "--decay",
+        metavar="γ",
+        low=0,
+        high=1,
+        help="γ for --accumulate (1 = sum, the paper's rule; < 1 = online EWC).",
+    )
     samples: Optional[int] = option(None, "--samples", metavar="N", low=1, help="Use at most N samples.")
     batch_size: int = option(256, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
-    memory_budget_mb: int = option(512, "--memory-budget-mb", metavar="MB", low=1, help="Bound on the extra memory of per-sample gradient chunks.")
+    memory_budget_mb: int = option(
+        512, "--memory-budget-mb", metavar="MB", low=1, help="Bound on the extra memory of per-sample gradient chunks."
+    )
     seed: int = seed_option()
     device: str = device_option()
     precision: str = precision_option()
@@ -39,11 +75,15 @@ class ImportanceArgs(Args):
 
     def validate(self) -> None:
         if self.method == "si":
-            raise UsageError("SI importances can only be collected while training: run `cl-tool train-next ... $si_out FILE` for the task instead.")
+            raise UsageError(
+                "SI importances can only be collected while training: run `cl-tool train-next ... $si_out FILE` for the task instead."
+            )
         if self.decay != 1.0 and self.accumulate is None:
             raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
         from_data = self.method != "magnitude"
-        self.ignore_unless(from_data, ("data", "samples", "batch_size", "memory_budget_mb", "precision", "seed"), "$method magnitude")
+        self.ignore_unless(
+            from_data, ("data", "samples", "batch_size", "memory_budget_mb", "precision", "seed"), "$method magnitude"
+        )
         self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
         self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
         if from_data and len(self.data) != 1:
@@ -52,7 +92,9 @@ class ImportanceArgs(Args):
     @property
     def options(self) -> dict[str, Any]:
         """The method's own options, as recorded in the sidecar."""
-        return {"fisher": {"fisher_labels": self.fisher_labels}, "mas": {"mas_output": self.mas_output}}.get(self.method, {})
+        return {"fisher": {"fisher_labels": self.fisher_labels}, "mas": {"mas_output": self.mas_output}}.get(
+            self.method, {}
+        )
 
 
 def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
@@ -61,12 +103,21 @@ def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
     for name, t in omega.items():
         f = t.detach().float().reshape(-1)
         empty = f.numel() == 0
-        rows.append({"parameter": name, "numel": int(f.numel()), "min": 0.0 if empty else float(f.min()),
-                     "median": 0.0 if empty else float(f.median()), "max": 0.0 if empty else float(f.max())})
+        rows.append(
+            {
+                "parameter": name,
+                "numel": int(f.numel()),
+                "min": 0.0 if empty else float(f.min()),
+                "median": 0.0 if empty else float(f.median()),
+                "max": 0.0 if empty else float(f.max()),
+            }
+        )
     return rows
 
 
-def _sums_on_task(args: ImportanceArgs, out: Output, model, task, dist, device) -> tuple[dict[str, Any], int, dict[str, Any]]:
+def _sums_on_task(
+    args: ImportanceArgs, out: Output, model, task, dist, device
+) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """Σ of the statistic over the task's first ``--samples`` rows (a contiguous share per torchrun rank, summed over ranks)."""
     import itertools
 
@@ -84,13 +135,24 @@ def _sums_on_task(args: ImportanceArgs, out: Output, model, task, dist, device) 
         batches = ((b.x, b.y) for b in task.batches(order, device=device))
     else:  # a stream: its first --samples rows, each rank a share of every batch
         total = args.samples
-        stream = ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device, shard=(dist.rank, dist.world)))
+        stream = (
+            (b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device, shard=(dist.rank, dist.world))
+        )
         batches = stream if total is None else itertools.islice(stream, -(-total // args.batch_size))
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * dist.rank)
     with out.progress(f"{args.method} importance", (hi - lo) if dist.is_main and n is not None else None) as bar:
-        sums, count = importance_sums(model, batches, args.method, fisher_labels=args.fisher_labels, mas_output=args.mas_output,
-                                      device=device, precision=args.precision, memory_budget_mb=args.memory_budget_mb, generator=gen,
-                                      progress=bar.advance)
+        sums, count = importance_sums(
+            model,
+            batches,
+            args.method,
+            fisher_labels=args.fisher_labels,
+            mas_output=args.mas_output,
+            device=device,
+            precision=args.precision,
+            memory_budget_mb=args.memory_budget_mb,
+            generator=gen,
+            progress=bar.advance,
+        )
     if dist.world > 1:
         names = list(sums)
         cnt = torch.tensor([float(count)])
@@ -103,7 +165,6 @@ def _sums_on_task(args: ImportanceArgs, out: Output, model, task, dist, device) 
 
 def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     """Σ of the method's per-sample statistic over the task (sharded over torchrun ranks), finalised, accumulated, written."""
-    import torch
 
     from cl_tool import distributed
     from cl_tool.atomic import FileRoles
@@ -147,20 +208,52 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"importance engine returned no value for {missing[0]}")
     fp = ckpt.fingerprint
-    tasks = [{"method": args.method, "options": args.options, "data": data_desc, "checkpoint": str(args.checkpoint), "fingerprint": fp}]
+    tasks = [
+        {
+            "method": args.method,
+            "options": args.options,
+            "data": data_desc,
+            "checkpoint": str(args.checkpoint),
+            "fingerprint": fp,
+        }
+    ]
     if prev is not None:
         omega = combine(prev, omega, args.decay)
         tasks = prev.tasks + tasks
     summary = layer_summary(omega)
-    result = {"output": str(output), "method": args.method, "options": args.options, "samples": count, "fingerprint": fp,
-              "tasks": len(tasks), "decay": args.decay if prev is not None else None, "layers": summary}
+    result = {
+        "output": str(output),
+        "method": args.method,
+        "options": args.options,
+        "samples": count,
+        "fingerprint": fp,
+        "tasks": len(tasks),
+        "decay": args.decay if prev is not None else None,
+        "layers": summary,
+    }
     if dist.is_main:
-        save_sidecar(output, Sidecar(tensors=omega, method=args.method, options=args.options, data=data_desc, fingerprint=fp, tasks=tasks,
-                                     decay=args.decay if prev is not None else 1.0), force=args.force)
-        out.table(f"Ω ({args.method}) per parameter", ["parameter", "numel", "min", "median", "max"],
-                  [[r["parameter"], r["numel"], r["min"], r["median"], r["max"]] for r in summary])
-        out.log(f"Wrote {output}: {args.method} importances of {len(omega)} tensors from {count} samples"
-                f"{f', accumulated over {len(tasks)} tasks' if prev is not None else ''}.")
+        save_sidecar(
+            output,
+            Sidecar(
+                tensors=omega,
+                method=args.method,
+                options=args.options,
+                data=data_desc,
+                fingerprint=fp,
+                tasks=tasks,
+                decay=args.decay if prev is not None else 1.0,
+            ),
+            force=args.force,
+        )
+        out.table(
+            f"Ω ({args.method}) per parameter",
+            ["parameter", "numel", "min", "median", "max"],
+            [[r["parameter"], r["numel"], r["min"], r["median"], r["max"]] for r in summary],
+        )
+        out.log(
+            f"Wrote {output}: {args.method} importances of {len(omega)} tensors from {count} samples"
+            f"{f', accumulated over {len(tasks)} tasks' if prev is not None else ''}."
+        )
         out.result(result)
     distributed.barrier()
     return result

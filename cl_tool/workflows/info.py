@@ -9,34 +9,66 @@ and a timm folder (``config.json`` + ``model.safetensors``). Only the safetensor
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.errors import BadInputError, UsageError
 from cl_tool.checkpoint import layout_from_metadata, layout_problem, metadata_json, spec_from_metadata
+from cl_tool.errors import BadInputError, UsageError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, option
 
 # safetensors dtype codes → the names torch (and cl-tool's layout record) use
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-KINDS = {"checkpoint": "cl-tool checkpoint", "timm-folder": "timm model folder", "sidecar": "importance sidecar",
-         "mask": "pruning mask", "resume": "resumable training state"}
+KINDS = {
+    "checkpoint": "cl-tool checkpoint",
+    "timm-folder": "timm model folder",
+    "sidecar": "importance sidecar",
+    "mask": "pruning mask",
+    "resume": "resumable training state",
+}
 
 
 @dataclass(kw_only=True)
 class InfoArgs(Args):
-    paths: list[Path] = argument(metavar="PATH...", help="Checkpoints, importance sidecars, masks, resume states or timm folders.")
-    for_checkpoint: Optional[Path] = option(None, "--for", metavar="CKPT",
-                                            help="Say whether checkpoint CKPT may use the sidecar (mask, resume state) in PATHS, and why.")
-    verify: bool = option(False, "--verify", help="Read the tensors: recompute a checkpoint's fingerprint and compare it with the recorded one; check a "
-                                                  "sidecar's values (finite, non-negative) and a mask's (0/1). Exit 3 on a mismatch.")
-    sparsity: bool = option(False, "--sparsity", help="Read the tensors: fraction of zero weights per parameter tensor (of pruned weights for a mask).")
+    paths: list[Path] = argument(
+        metavar="PATH...", help="Checkpoints, importance sidecars, masks, resume states or timm folders."
+    )
+    for_checkpoint: Optional[Path] = option(
+        None,
+        "--for",
+        metavar="CKPT",
+        help="Say whether checkpoint CKPT may use the sidecar (mask, resume state) in PATHS, and why.",
+    )
+    verify: bool = option(
+        False,
+        "--verify",
+        help="Read the tensors: recompute a checkpoint's fingerprint and compare it with the recorded one; check a "
+        "sidecar's values (finite, non-negative) and a mask's (0/1). Exit 3 on a mismatch.",
+    )
+    sparsity: bool = option(
+        False,
+        "--sparsity",
+        help="Read the tensors: fraction of zero weights per parameter tensor (of pruned weights for a mask).",
+    )
     config: Optional[Path] = config_option()
 
 
@@ -56,12 +88,18 @@ def tensor_summary(header: dict[str, Any]) -> dict[str, Any]:
     """Counts, values and bytes of a file's tensors, in total and by dtype (from the header alone)."""
     by_dtype: dict[str, dict[str, int]] = {}
     for entry in header.values():
-        d = by_dtype.setdefault(DTYPE_NAMES.get(entry["dtype"], entry["dtype"]), {"tensors": 0, "values": 0, "bytes": 0})
+        d = by_dtype.setdefault(
+            DTYPE_NAMES.get(entry["dtype"], entry["dtype"]), {"tensors": 0, "values": 0, "bytes": 0}
+        )
         d["tensors"] += 1
         d["values"] += _numel(entry["shape"])
         d["bytes"] += _nbytes(entry)
-    return {"count": len(header), "values": sum(d["values"] for d in by_dtype.values()),
-            "bytes": sum(d["bytes"] for d in by_dtype.values()), "by_dtype": by_dtype}
+    return {
+        "count": len(header),
+        "values": sum(d["values"] for d in by_dtype.values()),
+        "bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "by_dtype": by_dtype,
+    }
 
 
 def human_bytes(n: int) -> str:
@@ -76,8 +114,10 @@ def _not_cl_tool(p: Path) -> BadInputError:
     hint = ""
     if p.name == "model.safetensors" and (p.parent / "config.json").is_file():
         hint = f" (for a timm folder give the folder {p.parent})"
-    return BadInputError(f"{p} is a safetensors file without cl-tool metadata{hint}; `cl-tool info` describes checkpoints, importance sidecars, "
-                         f"masks and resume states written by cl-tool, and timm folders (config.json + model.safetensors).")
+    return BadInputError(
+        f"{p} is a safetensors file without cl-tool metadata{hint}; `cl-tool info` describes checkpoints, importance sidecars, "
+        f"masks and resume states written by cl-tool, and timm folders (config.json + model.safetensors)."
+    )
 
 
 def _omega_text(e: dict[str, Any]) -> str | None:
@@ -98,20 +138,36 @@ def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
         e = e if isinstance(e, dict) else {}
         cmd = str(e.get("command", "?"))
         data = e.get("data")
-        data_text = (data.get("name") or data.get("source")) if isinstance(data, dict) else (str(data) if data else None)
+        data_text = (
+            (data.get("name") or data.get("source")) if isinstance(data, dict) else (str(data) if data else None)
+        )
         detail = None
         if cmd == "train-next":
-            bits = [_omega_text(e), f"grew {', '.join(map(str, e['grown']))}" if isinstance(e.get("grown"), list) else None,
-                    f"mask {e['mask']}" if e.get("mask") else None]
+            bits = [
+                _omega_text(e),
+                f"grew {', '.join(map(str, e['grown']))}" if isinstance(e.get("grown"), list) else None,
+                f"mask {e['mask']}" if e.get("mask") else None,
+            ]
             detail = "; ".join(b for b in bits if b)
         elif cmd == "prune":
             achieved = e.get("achieved", e.get("sparsity"))
-            bits = [f"{e.get('by')} {achieved:.1%}" if isinstance(achieved, (int, float)) else f"{e.get('by')}", _omega_text(e)]
+            bits = [
+                f"{e.get('by')} {achieved:.1%}" if isinstance(achieved, (int, float)) else f"{e.get('by')}",
+                _omega_text(e),
+            ]
             detail = "; ".join(b for b in bits if b)
         elif cmd == "import":
             detail = f"from {e.get('from')}"
-        rows.append({"command": cmd, "data": data_text, "penalty": e.get("penalty"), "lambda": e.get("lambda"), "detail": detail or None,
-                     "time": e.get("time")})
+        rows.append(
+            {
+                "command": cmd,
+                "data": data_text,
+                "penalty": e.get("penalty"),
+                "lambda": e.get("lambda"),
+                "detail": detail or None,
+                "time": e.get("time"),
+            }
+        )
     return rows
 
 
@@ -141,7 +197,9 @@ def _scan(path: Path, names: list[str], *, fingerprint: bool, zeros: set[str], c
                     problem = check(name, t)
                 del t
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BadInputError(f"{path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it.") from exc
+        raise BadInputError(
+            f"{path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it."
+        ) from exc
     return {"fingerprint": h.hexdigest() if h is not None else None, "zeros": counts, "problem": problem}
 
 
@@ -169,28 +227,46 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
         if problem:
             info["problems"].append(problem)
         params = [n for n in layout["parameters"] if n in header]
-        info["parameters"] = {"trainable": sum(_numel(header[n]["shape"]) for n in params), "tensors": len(params),
-                              "classifier": list(layout["classifier"])}
+        info["parameters"] = {
+            "trainable": sum(_numel(header[n]["shape"]) for n in params),
+            "tensors": len(params),
+            "classifier": list(layout["classifier"]),
+        }
     else:
         params = [n for n, e in header.items() if e["dtype"] in _FLOAT_CODES]
         info["parameters"] = None  # not recorded (older file): only the tensors are known
     recorded = meta.get("cl_tool.fingerprint")
     info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
     info["history"] = _history_rows(history)
-    info["lineage"] = [{"generations": anc.generations, "fingerprint": anc.fingerprint, "read_by": anc.command, "time": anc.time}
-                       for anc in ancestors(history)]
+    info["lineage"] = [
+        {"generations": anc.generations, "fingerprint": anc.fingerprint, "read_by": anc.command, "time": anc.time}
+        for anc in ancestors(history)
+    ]
     pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
-    info["pruning"] = ({k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")} if pruning else None)
+    info["pruning"] = (
+        {k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")}
+        if pruning
+        else None
+    )
     if args.verify or args.sparsity:
-        scan = _scan(p, list(header) if args.verify else params, fingerprint=args.verify, zeros=set(params) if args.sparsity else set())
+        scan = _scan(
+            p,
+            list(header) if args.verify else params,
+            fingerprint=args.verify,
+            zeros=set(params) if args.sparsity else set(),
+        )
         if args.verify:
             info["fingerprint"]["computed"] = scan["fingerprint"]
             info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
             if recorded is None:
-                info["problems"].append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
+                info["problems"].append(
+                    f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool."
+                )
             elif scan["fingerprint"] != recorded:
-                info["problems"].append(f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
-                                        f"the file was changed after cl-tool wrote it.")
+                info["problems"].append(
+                    f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
+                    f"the file was changed after cl-tool wrote it."
+                )
         if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
 
@@ -201,13 +277,28 @@ def _describe_timm(folder: Path, args: InfoArgs) -> dict[str, Any]:
 
     spec, weights = timm_folder_spec(folder)
     header, _ = read_header(weights, "Checkpoint")
-    info: dict[str, Any] = {"path": str(folder), "kind": "timm-folder", "file_bytes": weights.stat().st_size, "weights": str(weights),
-                            "tensors": tensor_summary(header), "problems": [], "model": spec.to_dict(), "parameters": None,
-                            "fingerprint": {"recorded": None, "computed": None, "verified": None},
-                            "history": [], "lineage": [], "pruning": None}
+    info: dict[str, Any] = {
+        "path": str(folder),
+        "kind": "timm-folder",
+        "file_bytes": weights.stat().st_size,
+        "weights": str(weights),
+        "tensors": tensor_summary(header),
+        "problems": [],
+        "model": spec.to_dict(),
+        "parameters": None,
+        "fingerprint": {"recorded": None, "computed": None, "verified": None},
+        "history": [],
+        "lineage": [],
+        "pruning": None,
+    }
     if args.verify or args.sparsity:
         floats = {n for n, e in header.items() if e["dtype"] in _FLOAT_CODES}
-        scan = _scan(weights, list(header) if args.verify else list(floats), fingerprint=args.verify, zeros=floats if args.sparsity else set())
+        scan = _scan(
+            weights,
+            list(header) if args.verify else list(floats),
+            fingerprint=args.verify,
+            zeros=floats if args.sparsity else set(),
+        )
         info["fingerprint"]["computed"] = scan["fingerprint"]
         if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
@@ -223,23 +314,42 @@ def _describe_sidecar(p: Path, header, meta, args: InfoArgs, info: dict[str, Any
     data = metadata_json(meta, "data", where, None, (dict, type(None)))
     tasks = metadata_json(meta, "tasks", where, [], (list,))
     if not all(isinstance(t, dict) for t in tasks):
-        raise BadInputError(f"{where} has malformed metadata 'tasks' (entries must be objects); recompute it with `cl-tool importance`.")
+        raise BadInputError(
+            f"{where} has malformed metadata 'tasks' (entries must be objects); recompute it with `cl-tool importance`."
+        )
     try:
         decay = float(meta.get("decay", "1.0"))
     except ValueError as exc:
-        raise BadInputError(f"{where} has malformed metadata 'decay' ({meta['decay'][:50]!r}); recompute it with `cl-tool importance`.") from exc
+        raise BadInputError(
+            f"{where} has malformed metadata 'decay' ({meta['decay'][:50]!r}); recompute it with `cl-tool importance`."
+        ) from exc
     last = tasks[-1] if tasks else {}
-    owner = last.get("checkpoint") if last.get("fingerprint") == meta["fingerprint"] and isinstance(last.get("checkpoint"), str) else None
-    info.update({
-        "method": meta["method"], "options": options, "data": data,
-        "samples": data.get("samples") if isinstance(data, dict) else None,
-        "tasks": [{"method": t.get("method"), "data": (t.get("data") or {}).get("name") if isinstance(t.get("data"), dict) else t.get("data"),
-                   "samples": (t.get("data") or {}).get("samples") if isinstance(t.get("data"), dict) else None,
-                   "checkpoint": t.get("checkpoint"), "fingerprint": t.get("fingerprint")} for t in tasks],
-        "decay": decay,
-        "belongs_to": {"fingerprint": meta["fingerprint"], "checkpoint": owner},
-        "values_checked": None,
-    })
+    owner = (
+        last.get("checkpoint")
+        if last.get("fingerprint") == meta["fingerprint"] and isinstance(last.get("checkpoint"), str)
+        else None
+    )
+    info.update(
+        {
+            "method": meta["method"],
+            "options": options,
+            "data": data,
+            "samples": data.get("samples") if isinstance(data, dict) else None,
+            "tasks": [
+                {
+                    "method": t.get("method"),
+                    "data": (t.get("data") or {}).get("name") if isinstance(t.get("data"), dict) else t.get("data"),
+                    "samples": (t.get("data") or {}).get("samples") if isinstance(t.get("data"), dict) else None,
+                    "checkpoint": t.get("checkpoint"),
+                    "fingerprint": t.get("fingerprint"),
+                }
+                for t in tasks
+            ],
+            "decay": decay,
+            "belongs_to": {"fingerprint": meta["fingerprint"], "checkpoint": owner},
+            "values_checked": None,
+        }
+    )
     if args.verify:
         import torch
 
@@ -261,17 +371,29 @@ def _describe_mask(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) 
         requested = float(meta["sparsity"]) if meta.get("sparsity") not in (None, "None") else None
     except ValueError:
         requested = None
-    info.update({"by": meta.get("by"), "scope": meta.get("scope"), "requested_sparsity": requested,
-                 "pruned_from": {"fingerprint": meta.get("fingerprint")}, "values_checked": None})
+    info.update(
+        {
+            "by": meta.get("by"),
+            "scope": meta.get("scope"),
+            "requested_sparsity": requested,
+            "pruned_from": {"fingerprint": meta.get("fingerprint")},
+            "values_checked": None,
+        }
+    )
     if args.sparsity or args.verify:
-        import torch
 
         def check(name, t):
             if not bool(((t == 0) | (t == 1)).all()):
                 return f"Mask {p} has values other than 0 and 1 in {name!r}; write it again with `cl-tool prune --mask-out`."
             return None
 
-        scan = _scan(p, list(header), fingerprint=False, zeros=set(header) if args.sparsity else set(), check=check if args.verify else None)
+        scan = _scan(
+            p,
+            list(header),
+            fingerprint=False,
+            zeros=set(header) if args.sparsity else set(),
+            check=check if args.verify else None,
+        )
         if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])  # zeros in a mask = pruned weights
         if args.verify:
@@ -290,8 +412,16 @@ def _describe_resume(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]
         prefix = name.split("/", 1)[0]
         groups[prefix] = groups.get(prefix, 0) + 1
     data = config.get("data")
-    info.update({"input_fingerprint": meta.get("fingerprint"), "position": position, "epochs_done": len(epochs),
-                 "config": config, "data": data.get("name") if isinstance(data, dict) else data, "tensor_groups": groups})
+    info.update(
+        {
+            "input_fingerprint": meta.get("fingerprint"),
+            "position": position,
+            "epochs_done": len(epochs),
+            "config": config,
+            "data": data.get("name") if isinstance(data, dict) else data,
+            "tensor_groups": groups,
+        }
+    )
 
 
 def describe(path: Path, args: InfoArgs) -> dict[str, Any]:
@@ -302,7 +432,13 @@ def describe(path: Path, args: InfoArgs) -> dict[str, Any]:
     if p.is_dir():
         return _describe_timm(p, args)
     header, meta = read_header(p, "File")
-    info: dict[str, Any] = {"path": str(p), "kind": None, "file_bytes": p.stat().st_size, "tensors": tensor_summary(header), "problems": []}
+    info: dict[str, Any] = {
+        "path": str(p),
+        "kind": None,
+        "file_bytes": p.stat().st_size,
+        "tensors": tensor_summary(header),
+        "problems": [],
+    }
     if "cl_tool.model" in meta:
         info["kind"] = "checkpoint"
         _describe_checkpoint(p, header, meta, args, info)
@@ -334,18 +470,32 @@ def _target(path: Path, verify: bool) -> dict[str, Any]:
         _, weights = timm_folder_spec(p)
         header, _ = read_header(weights, "Checkpoint")
         fp = _scan(weights, list(header), fingerprint=True, zeros=set())["fingerprint"]
-        return {"path": str(p), "fingerprint": fp, "fingerprint_from": "computed", "history": [{"command": "import", "from": str(p)}],
-                "params": None, "shapes": {n: list(e["shape"]) for n, e in header.items()}}
+        return {
+            "path": str(p),
+            "fingerprint": fp,
+            "fingerprint_from": "computed",
+            "history": [{"command": "import", "from": str(p)}],
+            "params": None,
+            "shapes": {n: list(e["shape"]) for n, e in header.items()},
+        }
     header, meta = read_header(p, "--for checkpoint")
     if "cl_tool.model" not in meta:
-        raise BadInputError(f"--for {p} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file.")
+        raise BadInputError(
+            f"--for {p} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file."
+        )
     history = metadata_json(meta, "cl_tool.history", str(p), [], (list,))
     layout = layout_from_metadata(meta, str(p))
     fp, source = meta.get("cl_tool.fingerprint"), "recorded"
     if verify or not fp:
         fp, source = _scan(p, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
-    return {"path": str(p), "fingerprint": fp, "fingerprint_from": source, "history": history,
-            "params": [n for n in layout["parameters"]] if layout else None, "shapes": {n: list(e["shape"]) for n, e in header.items()}}
+    return {
+        "path": str(p),
+        "fingerprint": fp,
+        "fingerprint_from": source,
+        "history": history,
+        "params": list(layout["parameters"]) if layout else None,
+        "shapes": {n: list(e["shape"]) for n, e in header.items()},
+    }
 
 
 def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -353,13 +503,24 @@ def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, 
     from cl_tool.lineage import ancestor_fingerprints, generations_back, generations_text, grown_since, not_related_text
 
     ck = t["path"]
-    fp_note = "" if t["fingerprint_from"] == "computed" else f"; judged by the fingerprint {ck} records (--verify recomputes it)"
+    fp_note = (
+        ""
+        if t["fingerprint_from"] == "computed"
+        else f"; judged by the fingerprint {ck} records (--verify recomputes it)"
+    )
     if info["kind"] == "resume":
         same = info["input_fingerprint"] == t["fingerprint"]
-        return {"checkpoint": ck, "usable": same, "generations": 0 if same else None,
-                "reason": (f"yes: it was written by a train-next run from {ck}; rerun the same command with --resume{fp_note}" if same else
-                           f"no: it was written by a train-next run from another checkpoint (fingerprint {info['input_fingerprint']}, {ck} has {t['fingerprint']}); "
-                           f"train-next --resume refuses it (exit 4){fp_note}")}
+        return {
+            "checkpoint": ck,
+            "usable": same,
+            "generations": 0 if same else None,
+            "reason": (
+                f"yes: it was written by a train-next run from {ck}; rerun the same command with --resume{fp_note}"
+                if same
+                else f"no: it was written by a train-next run from another checkpoint (fingerprint {info['input_fingerprint']}, {ck} has {t['fingerprint']}); "
+                f"train-next --resume refuses it (exit 4){fp_note}"
+            ),
+        }
     fp = info["belongs_to"]["fingerprint"] if info["kind"] == "sidecar" else info["pruned_from"]["fingerprint"]
     gen = generations_back(fp, t["fingerprint"], t["history"])
     n_anc = len(ancestor_fingerprints(t["history"]))
@@ -381,26 +542,59 @@ def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, 
 
     if info["kind"] == "mask":
         problem = layout_problem()
-        where = (f"{ck} itself" if gen == 0 else f"an ancestor of {ck} {generations_text(gen)}" if gen else
-                 f"another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}")
+        where = (
+            f"{ck} itself"
+            if gen == 0
+            else f"an ancestor of {ck} {generations_text(gen)}"
+            if gen
+            else f"another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}"
+        )
         if problem:
-            return {"checkpoint": ck, "usable": False, "generations": gen, "reason": f"no: {problem}; train-next --mask refuses it (exit 4)"}
-        return {"checkpoint": ck, "usable": True, "generations": gen,
-                "reason": f"yes: names and shapes fit train-next --mask; it was computed by pruning {where}"
-                          + ("" if gen is not None else ", so check that it is the mask you mean") + fp_note}
+            return {
+                "checkpoint": ck,
+                "usable": False,
+                "generations": gen,
+                "reason": f"no: {problem}; train-next --mask refuses it (exit 4)",
+            }
+        return {
+            "checkpoint": ck,
+            "usable": True,
+            "generations": gen,
+            "reason": f"yes: names and shapes fit train-next --mask; it was computed by pruning {where}"
+            + ("" if gen is not None else ", so check that it is the mask you mean")
+            + fp_note,
+        }
     if gen is None:
-        return {"checkpoint": ck, "usable": False, "generations": None,
-                "reason": f"no: it belongs to another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}; "
-                          f"prune and train-next refuse it (exit 4){fp_note}"}
+        return {
+            "checkpoint": ck,
+            "usable": False,
+            "generations": None,
+            "reason": f"no: it belongs to another checkpoint (fingerprint {fp}), {not_related_text(ck, t['fingerprint'], n_anc)}; "
+            f"prune and train-next refuse it (exit 4){fp_note}",
+        }
     problem = layout_problem()
     if problem:
-        return {"checkpoint": ck, "usable": False, "generations": gen,
-                "reason": f"no: it belongs to {'it' if gen == 0 else 'its ancestor ' + generations_text(gen)}, but {problem}; recompute it with `cl-tool importance {ck}`"}
+        return {
+            "checkpoint": ck,
+            "usable": False,
+            "generations": gen,
+            "reason": f"no: it belongs to {'it' if gen == 0 else 'its ancestor ' + generations_text(gen)}, but {problem}; recompute it with `cl-tool importance {ck}`",
+        }
     if gen == 0:
-        return {"checkpoint": ck, "usable": True, "generations": 0, "reason": f"yes: it was computed for {ck} itself (the fingerprints match){fp_note}"}
-    return {"checkpoint": ck, "usable": True, "generations": gen,
-            "reason": f"yes: it was computed for an ancestor of {ck} {generations_text(gen)}, per the history {ck} records"
-                      + (f"; the rows --grow-head added since ({', '.join(sorted(grown))}) score 0" if grown else "") + fp_note}
+        return {
+            "checkpoint": ck,
+            "usable": True,
+            "generations": 0,
+            "reason": f"yes: it was computed for {ck} itself (the fingerprints match){fp_note}",
+        }
+    return {
+        "checkpoint": ck,
+        "usable": True,
+        "generations": gen,
+        "reason": f"yes: it was computed for an ancestor of {ck} {generations_text(gen)}, per the history {ck} records"
+        + (f"; the rows --grow-head added since ({', '.join(sorted(grown))}) score 0" if grown else "")
+        + fp_note,
+    }
 
 
 # ----------------------------------------------------------------- output
@@ -413,61 +607,117 @@ def _print(info: dict[str, Any], out: Output) -> None:
     if info["kind"] in ("checkpoint", "timm-folder"):
         m = info["model"]
         kwargs = " ".join(f"{k}={v}" for k, v in m["kwargs"].items())
-        out.log(f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
-            f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}")
+        out.log(
+            f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
+            f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}"
+        )
         prm = info.get("parameters")
         if prm:
-            out.log(f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})")
+            out.log(
+                f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})"
+            )
         out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         fp = info["fingerprint"]
         if info["kind"] == "timm-folder":
-            out.log(f"  fingerprint: {fp['computed']} (computed)" if fp["computed"] else "  fingerprint: not recorded in a timm folder (--verify computes it)")
+            out.log(
+                f"  fingerprint: {fp['computed']} (computed)"
+                if fp["computed"]
+                else "  fingerprint: not recorded in a timm folder (--verify computes it)"
+            )
         elif fp["verified"] is None:
             out.log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
         else:
-            out.log(f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})")
+            out.log(
+                f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})"
+            )
         if info.get("pruning"):
             pr = info["pruning"]
             src = pr.get("source") or {}
-            out.log(f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
-                + (f", scores from {src['sidecar']}" + (f" ({generations_text_safe(src.get('generations'))})" if src.get("generations") else "") if src.get("sidecar") else ""))
+            out.log(
+                f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
+                + (
+                    f", scores from {src['sidecar']}"
+                    + (f" ({generations_text_safe(src.get('generations'))})" if src.get("generations") else "")
+                    if src.get("sidecar")
+                    else ""
+                )
+            )
         if info.get("history"):
-            out.table("  history (oldest first)", ["command", "data", "penalty", "λ", "time", "detail"],
-                        [[r["command"], r["data"] or "", r["penalty"] or "", "" if r["lambda"] is None else f"{r['lambda']:g}" if isinstance(r["lambda"], (int, float)) else str(r["lambda"]),
-                          _short_time(r["time"]), r["detail"] or ""] for r in info["history"]])
+            out.table(
+                "  history (oldest first)",
+                ["command", "data", "penalty", "λ", "time", "detail"],
+                [
+                    [
+                        r["command"],
+                        r["data"] or "",
+                        r["penalty"] or "",
+                        ""
+                        if r["lambda"] is None
+                        else f"{r['lambda']:g}"
+                        if isinstance(r["lambda"], (int, float))
+                        else str(r["lambda"]),
+                        _short_time(r["time"]),
+                        r["detail"] or "",
+                    ]
+                    for r in info["history"]
+                ],
+            )
         lin = [r for r in info.get("lineage", []) if r["fingerprint"]]
         if lin:
-            out.table("  lineage (recorded ancestors, newest first)", ["generations back", "fingerprint", "read by"],
-                        [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin])
+            out.table(
+                "  lineage (recorded ancestors, newest first)",
+                ["generations back", "fingerprint", "read by"],
+                [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin],
+            )
         elif info["kind"] == "checkpoint":
             out.log("  lineage: no recorded ancestors")
     elif info["kind"] == "sidecar":
         opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
         data = info["data"] or {}
-        out.log(f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
-            + (f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)" if data else "none"))
-        out.log(f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}")
+        out.log(
+            f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
+            + (
+                f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)"
+                if data
+                else "none"
+            )
+        )
+        out.log(
+            f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}"
+        )
         b = info["belongs_to"]
         out.log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
         out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         if info["values_checked"] is not None:
             out.log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
     elif info["kind"] == "mask":
-        out.log(f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}")
+        out.log(
+            f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}"
+        )
         out.log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
     elif info["kind"] == "resume":
         pos, cfg = info["position"], info["config"]
-        out.log(f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done")
-        out.log(f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
-            f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}")
+        out.log(
+            f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done"
+        )
+        out.log(
+            f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
+            f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
+        )
         out.log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
-        out.log(f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}")
+        out.log(
+            f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}"
+        )
     sp = info.get("sparsity")
     if sp is not None:
         what = "pruned (mask zeros)" if info["kind"] == "mask" else "zero weights"
         rows = [[n, c["numel"], c["zeros"], c["fraction"]] for n, c in sp["tensors"].items() if c["zeros"]]
         if rows:
-            out.table(f"  sparsity: {sp['zeros']:,} of {sp['numel']:,} {what} ({sp['fraction']:.4%})", ["tensor", "numel", "zeros", "sparsity"], rows)
+            out.table(
+                f"  sparsity: {sp['zeros']:,} of {sp['numel']:,} {what} ({sp['fraction']:.4%})",
+                ["tensor", "numel", "zeros", "sparsity"],
+                rows,
+            )
         else:
             out.log(f"  sparsity: no {what} among {sp['numel']:,} values")
     rel = info.get("for")
@@ -490,7 +740,9 @@ def run_info(args: InfoArgs, out: Output) -> list[dict[str, Any]]:
     if args.for_checkpoint is not None:
         usable = [i for i in infos if i["kind"] in ("sidecar", "mask", "resume")]
         if not usable:
-            raise UsageError("$for_checkpoint CKPT says whether CKPT may use an importance sidecar, mask or resume state, and none of the PATHs is one; drop $for_checkpoint or add such a file.")
+            raise UsageError(
+                "$for_checkpoint CKPT says whether CKPT may use an importance sidecar, mask or resume state, and none of the PATHs is one; drop $for_checkpoint or add such a file."
+            )
         target = _target(args.for_checkpoint, args.verify)
         for i in usable:
             header, _ = read_header(i["path"], "File")

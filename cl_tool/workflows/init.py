@@ -14,18 +14,41 @@ from cl_tool.runtime import seed_option
 
 @dataclass(kw_only=True)
 class InitArgs(Args):
-    arch: str = option(..., "--arch", "-a", metavar="NAME", help="Built-in 'mlp' or 'cnn' (the paper's nets), or any timm model name.")
+    arch: str = option(
+        ..., "--arch", "-a", metavar="NAME", help="Built-in 'mlp' or 'cnn' (the paper's nets), or any timm model name."
+    )
     output: Path = option(..., "--output", "-o", metavar="FILE", help="Checkpoint to write (.safetensors).")
-    arch_arg: list[str] = option([], "--arch-arg", metavar="KEY=VALUE",
-                                 help="Keyword argument for the architecture (repeatable), e.g. sizes=784,300,150,10 or img_size=28.")
-    input_shape: Optional[str] = option(None, "--input-shape", metavar="CxHxW",
-                                        help="Input image shape; default 1x28x28 for built-ins, the timm model's default otherwise.")
-    num_classes: Optional[int] = option(None, "--num-classes", metavar="N", low=1,
-                                        help="Number of output classes (default 10 for built-ins, the timm default otherwise).")
-    mean: Optional[str] = option(None, "--mean", metavar="M[,M,M]",
-                                 help="Per-channel normalisation mean on the [0,1] scale, comma-separated (default 0 for built-ins, timm's otherwise).")
-    std: Optional[str] = option(None, "--std", metavar="S[,S,S]",
-                                help="Per-channel normalisation std, comma-separated (default 1 for built-ins, timm's otherwise).")
+    arch_arg: list[str] = option(
+        [],
+        "--arch-arg",
+        metavar="KEY=VALUE",
+        help="Keyword argument for the architecture (repeatable), e.g. sizes=784,300,150,10 or img_size=28.",
+    )
+    input_shape: Optional[str] = option(
+        None,
+        "--input-shape",
+        metavar="CxHxW",
+        help="Input image shape; default 1x28x28 for built-ins, the timm model's default otherwise.",
+    )
+    num_classes: Optional[int] = option(
+        None,
+        "--num-classes",
+        metavar="N",
+        low=1,
+        help="Number of output classes (default 10 for built-ins, the timm default otherwise).",
+    )
+    mean: Optional[str] = option(
+        None,
+        "--mean",
+        metavar="M[,M,M]",
+        help="Per-channel normalisation mean on the [0,1] scale, comma-separated (default 0 for built-ins, timm's otherwise).",
+    )
+    std: Optional[str] = option(
+        None,
+        "--std",
+        metavar="S[,S,S]",
+        help="Per-channel normalisation std, comma-separated (default 1 for built-ins, timm's otherwise).",
+    )
     seed: int = seed_option()
     force: bool = force_option()
     config: Optional[Path] = config_option()
@@ -38,8 +61,10 @@ class InitArgs(Args):
         if "num_classes" in self.kwargs:
             raise UsageError("$arch_arg num_classes= is not allowed; use $num_classes instead.")
         if forbidden_kwarg(self.kwargs) is not None:
-            raise UsageError(f"$arch_arg {forbidden_kwarg(self.kwargs)}= would make the model read files or the network; cl-tool checkpoints "
-                             f"start from random weights (import trained weights as a timm folder).")
+            raise UsageError(
+                f"$arch_arg {forbidden_kwarg(self.kwargs)}= would make the model read files or the network; cl-tool checkpoints "
+                f"start from random weights (import trained weights as a timm folder)."
+            )
         in_chans = self.kwargs.get("in_chans")
         if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
             raise UsageError(f"$arch_arg in_chans={in_chans} must be a positive integer.")
@@ -49,7 +74,9 @@ class InitArgs(Args):
             try:
                 self.num_classes = int(str(self.kwargs["sizes"]).split(",")[-1])
             except ValueError as exc:
-                raise UsageError(f"$arch_arg sizes={self.kwargs['sizes']} must be comma-separated positive integers, e.g. sizes=784,300,150,10.") from exc
+                raise UsageError(
+                    f"$arch_arg sizes={self.kwargs['sizes']} must be comma-separated positive integers, e.g. sizes=784,300,150,10."
+                ) from exc
 
 
 def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
@@ -83,12 +110,25 @@ def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
     with torch.no_grad():
         logits = model(torch.zeros((2,) + tuple(spec.input_shape)))
     if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
-        raise UsageError(f"{args.arch} with these arguments outputs shape {list(logits.shape)}, not (batch, {spec.num_classes}); "
-                         f"check $arch_arg and $input_shape.")
+        raise UsageError(
+            f"{args.arch} with these arguments outputs shape {list(logits.shape)}, not (batch, {spec.num_classes}); "
+            f"check $arch_arg and $input_shape."
+        )
     n_params = sum(p.numel() for p in model.parameters())
     history = [history_entry("init", arch=args.arch, kwargs=args.kwargs, seed=args.seed)]
     fp = save_checkpoint(args.output, spec, model.state_dict(), history, force=args.force, layout=model_layout(model))
-    out.log(f"Wrote {args.output}: {args.arch} with {n_params:,} parameters, input {'x'.join(map(str, spec.input_shape))}, "
-            f"{spec.num_classes} classes.")
-    return out.result({"output": str(args.output), "arch": args.arch, "kwargs": args.kwargs, "input_shape": list(spec.input_shape),
-                       "num_classes": spec.num_classes, "parameters": n_params, "fingerprint": fp})
+    out.log(
+        f"Wrote {args.output}: {args.arch} with {n_params:,} parameters, input {'x'.join(map(str, spec.input_shape))}, "
+        f"{spec.num_classes} classes."
+    )
+    return out.result(
+        {
+            "output": str(args.output),
+            "arch": args.arch,
+            "kwargs": args.kwargs,
+            "input_shape": list(spec.input_shape),
+            "num_classes": spec.num_classes,
+            "parameters": n_params,
+            "fingerprint": fp,
+        }
+    )

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.checkpoint import HISTORY_LIMIT
+from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
@@ -21,26 +21,65 @@ SCOPES = ("global", "layer")
 @dataclass(kw_only=True)
 class PruneArgs(Args):
     checkpoint: Path = argument(metavar="CHECKPOINT", help="Checkpoint to prune.")
-    by: list[str] = option(["importance"], "--by", metavar="SCORE", choices=SCORES,
-                           help="Score: magnitude, importance, signal, fisher, mas or si (repeat with --sweep to compare).")
-    sparsity: Optional[float] = option(None, "--sparsity", "-s", metavar="S", low=0, high=1, high_open=True,
-                                       help="Fraction of the selected weights to zero, in [0, 1).")
-    scope: str = option("global", "--scope", metavar="SCOPE", choices=SCOPES,
-                        help="global (one threshold for all tensors) or layer (same sparsity in each tensor).")
+    by: list[str] = option(
+        ["importance"],
+        "--by",
+        metavar="SCORE",
+        choices=SCORES,
+        help="Score: magnitude, importance, signal, fisher, mas or si (repeat with --sweep to compare).",
+    )
+    sparsity: Optional[float] = option(
+        None,
+        "--sparsity",
+        "-s",
+        metavar="S",
+        low=0,
+        high=1,
+        high_open=True,
+        help="Fraction of the selected weights to zero, in [0, 1).",
+    )
+    scope: str = option(
+        "global",
+        "--scope",
+        metavar="SCOPE",
+        choices=SCOPES,
+        help="global (one threshold for all tensors) or layer (same sparsity in each tensor).",
+    )
     output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Pruned checkpoint to write.")
-    mask_out: Optional[Path] = option(None, "--mask-out", metavar="FILE", help="Write the keep-masks (1 keep, 0 pruned) to FILE for train-next --mask.")
-    importance: Optional[Path] = option(None, "--importance", metavar="FILE",
-                                        help="Sidecar with the scores: the checkpoint's own or an ancestor's (default: beside the checkpoint).")
-    include: list[str] = option([], "--include", metavar="GLOB", help="Also prune parameters whose names match GLOB (repeatable).")
-    exclude: list[str] = option([], "--exclude", metavar="GLOB", help="Never prune parameters whose names match GLOB (repeatable).")
+    mask_out: Optional[Path] = option(
+        None,
+        "--mask-out",
+        metavar="FILE",
+        help="Write the keep-masks (1 keep, 0 pruned) to FILE for train-next --mask.",
+    )
+    importance: Optional[Path] = option(
+        None,
+        "--importance",
+        metavar="FILE",
+        help="Sidecar with the scores: the checkpoint's own or an ancestor's (default: beside the checkpoint).",
+    )
+    include: list[str] = option(
+        [], "--include", metavar="GLOB", help="Also prune parameters whose names match GLOB (repeatable)."
+    )
+    exclude: list[str] = option(
+        [], "--exclude", metavar="GLOB", help="Never prune parameters whose names match GLOB (repeatable)."
+    )
     include_bias: bool = option(False, "--include-bias", help="Prune biases too.")
     include_norm: bool = option(False, "--include-norm", help="Prune normalisation weights too.")
     include_classifier: bool = option(False, "--include-classifier", help="Prune the classifier too.")
-    sweep: Optional[str] = option(None, "--sweep", metavar="S1,S2,...", help="Evaluate these sparsities on --data without writing checkpoints.")
+    sweep: Optional[str] = option(
+        None, "--sweep", metavar="S1,S2,...", help="Evaluate these sparsities on --data without writing checkpoints."
+    )
     data: list[str] = option([], "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
-    score_data: list[str] = option([], "--score-data", metavar=DATA_METAVAR,
-                                   help="Data for computing signal/fisher/mas scores when no sidecar is given (default: --data).")
-    plot: Optional[Path] = option(None, "--plot", metavar="FILE", help="With --sweep: draw accuracy vs sparsity to FILE.png (needs matplotlib).")
+    score_data: list[str] = option(
+        [],
+        "--score-data",
+        metavar=DATA_METAVAR,
+        help="Data for computing signal/fisher/mas scores when no sidecar is given (default: --data).",
+    )
+    plot: Optional[Path] = option(
+        None, "--plot", metavar="FILE", help="With --sweep: draw accuracy vs sparsity to FILE.png (needs matplotlib)."
+    )
     batch_size: int = option(256, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
     device: str = device_option()
     data_options: DataOptions = group(DataOptions)
@@ -48,7 +87,9 @@ class PruneArgs(Args):
     config: Optional[Path] = config_option()
 
     def validate(self) -> None:
-        self.ignore_unless(any(b in ("signal", "fisher", "mas") for b in self.by), ("score_data",), f"$by {', '.join(self.by)}")
+        self.ignore_unless(
+            any(b in ("signal", "fisher", "mas") for b in self.by), ("score_data",), f"$by {', '.join(self.by)}"
+        )
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:
@@ -69,14 +110,18 @@ class PruneArgs(Args):
         try:
             self.levels = [float(v) for v in self.sweep.split(",") if v.strip()]
         except ValueError as exc:
-            raise UsageError(f"$sweep {self.sweep!r} must be comma-separated numbers in [0, 1), e.g. 0.5,0.9,0.99.") from exc
+            raise UsageError(
+                f"$sweep {self.sweep!r} must be comma-separated numbers in [0, 1), e.g. 0.5,0.9,0.99."
+            ) from exc
         if not self.levels:
             raise UsageError("$sweep needs at least one sparsity.")
         if not all(0.0 <= s < 1.0 for s in self.levels):
             raise UsageError(f"$sweep values must be in [0, 1), got {self.sweep}.")
 
 
-def compute_scores(args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output) -> tuple[dict[str, Any], dict[str, Any]]:
+def compute_scores(
+    args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scores for every named parameter, and a record of where they came from.
 
     ``get_model()`` returns the materialised model; it is only called for scores computed on data.
@@ -93,29 +138,51 @@ def compute_scores(args: PruneArgs, by: str, ckpt, get_model, named: dict[str, A
         sc = load_sidecar(path)
         if by != "importance" and sc.method != by:
             if args.importance is not None:
-                raise UsageError(f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance.")
+                raise UsageError(
+                    f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
+                )
         else:
-            use = check_sidecar(sc, ckpt, str(args.checkpoint))  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
+            use = check_sidecar(
+                sc, ckpt, str(args.checkpoint)
+            )  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
             if use.note:
                 out.log(use.note)
             missing = [n for n in named if n not in sc.tensors]
             if missing:
-                raise BadInputError(f"Importance file {path} has no entry for {missing[0]!r}; recompute it for {args.checkpoint}.")
+                raise BadInputError(
+                    f"Importance file {path} has no entry for {missing[0]!r}; recompute it for {args.checkpoint}."
+                )
             scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
             bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
             if bad is not None:
-                raise IncompatibleError(f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {args.checkpoint} has "
-                                        f"{list(named[bad].shape)}; recompute it with `cl-tool importance {args.checkpoint}`.")
+                raise IncompatibleError(
+                    f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {args.checkpoint} has "
+                    f"{list(named[bad].shape)}; recompute it with `cl-tool importance {args.checkpoint}`."
+                )
             return scores, {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
     if by in ("importance", "si"):
-        raise BadInputError(f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
-                            f"(or train-next $si_out) first, or pass $importance.")
+        raise BadInputError(
+            f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
+            f"(or train-next $si_out) first, or pass $importance."
+        )
     field = "score_data" if args.score_data else "data"
     if len(getattr(args, field)) != 1:
-        raise UsageError(f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data).")
-    (task,) = open_tasks(task_specs(getattr(args, field), args.data_options, field), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+        raise UsageError(
+            f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data)."
+        )
+    (task,) = open_tasks(
+        task_specs(getattr(args, field), args.data_options, field),
+        ckpt.spec,
+        args.data_options,
+        num_classes=ckpt.spec.num_classes,
+    )
     with task:
-        scores = compute_importance(get_model(), ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)), by, device=device)
+        scores = compute_importance(
+            get_model(),
+            ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
+            by,
+            device=device,
+        )
     return {n: scores[n].cpu() for n in named}, {"by": by, "computed_on": task.describe()}
 
 
@@ -123,7 +190,9 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
     """Accuracy on ``args.data`` at every sparsity of the sweep, for every ``--by`` score; writes nothing but the plot."""
     from cl_tool.data import open_tasks, task_specs
 
-    (test,) = open_tasks(task_specs(args.data, args.data_options), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+    (test,) = open_tasks(
+        task_specs(args.data, args.data_options), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes
+    )
     with test:
         return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
 
@@ -149,20 +218,40 @@ def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make
             curve.append((s, evaluate_task(model, test, device=device, batch_size=args.batch_size)[0]))
             model.load_state_dict(original)
         curves[by] = curve
-    out.table(f"accuracy vs sparsity on {test.spec.name} (unpruned {base_acc:.4f})", ["sparsity"] + list(curves),
-              [[f"{s:g}"] + [curves[b][i][1] for b in curves] for i, s in enumerate(args.levels)])
+    out.table(
+        f"accuracy vs sparsity on {test.spec.name} (unpruned {base_acc:.4f})",
+        ["sparsity"] + list(curves),
+        [[f"{s:g}"] + [curves[b][i][1] for b in curves] for i, s in enumerate(args.levels)],
+    )
     if args.plot is not None:
         from cl_tool.plots import plot_prune_curves
 
-        plot_prune_curves(curves, args.plot, title=f"{Path(str(args.checkpoint)).name} on {test.spec.name}", force=args.force)
-    return out.result({"checkpoint": str(args.checkpoint), "data": test.describe(), "scope": args.scope, "unpruned_accuracy": base_acc,
-                       "sparsities": args.levels, "curves": {b: [{"sparsity": s, "accuracy": a} for s, a in c] for b, c in curves.items()}})
+        plot_prune_curves(
+            curves, args.plot, title=f"{Path(str(args.checkpoint)).name} on {test.spec.name}", force=args.force
+        )
+    return out.result(
+        {
+            "checkpoint": str(args.checkpoint),
+            "data": test.describe(),
+            "scope": args.scope,
+            "unpruned_accuracy": base_acc,
+            "sparsities": args.levels,
+            "curves": {b: [{"sparsity": s, "accuracy": a} for s, a in c] for b, c in curves.items()},
+        }
+    )
 
 
 def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     """Prune ``args.checkpoint`` by one score to ``args.sparsity`` (checkpoint and/or masks), or run the sweep."""
     from cl_tool.atomic import FileRoles
-    from cl_tool.checkpoint import build_on_meta_device, instantiate, load_checkpoint, model_layout, save_checkpoint, validate_layout
+    from cl_tool.checkpoint import (
+        build_on_meta_device,
+        instantiate,
+        load_checkpoint,
+        model_layout,
+        save_checkpoint,
+        validate_layout,
+    )
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
     from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
@@ -172,8 +261,10 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
     if any(b != "magnitude" for b in args.by):
-        roles.input(args.importance or default_sidecar_path(args.checkpoint),
-                    "$importance" if args.importance else "the importance file beside the checkpoint")
+        roles.input(
+            args.importance or default_sidecar_path(args.checkpoint),
+            "$importance" if args.importance else "the importance file beside the checkpoint",
+        )
     roles.input(args.config, "$config")
     for field in ("data", "score_data"):
         for path in local_paths(task_specs(getattr(args, field), args.data_options, field)):
@@ -188,7 +279,9 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
             return streamed
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes are recorded, no rebuild needed
+    if (
+        ckpt.layout is not None and "spec" in ckpt.layout
+    ):  # written by cl-tool: names/shapes are recorded, no rebuild needed
         validate_layout(ckpt)
         layout = ckpt.layout
     else:  # e.g. a timm folder: build the architecture on the meta device (no memory) to learn its layout
@@ -202,9 +295,15 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
         return materialised[0]
 
     named = {n: ckpt.state[n] for n in layout["parameters"]}
-    chosen = select_prunable(named, include=args.include or None, exclude=args.exclude or None, include_bias=args.include_bias,
-                             include_norm=args.include_norm, include_classifier=args.include_classifier,
-                             classifier_names=tuple(layout["classifier"]))
+    chosen = select_prunable(
+        named,
+        include=args.include or None,
+        exclude=args.exclude or None,
+        include_bias=args.include_bias,
+        include_norm=args.include_norm,
+        include_classifier=args.include_classifier,
+        classifier_names=tuple(layout["classifier"]),
+    )
     make_masks = global_masks if args.scope == "global" else layer_masks
     if args.sweep is not None:
         return _sweep(args, out, ckpt, get_model, named, chosen, make_masks, device)
@@ -218,38 +317,71 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     rows, total = sparsity_report(masks)
 
     def write(path, metadata) -> str:
-        return save_checkpoint(path, ckpt.spec, state, metadata["history"], extra=metadata["extra"], force=args.force, layout=layout)
+        return save_checkpoint(
+            path, ckpt.spec, state, metadata["history"], extra=metadata["extra"], force=args.force, layout=layout
+        )
 
     def write_mask(path) -> None:
-        save_mask(path, masks, by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint, force=args.force)
+        save_mask(
+            path, masks, by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint, force=args.force
+        )
 
     return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)
 
 
-def _finish(args: PruneArgs, out: Output, ckpt, by: str, source: dict[str, Any], rows, total, write, write_mask) -> dict[str, Any]:
+def _finish(
+    args: PruneArgs, out: Output, ckpt, by: str, source: dict[str, Any], rows, total, write, write_mask
+) -> dict[str, Any]:
     """Report the sparsity, write the pruned checkpoint (``write(path, {"history", "extra"}) -> fingerprint``) and masks, all or nothing."""
     from cl_tool.atomic import all_or_nothing
     from cl_tool.checkpoint import history_entry
     from cl_tool.runtime import command_line
 
-    out.table(f"sparsity by parameter ({by}, {args.scope})", ["parameter", "numel", "pruned", "sparsity"],
-              [[n, numel, pruned, frac] for n, numel, pruned, frac in rows])
-    record = {"by": by, "scope": args.scope, "requested_sparsity": args.sparsity, "achieved_sparsity": total.fraction,
-              "pruned": total.pruned, "selected": total.numel, "source": source, "per_layer": {n: frac for n, _, _, frac in rows}}
-    result = {"output": str(args.output) if args.output else None, "mask_out": str(args.mask_out) if args.mask_out else None, **record}
+    out.table(
+        f"sparsity by parameter ({by}, {args.scope})",
+        ["parameter", "numel", "pruned", "sparsity"],
+        [[n, numel, pruned, frac] for n, numel, pruned, frac in rows],
+    )
+    record = {
+        "by": by,
+        "scope": args.scope,
+        "requested_sparsity": args.sparsity,
+        "achieved_sparsity": total.fraction,
+        "pruned": total.pruned,
+        "selected": total.numel,
+        "source": source,
+        "per_layer": {n: frac for n, _, _, frac in rows},
+    }
+    result = {
+        "output": str(args.output) if args.output else None,
+        "mask_out": str(args.mask_out) if args.mask_out else None,
+        **record,
+    }
     with all_or_nothing() as wrote:
         if args.output is not None:
-            hist = ckpt.history + [history_entry("prune", argv=command_line(), by=by, scope=args.scope, sparsity=args.sparsity,
-                                                 achieved=total.fraction, source_fingerprint=ckpt.fingerprint, importance=source.get("sidecar"),
-                                                 importance_fingerprint=source.get("sidecar_fingerprint"),
-                                                 importance_generations=source.get("generations"))]
+            hist = ckpt.history + [
+                history_entry(
+                    "prune",
+                    argv=command_line(),
+                    by=by,
+                    scope=args.scope,
+                    sparsity=args.sparsity,
+                    achieved=total.fraction,
+                    source_fingerprint=ckpt.fingerprint,
+                    importance=source.get("sidecar"),
+                    importance_fingerprint=source.get("sidecar_fingerprint"),
+                    importance_generations=source.get("generations"),
+                )
+            ]
             result["fingerprint"] = write(args.output, {"history": hist, "extra": {**ckpt.extra, "pruning": record}})
             wrote(args.output)
         if args.mask_out is not None:
             write_mask(args.mask_out)
             wrote(args.mask_out)
-    out.log(f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({args.scope})"
-            f"{f'; wrote {args.output}' if args.output else ''}{f'; masks in {args.mask_out}' if args.mask_out else ''}.")
+    out.log(
+        f"Pruned {total.pruned:,} of {total.numel:,} selected weights ({total.fraction:.4%}) by {by} ({args.scope})"
+        f"{f'; wrote {args.output}' if args.output else ''}{f'; masks in {args.mask_out}' if args.mask_out else ''}."
+    )
     return out.result(result)
 
 
@@ -259,13 +391,24 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     need data) and the in-memory path must."""
     from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
     from cl_tool.lineage import check_sidecar
+    from cl_tool.prune_stream import (
+        TORCH_NAMES,
+        TensorFile,
+        check_and_fingerprint,
+        check_sidecar_values,
+        magnitude_sources,
+        sidecar_sources,
+        write_masks,
+        write_pruned,
+    )
     from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks, select_prunable
-    from cl_tool.prune_stream import (TORCH_NAMES, TensorFile, check_and_fingerprint, check_sidecar_values, magnitude_sources, sidecar_sources,
-                                      write_masks, write_pruned)
     from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
-    if args.device not in ("auto", "cpu"):  # nothing runs on a device here, but asking for a missing one is still an error
+    if args.device not in (
+        "auto",
+        "cpu",
+    ):  # nothing runs on a device here, but asking for a missing one is still an error
         from cl_tool.runtime import resolve_device
 
         resolve_device(args.device)
@@ -283,26 +426,42 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     layout = layout_from_metadata(meta, where)
     if layout is None or "spec" not in layout:
         return None
-    ckpt = Checkpoint(spec=spec, state={}, history=metadata_json(meta, "cl_tool.history", where, [], (list,)),
-                      extra=metadata_json(meta, "cl_tool.extra", where, {}, (dict,)), path=where, layout=layout)
+    ckpt = Checkpoint(
+        spec=spec,
+        state={},
+        history=metadata_json(meta, "cl_tool.history", where, [], (list,)),
+        extra=metadata_json(meta, "cl_tool.extra", where, {}, (dict,)),
+        path=where,
+        layout=layout,
+    )
     validate_layout(ckpt, {n: (e["shape"], TORCH_NAMES[e["dtype"]]) for n, e in tf.header.items()})
     ckpt._fp = check_and_fingerprint(tf, where)
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
-    chosen = select_prunable(named, include=args.include or None, exclude=args.exclude or None, include_bias=args.include_bias,
-                             include_norm=args.include_norm, include_classifier=args.include_classifier,
-                             classifier_names=tuple(layout["classifier"]))
+    chosen = select_prunable(
+        named,
+        include=args.include or None,
+        exclude=args.exclude or None,
+        include_bias=args.include_bias,
+        include_norm=args.include_norm,
+        include_classifier=args.include_classifier,
+        classifier_names=tuple(layout["classifier"]),
+    )
     if by == "magnitude":
         sources, source = magnitude_sources(tf, chosen), {"by": "magnitude"}
     else:
         if not sidecar_path.exists():
-            raise BadInputError(f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
-                                f"(or train-next $si_out) first, or pass $importance.")
+            raise BadInputError(
+                f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
+                f"(or train-next $si_out) first, or pass $importance."
+            )
         sc_file = TensorFile(sidecar_path, "Importance file")
         sc = sidecar_from_metadata(sc_file.metadata, sidecar_path)
         check_sidecar_values(sc_file, str(sidecar_path))
         if by not in ("importance", sc.method):
-            raise UsageError(f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance.")
+            raise UsageError(
+                f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
+            )
         use = check_sidecar(sc, ckpt, where)  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
         if use.note:
             out.log(use.note)
@@ -310,23 +469,51 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
             stored = sc_file.shape(n) if n in sc_file.header else None
             if stored is None:
                 raise BadInputError(f"Importance file {sidecar_path} has no entry for {n!r}; recompute it for {where}.")
-            if stored != shapes[n] and not (n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]):
-                raise IncompatibleError(f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
-                                        f"recompute it with `cl-tool importance {where}`.")
+            if stored != shapes[n] and not (
+                n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]
+            ):
+                raise IncompatibleError(
+                    f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
+                    f"recompute it with `cl-tool importance {where}`."
+                )
         sources = sidecar_sources(sc_file, chosen, shapes, set(use.grown), str(sidecar_path))
         source = {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
     plan = plan_masks(sources, args.sparsity, args.scope)
-    rows = [SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0) for src in sources]
+    rows = [
+        SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
+        for src in sources
+    ]
     n_all, n_pruned = sum(r.numel for r in rows), sum(r.pruned for r in rows)
     total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
     by_name = {src.name: src for src in sources}
 
     def write(path, metadata) -> str:
-        return write_pruned(tf, plan, by_name, path, {**meta, "cl_tool.history": json.dumps(metadata["history"][-HISTORY_LIMIT:]),
-                                                       "cl_tool.extra": json.dumps(metadata["extra"])}, force=args.force)
+        return write_pruned(
+            tf,
+            plan,
+            by_name,
+            path,
+            {
+                **meta,
+                "cl_tool.history": json.dumps(metadata["history"][-HISTORY_LIMIT:]),
+                "cl_tool.extra": json.dumps(metadata["extra"]),
+            },
+            force=args.force,
+        )
 
     def write_mask(path) -> None:
-        write_masks(plan, sources, path, {"cl_tool.mask": "1", "by": by, "scope": args.scope, "sparsity": repr(args.sparsity),
-                                          "fingerprint": ckpt.fingerprint}, force=args.force)
+        write_masks(
+            plan,
+            sources,
+            path,
+            {
+                "cl_tool.mask": "1",
+                "by": by,
+                "scope": args.scope,
+                "sparsity": repr(args.sparsity),
+                "fingerprint": ckpt.fingerprint,
+            },
+            force=args.force,
+        )
 
     return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)

@@ -21,50 +21,147 @@ DEFAULT_LAMBDA = 100.0
 
 @dataclass(kw_only=True)
 class TrainNextArgs(Args):
-    checkpoint: Path = argument(metavar="CHECKPOINT", help="Checkpoint to continue from (.safetensors or timm folder); its parameters are the anchor θ*.")
+    checkpoint: Path = argument(
+        metavar="CHECKPOINT",
+        help="Checkpoint to continue from (.safetensors or timm folder); its parameters are the anchor θ*.",
+    )
     data: list[str] = option(..., "--data", "-d", metavar=DATA_METAVAR, help=DATA_HELP)
     output: Path = option(..., "--output", "-o", metavar="FILE", help="Checkpoint to write.")
-    penalty: str = option("stabilized", "--penalty", metavar="KIND", panel="Penalty", choices=PENALTIES, help="stabilized, ewc, online-ewc or none.")
-    lam: Optional[float] = option(None, "--lambda", metavar="λ", panel="Penalty", low=0,
-                                  help="Penalty strength λ ≥ 0 (default 100 when an importance file is used).")
-    importance: Optional[Path] = option(None, "--importance", metavar="FILE", panel="Penalty",
-                                        help="Importance sidecar of the checkpoint or an ancestor (default: <checkpoint stem>.importance.safetensors beside it).")
-    freeze_bn_stats: bool = option(False, "--freeze-bn-stats", panel="Penalty",
-                                   help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, "
-                                        "not these statistics, which otherwise drift to the new task.")
-    optimizer: str = option("adam", "--optimizer", metavar="NAME", panel="Optimisation", choices=OPTIMIZERS, help="adam, adamw or sgd.")
+    penalty: str = option(
+        "stabilized",
+        "--penalty",
+        metavar="KIND",
+        panel="Penalty",
+        choices=PENALTIES,
+        help="stabilized, ewc, online-ewc or none.",
+    )
+    lam: Optional[float] = option(
+        None,
+        "--lambda",
+        metavar="λ",
+        panel="Penalty",
+        low=0,
+        help="Penalty strength λ ≥ 0 (default 100 when an importance file is used).",
+    )
+    importance: Optional[Path] = option(
+        None,
+        "--importance",
+        metavar="FILE",
+        panel="Penalty",
+        help="Importance sidecar of the checkpoint or an ancestor (default: <checkpoint stem>.importance.safetensors beside it).",
+    )
+    freeze_bn_stats: bool = option(
+        False,
+        "--freeze-bn-stats",
+        panel="Penalty",
+        help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, "
+        "not these statistics, which otherwise drift to the new task.",
+    )
+    optimizer: str = option(
+        "adam", "--optimizer", metavar="NAME", panel="Optimisation", choices=OPTIMIZERS, help="adam, adamw or sgd."
+    )
     lr: float = option(1e-3, "--lr", metavar="η", panel="Optimisation", low=0, low_open=True, help="Learning rate η.")
     momentum: float = option(0.0, "--momentum", metavar="μ", panel="Optimisation", low=0, help="SGD momentum.")
     nesterov: bool = option(False, "--nesterov", panel="Optimisation", help="Nesterov momentum (SGD).")
     weight_decay: float = option(0.0, "--weight-decay", metavar="WD", panel="Optimisation", low=0, help="Weight decay.")
-    schedule: str = option("constant", "--schedule", metavar="NAME", panel="Optimisation", choices=SCHEDULES, help="constant or cosine.")
-    warmup_steps: int = option(0, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps.")
-    grad_clip: Optional[float] = option(None, "--grad-clip", metavar="NORM", panel="Optimisation", low=0, low_open=True,
-                                        help="Clip the total gradient norm (task + penalty) to NORM.")
-    epochs: int = option(1, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task.")
-    batch_size: int = option(64, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch.")
+    schedule: str = option(
+        "constant", "--schedule", metavar="NAME", panel="Optimisation", choices=SCHEDULES, help="constant or cosine."
+    )
+    warmup_steps: int = option(
+        0, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps."
+    )
+    grad_clip: Optional[float] = option(
+        None,
+        "--grad-clip",
+        metavar="NORM",
+        panel="Optimisation",
+        low=0,
+        low_open=True,
+        help="Clip the total gradient norm (task + penalty) to NORM.",
+    )
+    epochs: int = option(
+        1, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task."
+    )
+    batch_size: int = option(
+        64, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch."
+    )
     seed: int = seed_option()
     device: str = device_option()
     precision: str = precision_option()
-    deterministic: bool = option(False, "--deterministic", help="torch.use_deterministic_algorithms(True) (bit-reproducible runs and resumes on CPU).")
-    si_out: Optional[Path] = option(None, "--si-out", metavar="FILE", panel="Importance",
-                                    help="Also write Synaptic Intelligence importances of this task to FILE (a sidecar of the output).")
-    si_xi: float = option(0.1, "--si-xi", metavar="ξ", panel="Importance", low=0, low_open=True, help="SI damping ξ in Ω = Σ -g·Δθ / (Δθ_total² + ξ).")
-    mask: Optional[Path] = option(None, "--mask", metavar="FILE", panel="Pruning", help="Mask file from `prune --mask-out`; pruned weights stay zero.")
-    augment: str = option("none", "--augment", metavar="AUG", panel="Optimisation",
-                          help="Training augmentation: none, shift=K (random translation by up to K pixels, zero fill) or timm "
-                               "(timm's training transform: random-resized-crop, flip, colour jitter). Task transforms apply after it.")
-    augment_arg: list[str] = option([], "--augment-arg", metavar="KEY=VALUE", panel="Optimisation",
-                                    help="An option of timm's training transform (repeatable), e.g. auto_augment=rand-m9-mstd0.5 or hflip=0.")
-    grow_head: bool = option(False, "--grow-head", help="If the data has more classes than the model, add output rows (their importance is 0).")
-    eval_data: list[str] = option([], "--eval-data", metavar=DATA_METAVAR, panel="Logging",
-                                  help="Evaluate on these datasets after every epoch (repeatable; old tasks too, to watch forgetting).")
-    log_json: Optional[Path] = option(None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE.")
-    checkpoint_every: int = option(0, "--checkpoint-every", metavar="N", panel="Resume", low=0,
-                                   help="Write a resumable state every N steps (and on SIGTERM/SIGINT).")
+    deterministic: bool = option(
+        False,
+        "--deterministic",
+        help="torch.use_deterministic_algorithms(True) (bit-reproducible runs and resumes on CPU).",
+    )
+    si_out: Optional[Path] = option(
+        None,
+        "--si-out",
+        metavar="FILE",
+        panel="Importance",
+        help="Also write Synaptic Intelligence importances of this task to FILE (a sidecar of the output).",
+    )
+    si_xi: float = option(
+        0.1,
+        "--si-xi",
+        metavar="ξ",
+        panel="Importance",
+        low=0,
+        low_open=True,
+        help="SI damping ξ in Ω = Σ -g·Δθ / (Δθ_total² + ξ).",
+    )
+    mask: Optional[Path] = option(
+        None,
+        "--mask",
+        metavar="FILE",
+        panel="Pruning",
+        help="Mask file from `prune --mask-out`; pruned weights stay zero.",
+    )
+    augment: str = option(
+        "none",
+        "--augment",
+        metavar="AUG",
+        panel="Optimisation",
+        help="Training augmentation: none, shift=K (random translation by up to K pixels, zero fill) or timm "
+        "(timm's training transform: random-resized-crop, flip, colour jitter). Task transforms apply after it.",
+    )
+    augment_arg: list[str] = option(
+        [],
+        "--augment-arg",
+        metavar="KEY=VALUE",
+        panel="Optimisation",
+        help="An option of timm's training transform (repeatable), e.g. auto_augment=rand-m9-mstd0.5 or hflip=0.",
+    )
+    grow_head: bool = option(
+        False,
+        "--grow-head",
+        help="If the data has more classes than the model, add output rows (their importance is 0).",
+    )
+    eval_data: list[str] = option(
+        [],
+        "--eval-data",
+        metavar=DATA_METAVAR,
+        panel="Logging",
+        help="Evaluate on these datasets after every epoch (repeatable; old tasks too, to watch forgetting).",
+    )
+    log_json: Optional[Path] = option(
+        None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE."
+    )
+    checkpoint_every: int = option(
+        0,
+        "--checkpoint-every",
+        metavar="N",
+        panel="Resume",
+        low=0,
+        help="Write a resumable state every N steps (and on SIGTERM/SIGINT).",
+    )
     resume: bool = option(False, "--resume", panel="Resume", help="Continue from the resumable state if it exists.")
-    state_file: Optional[Path] = option(None, "--state-file", metavar="FILE", panel="Resume",
-                                        help="Resumable state path (default <output stem>.resume.safetensors).")
+    state_file: Optional[Path] = option(
+        None,
+        "--state-file",
+        metavar="FILE",
+        panel="Resume",
+        help="Resumable state path (default <output stem>.resume.safetensors).",
+    )
     data_options: DataOptions = group(DataOptions)
     force: bool = force_option()
     config: Optional[Path] = config_option()
@@ -75,7 +172,9 @@ class TrainNextArgs(Args):
         if self.penalty == "none" and self.lam:
             raise UsageError("$penalty none and $lam contradict each other; drop one.")
         if len(self.data) != 1:
-            raise UsageError(f"train-next takes exactly one $data (got {len(self.data)}); train tasks one after another.")
+            raise UsageError(
+                f"train-next takes exactly one $data (got {len(self.data)}); train tasks one after another."
+            )
         self.ignore_unless(self.optimizer == "sgd", ("momentum", "nesterov"), f"$optimizer {self.optimizer}")
         self.ignore_unless(self.si_out is not None, ("si_xi",), "training without $si_out")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
@@ -85,10 +184,22 @@ class TrainNextArgs(Args):
         self.augmentation = parse_augment(self.augment, self.augment_arg)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
-                           epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, schedule=self.schedule, warmup_steps=self.warmup_steps,
-                           grad_clip=self.grad_clip, precision=self.precision, checkpoint_every=self.checkpoint_every,
-                           freeze_bn_stats=self.freeze_bn_stats)
+        return TrainConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            checkpoint_every=self.checkpoint_every,
+            freeze_bn_stats=self.freeze_bn_stats,
+        )
 
     @property
     def state_path(self) -> Path:
@@ -106,8 +217,10 @@ def _check_files(args: TrainNextArgs, specs, eval_specs, resuming: bool) -> None
 
     roles = FileRoles(force=args.force or resuming)
     roles.input(args.checkpoint, "the checkpoint")
-    roles.input(args.importance or (None if args.penalty == "none" else default_sidecar_path(args.checkpoint)),
-                "$importance" if args.importance else "the importance file beside the checkpoint")
+    roles.input(
+        args.importance or (None if args.penalty == "none" else default_sidecar_path(args.checkpoint)),
+        "$importance" if args.importance else "the importance file beside the checkpoint",
+    )
     roles.input(args.mask, "$mask")
     roles.input(args.config, "$config")
     for field, task_specs in (("data", specs), ("eval_data", eval_specs)):
@@ -120,7 +233,9 @@ def _check_files(args: TrainNextArgs, specs, eval_specs, resuming: bool) -> None
         roles.output(args.state_path, "$state_file" if args.state_file else "the resume state", may_exist=True)
     roles.check()
     if args.state_path.exists() and args.checkpoint_every and not args.resume:
-        raise OutputError(f"A resumable state {args.state_path} exists from an earlier run; pass $resume to continue it or delete it.")
+        raise OutputError(
+            f"A resumable state {args.state_path} exists from an earlier run; pass $resume to continue it or delete it."
+        )
 
 
 def _penalty(args: TrainNextArgs, out: Output, ckpt, named: dict[str, Any], grown: list[str]):
@@ -134,28 +249,44 @@ def _penalty(args: TrainNextArgs, out: Output, ckpt, named: dict[str, Any], grow
         return None, None, None, None, args.lam
     if not path.exists():
         if args.importance is not None:
-            raise BadInputError(f"$importance {args.importance} does not exist; compute it with `cl-tool importance {args.checkpoint} --data ...`.")
+            raise BadInputError(
+                f"$importance {args.importance} does not exist; compute it with `cl-tool importance {args.checkpoint} --data ...`."
+            )
         if args.lam:
-            raise BadInputError(f"$lam was given but there is no importance file {path} beside {args.checkpoint}; compute it with "
-                                f"`cl-tool importance` or pass $importance FILE.")
+            raise BadInputError(
+                f"$lam was given but there is no importance file {path} beside {args.checkpoint}; compute it with "
+                f"`cl-tool importance` or pass $importance FILE."
+            )
         out.log(f"No importance file {path}: training without a penalty (first task).")
         return None, None, None, None, args.lam
     sc = load_sidecar(path)
-    use = check_sidecar(sc, ckpt, str(args.checkpoint), fingerprint=ckpt.fingerprint)  # the anchor's own Ω, or an ancestor's (else exit 4)
+    use = check_sidecar(
+        sc, ckpt, str(args.checkpoint), fingerprint=ckpt.fingerprint
+    )  # the anchor's own Ω, or an ancestor's (else exit 4)
     if use.note:
         out.log(use.note)
-    omegas = fit_rows(sc.tensors, named, set(grown) | use.grown)  # rows added by --grow-head (now or since that ancestor): Ω = 0
+    omegas = fit_rows(
+        sc.tensors, named, set(grown) | use.grown
+    )  # rows added by --grow-head (now or since that ancestor): Ω = 0
     sc.tensors.update({k: v for k, v in omegas.items() if v is not None})
     check_covers(sc, named, str(args.checkpoint))
     lam = DEFAULT_LAMBDA if args.lam is None else args.lam
     if args.penalty == "online-ewc" and sc.decay == 1.0:
-        out.warn("$penalty online-ewc with an importance file accumulated without $decay: this is plain EWC on summed importances.")
-    pen = QuadraticPenalty(args.penalty, list(named.values()), [p.detach() for p in named.values()], [omegas[n] for n in named], lam)
+        out.warn(
+            "$penalty online-ewc with an importance file accumulated without $decay: this is plain EWC on summed importances."
+        )
+    pen = QuadraticPenalty(
+        args.penalty, list(named.values()), [p.detach() for p in named.values()], [omegas[n] for n in named], lam
+    )
     if lam * pen.omega_max() > FLOAT32_MAX:
-        raise UsageError(f"$lam {lam:g} times the largest importance {pen.omega_max():.3g} overflows float32; use a smaller $lam.")
+        raise UsageError(
+            f"$lam {lam:g} times the largest importance {pen.omega_max():.3g} overflows float32; use a smaller $lam."
+        )
     bound = divergence_bound(pen.omega_max(), lam, args.lr)
     if args.penalty in ("ewc", "online-ewc") and bound >= 2:
-        out.warn(f"η·λ·max Ω = {bound:.3g} ≥ 2: plain EWC can diverge (it does under SGD); consider $penalty stabilized or a lower $lam/$lr.")
+        out.warn(
+            f"η·λ·max Ω = {bound:.3g} ≥ 2: plain EWC can diverge (it does under SGD); consider $penalty stabilized or a lower $lam/$lr."
+        )
     return pen, path, sc, use, lam
 
 
@@ -190,7 +321,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
                 out.log(t.cache_note)
 
 
-def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bool, dist, device, ckpt, model, tasks: list) -> dict[str, Any]:
+def _train_next(
+    args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bool, dist, device, ckpt, model, tasks: list
+) -> dict[str, Any]:
     """The part of run_train_next that holds open tasks (closed by the caller)."""
     import torch
 
@@ -210,7 +343,9 @@ def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bo
     task = tasks[0]
     labels = task.labels  # None for a stream: checked batch by batch
     if labels is not None and len(labels) and int(labels.min()) < 0:
-        raise IncompatibleError(f"$data {spec.source} has negative label {int(labels.min())}; labels must be class ids 0..C-1.")
+        raise IncompatibleError(
+            f"$data {spec.source} has negative label {int(labels.min())}; labels must be class ids 0..C-1."
+        )
     classes_in_data = int(labels.max()) + 1 if labels is not None and len(labels) else ckpt.spec.num_classes
     if labels is None:
         from cl_tool.data import check_labels
@@ -219,18 +354,28 @@ def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bo
     grown: list[str] = []
     if classes_in_data > ckpt.spec.num_classes:
         if not args.grow_head:
-            raise IncompatibleError(f"$data {spec.source} has label {classes_in_data - 1}, outside the model's {ckpt.spec.num_classes} classes "
-                                    f"(0..{ckpt.spec.num_classes - 1}); pass $grow_head to add output rows.")
+            raise IncompatibleError(
+                f"$data {spec.source} has label {classes_in_data - 1}, outside the model's {ckpt.spec.num_classes} classes "
+                f"(0..{ckpt.spec.num_classes - 1}); pass $grow_head to add output rows."
+            )
         model, grown = grow_classifier(ckpt, classes_in_data)
-        out.log(f"Grew the classifier to {classes_in_data} classes ({', '.join(grown)}); the new rows have importance 0.")
+        out.log(
+            f"Grew the classifier to {classes_in_data} classes ({', '.join(grown)}); the new rows have importance 0."
+        )
     eval_tasks = open_tasks(eval_specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
     tasks += eval_tasks
     model.to(device)
     named = trainable_parameters(model)
     pen, sidecar_path, sc, use, lam = _penalty(args, out, ckpt, named, grown)
     penalty_used = args.penalty if pen is not None and pen.active else "none"
-    if penalty_used != "none" and not args.freeze_bn_stats and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        out.log("The model has BatchNorm running statistics, which the penalty does not protect; $freeze_bn_stats keeps them fixed.")
+    if (
+        penalty_used != "none"
+        and not args.freeze_bn_stats
+        and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    ):
+        out.log(
+            "The model has BatchNorm running statistics, which the penalty does not protect; $freeze_bn_stats keeps them fixed."
+        )
     si = None
     if args.si_out is not None:
         from cl_tool.importance import SIAccumulator
@@ -239,10 +384,22 @@ def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bo
     masks = load_mask(args.mask, named) if args.mask is not None else None
 
     cfg = args.train_config()
-    run_cfg = {**{k: v for k, v in vars(cfg).items() if k != "eval_batch_size"}, "penalty": penalty_used, "lambda": lam,
-               "data": spec.describe(), "world": dist.world, **({"augment": args.augmentation.describe()} if args.augmentation.kind else {})}
-    state_io = ResumeState(args.state_path, fingerprint=anchor_fp, config=run_cfg) if (args.checkpoint_every or args.resume) else None
-    log_file = LineFile(args.log_json, force=args.force or resuming) if args.log_json is not None and dist.is_main else None
+    run_cfg = {
+        **{k: v for k, v in vars(cfg).items() if k != "eval_batch_size"},
+        "penalty": penalty_used,
+        "lambda": lam,
+        "data": spec.describe(),
+        "world": dist.world,
+        **({"augment": args.augmentation.describe()} if args.augmentation.kind else {}),
+    }
+    state_io = (
+        ResumeState(args.state_path, fingerprint=anchor_fp, config=run_cfg)
+        if (args.checkpoint_every or args.resume)
+        else None
+    )
+    log_file = (
+        LineFile(args.log_json, force=args.force or resuming) if args.log_json is not None and dist.is_main else None
+    )
 
     def write_log(records: list[dict[str, Any]]) -> None:
         for rec in records:
@@ -252,29 +409,55 @@ def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bo
     def on_epoch(rec: dict[str, Any]) -> None:
         write_log([rec])
         if dist.is_main:
-            evals = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/") and k.endswith("/accuracy"))
-            out.log(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} (task {rec['task_loss']:.4f} + penalty {rec['penalty']:.4g}), "
-                    f"train acc {rec['train_accuracy']:.4f}, lr {rec['lr']:.3g}, {rec['samples_per_s']:.0f} samples/s"
-                    f"{(' | eval ' + evals) if evals else ''}")
+            evals = " ".join(
+                f"{k.split('/')[1]}={v:.4f}"
+                for k, v in rec.items()
+                if k.startswith("eval/") and k.endswith("/accuracy")
+            )
+            out.log(
+                f"epoch {rec['epoch']}: loss {rec['loss']:.4f} (task {rec['task_loss']:.4f} + penalty {rec['penalty']:.4g}), "
+                f"train acc {rec['train_accuracy']:.4f}, lr {rec['lr']:.3g}, {rec['samples_per_s']:.0f} samples/s"
+                f"{(' | eval ' + evals) if evals else ''}"
+            )
 
     try:
         n = task.num_samples
-        with out.progress(f"training on {spec.name}", math.ceil(n / args.batch_size) * args.epochs if dist.is_main and n else None) as bar:
-            result = train(model, task, cfg, device=device, penalty=pen, si=si, masks=masks, augment=args.augmentation,
-                           eval_sets=[(t.spec.name, t) for t in eval_tasks], log=on_epoch, on_restore=write_log,
-                           state_io=state_io, dist=dist, progress=bar.advance if dist.is_main else None, started_at=started_at())
+        with out.progress(
+            f"training on {spec.name}", math.ceil(n / args.batch_size) * args.epochs if dist.is_main and n else None
+        ) as bar:
+            result = train(
+                model,
+                task,
+                cfg,
+                device=device,
+                penalty=pen,
+                si=si,
+                masks=masks,
+                augment=args.augmentation,
+                eval_sets=[(t.spec.name, t) for t in eval_tasks],
+                log=on_epoch,
+                on_restore=write_log,
+                state_io=state_io,
+                dist=dist,
+                progress=bar.advance if dist.is_main else None,
+                started_at=started_at(),
+            )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         bad = first_nonfinite(state)
         if bad is not None:
-            raise DivergedError(f"Training ended with NaN or infinite values in {bad!r} after step {result.steps}; "
-                                f"nothing was written; lower $lr{' or $lam' if pen is not None and pen.active else ''}.")
+            raise DivergedError(
+                f"Training ended with NaN or infinite values in {bad!r} after step {result.steps}; "
+                f"nothing was written; lower $lr{' or $lam' if pen is not None and pen.active else ''}."
+            )
         omega = None
         if si is not None:
             omega = {k: v.detach().float().cpu() for k, v in si.omega(check=False).items()}
             bad = first_nonfinite(omega)
             if bad is not None:
-                raise DivergedError(f"The SI importance of {bad!r} is NaN or infinite after step {result.steps}; nothing was written; "
-                                    f"lower $lr or raise $si_xi.")
+                raise DivergedError(
+                    f"The SI importance of {bad!r} is NaN or infinite after step {result.steps}; nothing was written; "
+                    f"lower $lr or raise $si_xi."
+                )
     except BaseException as exc:
         if log_file is not None:
             log_file.discard(exc)
@@ -282,36 +465,88 @@ def _train_next(args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bo
             state_io.remove()  # resuming would only diverge again
         raise
 
-    lineage = {"importance_fingerprint": use.fingerprint if use else None, "importance_generations": use.generations if use else None}
-    result_doc: dict[str, Any] = {"output": str(args.output), "penalty": penalty_used, "lambda": lam if penalty_used != "none" else None,
-                                  "importance": str(sidecar_path) if sidecar_path else None, **lineage, "epochs": result.epochs,
-                                  "steps": result.steps, "samples": task.num_samples, "setup_seconds": round(result.setup_seconds or 0.0, 3),
-                                  "train_seconds": round(result.train_seconds, 3), "samples_per_s": round(result.samples_per_s, 1)}
+    lineage = {
+        "importance_fingerprint": use.fingerprint if use else None,
+        "importance_generations": use.generations if use else None,
+    }
+    result_doc: dict[str, Any] = {
+        "output": str(args.output),
+        "penalty": penalty_used,
+        "lambda": lam if penalty_used != "none" else None,
+        "importance": str(sidecar_path) if sidecar_path else None,
+        **lineage,
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "samples": task.num_samples,
+        "setup_seconds": round(result.setup_seconds or 0.0, 3),
+        "train_seconds": round(result.train_seconds, 3),
+        "samples_per_s": round(result.samples_per_s, 1),
+    }
     if dist.is_main:
-        hist = ckpt.history + [history_entry(
-            "train-next", argv=command_line(), data=task.describe(), penalty=penalty_used, **{"lambda": lam if penalty_used != "none" else None},
-            importance=str(sidecar_path) if sidecar_path else None, importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
-            **lineage, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-            augment=args.augmentation.describe() if args.augmentation.kind else None,
-            freeze_bn_stats=args.freeze_bn_stats or None, anchor_fingerprint=anchor_fp, grown=grown or None,
-            mask=str(args.mask) if args.mask else None)]
+        hist = ckpt.history + [
+            history_entry(
+                "train-next",
+                argv=command_line(),
+                data=task.describe(),
+                penalty=penalty_used,
+                **{"lambda": lam if penalty_used != "none" else None},
+                importance=str(sidecar_path) if sidecar_path else None,
+                importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
+                **lineage,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                augment=args.augmentation.describe() if args.augmentation.kind else None,
+                freeze_bn_stats=args.freeze_bn_stats or None,
+                anchor_fingerprint=anchor_fp,
+                grown=grown or None,
+                mask=str(args.mask) if args.mask else None,
+            )
+        ]
         with all_or_nothing(log_file) as wrote:
-            fp = save_checkpoint(args.output, ckpt.spec, state, hist, extra=dict(ckpt.extra), force=args.force or resuming,
-                                 layout=model_layout(model))
+            fp = save_checkpoint(
+                args.output,
+                ckpt.spec,
+                state,
+                hist,
+                extra=dict(ckpt.extra),
+                force=args.force or resuming,
+                layout=model_layout(model),
+            )
             wrote(args.output)
             result_doc["fingerprint"] = fp
             if omega is not None:
-                task_rec = {"method": "si", "data": task.describe(), "checkpoint": str(args.output), "fingerprint": fp, "xi": args.si_xi}
-                save_sidecar(args.si_out, Sidecar(tensors=omega, method="si", options={"xi": args.si_xi}, data=task.describe(), fingerprint=fp,
-                                                  tasks=[task_rec]), force=args.force or resuming)
+                task_rec = {
+                    "method": "si",
+                    "data": task.describe(),
+                    "checkpoint": str(args.output),
+                    "fingerprint": fp,
+                    "xi": args.si_xi,
+                }
+                save_sidecar(
+                    args.si_out,
+                    Sidecar(
+                        tensors=omega,
+                        method="si",
+                        options={"xi": args.si_xi},
+                        data=task.describe(),
+                        fingerprint=fp,
+                        tasks=[task_rec],
+                    ),
+                    force=args.force or resuming,
+                )
                 wrote(args.si_out)
                 result_doc["si_out"] = str(args.si_out)
         if state_io is not None:
             state_io.remove()
         last = result.epochs[-1] if result.epochs else {}
-        out.log(f"Wrote {args.output}: {result.steps} steps in {result.train_seconds:.1f} s of training ({result.samples_per_s:,.0f} samples/s) "
-                f"after {result.setup_seconds or 0.0:.1f} s of set-up (imports, model, data); penalty {penalty_used}"
-                f"{f', λ={lam:g}' if penalty_used != 'none' else ''}; final train acc {last.get('train_accuracy', float('nan')):.4f}.")
+        out.log(
+            f"Wrote {args.output}: {result.steps} steps in {result.train_seconds:.1f} s of training ({result.samples_per_s:,.0f} samples/s) "
+            f"after {result.setup_seconds or 0.0:.1f} s of set-up (imports, model, data); penalty {penalty_used}"
+            f"{f', λ={lam:g}' if penalty_used != 'none' else ''}; final train acc {last.get('train_accuracy', float('nan')):.4f}."
+        )
         out.result(result_doc)
     distributed.barrier()
     return result_doc

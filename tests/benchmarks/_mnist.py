@@ -39,7 +39,9 @@ def mnist_dataset_dir(idx_folder: str | Path, out: str | Path) -> Path:
     datasets.disable_progress_bars()
     images, labels = read_idx(idx_folder)
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=feats
+    )
     ds.save_to_disk(str(out))
     return out
 
@@ -58,7 +60,9 @@ def mnist_source(data: str | None, work: str | Path) -> tuple[str, str]:
     """
     if data is None:
         if not BUILD_MACHINE_FOLDER.is_dir():
-            raise SystemExit("give --data: a folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist")
+            raise SystemExit(
+                "give --data: a folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist"
+            )
         data = str(BUILD_MACHINE_FOLDER)
     folder = Path(data)
     if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):

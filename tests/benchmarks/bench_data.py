@@ -73,7 +73,9 @@ def make_imagefolder(folder: Path, n: int, *, classes: int = 10, size: int = 256
     for i in range(n):
         low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
         arr = np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / f"class_{i % classes:02d}" / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
+            folder / f"class_{i % classes:02d}" / f"{i:06d}.jpg", quality=90
+        )
     done.write_text(str(n))
     return folder
 
@@ -88,7 +90,9 @@ def run_case(cfg: dict) -> dict:
     from cl_tool.models import build_model, default_spec
 
     t_start = time.perf_counter()
-    device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     spec = default_spec("resnet18", {}, (3, 224, 224), 10)
     pre = Preprocess.for_model(spec)  # resnet18's timm data config: both sides preprocess with it
     torch.manual_seed(0)
@@ -106,15 +110,27 @@ def run_case(cfg: dict) -> dict:
         from torchvision.datasets import ImageFolder
 
         ds = ImageFolder(cfg["folder"], transform=create_transform(**pre.data_config, is_training=False))
-        loader = torch.utils.data.DataLoader(ds, batch_size=B, shuffle=train, num_workers=W, pin_memory=device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=B,
+            shuffle=train,
+            num_workers=W,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(0),
+        )
         n = len(ds)
 
         def batches():
             for x, y in loader:
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     else:
-        task = open_task(TaskSpec(cfg["folder"]), pre, cache="auto" if cfg["side"] == "cl" else "none", workers=W, cache_dir=cfg["cache_dir"])
+        task = open_task(
+            TaskSpec(cfg["folder"]),
+            pre,
+            cache="auto" if cfg["side"] == "cl" else "none",
+            workers=W,
+            cache_dir=cfg["cache_dir"],
+        )
         n = len(task)
 
         def batches():
@@ -160,7 +176,11 @@ def run_case(cfg: dict) -> dict:
 
 
 def measure(cfg: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "HF_DATASETS_OFFLINE": "1",
+    }
     case = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(cfg)]
     p = subprocess.run([sys.executable, "-c", WRAPPER, *case], env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -170,13 +190,17 @@ def measure(cfg: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--work", help="scratch folder for the imagefolders and caches (required)")
     ap.add_argument("--sizes", default="2000,16000", help="comma-separated numbers of images")
     ap.add_argument("--models", default="tiny,resnet18", help="tiny and/or resnet18")
     ap.add_argument("--commands", default=",".join(COMMANDS))
     ap.add_argument("--sides", default=",".join(SIDES))
-    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers on both sides (default: cl-tool's default)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers on both sides (default: cl-tool's default)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -203,13 +227,29 @@ def main(argv=None) -> None:
             shutil.rmtree(cache_dir, ignore_errors=True)  # the cl side starts cold: its first command fills the cache
             for command in a.commands.split(","):
                 for side in a.sides.split(","):  # interleaved
-                    cfg = {"side": side, "command": command, "model": model, "folder": str(folder), "cache_dir": str(cache_dir),
-                           "workers": workers, "batch_size": a.batch_size, "device": a.device}
+                    cfg = {
+                        "side": side,
+                        "command": command,
+                        "model": model,
+                        "folder": str(folder),
+                        "cache_dir": str(cache_dir),
+                        "workers": workers,
+                        "batch_size": a.batch_size,
+                        "device": a.device,
+                    }
                     r = measure(cfg)
-                    row = {"size": size, "model": model, "command": command, "side": side, "workers": workers,
-                           "wall_s": round(r["wall_s"], 2), "peak_rss_mb": round(r["peak_rss_mb"], 1), "loop_s": round(r["loop_s"], 2),
-                           "samples_per_s": round(r["samples"] / max(r["loop_s"], 1e-9), 1),
-                           **({"decoded": r["decoded"], "cache": r["cache"]} if "decoded" in r else {})}
+                    row = {
+                        "size": size,
+                        "model": model,
+                        "command": command,
+                        "side": side,
+                        "workers": workers,
+                        "wall_s": round(r["wall_s"], 2),
+                        "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                        "loop_s": round(r["loop_s"], 2),
+                        "samples_per_s": round(r["samples"] / max(r["loop_s"], 1e-9), 1),
+                        **({"decoded": r["decoded"], "cache": r["cache"]} if "decoded" in r else {}),
+                    }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -218,20 +258,38 @@ def main(argv=None) -> None:
     for row in rows:
         if row["side"] == "baseline":
             continue
-        base = next(r for r in rows if r["side"] == "baseline" and all(r[k] == row[k] for k in ("size", "model", "command")))
-        checks.append({**{k: row[k] for k in ("size", "model", "command", "side")}, "time_vs_baseline": round(row["wall_s"] / base["wall_s"], 3),
-                       "time_ok(<=1/0.85)": row["wall_s"] <= base["wall_s"] / 0.85})
+        base = next(
+            r for r in rows if r["side"] == "baseline" and all(r[k] == row[k] for k in ("size", "model", "command"))
+        )
+        checks.append(
+            {
+                **{k: row[k] for k in ("size", "model", "command", "side")},
+                "time_vs_baseline": round(row["wall_s"] / base["wall_s"], 3),
+                "time_ok(<=1/0.85)": row["wall_s"] <= base["wall_s"] / 0.85,
+            }
+        )
     if large != small:
         for row in rows:
             if row["size"] == large:
-                s = next(r for r in rows if r["size"] == small and all(r[k] == row[k] for k in ("model", "command", "side")))
-                checks.append({**{k: row[k] for k in ("model", "command", "side")}, "rss_large_vs_small": round(row["peak_rss_mb"] / s["peak_rss_mb"], 3),
-                               "rss_ok(<=1.15)": row["peak_rss_mb"] <= 1.15 * s["peak_rss_mb"]})
+                s = next(
+                    r for r in rows if r["size"] == small and all(r[k] == row[k] for k in ("model", "command", "side"))
+                )
+                checks.append(
+                    {
+                        **{k: row[k] for k in ("model", "command", "side")},
+                        "rss_large_vs_small": round(row["peak_rss_mb"] / s["peak_rss_mb"], 3),
+                        "rss_ok(<=1.15)": row["peak_rss_mb"] <= 1.15 * s["peak_rss_mb"],
+                    }
+                )
     result = {"machine": {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}, "rows": rows, "checks": checks}
-    hdr = f"{'size':>6} {'model':>8} {'command':>10} {'side':>10} {'wall s':>8} {'peak MB':>8} {'loop s':>7} {'img/s':>7}"
+    hdr = (
+        f"{'size':>6} {'model':>8} {'command':>10} {'side':>10} {'wall s':>8} {'peak MB':>8} {'loop s':>7} {'img/s':>7}"
+    )
     print(hdr)
     for r in rows:
-        print(f"{r['size']:>6} {r['model']:>8} {r['command']:>10} {r['side']:>10} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>8.0f} {r['loop_s']:>7.2f} {r['samples_per_s']:>7.0f}")
+        print(
+            f"{r['size']:>6} {r['model']:>8} {r['command']:>10} {r['side']:>10} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>8.0f} {r['loop_s']:>7.2f} {r['samples_per_s']:>7.0f}"
+        )
     for c in checks:
         print(json.dumps(c))
     if a.out:

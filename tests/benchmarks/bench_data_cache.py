@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, time
 T0 = float(sys.argv[3])
 mode, work = sys.argv[1], sys.argv[2]
@@ -138,13 +138,15 @@ elif mode in ("today_command", "cl_command"):  # what one command's data path co
     out["data_path_s"] = time.perf_counter() - t
     out["process_s"] = time.time() - T0
 print(json.dumps(out))
-'''
+"""
 
 
 def child(mode: str, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(work), repr(t0)], env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(work), repr(t0)], env=env, capture_output=True, text=True, timeout=900
+    )
     if p.returncode:
         raise SystemExit(f"{mode} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -156,8 +158,12 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="scratch folder (the MNIST save_to_disk copy and both caches)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the JSON result here too")
-    ap.add_argument("--no-commands", dest="commands", action="store_false",
-                    help="skip the per-command comparison with the first version's load_task")
+    ap.add_argument(
+        "--no-commands",
+        dest="commands",
+        action="store_false",
+        help="skip the per-command comparison with the first version's load_task",
+    )
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _mnist import mnist_dataset_dir
@@ -173,7 +179,7 @@ def main() -> None:
             (work / "cache").mkdir()
             load.append(os.getloadavg()[0])
             runs.setdefault(f"{side}_first", []).append(child(f"{side}_first", work))
-            for mode in (["hf_second"] if side == "hf" else ["cl_second_pread", "cl_second_ram"]):
+            for mode in ["hf_second"] if side == "hf" else ["cl_second_pread", "cl_second_ram"]:
                 runs.setdefault(mode, []).append(child(mode, work))
         if a.commands:  # a command's whole data path, today vs open_task (cold cache, then a later command)
             shutil.rmtree(work / "cache", ignore_errors=True)
@@ -182,8 +188,15 @@ def main() -> None:
             runs.setdefault("cl_command_warm", []).append(child("cl_command", work))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     size = {p.name: p.stat().st_size for p in (work / "cache").iterdir()} if (work / "cache").exists() else {}
-    result = {"samples": 10_000, "batch": 256, "repeats": a.repeats, "load_avg_1min": [round(v, 2) for v in load],
-              "cpus": os.cpu_count(), "median": med, "last_cl_cache_file_bytes": size}
+    result = {
+        "samples": 10_000,
+        "batch": 256,
+        "repeats": a.repeats,
+        "load_avg_1min": [round(v, 2) for v in load],
+        "cpus": os.cpu_count(),
+        "median": med,
+        "last_cl_cache_file_bytes": size,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -85,7 +85,7 @@ def build(name: str, seed: int):
 
 
 def batches(x, y, size: int):
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -136,8 +136,12 @@ def ratio_worker(args) -> None:
     x, y = load_data(args.data, args.samples, args.seed)
     data = batches(x, y, args.batch_size)
     kw = {"fisher_labels": "empirical"} if args.method == "fisher" else {"mas_output": "logits"}
-    run = {"batchmean": lambda: batch_mean_sums(model, data, args.method, device=device, **kw),
-           "exact": lambda: importance_sums(model, data, args.method, device=device, memory_budget_mb=args.budget_mb, **kw)}
+    run = {
+        "batchmean": lambda: batch_mean_sums(model, data, args.method, device=device, **kw),
+        "exact": lambda: importance_sums(
+            model, data, args.method, device=device, memory_budget_mb=args.budget_mb, **kw
+        ),
+    }
     for f in run.values():
         f()  # warm-up on the whole data: allocator, kernels
     times = {k: [] for k in run}
@@ -195,10 +199,10 @@ def labels_worker(args) -> None:
         return importance_sums(model, data, "fisher", fisher_labels="exact", memory_budget_mb=args.budget_mb)[0]
 
     import warnings
+
     warnings.filterwarnings("ignore", message=".*backward hook.*")
     want, got = run_backpack(), run_cl_tool()
-    diff = max(float((got[n] - w).abs().max() / w.abs().max())
-               for (n, _), w in zip(model.named_parameters(), want))
+    diff = max(float((got[n] - w).abs().max() / w.abs().max()) for (n, _), w in zip(model.named_parameters(), want))
     times = {"cl-tool": [], "backpack": []}
     for _ in range(args.repeats):
         for k, f in (("cl-tool", run_cl_tool), ("backpack", run_backpack)):
@@ -250,7 +254,7 @@ def worker(args) -> None:
         times.append(time.perf_counter() - start)
     peak = peak_bytes(device) - base
     if args.worker == "exact" and n > args.loop_samples:
-        sums, _ = run(batches(x[:args.loop_samples], y[:args.loop_samples], args.batch_size))
+        sums, _ = run(batches(x[: args.loop_samples], y[: args.loop_samples], args.batch_size))
     if args.worker != "batchmean":
         torch.save({k: v.cpu() for k, v in sums.items()}, args.out)
     print(json.dumps({"seconds": min(times), "samples": count, "peak_mb": peak / 2**20}))
@@ -258,8 +262,18 @@ def worker(args) -> None:
 
 def run_variant(args, model: str, variant: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--out", str(out)]
-    for opt in ("samples", "batch_size", "loop_samples", "device", "seed", "method", "repeats", "threads", "budget_mb",
-                "labels_samples"):
+    for opt in (
+        "samples",
+        "batch_size",
+        "loop_samples",
+        "device",
+        "seed",
+        "method",
+        "repeats",
+        "threads",
+        "budget_mb",
+        "labels_samples",
+    ):
         cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     if args.data:
         cmd += ["--data", args.data]
@@ -293,8 +307,9 @@ def fp64_error(args, name: str) -> float:
 
 def max_rel_err(got: dict, want: dict) -> float:
     floor = 1e-7 * max(float(w.abs().max()) for w in want.values())
-    return max(float((got[n].double() - w.double()).abs().max()) / max(float(w.abs().max()), floor)
-               for n, w in want.items())
+    return max(
+        float((got[n].double() - w.double()).abs().max()) / max(float(w.abs().max()), floor) for n, w in want.items()
+    )
 
 
 def min_median(ratios: list[float]) -> str:
@@ -304,8 +319,10 @@ def min_median(ratios: list[float]) -> str:
 def exact_labels_table(args, names: list[str]) -> None:
     """The exact-labels comparison with BackPACK (see the module docstring)."""
     print()
-    print(f"# exact labels (Fisher, --fisher-labels exact) vs BackPACK DiagGGNExact: {args.labels_samples} images, "
-          f"batch {args.batch_size}, {args.repeats} alternating rounds in one process")
+    print(
+        f"# exact labels (Fisher, --fisher-labels exact) vs BackPACK DiagGGNExact: {args.labels_samples} images, "
+        f"batch {args.batch_size}, {args.repeats} alternating rounds in one process"
+    )
     if args.method != "fisher":
         print("skipped: exact labels are a Fisher mode (--method fisher)")
         return
@@ -315,7 +332,9 @@ def exact_labels_table(args, names: list[str]) -> None:
     from importlib.metadata import version
 
     print(f"backpack-for-pytorch {version('backpack-for-pytorch')}")
-    print(f"{'model':9} {'cl-tool s':>10} {'backpack s':>10} {'cl-tool/backpack min / median':>30} {'max rel diff':>12}")
+    print(
+        f"{'model':9} {'cl-tool s':>10} {'backpack s':>10} {'cl-tool/backpack min / median':>30} {'max rel diff':>12}"
+    )
     for name in names:
         if name not in ("mlp", "cnn"):
             print(f"{name:9} skipped: BackPACK cannot extend this model (timm modules)")
@@ -323,29 +342,50 @@ def exact_labels_table(args, names: list[str]) -> None:
         r = run_variant(args, name, "labels", Path(os.devnull))
         t = r["times"]
         ratios = [c / b for c, b in zip(t["cl-tool"], t["backpack"])]
-        print(f"{name:9} {min(t['cl-tool']):10.3f} {min(t['backpack']):10.3f} {min_median(ratios):>30} {r['max_rel_diff']:12.1e}")
-    print("seconds: the fastest round; cl-tool/backpack: ratio of the two times of each round;"
-          " max rel diff: max over parameters of max|cl-tool - backpack| / max|backpack| (float32).")
+        print(
+            f"{name:9} {min(t['cl-tool']):10.3f} {min(t['backpack']):10.3f} {min_median(ratios):>30} {r['max_rel_diff']:12.1e}"
+        )
+    print(
+        "seconds: the fastest round; cl-tool/backpack: ratio of the two times of each round;"
+        " max rel diff: max over parameters of max|cl-tool - backpack| / max|backpack| (float32)."
+    )
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or a dataset such as ylecun/mnist (default: random data)")
+    p.add_argument(
+        "--data",
+        help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or a dataset such as ylecun/mnist (default: random data)",
+    )
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--models", default="mlp,cnn,resnet18,vit")
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", default="fisher", choices=("fisher", "mas"))
-    p.add_argument("--loop-samples", type=int, default=None, help="time the loop on this many samples and extrapolate (default: all)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="time batchmean/exact this many times (fastest reported), and as many alternating rounds for the ratios")
+    p.add_argument(
+        "--loop-samples",
+        type=int,
+        default=None,
+        help="time the loop on this many samples and extrapolate (default: all)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="time batchmean/exact this many times (fastest reported), and as many alternating rounds for the ratios",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--budget-mb", type=float, default=512)
     p.add_argument("--check-samples", type=int, default=16, help="samples for the float64 exactness check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--labels-models", default="mlp,cnn",
-                   help="models for the exact-labels comparison with BackPACK (empty: skip it)")
-    p.add_argument("--labels-samples", type=int, default=None, help="images for the exact-labels comparison (default: --samples)")
+    p.add_argument(
+        "--labels-models",
+        default="mlp,cnn",
+        help="models for the exact-labels comparison with BackPACK (empty: skip it)",
+    )
+    p.add_argument(
+        "--labels-samples", type=int, default=None, help="images for the exact-labels comparison (default: --samples)"
+    )
     p.add_argument("--worker", choices=("loop", "batchmean", "exact", "ratio", "labels"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -360,9 +400,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    print(f"# importance benchmark: method={args.method}, {args.samples} samples "
-          f"({'MNIST t10k from ' + args.data if args.data else 'random data'}), batch {args.batch_size}, device {args.device}, "
-          f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"# importance benchmark: method={args.method}, {args.samples} samples "
+        f"({'MNIST t10k from ' + args.data if args.data else 'random data'}), batch {args.batch_size}, device {args.device}, "
+        f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'model':9} {'params':>8} {'variant':10} {'samples':>7} {'seconds':>8} {'samples/s':>10} {'peak MB':>8}")
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -374,25 +416,43 @@ def main(argv=None) -> None:
             rounds = run_variant(args, name, "ratio", Path(os.devnull))
             for v, r in res.items():
                 star = "*" if v == "loop" and r["samples"] < args.samples else " "
-                print(f"{name:9} {params / 1e6:7.2f}M {v:10} {r['samples']:7d} {r['seconds']:8.2f} "
-                      f"{r['samples'] / r['seconds']:9.1f}{star} {r['peak_mb']:8.1f}")
+                print(
+                    f"{name:9} {params / 1e6:7.2f}M {v:10} {r['samples']:7d} {r['seconds']:8.2f} "
+                    f"{r['samples'] / r['seconds']:9.1f}{star} {r['peak_mb']:8.1f}"
+                )
             rate = {v: r["samples"] / r["seconds"] for v, r in res.items()}
             err = max_rel_err(torch.load(Path(tmp) / f"{name}-exact.pt"), torch.load(Path(tmp) / f"{name}-loop.pt"))
             err64 = fp64_error(args, name) if args.check_samples > 0 else float("nan")
             ratios = [e / b for e, b in zip(rounds["exact"], rounds["batchmean"])]
-            summary.append((name, rate["exact"] / rate["loop"], min_median(ratios), err, err64, res["loop"]["samples"],
-                            res["batchmean"]["peak_mb"], res["exact"]["peak_mb"]))
+            summary.append(
+                (
+                    name,
+                    rate["exact"] / rate["loop"],
+                    min_median(ratios),
+                    err,
+                    err64,
+                    res["loop"]["samples"],
+                    res["batchmean"]["peak_mb"],
+                    res["exact"]["peak_mb"],
+                )
+            )
     print()
-    print(f"{'model':9} {'loop/exact':>10} {'exact/batchmean min / median':>28} {'peak MB bm / exact':>18} "
-          f"{'rel err fp32':>12} {'rel err fp64':>12}")
+    print(
+        f"{'model':9} {'loop/exact':>10} {'exact/batchmean min / median':>28} {'peak MB bm / exact':>18} "
+        f"{'rel err fp32':>12} {'rel err fp64':>12}"
+    )
     for name, speedup, overhead, err, err64, n_loop, peak_bm, peak_ex in summary:
         note = f"  (loop timed on {n_loop} samples, extrapolated)" if n_loop < args.samples else ""
-        print(f"{name:9} {speedup:9.1f}x {overhead:>28} {f'{peak_bm:.0f} / {peak_ex:.0f}':>18} {err:12.2e} {err64:12.2e}{note}")
-    print("loop/exact: how many times faster the exact engine is than the per-sample loop (per sample);"
-          f" exact/batchmean: time of the exact engine over that of the batch-mean approximation in each of {args.repeats}"
-          " rounds that alternate the two in one process (min and median);"
-          f" rel err: max over parameters of max|exact - loop| / max|loop|, fp32 on the loop's samples as timed,"
-          f" fp64 with both in float64 on {args.check_samples} samples.")
+        print(
+            f"{name:9} {speedup:9.1f}x {overhead:>28} {f'{peak_bm:.0f} / {peak_ex:.0f}':>18} {err:12.2e} {err64:12.2e}{note}"
+        )
+    print(
+        "loop/exact: how many times faster the exact engine is than the per-sample loop (per sample);"
+        f" exact/batchmean: time of the exact engine over that of the batch-mean approximation in each of {args.repeats}"
+        " rounds that alternate the two in one process (min and median);"
+        f" rel err: max over parameters of max|exact - loop| / max|loop|, fp32 on the loop's samples as timed,"
+        f" fp64 with both in float64 on {args.check_samples} samples."
+    )
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     labels = [m.strip() for m in args.labels_models.split(",") if m.strip()]
     if labels:

@@ -19,7 +19,13 @@ def build(name: str):
     if name == "resnet18":
         spec = ModelSpec(arch="resnet18", input_shape=(3, 64, 64), num_classes=10, source="timm")
     elif name == "vit":
-        spec = ModelSpec(arch="vit_tiny_patch16_224", kwargs={"img_size": 28, "patch_size": 4}, input_shape=(1, 28, 28), num_classes=10, source="timm")
+        spec = ModelSpec(
+            arch="vit_tiny_patch16_224",
+            kwargs={"img_size": 28, "patch_size": 4},
+            input_shape=(1, 28, 28),
+            num_classes=10,
+            source="timm",
+        )
     elif name == "mlp":
         spec = ModelSpec(arch="mlp", kwargs={"sizes": "784,300,150,10"}, input_shape=(1, 28, 28), num_classes=10)
     elif name == "cnn":
@@ -45,7 +51,9 @@ def time_steps(name: str, penalty_kind: str, args) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     pen = None
     if penalty_kind != "none":
-        pen = QuadraticPenalty(penalty_kind, params, [p.detach() for p in params], [torch.rand_like(p) for p in params], lam=100.0)
+        pen = QuadraticPenalty(
+            penalty_kind, params, [p.detach() for p in params], [torch.rand_like(p) for p in params], lam=100.0
+        )
     stamps: list[float] = []
 
     def tick(_n=1):
@@ -55,7 +63,7 @@ def time_steps(name: str, penalty_kind: str, args) -> list[float]:
 
     cfg = TrainConfig(optimizer="adam", lr=1e-3, epochs=1, batch_size=args.batch_size, precision=args.precision)
     train(model, x, y, cfg, device=device, penalty=pen, progress=tick)
-    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])][args.warmup:]
+    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])][args.warmup :]
     return steps
 
 
@@ -69,7 +77,9 @@ def penalty_ms(name: str, reps: int = 50) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)
-    pen = QuadraticPenalty("stabilized", params, [p.detach() + 0.01 for p in params], [torch.rand_like(p) for p in params], lam=100.0)
+    pen = QuadraticPenalty(
+        "stabilized", params, [p.detach() + 0.01 for p in params], [torch.rand_like(p) for p in params], lam=100.0
+    )
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -90,7 +100,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}"
+    )
     for name in args.models.split(","):
         res = {"none": [], "stabilized": []}
         for _ in range(args.repeats):
@@ -99,9 +111,12 @@ def main() -> None:
         med = {k: statistics.median(v) * 1000 for k, v in res.items()}
         direct = penalty_ms(name)
         n_params = sum(p.numel() for p in build(name)[1].parameters())
-        print(f"{name:>9} ({n_params / 1e6:.1f} M params): none {med['none']:.1f} ms/step, stabilized {med['stabilized']:.1f} ms/step, "
-              f"overhead {100 * (med['stabilized'] / med['none'] - 1):+.1f} %  (median of {len(res['none'])} steps each); "
-              f"the penalty gradient alone: {direct:.2f} ms/step = {100 * direct / med['none']:.2f} % of a step", flush=True)
+        print(
+            f"{name:>9} ({n_params / 1e6:.1f} M params): none {med['none']:.1f} ms/step, stabilized {med['stabilized']:.1f} ms/step, "
+            f"overhead {100 * (med['stabilized'] / med['none'] - 1):+.1f} %  (median of {len(res['none'])} steps each); "
+            f"the penalty gradient alone: {direct:.2f} ms/step = {100 * direct / med['none']:.2f} % of a step",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

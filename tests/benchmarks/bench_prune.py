@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REFERENCE = r'''
+REFERENCE = r"""
 import sys, torch, timm
 from torch.nn.utils import prune
 from safetensors.torch import load_file, save_file
@@ -40,7 +40,7 @@ prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=s
 for m, attr in targets:
     prune.remove(m, attr)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dst)
-'''
+"""
 
 
 def run_measured(argv: list[str]) -> tuple[float, float, int]:
@@ -62,7 +62,9 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--work", default=None)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--scale-arch", default=None, help="a larger architecture pruned by cl-tool too (memory vs checkpoint size)")
+    p.add_argument(
+        "--scale-arch", default=None, help="a larger architecture pruned by cl-tool too (memory vs checkpoint size)"
+    )
     p.add_argument("--skip-reference", action="store_true", help="only cl-tool (the reference needs ~5 GiB and ~30 s)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-"))
@@ -76,28 +78,55 @@ def main() -> None:
     src = checkpoints[args.arch]
     import torch
 
-    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
 
     def cl_prune(path: Path, out: str) -> list[str]:
-        return [sys.executable, "-m", "cl_tool", "-q", "prune", str(path), "--by", "magnitude", "--sparsity", str(args.sparsity),
-                "-o", str(work / out), "--force"]
+        return [
+            sys.executable,
+            "-m",
+            "cl_tool",
+            "-q",
+            "prune",
+            str(path),
+            "--by",
+            "magnitude",
+            "--sparsity",
+            str(args.sparsity),
+            "-o",
+            str(work / out),
+            "--force",
+        ]
 
     rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         cases = [("cl-tool prune", cl_prune(src, "cl.safetensors"))]
         if not args.skip_reference:
-            cases.append(("torch global_unstructured", [sys.executable, "-c", REFERENCE, str(src), str(work / "ref.safetensors"), str(args.sparsity)]))
+            cases.append(
+                (
+                    "torch global_unstructured",
+                    [sys.executable, "-c", REFERENCE, str(src), str(work / "ref.safetensors"), str(args.sparsity)],
+                )
+            )
         if args.scale_arch:
-            cases.append((f"cl-tool prune {args.scale_arch}", cl_prune(checkpoints[args.scale_arch], "cl_large.safetensors")))
+            cases.append(
+                (f"cl-tool prune {args.scale_arch}", cl_prune(checkpoints[args.scale_arch], "cl_large.safetensors"))
+            )
         for name, argv in cases:
             wall, rss, code = run_measured(argv)
             rows.setdefault(name, []).append((wall, rss))
-            print(f"{name:>40}: {wall:6.1f} s wall, peak RSS {rss:7.0f} MiB{'' if code == 0 else f'  (FAILED, exit {code})'}", flush=True)
+            print(
+                f"{name:>40}: {wall:6.1f} s wall, peak RSS {rss:7.0f} MiB{'' if code == 0 else f'  (FAILED, exit {code})'}",
+                flush=True,
+            )
     print(f"load after: {os.getloadavg()[0]:.2f}")
     for name, values in rows.items():
         walls, rsss = sorted(v[0] for v in values), sorted(v[1] for v in values)
-        print(f"{name:>40}: wall min {walls[0]:.2f} s median {walls[len(walls) // 2]:.2f} s; peak RSS min {rsss[0]:.0f} MiB "
-              f"median {rsss[len(rsss) // 2]:.0f} MiB")
+        print(
+            f"{name:>40}: wall min {walls[0]:.2f} s median {walls[len(walls) // 2]:.2f} s; peak RSS min {rsss[0]:.0f} MiB "
+            f"median {rsss[len(rsss) // 2]:.0f} MiB"
+        )
     if args.skip_reference:
         return
     from safetensors.torch import load_file

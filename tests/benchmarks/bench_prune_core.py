@@ -59,7 +59,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(method: str, model_name: str, sparsity: float, dump: str | None = None, repeat: int = 3, threads: int = 0) -> dict:
+def worker(
+    method: str, model_name: str, sparsity: float, dump: str | None = None, repeat: int = 3, threads: int = 0
+) -> dict:
     import timm
     import torch
     from torch.nn.utils import prune
@@ -172,10 +174,25 @@ def main(argv=None) -> int:
         for method in ("cl_tool", "torch"):
             dump = os.path.join(tmp, method + ".npy")
             out = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--worker", method, "--model", args.model,
-                 "--sparsity", str(args.sparsity), "--dump", dump, "--repeat", str(args.repeat),
-                 "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    method,
+                    "--model",
+                    args.model,
+                    "--sparsity",
+                    str(args.sparsity),
+                    "--dump",
+                    dump,
+                    "--repeat",
+                    str(args.repeat),
+                    "--threads",
+                    str(args.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
         a, b = (np.unpackbits(np.load(os.path.join(tmp, m + ".npy"))) for m in ("cl_tool", "torch"))
@@ -187,22 +204,34 @@ def main(argv=None) -> int:
             print(json.dumps(r))
         return 0
     r0 = results[0]
-    print(f"{args.model}: {r0['numel']:,} scores (|w|), sparsity {args.sparsity} -> k = {r0['k']:,}, {r0['threads']} threads")
+    print(
+        f"{args.model}: {r0['numel']:,} scores (|w|), sparsity {args.sparsity} -> k = {r0['k']:,}, {r0['threads']} threads"
+    )
     print(f"{'method':40s} {'masks s':>8s} {'total s':>8s} {'CPU s':>7s} {'peak +MiB':>10s} {'load':>5s}")
     for r in results:
-        name = "cl_tool global_masks + apply_masks" if r["method"] == "cl_tool" else "torch global_unstructured + remove"
+        name = (
+            "cl_tool global_masks + apply_masks" if r["method"] == "cl_tool" else "torch global_unstructured + remove"
+        )
         tm = f"{r['seconds_masks']:.2f}" if r["seconds_masks"] is not None else "-"
         flag = "" if r["peak_reset_ok"] else " (upper bound)"
-        print(f"{name:40s} {tm:>8s} {r['seconds_total']:8.2f} {r['cpu_seconds_total']:7.2f} {r['peak_increase_mib']:10.0f} {r['loadavg_1min']:5.1f}{flag}")
+        print(
+            f"{name:40s} {tm:>8s} {r['seconds_total']:8.2f} {r['cpu_seconds_total']:7.2f} {r['peak_increase_mib']:10.0f} {r['loadavg_1min']:5.1f}{flag}"
+        )
     if r0["seconds_masks_warm_min"] is not None:
         print(f"cl_tool global_masks warm (min of {args.repeat}): {r0['seconds_masks_warm_min']:.2f} s")
-    print(f"zeros after pruning: {results[0]['zeros_after']:,} vs {results[1]['zeros_after']:,}; "
-          f"elements pruned by one method only: {differing:,}")
+    print(
+        f"zeros after pruning: {results[0]['zeros_after']:,} vs {results[1]['zeros_after']:,}; "
+        f"elements pruned by one method only: {differing:,}"
+    )
     for r in results:
-        print(f"  {r['method']:8s} threshold v = {r['threshold_v']!r}: {r['ties_at_v']} scores equal v, {r['pruned_ties_at_v']} of them pruned; "
-              f"pruned above v: {r['pruned_above_v']}, kept below v: {r['kept_below_v']}")
-    print("  (both are valid iff nothing above v is pruned and nothing below v is kept; they may differ only in which tied scores"
-          " at v are pruned: cl_tool takes them in parameter order then flat index, torch.topk in an unspecified order)")
+        print(
+            f"  {r['method']:8s} threshold v = {r['threshold_v']!r}: {r['ties_at_v']} scores equal v, {r['pruned_ties_at_v']} of them pruned; "
+            f"pruned above v: {r['pruned_above_v']}, kept below v: {r['kept_below_v']}"
+        )
+    print(
+        "  (both are valid iff nothing above v is pruned and nothing below v is kept; they may differ only in which tied scores"
+        " at v are pruned: cl_tool takes them in parameter order then flat index, torch.topk in an unspecified order)"
+    )
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-AVALANCHE = r'''
+AVALANCHE = r"""
 import json, sys, time
 import numpy as np, torch
 from safetensors.torch import load_file
@@ -58,7 +58,7 @@ model.eval()
 with torch.no_grad():
     acc = [float((model(xt[8000:]).argmax(1) == yt[8000:]).float().mean()) for xt, yt in streams]
 print(json.dumps({"accuracy": acc}))
-'''
+"""
 
 
 def timed(argv: list[str]) -> tuple[float, str]:
@@ -104,18 +104,65 @@ def main() -> None:
         steps, prev, sidecar = [], a0, None
         for t in range(args.tasks):
             out = folder / f"t{t + 1}.safetensors"
-            pen = ["--penalty", "ewc", "--lambda", str(args.lam), "--importance", str(sidecar)] if sidecar else ["--penalty", "none"]
-            steps.append(cl + ["train-next", str(prev), "--data", task(t, "train"), "--epochs", str(args.epochs), "--batch-size", "100",
-                               "--optimizer", "adam", "--lr", "0.001", *pen, "-o", str(out), "--force", *common])
+            pen = (
+                ["--penalty", "ewc", "--lambda", str(args.lam), "--importance", str(sidecar)]
+                if sidecar
+                else ["--penalty", "none"]
+            )
+            steps.append(
+                cl
+                + [
+                    "train-next",
+                    str(prev),
+                    "--data",
+                    task(t, "train"),
+                    "--epochs",
+                    str(args.epochs),
+                    "--batch-size",
+                    "100",
+                    "--optimizer",
+                    "adam",
+                    "--lr",
+                    "0.001",
+                    *pen,
+                    "-o",
+                    str(out),
+                    "--force",
+                    *common,
+                ]
+            )
             if t < args.tasks - 1:
                 side = folder / f"t{t + 1}.importance.safetensors"
                 acc = ["--accumulate", str(sidecar)] if sidecar else []
-                steps.append(cl + ["importance", str(out), "--data", task(t, "train"), "--method", "fisher", *acc, "-o", str(side),
-                                   "--force", *common])
+                steps.append(
+                    cl
+                    + [
+                        "importance",
+                        str(out),
+                        "--data",
+                        task(t, "train"),
+                        "--method",
+                        "fisher",
+                        *acc,
+                        "-o",
+                        str(side),
+                        "--force",
+                        *common,
+                    ]
+                )
                 sidecar = side
             prev = out
         ckpts = [str(folder / f"t{t + 1}.safetensors") for t in range(args.tasks)]
-        steps.append(cl + ["evaluate", *ckpts, *[x for t in range(args.tasks) for x in ("--data", task(t, "test"))], "--json", *common])
+        steps.append(
+            cl
+            + [
+                "evaluate",
+                *ckpts,
+                *[x for t in range(args.tasks) for x in ("--data", task(t, "test"))],
+                "--json",
+                *common,
+            ]
+        )
         times, out_text = [], ""
         for argv in steps:
             dt, out_text = timed(argv)
@@ -128,15 +175,33 @@ def main() -> None:
     for r in range(args.rounds):
         total, per_step, acc = cl_sequence(r)
         rows["cl-tool (separate commands)"].append(total)
-        print(f"round {r + 1}: cl-tool {total:6.1f} s (steps {', '.join(f'{t:.1f}' for t in per_step)}), final accuracies {[round(a, 4) for a in acc]}",
-              flush=True)
-        dt, out = timed([sys.executable, "-c", AVALANCHE, str(np_path), str(a0), str(args.epochs), "100", str(args.lam), str(args.tasks)])
+        print(
+            f"round {r + 1}: cl-tool {total:6.1f} s (steps {', '.join(f'{t:.1f}' for t in per_step)}), final accuracies {[round(a, 4) for a in acc]}",
+            flush=True,
+        )
+        dt, out = timed(
+            [
+                sys.executable,
+                "-c",
+                AVALANCHE,
+                str(np_path),
+                str(a0),
+                str(args.epochs),
+                "100",
+                str(args.lam),
+                str(args.tasks),
+            ]
+        )
         rows["avalanche (one process)"].append(dt)
-        print(f"round {r + 1}: avalanche {dt:6.1f} s, final accuracies {[round(a, 4) for a in json.loads(out.strip().splitlines()[-1])['accuracy']]}",
-              flush=True)
+        print(
+            f"round {r + 1}: avalanche {dt:6.1f} s, final accuracies {[round(a, 4) for a in json.loads(out.strip().splitlines()[-1])['accuracy']]}",
+            flush=True,
+        )
     print(f"load after: {os.getloadavg()[0]:.2f}")
     for name, values in rows.items():
-        print(f"{name:>30}: min {min(values):.1f} s, median {statistics.median(values):.1f} s over {len(values)} rounds")
+        print(
+            f"{name:>30}: min {min(values):.1f} s, median {statistics.median(values):.1f} s over {len(values)} rounds"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist import mnist_source  # noqa: E402
+from _mnist import mnist_source
 
 
 class Diverged(Exception):
@@ -56,16 +56,54 @@ def run_sequence(ds: Path, work: Path, penalty: str, lam: float, args) -> dict:
     clip = penalty.endswith("+clip")
     penalty = penalty.removesuffix("+clip")
     prev = work / "init.safetensors"
-    cl("init", "--arch", "mlp", "--arch-arg", "sizes=784,300,150,10", "--input-shape", "1x28x28", "--seed", args.seed, "-o", prev, "--force")
+    cl(
+        "init",
+        "--arch",
+        "mlp",
+        "--arch-arg",
+        "sizes=784,300,150,10",
+        "--input-shape",
+        "1x28x28",
+        "--seed",
+        args.seed,
+        "-o",
+        prev,
+        "--force",
+    )
     ckpts, sidecar = [], None
     for t in range(args.tasks):
         out = work / f"task{t + 1}.safetensors"
-        extra = ["--penalty", penalty, "--lambda", lam, "--importance", sidecar] if t > 0 and penalty != "none" else ["--penalty", "none"]
+        extra = (
+            ["--penalty", penalty, "--lambda", lam, "--importance", sidecar]
+            if t > 0 and penalty != "none"
+            else ["--penalty", "none"]
+        )
         if clip:
             extra += ["--grad-clip", args.clip]
         si = ["--si-out", work / f"task{t + 1}.si.safetensors"] if args.method == "si" and penalty != "none" else []
-        cl("train-next", prev, "--data", task(ds, t, "train"), "--epochs", args.epochs, "--lr", args.lr, "--optimizer", args.optimizer,
-           "--batch-size", args.batch_size, "--seed", args.seed, "--device", args.device, "-o", out, "--force", *extra, *si)
+        cl(
+            "train-next",
+            prev,
+            "--data",
+            task(ds, t, "train"),
+            "--epochs",
+            args.epochs,
+            "--lr",
+            args.lr,
+            "--optimizer",
+            args.optimizer,
+            "--batch-size",
+            args.batch_size,
+            "--seed",
+            args.seed,
+            "--device",
+            args.device,
+            "-o",
+            out,
+            "--force",
+            *extra,
+            *si,
+        )
         if penalty != "none" and t < args.tasks - 1:
             new_sidecar = work / f"task{t + 1}.importance.safetensors"
             if args.method == "si":
@@ -76,8 +114,22 @@ def run_sequence(ds: Path, work: Path, penalty: str, lam: float, args) -> dict:
                     _sum_sidecars(sidecar, si[1], out, new_sidecar)
             else:
                 acc = ["--accumulate", sidecar] if sidecar else []
-                cl("importance", out, "--data", task(ds, t, "train"), "--method", args.method, "--device", args.device,
-                   "--samples", args.importance_samples, "-o", new_sidecar, "--force", *acc)
+                cl(
+                    "importance",
+                    out,
+                    "--data",
+                    task(ds, t, "train"),
+                    "--method",
+                    args.method,
+                    "--device",
+                    args.device,
+                    "--samples",
+                    args.importance_samples,
+                    "-o",
+                    new_sidecar,
+                    "--force",
+                    *acc,
+                )
             sidecar = new_sidecar
         ckpts.append(out)
         prev = out
@@ -103,7 +155,11 @@ def main() -> None:
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lams", default="5000", help="comma-separated λ values")
-    p.add_argument("--penalties", default="none,stabilized", help="comma-separated: none, ewc, stabilized, ewc+clip, stabilized+clip")
+    p.add_argument(
+        "--penalties",
+        default="none,stabilized",
+        help="comma-separated: none, ewc, stabilized, ewc+clip, stabilized+clip",
+    )
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--method", default="fisher", help="fisher, mas or si")
     p.add_argument("--importance-samples", type=int, default=8000)
@@ -117,15 +173,25 @@ def main() -> None:
     ds, SPLIT_PREFIX[0] = mnist_source(args.data, work / "mnist")
     results = []
     for pen in args.penalties.split(","):
-        for lam in ([0.0] if pen == "none" else [float(x) for x in args.lams.split(",")]):
+        for lam in [0.0] if pen == "none" else [float(x) for x in args.lams.split(",")]:
             t0 = time.perf_counter()
-            row = {"penalty": pen, "lambda": lam if pen != "none" else None, "method": args.method if pen != "none" else None}
+            row = {
+                "penalty": pen,
+                "lambda": lam if pen != "none" else None,
+                "method": args.method if pen != "none" else None,
+            }
             try:
                 res = run_sequence(ds, work / f"{pen}-{lam:g}", pen, lam, args)
-                row.update(final_mean_accuracy=res["summary"]["average_accuracy"], bwt=res["summary"]["bwt"],
-                           final_row=res["accuracy"][-1], diagonal=[res["accuracy"][i][i] for i in range(args.tasks)])
-                text = (f"final mean acc {row['final_mean_accuracy']:.4f}; per task {', '.join(f'{a:.4f}' for a in row['final_row'])}; "
-                        f"new-task acc {', '.join(f'{a:.4f}' for a in row['diagonal'])}; BWT {row['bwt']:+.4f}")
+                row.update(
+                    final_mean_accuracy=res["summary"]["average_accuracy"],
+                    bwt=res["summary"]["bwt"],
+                    final_row=res["accuracy"][-1],
+                    diagonal=[res["accuracy"][i][i] for i in range(args.tasks)],
+                )
+                text = (
+                    f"final mean acc {row['final_mean_accuracy']:.4f}; per task {', '.join(f'{a:.4f}' for a in row['final_row'])}; "
+                    f"new-task acc {', '.join(f'{a:.4f}' for a in row['diagonal'])}; BWT {row['bwt']:+.4f}"
+                )
             except Diverged as exc:
                 row.update(diverged=str(exc))
                 text = f"DIVERGED ({exc})"

@@ -28,9 +28,10 @@ import json
 import sys
 import textwrap
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -103,8 +104,15 @@ def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | No
     imp_opts = dict(cfg.get("importance", {}))
     imp_opts.update(run.get("importance", {}))
     prev = folder / "init.safetensors"
-    init_args = kv_args({"arch": model["arch"], "arch-arg": [f"{k}={v}" for k, v in model.get("arch-args", {}).items()],
-                         "input-shape": model.get("input-shape"), "num-classes": model.get("num-classes"), "seed": train.get("seed", 0)})
+    init_args = kv_args(
+        {
+            "arch": model["arch"],
+            "arch-arg": [f"{k}={v}" for k, v in model.get("arch-args", {}).items()],
+            "input-shape": model.get("input-shape"),
+            "num-classes": model.get("num-classes"),
+            "seed": train.get("seed", 0),
+        }
+    )
     cl("init", *init_args, "-o", prev, "--force")
     ckpts, sidecar, t0 = [], None, time.perf_counter()
     for t, task in enumerate(tasks):
@@ -112,22 +120,49 @@ def run_sequence(cfg: dict, data: Path, folder: Path, run: dict, lam: float | No
         use_pen = t > 0 and penalty != "none"
         pen = ["--penalty", penalty, "--lambda", lam, "--importance", sidecar] if use_pen else ["--penalty", "none"]
         si = ["--si-out", folder / f"task{t + 1}.si.safetensors"] if method == "si" and penalty != "none" else []
-        cl("train-next", prev, "--data", task_ref(data, dcfg["train-split"], task), *kv_args(train), *pen, *si, "-o", out, "--force")
+        cl(
+            "train-next",
+            prev,
+            "--data",
+            task_ref(data, dcfg["train-split"], task),
+            *kv_args(train),
+            *pen,
+            *si,
+            "-o",
+            out,
+            "--force",
+        )
         if penalty != "none" and t < len(tasks) - 1:
             new = folder / f"task{t + 1}.importance.safetensors"
             if method == "si":
                 _accumulate_si(sidecar, si[1], new)
             else:
                 acc = ["--accumulate", sidecar] if sidecar else []
-                cl("importance", out, "--data", task_ref(data, dcfg["train-split"], task), "--method", method, *kv_args(imp_opts),
-                   *acc, "-o", new, "--force")
+                cl(
+                    "importance",
+                    out,
+                    "--data",
+                    task_ref(data, dcfg["train-split"], task),
+                    "--method",
+                    method,
+                    *kv_args(imp_opts),
+                    *acc,
+                    "-o",
+                    new,
+                    "--force",
+                )
             sidecar = new
         ckpts.append(out)
         prev = out
     tests = [x for task in tasks for x in ("--data", task_ref(data, dcfg["test-split"], task))]
-    ev = cl("evaluate", *ckpts, *tests, *kv_args({k: v for k, v in cfg.get("evaluate", {}).items()}))
-    return {"accuracy": ev["accuracy"], "summary": ev["summary"], "tasks": ev["tasks"], "checkpoints": [str(c) for c in ckpts],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    ev = cl("evaluate", *ckpts, *tests, *kv_args(dict(cfg.get("evaluate", {}).items())))
+    return {
+        "accuracy": ev["accuracy"],
+        "summary": ev["summary"],
+        "tasks": ev["tasks"],
+        "checkpoints": [str(c) for c in ckpts],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _accumulate_si(prev: Path | None, new: Path, out: Path) -> None:
@@ -181,24 +216,45 @@ def run_experiment(cfg: dict, data: Path, out: Path) -> dict:
     """Every run × λ for the config's ``seeds`` (default: the train seed); ``best-seeds``: more seeds at each run's best λ."""
     seeds = list(cfg.get("seeds", [cfg.get("train", {}).get("seed", 0)]))
     extra = [s for s in cfg.get("best-seeds", []) if s not in seeds]
-    results: dict[str, Any] = {"name": cfg.get("name", ""), "description": cfg.get("description", ""), "seeds": seeds, "best_seeds": seeds + extra,
-                               "runs": []}
+    results: dict[str, Any] = {
+        "name": cfg.get("name", ""),
+        "description": cfg.get("description", ""),
+        "seeds": seeds,
+        "best_seeds": seeds + extra,
+        "runs": [],
+    }
     for run in cfg["runs"]:
         lams = run.get("lambdas", [None]) if run.get("penalty", "none") != "none" else [None]
         sweep = []
         for lam in lams:
             label = run["name"] + ("" if lam is None else f"-lam{lam:g}")
-            entry = {"lambda": lam, **aggregate([_one(cfg, data, out / label / f"seed{s}", run, lam, s) for s in seeds])}
+            entry = {
+                "lambda": lam,
+                **aggregate([_one(cfg, data, out / label / f"seed{s}", run, lam, s) for s in seeds]),
+            }
             sweep.append(entry)
             print(f"{label:>32}: {_entry_text(entry)}", flush=True)
         ok = [e for e in sweep if "summary" in e]
         best = max(ok, key=lambda e: e["summary"]["average_accuracy"]) if ok else None
         if best is not None and extra:
             label = run["name"] + ("" if best["lambda"] is None else f"-lam{best['lambda']:g}")
-            best.update(aggregate(best["per_seed"] + [_one(cfg, data, out / label / f"seed{s}", run, best["lambda"], s) for s in extra]))
+            best.update(
+                aggregate(
+                    best["per_seed"]
+                    + [_one(cfg, data, out / label / f"seed{s}", run, best["lambda"], s) for s in extra]
+                )
+            )
             print(f"{label + ' (all seeds)':>32}: {_entry_text(best)}", flush=True)
-        results["runs"].append({"name": run["name"], "penalty": run.get("penalty", "none"), "method": run.get("method"),
-                                "train": run.get("train", {}), "sweep": sweep, "best": best})
+        results["runs"].append(
+            {
+                "name": run["name"],
+                "penalty": run.get("penalty", "none"),
+                "method": run.get("method"),
+                "train": run.get("train", {}),
+                "sweep": sweep,
+                "best": best,
+            }
+        )
     if "prune" in cfg:
         results["prune"] = run_prune(cfg, data, out, results)
     return results
@@ -209,7 +265,11 @@ def _entry_text(entry: dict) -> str:
         return f"DIVERGED: {entry['diverged']}"
     s, sd, n = entry["summary"], entry["summary_std"], len(entry["per_seed"])
     text = f"ACC {s['average_accuracy']:.4f}" + (f" ± {sd['average_accuracy']:.4f} ({n} seeds)" if n > 1 else "")
-    return text + f"  BWT {_fmt(s['bwt'], '+.4f')}  [{entry['seconds']} s]" + (f"  diverged seeds {entry['diverged_seeds']}" if entry.get("diverged_seeds") else "")
+    return (
+        text
+        + f"  BWT {_fmt(s['bwt'], '+.4f')}  [{entry['seconds']} s]"
+        + (f"  diverged seeds {entry['diverged_seeds']}" if entry.get("diverged_seeds") else "")
+    )
 
 
 def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
@@ -242,17 +302,49 @@ def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
                     side = ckpt.with_name(f"prune_{by}.importance.safetensors")
                     cl("importance", ckpt, "--data", score_ref, "--method", by, *kv_args(imp), "-o", side, "--force")
                     extra = ["--importance", side]
-                res = cl("prune", ckpt, "--by", by, *extra, "--score-data", score_ref, "--data", test_ref, "--sweep", p["sweep"],
-                         "--scope", p.get("scope", "global"), *options)
+                res = cl(
+                    "prune",
+                    ckpt,
+                    "--by",
+                    by,
+                    *extra,
+                    "--score-data",
+                    score_ref,
+                    "--data",
+                    test_ref,
+                    "--sweep",
+                    p["sweep"],
+                    "--scope",
+                    p.get("scope", "global"),
+                    *options,
+                )
                 per_by[by].append([c["accuracy"] for c in res["curves"][by]])
             bases.append(res["unpruned_accuracy"])
-        curves[name] = {by: {"mean": [_mean_std([acc[i] for acc in runs_])[0] for i in range(len(sparsities))],
-                             "std": [_mean_std([acc[i] for acc in runs_])[1] for i in range(len(sparsities))], "per_seed": runs_}
-                        for by, runs_ in per_by.items()}
+        curves[name] = {
+            by: {
+                "mean": [_mean_std([acc[i] for acc in runs_])[0] for i in range(len(sparsities))],
+                "std": [_mean_std([acc[i] for acc in runs_])[1] for i in range(len(sparsities))],
+                "per_seed": runs_,
+            }
+            for by, runs_ in per_by.items()
+        }
         unpruned[name] = dict(zip(("mean", "std"), _mean_std(bases)), per_seed=bases)
-        print(f"pruning {name}: " + ", ".join(f"{by} {curves[name][by]['mean'][-1]:.3f}" for by in p["by"]) + f" at {sparsities[-1]:g}", flush=True)
-    record = {"runs": names, "sparsities": sparsities, "curves": curves, "unpruned": unpruned, "seeds": len(bases),
-              "scope": p.get("scope", "global"), "options": p.get("options", {}), "score_split": p.get("score-split", cfg["data"]["train-split"])}
+        print(
+            f"pruning {name}: "
+            + ", ".join(f"{by} {curves[name][by]['mean'][-1]:.3f}" for by in p["by"])
+            + f" at {sparsities[-1]:g}",
+            flush=True,
+        )
+    record = {
+        "runs": names,
+        "sparsities": sparsities,
+        "curves": curves,
+        "unpruned": unpruned,
+        "seeds": len(bases),
+        "scope": p.get("scope", "global"),
+        "options": p.get("options", {}),
+        "score_split": p.get("score-split", cfg["data"]["train-split"]),
+    }
     record["plot"] = prune_plot(record, out / "prune_curves.png")
     return record
 
@@ -292,7 +384,11 @@ def lambda_plot(results: dict, path: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in results["runs"]:
-        pts = [(e["lambda"], e["summary"]["average_accuracy"]) for e in run["sweep"] if e["lambda"] is not None and "summary" in e]
+        pts = [
+            (e["lambda"], e["summary"]["average_accuracy"])
+            for e in run["sweep"]
+            if e["lambda"] is not None and "summary" in e
+        ]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=run["name"])
         elif run["penalty"] == "none" and run["best"]:
@@ -324,29 +420,46 @@ def _pm(entry: dict, key: str, spec: str) -> str:
 
 def markdown(results: dict) -> str:
     seeds = results.get("best_seeds") or results.get("seeds") or [0]
-    lines = [f"### {results.get('name', '')}", "", results.get("description", ""), "",
-             f"Best λ: mean ± standard deviation over seeds {', '.join(map(str, seeds))}; the λ sweep: "
-             f"seed{'s' if len(results.get('seeds', [0])) > 1 else ''} {', '.join(map(str, results.get('seeds', [0])))}." if len(seeds) > 1 else "",
-             "",
-             "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA (wall time) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {results.get('name', '')}",
+        "",
+        results.get("description", ""),
+        "",
+        f"Best λ: mean ± standard deviation over seeds {', '.join(map(str, seeds))}; the λ sweep: "
+        f"seed{'s' if len(results.get('seeds', [0])) > 1 else ''} {', '.join(map(str, results.get('seeds', [0])))}."
+        if len(seeds) > 1
+        else "",
+        "",
+        "| run | best λ | final avg acc | BWT | new-task acc (LA) | λ sweep: final avg acc / LA (wall time) |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def took(e) -> str:
         return f" ({e['seconds']:.0f} s)" if e.get("seconds") is not None else ""
 
     for run in results["runs"]:
         b = run["best"]
-        sweep = ", ".join(f"{e['lambda']:g}: " + (f"{e['summary']['average_accuracy']:.3f} / {_fmt(e['summary']['learning_accuracy'], '.3f')}"
-                                                   if "summary" in e else "diverged") + took(e)
-                          for e in run["sweep"] if e["lambda"] is not None)
+        sweep = ", ".join(
+            f"{e['lambda']:g}: "
+            + (
+                f"{e['summary']['average_accuracy']:.3f} / {_fmt(e['summary']['learning_accuracy'], '.3f')}"
+                if "summary" in e
+                else "diverged"
+            )
+            + took(e)
+            for e in run["sweep"]
+            if e["lambda"] is not None
+        )
         if not sweep:  # no penalty: one sequence
             sweep = "–" + "".join(took(e) for e in run["sweep"])
         if b is None:
             lines.append(f"| {run['name']} | – | diverged | – | – | {sweep} |")
         else:
             lam = "–" if b["lambda"] is None else f"{b['lambda']:g}"
-            lines.append(f"| {run['name']} | {lam} | {_pm(b, 'average_accuracy', '.4f')} | {_pm(b, 'bwt', '+.4f')} | "
-                         f"{_pm(b, 'learning_accuracy', '.4f')} | {sweep or '–'} |")
+            lines.append(
+                f"| {run['name']} | {lam} | {_pm(b, 'average_accuracy', '.4f')} | {_pm(b, 'bwt', '+.4f')} | "
+                f"{_pm(b, 'learning_accuracy', '.4f')} | {sweep or '–'} |"
+            )
     if "prune" in results:
         lines += prune_markdown(results["prune"])
     if results.get("seconds") is not None:
@@ -357,17 +470,33 @@ def markdown(results: dict) -> str:
 def prune_markdown(pr: dict) -> list[str]:
     if "runs" not in pr:  # a single-seed record of an earlier version of this script
         bys = list(pr["curves"])
-        lines = ["", f"Pruning {Path(pr['checkpoint']).name} (unpruned accuracy {pr['unpruned_accuracy']:.4f}):", "",
-                 "| sparsity | " + " | ".join(bys) + " |", "|---" * (len(bys) + 1) + "|"]
+        lines = [
+            "",
+            f"Pruning {Path(pr['checkpoint']).name} (unpruned accuracy {pr['unpruned_accuracy']:.4f}):",
+            "",
+            "| sparsity | " + " | ".join(bys) + " |",
+            "|---" * (len(bys) + 1) + "|",
+        ]
         for i, pt in enumerate(pr["curves"][bys[0]]):
-            lines.append(f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |")
+            lines.append(
+                f"| {pt['sparsity']:g} | " + " | ".join(f"{pr['curves'][b][i]['accuracy']:.4f}" for b in bys) + " |"
+            )
         return lines
     cols = [(name, by) for name in pr["runs"] for by in pr["curves"][name]]
     unp = ", ".join(f"{n} {pr['unpruned'][n]['mean']:.4f} ± {pr['unpruned'][n]['std']:.4f}" for n in pr["runs"])
-    lines = ["", f"One-shot {pr['scope']} pruning, accuracy mean ± std over {pr['seeds']} seeds (unpruned: {unp}):", "",
-             "| sparsity | " + " | ".join(f"{by} ({name})" for name, by in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = [
+        "",
+        f"One-shot {pr['scope']} pruning, accuracy mean ± std over {pr['seeds']} seeds (unpruned: {unp}):",
+        "",
+        "| sparsity | " + " | ".join(f"{by} ({name})" for name, by in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for i, s in enumerate(pr["sparsities"]):
-        lines.append(f"| {s:g} | " + " | ".join(f"{pr['curves'][n][b]['mean'][i]:.3f} ± {pr['curves'][n][b]['std'][i]:.3f}" for n, b in cols) + " |")
+        lines.append(
+            f"| {s:g} | "
+            + " | ".join(f"{pr['curves'][n][b]['mean'][i]:.3f} ± {pr['curves'][n][b]['std'][i]:.3f}" for n, b in cols)
+            + " |"
+        )
     return lines
 
 
@@ -393,8 +522,12 @@ def apply_overrides(cfg: dict, sets: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment TOML, or with --render a results.json to turn into results.md again")
-    p.add_argument("--render", action="store_true", help="only re-render results.md (and the λ plot) from CONFIG=results.json")
-    p.add_argument("--data", help="MNIST IDX folder, a dataset such as ylecun/mnist (online), or a dataset folder cl-tool reads")
+    p.add_argument(
+        "--render", action="store_true", help="only re-render results.md (and the λ plot) from CONFIG=results.json"
+    )
+    p.add_argument(
+        "--data", help="MNIST IDX folder, a dataset such as ylecun/mnist (online), or a dataset folder cl-tool reads"
+    )
     p.add_argument("--out", required=False, help="output folder (created)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--max-lambdas", type=int, default=None, help="keep only the first N λ of each run (quick checks)")
