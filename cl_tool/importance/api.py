@@ -36,6 +36,7 @@ from cl_tool.importance import METHODS
 from cl_tool.importance.checks import check_finite
 from cl_tool.importance.engine import GradEngine, SignalEngine
 from cl_tool.importance.losses import LossSpec
+from cl_tool.importance.si import SIAccumulator as SIAccumulator  # re-exported by cl_tool.importance
 from cl_tool.runtime import PRECISIONS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
