@@ -134,3 +134,77 @@ def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
 
     rec = load_checkpoint(pruned).extra["pruning"]
     assert rec["by"] == "magnitude" and abs(rec["achieved_sparsity"] - 0.8) < 1e-3 and rec["per_layer"]
+
+
+@pytest.mark.parametrize("bias_score", ["post-activation", "pre-activation"])
+def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_dir, tmp_path, bias_score):
+    """One global ranking over all tensors (biases, classifier) by signal scored on a named split; the same
+    masks whether the scores come from `importance --method signal` or are computed by prune itself."""
+    from safetensors.torch import load_file
+
+    from cl_tool.sidecar import load_sidecar
+
+    d, a0, a, b = two_stage
+    score = f"{demo_dir}::limit=200"
+    common = ["--scope", "global", "--include-bias", "--include-classifier", "--sparsity", "0.9", "--device", "cpu"]
+    on_data = tmp_path / "on_data.safetensors"
+    r = cli(
+        "prune",
+        a,
+        "--by",
+        "signal",
+        "--bias-score",
+        bias_score,
+        "--score-data",
+        score,
+        *common,
+        "-o",
+        on_data,
+        "--json",
+    )
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["source"]["bias_score"] == bias_score
+    assert set(res["per_layer"]) == set(load_file(a))  # one ranking over every tensor, biases and classifier included
+    side = tmp_path / "a.signal.safetensors"
+    r = cli(
+        "importance",
+        a,
+        "--method",
+        "signal",
+        "--bias-score",
+        bias_score,
+        "--data",
+        score,
+        "-o",
+        side,
+        "--device",
+        "cpu",
+    )
+    assert r.code == 0, r.err
+    assert load_sidecar(side).options == {"bias_score": bias_score}
+    stored = tmp_path / "stored.safetensors"
+    r = cli("prune", a, "--by", "importance", "--importance", side, *common, "-o", stored)
+    assert r.code == 0, r.err
+    w1, w2 = load_file(on_data), load_file(stored)
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+
+
+def test_bias_score_is_ignored_with_a_note_where_it_does_not_apply(cli, two_stage, demo_dir, tmp_path):
+    d, a0, a, b = two_stage
+    r = cli(
+        "importance",
+        a,
+        "--method",
+        "mas",
+        "--bias-score",
+        "pre-activation",
+        "--data",
+        f"{demo_dir}::limit=50",
+        "-o",
+        tmp_path / "m.safetensors",
+        "--device",
+        "cpu",
+    )
+    assert r.code == 0, r.err
+    assert "--bias-score" in r.err and "ignored" in r.err

@@ -199,7 +199,7 @@ def reference_signal(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 def test_signal_matches_independent_replay(make):
     model = make()
     x, y = data(5)
-    got, count = importance_sums(model, [(x[:2], y[:2]), (x[2:], y[2:])], "signal")
+    got, count = importance_sums(model, [(x[:2], y[:2]), (x[2:], y[2:])], "signal", bias_score="pre-activation")
     assert count == 5
     want = reference_signal(model, x)
     fin = finalize_importance(got, count, "signal")
@@ -217,7 +217,7 @@ def test_signal_of_grouped_padded_convolution():
         nn.Linear(6 * 13 * 13, 10),
     )
     x, y = data(3)
-    got, _ = importance_sums(model, [(x, y)], "signal")
+    got, _ = importance_sums(model, [(x, y)], "signal", bias_score="pre-activation")
     want = reference_signal(model, x)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5 * float(want[n].abs().max()))
@@ -229,3 +229,88 @@ def test_vit_tokens_get_bias_like_signal():
     got, _ = importance_sums(model, [(x, y)], "signal")
     assert torch.equal(got["cls_token"], model.cls_token.detach().abs() * 3)
     assert torch.equal(got["pos_embed"], model.pos_embed.detach().abs() * 3)
+
+
+def _three_layer_mlp(inplace: bool = False) -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(16, 7),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(7, 5),
+        nn.LeakyReLU(0.1, inplace=inplace),
+        nn.Linear(5, 3),
+    )
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu-inplace"])
+@pytest.mark.parametrize("bias_score", ["post-activation", "pre-activation"])
+def test_signal_bias_scores_of_a_three_layer_mlp_by_hand(bias_score, inplace):
+    """Biases: Σₙ|φ(z)| (ReLU, LeakyReLU, softmax for the classifier) or Σₙ|z|; weights: |w|·Σₙ|a| either way."""
+    model = _three_layer_mlp(inplace)
+    x = torch.randn(6, 1, 4, 4)
+    got, count = importance_sums(model, [(x[:4], None), (x[4:], None)], "signal", bias_score=bias_score)
+    assert count == 6
+    l1, l2, l3 = model[1], model[3], model[5]
+    with torch.no_grad():
+        a0 = x.reshape(6, 16)
+        z1 = a0 @ l1.weight.T + l1.bias
+        a1 = z1.clamp(min=0)
+        z2 = a1 @ l2.weight.T + l2.bias
+        a2 = torch.where(z2 > 0, z2, 0.1 * z2)
+        z3 = a2 @ l3.weight.T + l3.bias
+        p3 = torch.softmax(z3, dim=1)
+    post = bias_score == "post-activation"
+    want = {
+        "1.weight": l1.weight.abs() * a0.abs().sum(0)[None, :],
+        "3.weight": l2.weight.abs() * a1.abs().sum(0)[None, :],
+        "5.weight": l3.weight.abs() * a2.abs().sum(0)[None, :],
+        "1.bias": (a1 if post else z1).abs().sum(0),
+        "3.bias": (a2 if post else z2).abs().sum(0),
+        "5.bias": (p3 if post else z3).abs().sum(0),
+    }
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value.detach(), rtol=1e-5, atol=1e-6)
+    if post:
+        torch.testing.assert_close(got["5.bias"].sum(), torch.tensor(6.0))  # class probabilities: 1 per sample
+
+
+def test_signal_post_activation_is_identity_where_no_activation_module_consumes_the_output():
+    """A conv followed by BatchNorm, and a layer whose output goes through a functional activation, score Σ|z|."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+            self.bn = nn.BatchNorm2d(3)
+            self.act = nn.GELU()
+            self.fc = nn.Linear(3 * 4 * 4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.act(self.bn(self.conv(x)))
+            h = torch.tanh(self.fc(h.flatten(1)))  # functional: no module sees fc's output
+            return self.out(h) * 1.0  # not the layer's own tensor: no softmax either
+
+    torch.manual_seed(0)
+    model = Functional().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(5, 1, 6, 6)
+    post, _ = importance_sums(model, [(x, None)], "signal", bias_score="post-activation")
+    pre, _ = importance_sums(model, [(x, None)], "signal", bias_score="pre-activation")
+    for name in ("conv.bias", "fc.bias", "out.bias"):
+        torch.testing.assert_close(post[name], pre[name])
+    with torch.no_grad():
+        bn_out = model.bn(model.conv(x))
+    torch.testing.assert_close(post["bn.bias"], nn.functional.gelu(bn_out).abs().sum(dim=(0, 2, 3)))
+    torch.testing.assert_close(pre["bn.bias"], bn_out.abs().sum(dim=(0, 2, 3)))
+    for name in post:
+        if not name.endswith("bias"):
+            assert torch.equal(post[name], pre[name])
+
+
+def test_signal_bias_score_is_validated():
+    with pytest.raises(UsageError, match="bias_score"):
+        importance_sums(_three_layer_mlp(), [(torch.randn(2, 1, 4, 4), None)], "signal", bias_score="post")

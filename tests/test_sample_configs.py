@@ -39,6 +39,10 @@ def test_experiment_config_runs(config, tiny_data, tmp_path):
         'data.test-split="[64:]"',
         "--set",
         "importance.samples=32",
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "best-seeds=[]",
     ]
     if "\n[prune]" in text:
         overrides += ["--set", 'prune.sweep="0.5,0.9"']

@@ -11,9 +11,10 @@ from __future__ import annotations
 METHODS = ("fisher", "mas", "signal", "magnitude")  # computed from data (or weights); "si" is collected while training
 FISHER_LABELS = ("empirical", "sampled", "exact")
 MAS_OUTPUTS = ("logits", "softmax")
+BIAS_SCORES = ("post-activation", "pre-activation")  # signal: what a bias's unit sends on (see SignalEngine)
 
 _API = ("importance_sums", "finalize_importance", "compute_importance", "SIAccumulator")
-__all__ = ["METHODS", "FISHER_LABELS", "MAS_OUTPUTS", *_API]
+__all__ = ["METHODS", "FISHER_LABELS", "MAS_OUTPUTS", "BIAS_SCORES", *_API]
 
 
 def __getattr__(name: str):

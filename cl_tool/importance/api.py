@@ -14,7 +14,9 @@ Methods (per sample n, ℓₙ the per-sample loss, gₙ = ∂ℓₙ/∂θ, see `
   the mean over samples (nats² per parameter-unit²).
 * ``mas``: Σₙ |gₙ| with ℓₙ = ‖o(xₙ)‖₂², o = logits or softmax. Finalised: the mean.
 * ``signal`` (paper §4): |w|·(total absolute input signal that reached w over the data), bias:
-  total absolute pre-activation output; a total, not a mean (see ``rules`` for each layer).
+  total absolute output of its unit, after the activation that consumes it (``bias_score``
+  ``post-activation``, the authors' code; softmax for the classifier) or before it
+  (``pre-activation``); a total, not a mean (see ``rules`` and ``SignalEngine``).
 * ``magnitude``: |w|; needs no data (count 0).
 
 The exact per-sample engine is described in ``engine`` (hooks + layer rules + exact fallback).
@@ -104,6 +106,7 @@ def importance_sums(
     *,
     fisher_labels: str = "empirical",
     mas_output: str = "logits",
+    bias_score: str = "post-activation",
     device="cpu",
     precision: str = "fp32",
     memory_budget_mb: float = 512,
@@ -118,6 +121,7 @@ def importance_sums(
     are materialised at once (activations of one batch come on top). The model runs in eval mode
     (BatchNorm on running statistics, dropout off) on ``device``; its modes and device are
     restored afterwards. ``progress(n)`` is called after each batch with its sample count.
+    ``bias_score`` (signal only): ``post-activation`` or ``pre-activation`` (see ``SignalEngine``).
     Raises BadInputError naming the parameter if a result is not finite.
     """
     _check_method(method)
@@ -134,7 +138,7 @@ def importance_sums(
     count = 0
     with _eval_on(model, device):
         if spec is None:
-            engine = SignalEngine(model, autocast=autocast)
+            engine = SignalEngine(model, autocast=autocast, bias_score=bias_score)
         else:
             engine = GradEngine(model, spec, autocast=autocast, budget_bytes=budget, generator=generator)
         for batch in batches:

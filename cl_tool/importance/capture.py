@@ -26,7 +26,7 @@ class Call:
         return self.inp._version != self.inp_version or self.out._version != self.out_version
 
 
-def _first_tensor(args, kwargs):
+def first_tensor(args, kwargs):
     if args:
         return args[0] if isinstance(args[0], torch.Tensor) else None
     value = kwargs.get("input", next(iter(kwargs.values()), None))
@@ -44,7 +44,7 @@ def record_calls(modules: list[nn.Module], copy: set[nn.Module]):
     calls: dict[nn.Module, list[Call | None]] = {m: [] for m in modules}
 
     def hook(module, args, kwargs, output):
-        x = _first_tensor(args, kwargs)
+        x = first_tensor(args, kwargs)
         if x is None or not isinstance(output, torch.Tensor):
             calls[module].append(None)
             return None
@@ -58,23 +58,6 @@ def record_calls(modules: list[nn.Module], copy: set[nn.Module]):
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:
         yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def on_forward(modules: list[nn.Module], callback):
-    """Call ``callback(module, input, output)`` right after each forward of ``modules``."""
-
-    def hook(module, args, kwargs, output):
-        x = _first_tensor(args, kwargs)
-        if x is not None and isinstance(output, torch.Tensor):
-            callback(module, x.detach(), output.detach())
-
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        yield
     finally:
         for h in handles:
             h.remove()

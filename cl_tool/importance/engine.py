@@ -36,6 +36,7 @@ their parameters go through the fallback (statistic of each sample run on its ow
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -43,12 +44,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cl_tool.errors import IncompatibleError
-from cl_tool.importance.capture import on_forward, record_calls
+from cl_tool.errors import IncompatibleError, UsageError
+from cl_tool.importance import BIAS_SCORES
+from cl_tool.importance.capture import first_tensor, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
-from cl_tool.importance.rules import Rule, rule_for
+from cl_tool.importance.rules import Rule, is_activation, rule_for
 
 
 @dataclass
@@ -291,10 +293,20 @@ class SignalEngine:
     whose input is the constant 1 in every sample (a bias-like, additive parameter). A supported
     layer that never ran gets 0 (no signal reached it); a weight shared by several supported
     layers gets the sum of their contributions.
+
+    Bias score (``bias_score``): the signal a bias b_j sends on is its unit's output, Σₙ |φ(yₙⱼ)|
+    with y the layer's output and φ the activation applied to it (``post-activation``, the
+    authors' code): φ is the activation *module* (ReLU, LeakyReLU, GELU, …: ``is_activation``)
+    whose input is the very tensor the layer returned, the softmax when that tensor is the model's
+    output (the classifier's units are class probabilities), and the identity otherwise (a conv
+    followed by a norm layer, a functional activation, a residual sum). ``pre-activation``:
+    Σₙ |yₙⱼ| always. Only the bias scores differ between the two; weights are the same.
     """
 
-    def __init__(self, model: nn.Module, *, autocast=nullcontext):
-        self.model, self.autocast = model, autocast
+    def __init__(self, model: nn.Module, *, autocast=nullcontext, bias_score: str = "post-activation"):
+        if bias_score not in BIAS_SCORES:
+            raise UsageError(f"$bias_score {bias_score} is unknown; use one of {', '.join(BIAS_SCORES)}.")
+        self.model, self.autocast, self.bias_score = model, autocast, bias_score
         self.plan = make_plan(model)
         self.sums = {
             n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()
@@ -303,15 +315,52 @@ class SignalEngine:
 
     def add_batch(self, x: torch.Tensor) -> None:
         by_module = {rm.module: rm for rm in self.plan.rule_modules}
+        post = self.bias_score == "post-activation"
+        # a layer's output whose bias score waits for the activation that may consume it:
+        # id(output) → (weak reference to the output, the layer, the pre-activation bias score)
+        waiting: dict[int, tuple[weakref.ref, RuleModule, torch.Tensor]] = {}
 
-        def add(module, inp, out):
+        def add(rm: RuleModule, local: str, s: torch.Tensor) -> None:
+            if local in rm.names:
+                self.sums[rm.names[local]] += s
+
+        def layer_hook(module, args, kwargs, output):
+            x_in = first_tensor(args, kwargs)
+            if x_in is None or not isinstance(output, torch.Tensor):
+                return
             rm = by_module[module]
-            for local, s in rm.rule.signal(module, inp, out).items():
-                if local in rm.names:
-                    self.sums[rm.names[local]] += s
+            for local, s in rm.rule.signal(module, x_in.detach(), output.detach()).items():
+                if post and local == "bias":
+                    earlier = waiting.pop(id(output), None)
+                    if earlier is not None:  # a freed output whose id is reused: no activation took it
+                        add(earlier[1], "bias", earlier[2])
+                    waiting[id(output)] = (weakref.ref(output), rm, s)
+                else:
+                    add(rm, local, s)
 
-        with torch.no_grad(), on_forward(list(by_module), add), self.autocast():
-            self.model(x)
+        def activation_hook(module, args, kwargs, output):
+            x_in = first_tensor(args, kwargs)
+            entry = waiting.get(id(x_in)) if x_in is not None else None
+            if entry is not None and entry[0]() is x_in and isinstance(output, torch.Tensor):
+                del waiting[id(x_in)]
+                rm = entry[1]
+                add(rm, "bias", rm.rule.bias_signal(rm.module, output.detach()))
+
+        activations = [m for m in self.model.modules() if is_activation(m)] if post else []
+        handles = [m.register_forward_hook(layer_hook, with_kwargs=True) for m in by_module]
+        handles += [m.register_forward_hook(activation_hook, with_kwargs=True) for m in activations]
+        try:
+            with torch.no_grad(), self.autocast():
+                result = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for ref, rm, pre in waiting.values():
+            t = ref()
+            if t is not None and t is result:  # the classifier's output: class probabilities
+                add(rm, "bias", rm.rule.bias_signal(rm.module, torch.softmax(wide(t), dim=-1)))
+            else:
+                add(rm, "bias", pre)
         self.count += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -187,7 +187,12 @@ class Rule:
         return {}
 
     def signal(self, module, inp: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Contribution of one call to the signal statistic."""
+        """Contribution of one call to the signal statistic (the bias's from ``out``, the pre-activation)."""
+        raise NotImplementedError
+
+    def bias_signal(self, module, t: torch.Tensor) -> torch.Tensor:
+        """Σ|t| per bias element over samples and positions, for ``t`` shaped like the layer's output
+        (its pre-activation output, or what the activation that consumes it made of it)."""
         raise NotImplementedError
 
 
@@ -200,7 +205,8 @@ class LinearRule(Rule):
     batched matmul in cache-sized chunks, squared while in cache (see :func:`weight_stat`).
 
     Signal: weight w_ji → |w_ji|·Σₙ Σ_t |aₙₜᵢ| (input units × weight units); bias b_j →
-    Σₙ Σ_t |yₙₜⱼ| (the layer's pre-activation output, output units).
+    Σₙ Σ_t |yₙₜⱼ| (the layer's output y, or φ(y) for the activation φ that consumes it: see
+    ``SignalEngine``; output units).
     """
 
     base = nn.Linear
@@ -239,8 +245,11 @@ class LinearRule(Rule):
         a = wide(inp).abs().reshape(-1, module.in_features).sum(0)
         res = {"weight": wide(module.weight.detach()).abs() * a[None, :]}
         if module.bias is not None:
-            res["bias"] = wide(out).abs().reshape(-1, module.out_features).sum(0)
+            res["bias"] = self.bias_signal(module, out)
         return res
+
+    def bias_signal(self, module, t):
+        return wide(t).abs().reshape(-1, module.out_features).sum(0)
 
 
 class ConvRule(Rule):
@@ -347,8 +356,11 @@ class ConvRule(Rule):
         col = col.reshape(g, 1, -1).expand(g, module.out_channels // g, col.numel() // g)
         res = {"weight": wide(module.weight.detach()).abs() * col.reshape(module.weight.shape)}
         if module.bias is not None:
-            res["bias"] = _abs_sum_except(out, 1)
+            res["bias"] = self.bias_signal(module, out)
         return res
+
+    def bias_signal(self, module, t):
+        return _abs_sum_except(t, 1)
 
 
 class _NormRule(Rule):
@@ -400,8 +412,11 @@ class _NormRule(Rule):
             xhat = self.normalized(module, wide(inp)).abs()
             res["weight"] = wide(module.weight.detach()).abs() * self.per_sample(module, xhat).sum(0)
         if module.bias is not None:
-            res["bias"] = self.per_sample(module, wide(out).abs()).sum(0)
+            res["bias"] = self.bias_signal(module, out)
         return res
+
+    def bias_signal(self, module, t):
+        return self.per_sample(module, wide(t).abs()).sum(0)
 
 
 class LayerNormRule(_NormRule):
@@ -496,6 +511,15 @@ class EmbeddingRule(Rule):
 
 
 RULES: tuple[Rule, ...] = (LinearRule(), ConvRule(), LayerNormRule(), BatchNormRule(), GroupNormRule(), EmbeddingRule())
+
+
+#: where activation modules live: torch's and timm's (GELU, QuickGELU, Swish, … are re-implemented there)
+_ACTIVATION_HOMES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me")
+
+
+def is_activation(module: nn.Module) -> bool:
+    """A parameter-free element-wise activation module (ReLU, LeakyReLU, GELU, SiLU, Tanh, Softmax, …)."""
+    return type(module).__module__ in _ACTIVATION_HOMES and not any(True for _ in module.parameters(recurse=False))
 
 
 def rule_for(module: nn.Module) -> Rule | None:

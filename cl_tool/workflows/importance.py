@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import UsageError
-from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS, METHODS
+from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option, precision_option, seed_option
@@ -39,6 +39,14 @@ class ImportanceArgs(Args):
         metavar="OUTPUT",
         choices=MAS_OUTPUTS,
         help="logits (MAS paper) or softmax (the paper's code).",
+    )
+    bias_score: str = option(
+        "post-activation",
+        "--bias-score",
+        metavar="MODE",
+        choices=BIAS_SCORES,
+        help="signal: a bias scores its unit's output after the activation (post-activation; softmax for the "
+        "classifier; the authors' code) or before it (pre-activation).",
     )
     output: Optional[Path] = option(
         None,
@@ -86,15 +94,18 @@ class ImportanceArgs(Args):
         )
         self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
         self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
+        self.ignore_unless(self.method == "signal", ("bias_score",), f"$method {self.method}")
         if from_data and len(self.data) != 1:
             raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
 
     @property
     def options(self) -> dict[str, Any]:
         """The method's own options, as recorded in the sidecar."""
-        return {"fisher": {"fisher_labels": self.fisher_labels}, "mas": {"mas_output": self.mas_output}}.get(
-            self.method, {}
-        )
+        return {
+            "fisher": {"fisher_labels": self.fisher_labels},
+            "mas": {"mas_output": self.mas_output},
+            "signal": {"bias_score": self.bias_score},
+        }.get(self.method, {})
 
 
 def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,6 +158,7 @@ def _sums_on_task(
             args.method,
             fisher_labels=args.fisher_labels,
             mas_output=args.mas_output,
+            bias_score=args.bias_score,
             device=device,
             precision=args.precision,
             memory_budget_mb=args.memory_budget_mb,

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from cl_tool.checkpoint import HISTORY_LIMIT
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.importance import BIAS_SCORES
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
@@ -77,6 +78,14 @@ class PruneArgs(Args):
         metavar=DATA_METAVAR,
         help="Data for computing signal/fisher/mas scores when no sidecar is given (default: --data).",
     )
+    bias_score: str = option(
+        "post-activation",
+        "--bias-score",
+        metavar="MODE",
+        choices=BIAS_SCORES,
+        help="--by signal on data: a bias scores its unit's output after the activation (post-activation; softmax "
+        "for the classifier; the authors' code) or before it (pre-activation).",
+    )
     plot: Optional[Path] = option(
         None, "--plot", metavar="FILE", help="With --sweep: draw accuracy vs sparsity to FILE.png (needs matplotlib)."
     )
@@ -90,6 +99,7 @@ class PruneArgs(Args):
         self.ignore_unless(
             any(b in ("signal", "fisher", "mas") for b in self.by), ("score_data",), f"$by {', '.join(self.by)}"
         )
+        self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:
@@ -117,6 +127,13 @@ class PruneArgs(Args):
             raise UsageError("$sweep needs at least one sparsity.")
         if not all(0.0 <= s < 1.0 for s in self.levels):
             raise UsageError(f"$sweep values must be in [0, 1), got {self.sweep}.")
+
+
+def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> None:
+    """``--by signal`` with a signal sidecar: its scores are used as stored, whatever ``--bias-score`` says."""
+    stored = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
+    if by == "signal" and sc.method == "signal" and stored != args.bias_score:
+        out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
 
 
 def compute_scores(
@@ -147,6 +164,7 @@ def compute_scores(
             )  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
             if use.note:
                 out.log(use.note)
+            _note_stored_bias_score(args, by, sc, path, out)
             missing = [n for n in named if n not in sc.tensors]
             if missing:
                 raise BadInputError(
@@ -159,7 +177,13 @@ def compute_scores(
                     f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {args.checkpoint} has "
                     f"{list(named[bad].shape)}; recompute it with `cl-tool importance {args.checkpoint}`."
                 )
-            return scores, {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
+            return scores, {
+                "by": by,
+                "method": sc.method,
+                "options": sc.options,
+                "tasks": len(sc.tasks),
+                **use.record(),
+            }
     if by in ("importance", "si"):
         raise BadInputError(
             f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
@@ -182,8 +206,10 @@ def compute_scores(
             ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
             by,
             device=device,
+            **({"bias_score": args.bias_score} if by == "signal" else {}),
         )
-    return {n: scores[n].cpu() for n in named}, {"by": by, "computed_on": task.describe()}
+    record = {"by": by, "computed_on": task.describe(), **({"bias_score": args.bias_score} if by == "signal" else {})}
+    return {n: scores[n].cpu() for n in named}, record
 
 
 def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device) -> dict[str, Any]:
@@ -465,6 +491,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         use = check_sidecar(sc, ckpt, where)  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
         if use.note:
             out.log(use.note)
+        _note_stored_bias_score(args, by, sc, sidecar_path, out)
         for n in chosen:
             stored = sc_file.shape(n) if n in sc_file.header else None
             if stored is None:
@@ -477,7 +504,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
                     f"recompute it with `cl-tool importance {where}`."
                 )
         sources = sidecar_sources(sc_file, chosen, shapes, set(use.grown), str(sidecar_path))
-        source = {"by": by, "method": sc.method, "tasks": len(sc.tasks), **use.record()}
+        source = {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
     plan = plan_masks(sources, args.sparsity, args.scope)
     rows = [
         SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)

@@ -275,14 +275,16 @@ def _entry_text(entry: dict) -> str:
 def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
     """One-shot pruning sweeps of task ``task``'s checkpoint of every run in ``prune.runs``, for every seed of its best λ.
 
-    Scores on ``prune.score-split`` (default: the train split), accuracy on the test split; ``prune.options`` are
+    Scores on ``prune.score-split`` ("train" (default), "test" or a slice), accuracy on the test split; ``prune.options`` are
     passed to ``cl-tool prune`` (e.g. include-bias, include-classifier, bias-score).
     """
     p = cfg["prune"]
     names = p.get("runs", [p.get("run", results["runs"][0]["name"])])
     task_index = p.get("task", 1) - 1
     task = cfg["data"]["tasks"][task_index]
-    score_ref = task_ref(data, p.get("score-split", cfg["data"]["train-split"]), task)
+    splits = {"train": cfg["data"]["train-split"], "test": cfg["data"]["test-split"]}
+    score_split = splits.get(p.get("score-split", "train"), p.get("score-split"))  # "train", "test" or a slice
+    score_ref = task_ref(data, score_split, task)
     test_ref = task_ref(data, cfg["data"]["test-split"], task)
     imp = dict(cfg.get("importance", {}))
     options = kv_args(p.get("options", {}))
@@ -343,7 +345,7 @@ def run_prune(cfg: dict, data: Path, out: Path, results: dict) -> dict:
         "seeds": len(bases),
         "scope": p.get("scope", "global"),
         "options": p.get("options", {}),
-        "score_split": p.get("score-split", cfg["data"]["train-split"]),
+        "score_split": score_split,
     }
     record["plot"] = prune_plot(record, out / "prune_curves.png")
     return record
@@ -467,6 +469,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prune_options(pr: dict) -> str:
+    """' (include-bias, bias-score post-activation; scores on [8000:])' from a record's options and score split."""
+    parts = [k if v is True else f"{k} {v}" for k, v in pr.get("options", {}).items() if v not in (False, None)]
+    if pr.get("score_split"):
+        parts.append(f"scores on {pr['score_split']}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def prune_markdown(pr: dict) -> list[str]:
     if "runs" not in pr:  # a single-seed record of an earlier version of this script
         bys = list(pr["curves"])
@@ -486,7 +496,8 @@ def prune_markdown(pr: dict) -> list[str]:
     unp = ", ".join(f"{n} {pr['unpruned'][n]['mean']:.4f} ± {pr['unpruned'][n]['std']:.4f}" for n in pr["runs"])
     lines = [
         "",
-        f"One-shot {pr['scope']} pruning, accuracy mean ± std over {pr['seeds']} seeds (unpruned: {unp}):",
+        f"One-shot {pr['scope']} pruning{_prune_options(pr)}, accuracy mean ± std over {pr['seeds']} seeds "
+        f"(unpruned: {unp}):",
         "",
         "| sparsity | " + " | ".join(f"{by} ({name})" for name, by in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
