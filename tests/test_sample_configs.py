@@ -101,3 +101,22 @@ def test_benchmark_scripts_take_a_dataset_or_an_idx_folder(tmp_path):
     for source in (idx, tmp_path / "hub_copy"):
         got_images, got_labels = mnist_arrays(str(source))
         assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+
+
+STORED = sorted(
+    p for p in (ROOT / "tests" / "benchmarks" / "results").glob("*.json") if "config" in json.loads(p.read_text())
+)
+
+
+@pytest.mark.parametrize("stored", STORED, ids=lambda p: p.stem)
+def test_stored_results_render_again(stored, tmp_path):
+    """The README's tables come from these JSON files: `reproduce.py NAME.json --render` regenerates NAME.md."""
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import reproduce
+
+    copy = tmp_path / stored.name
+    copy.write_bytes(stored.read_bytes())
+    results = reproduce.main([str(copy), "--render"])
+    md = (tmp_path / f"{stored.stem}.md").read_text()
+    assert md == reproduce.markdown(results) and md.startswith("### ")
+    assert not (tmp_path / "results.md").exists()

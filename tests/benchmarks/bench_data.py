@@ -21,8 +21,13 @@ compute. Sides:
   command decodes and fills the decoded cache, the later ones read it);
 * ``cl-nocache``: the same with ``--cache none`` (every command decodes every JPEG).
 
-Until the commands use ``open_task``, the cl side runs the pipeline in-process (the same
-calls the commands will make). Every case is a fresh process; sides are interleaved. The
+* ``cli``: the real commands, as a shell script runs them: ``cl-tool evaluate``, ``cl-tool importance
+  --method fisher``, ``cl-tool train-next --epochs 1 --penalty none`` on a checkpoint made by
+  ``cl-tool init`` (resnet18: the same timm eval transform; ``tiny``: the built-in ``mlp`` with
+  ``sizes=150528,10``, bilinear resize), ``--cache auto`` in a fresh cache folder (the first command
+  decodes). Wall time and peak RSS include everything the command does (imports, checkpoint, writing).
+
+Every case is a fresh process; sides are interleaved. The
 targets (issue 14): peak RSS at the largest size within 15 % of the smallest for every
 command; whole-process time within 1/0.85 of the baseline.
 
@@ -44,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's cl_tool, also for the cases (PYTHONPATH below)
 COMMANDS = ("evaluate", "importance", "train")
-SIDES = ("baseline", "cl", "cl-nocache")
+SIDES = ("baseline", "cl", "cl-nocache", "cli")
 
 WRAPPER = (
     "import json, resource, subprocess, sys, time\n"
@@ -93,7 +98,10 @@ def run_case(cfg: dict) -> dict:
     device = torch.device(
         cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    from cl_tool.data.preprocess import resolve_timm_data_config
+
     spec = default_spec("resnet18", {}, (3, 224, 224), 10)
+    spec.data_config = resolve_timm_data_config(spec.arch, spec.input_shape, spec.mean, spec.std)  # as `init` records
     pre = Preprocess.for_model(spec)  # resnet18's timm data config: both sides preprocess with it
     torch.manual_seed(0)
     if cfg["model"] == "resnet18":
@@ -175,18 +183,103 @@ def run_case(cfg: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def measure(cfg: dict) -> dict:
-    env = {
+def cli_argv(cfg: dict) -> list[str]:
+    """The real command for a ``cli`` case (its checkpoint made by ``init_checkpoint``)."""
+    work = Path(cfg["cache_dir"]).parent
+    common = [
+        "--data",
+        cfg["folder"],
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--workers",
+        str(cfg["workers"]),
+        "--cache",
+        "auto",
+        "--cache-dir",
+        cfg["cache_dir"] + "-cli",  # its own cold cache: not the one the in-process cl side fills
+        "--device",
+        cfg["device"],
+        "--json",
+    ]
+    ckpt = cfg["checkpoint"]
+    cl = [sys.executable, "-m", "cl_tool"]
+    if cfg["command"] == "evaluate":
+        return [*cl, "evaluate", ckpt, *common]
+    if cfg["command"] == "importance":
+        return [
+            *cl,
+            "importance",
+            ckpt,
+            "--method",
+            "fisher",
+            *common,
+            "-o",
+            str(work / "bench.importance.safetensors"),
+            "--force",
+        ]
+    return [
+        *cl,
+        "train-next",
+        ckpt,
+        "--epochs",
+        "1",
+        "--penalty",
+        "none",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        *common,
+        "-o",
+        str(work / "bench_trained.safetensors"),
+        "--force",
+    ]
+
+
+def init_checkpoint(work: Path, model: str, env: dict) -> str:
+    path = work / f"{model}.safetensors"
+    arch = ["--arch", "resnet18"] if model == "resnet18" else ["--arch", "mlp", "--arch-arg", "sizes=150528,10"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cl_tool",
+            "init",
+            *arch,
+            "--input-shape",
+            "3x224x224",
+            "--num-classes",
+            "10",
+            "-o",
+            str(path),
+            "--force",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return str(path)
+
+
+def _env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "HF_DATASETS_OFFLINE": "1",
     }
-    case = [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(cfg)]
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *case], env=env, capture_output=True, text=True)
+
+
+def measure(cfg: dict) -> dict:
+    cli = cfg["side"] == "cli"
+    case = cli_argv(cfg) if cli else [sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(cfg)]
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *case], env=_env(), capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or len(lines) < 2 or json.loads(lines[-1])["rc"]:
+    if p.returncode or len(lines) < (1 if cli else 2) or json.loads(lines[-1])["rc"]:
         raise SystemExit(f"case {cfg} failed:\n{p.stderr[-3000:]}")
-    return {**json.loads(lines[-2]), **json.loads(lines[-1])}
+    wrapper = json.loads(lines[-1])
+    if cli:  # the whole command is the loop: its samples/s include start-up
+        return {"samples": cfg["size"], "loop_s": wrapper["wall_s"], **wrapper}
+    return {**json.loads(lines[-2]), **wrapper}
 
 
 def main(argv=None) -> None:
@@ -223,8 +316,10 @@ def main(argv=None) -> None:
         folder = make_imagefolder(work / f"images-{size}", size)
         print(f"# imagefolder of {size} JPEGs ready ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
         for model in a.models.split(","):
+            ckpt = init_checkpoint(work, model, _env()) if "cli" in a.sides.split(",") else None
             cache_dir = work / f"cache-{size}-{model}"
-            shutil.rmtree(cache_dir, ignore_errors=True)  # the cl side starts cold: its first command fills the cache
+            for d in (cache_dir, Path(f"{cache_dir}-cli")):  # both cl sides start cold: their first command fills it
+                shutil.rmtree(d, ignore_errors=True)
             for command in a.commands.split(","):
                 for side in a.sides.split(","):  # interleaved
                     cfg = {
@@ -236,6 +331,8 @@ def main(argv=None) -> None:
                         "workers": workers,
                         "batch_size": a.batch_size,
                         "device": a.device,
+                        "size": size,
+                        "checkpoint": ckpt,
                     }
                     r = measure(cfg)
                     row = {
@@ -252,7 +349,8 @@ def main(argv=None) -> None:
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            for d in (cache_dir, Path(f"{cache_dir}-cli")):
+                shutil.rmtree(d, ignore_errors=True)
     checks = []
     small, large = min(sizes), max(sizes)
     for row in rows:

@@ -377,6 +377,9 @@ def prune_plot(record: dict, path: Path) -> str | None:
 
 
 def lambda_plot(results: dict, path: Path) -> str | None:
+    """Final average accuracy against λ for every penalised run (None when no run swept λ)."""
+    if not any(e.get("lambda") is not None for run in results["runs"] for e in run["sweep"]):
+        return None
     try:
         import matplotlib
 
@@ -544,13 +547,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-lambdas", type=int, default=None, help="keep only the first N λ of each run (quick checks)")
     args = p.parse_args(argv)
     if args.render:
+        # OUT/results.json → results.md, lambda_sweep.png, prune_curves.png beside it;
+        # NAME.json (e.g. the copies in tests/benchmarks/results) → NAME.md, NAME_lambda_sweep.png, NAME_prune_curves.png
         res_path = Path(args.config)
+        prefix = "" if res_path.name == "results.json" else res_path.stem + "_"
         results = json.loads(res_path.read_text())
-        results["lambda_plot"] = lambda_plot(results, res_path.with_name("lambda_sweep.png"))
+        results["lambda_plot"] = lambda_plot(results, res_path.with_name(prefix + "lambda_sweep.png"))
         if "runs" in results.get("prune", {}):
-            results["prune"]["plot"] = prune_plot(results["prune"], res_path.with_name("prune_curves.png"))
+            results["prune"]["plot"] = prune_plot(results["prune"], res_path.with_name(prefix + "prune_curves.png"))
         md = markdown(results)
-        res_path.with_name("results.md").write_text(md)
+        res_path.with_name((prefix[:-1] or "results") + ".md").write_text(md)
         print(md)
         return results
     if not args.out:
