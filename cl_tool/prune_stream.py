@@ -26,37 +26,10 @@ from pathlib import Path
 
 from cl_tool.errors import BadInputError
 from cl_tool.pruning import MaskPlan, Source
+from cl_tool.safetensors_io import DTYPE_NAMES
 
-NUMPY_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "uint16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-}
-TORCH_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-}
+TORCH_NAMES = DTYPE_NAMES
+NUMPY_DTYPES = {**DTYPE_NAMES, "BF16": "uint16"}  # bfloat16: numpy has none; its bits, as uint16
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _RAW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _PLACEHOLDER = "0" * 32  # the output's fingerprint, filled in once the tensors are written

@@ -16,6 +16,23 @@ from typing import Any
 
 from cl_tool.errors import BadInputError
 
+#: safetensors dtype codes → the names torch (and cl-tool's layout record) use
+DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _DTYPE_SIZES = {
     "F64": 8,

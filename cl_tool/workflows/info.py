@@ -18,25 +18,8 @@ from cl_tool.checkpoint import layout_from_metadata, layout_problem, metadata_js
 from cl_tool.errors import BadInputError, UsageError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, option
+from cl_tool.safetensors_io import DTYPE_NAMES
 
-# safetensors dtype codes → the names torch (and cl-tool's layout record) use
-DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 KINDS = {
     "checkpoint": "cl-tool checkpoint",

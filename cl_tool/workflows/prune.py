@@ -129,6 +129,21 @@ class PruneArgs(Args):
             raise UsageError(f"$sweep values must be in [0, 1), got {self.sweep}.")
 
 
+def _selected(args: PruneArgs, named: dict[str, Any], layout: dict[str, Any]) -> list[str]:
+    """The parameters the selection options pick (``--include/--exclude``, biases, norms, the classifier)."""
+    from cl_tool.pruning import select_prunable
+
+    return select_prunable(
+        named,
+        include=args.include or None,
+        exclude=args.exclude or None,
+        include_bias=args.include_bias,
+        include_norm=args.include_norm,
+        include_classifier=args.include_classifier,
+        classifier_names=tuple(layout["classifier"]),
+    )
+
+
 def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> None:
     """``--by signal`` with a signal sidecar: its scores are used as stored, whatever ``--bias-score`` says."""
     stored = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
@@ -280,7 +295,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     )
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
-    from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable, sparsity_report
+    from cl_tool.pruning import apply_masks, global_masks, layer_masks, sparsity_report
     from cl_tool.runtime import resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
@@ -321,15 +336,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
         return materialised[0]
 
     named = {n: ckpt.state[n] for n in layout["parameters"]}
-    chosen = select_prunable(
-        named,
-        include=args.include or None,
-        exclude=args.exclude or None,
-        include_bias=args.include_bias,
-        include_norm=args.include_norm,
-        include_classifier=args.include_classifier,
-        classifier_names=tuple(layout["classifier"]),
-    )
+    chosen = _selected(args, named, layout)
     make_masks = global_masks if args.scope == "global" else layer_masks
     if args.sweep is not None:
         return _sweep(args, out, ckpt, get_model, named, chosen, make_masks, device)
@@ -427,7 +434,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         write_masks,
         write_pruned,
     )
-    from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks, select_prunable
+    from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks
     from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
@@ -464,15 +471,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     ckpt._fp = check_and_fingerprint(tf, where)
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
-    chosen = select_prunable(
-        named,
-        include=args.include or None,
-        exclude=args.exclude or None,
-        include_bias=args.include_bias,
-        include_norm=args.include_norm,
-        include_classifier=args.include_classifier,
-        classifier_names=tuple(layout["classifier"]),
-    )
+    chosen = _selected(args, named, layout)
     if by == "magnitude":
         sources, source = magnitude_sources(tf, chosen), {"by": "magnitude"}
     else:
