@@ -45,7 +45,10 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(folder):
     msg = str(err.value)
     assert err.value.exit_code == 7 and "data-loading process died" in msg and "workers" in msg and "\n" not in msg
     task.close()
-    assert list(task.batches(batch_size=6))  # a new pass starts new workers
+    try:
+        assert list(task.batches(batch_size=6))  # a new pass starts new workers
+    finally:
+        task.close()
 
 
 def test_as_worker_error_maps_torch_messages():
@@ -116,3 +119,38 @@ def test_default_workers():
     n = default_workers()
     cpus = len(os.sched_getaffinity(0))
     assert n == (0 if cpus <= 1 else min(8, cpus - 1))
+
+
+DROPPED = textwrap.dedent("""
+    import sys
+    from cl_tool.data import Preprocess, TaskSpec, open_task
+    task = open_task(TaskSpec(sys.argv[1]), Preprocess.builtin((3, 16, 16), (0.5,) * 3, (0.2,) * 3), cache="none", workers=2)
+    batches = iter(task.batches(batch_size=2))
+    next(batches)  # persistent workers are running
+    cycle = [task, batches]
+    cycle.append(cycle)  # a reference cycle: nothing closes the task before the interpreter exits
+    del task, batches, cycle
+    print("done", flush=True)
+""")
+
+
+def test_a_process_that_never_closes_its_task_still_exits(folder):
+    """Workers ignore SIGTERM (multiprocessing's exit handler would wait for them forever); the exit hook stops them."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-c", DROPPED, str(folder)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0 and out.strip() == "done", err
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(p.pid, 0)  # no worker left behind

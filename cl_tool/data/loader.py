@@ -43,12 +43,25 @@ _EXIT_HOOK = False
 
 
 def _close_open_tasks() -> None:
-    """Stop worker processes before multiprocessing's exit handler joins them (they ignore SIGTERM, so its terminate() would not)."""
+    """Stop worker processes before multiprocessing's exit handler joins them (they ignore SIGTERM, so its terminate() would not).
+
+    Open tasks are closed; then any daemonic child still alive (the workers of a task dropped without
+    ``close()``) is killed, as multiprocessing would terminate it at exit, had it not to ignore SIGTERM.
+    """
     for task in list(_OPEN):
         try:
             task.close()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:  # a DataLoader worker of a task dropped without close(): it would never be joined
+            try:
+                child.kill()
+                child.join(timeout=5)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
 
 
 def _register_exit_hook() -> None:
