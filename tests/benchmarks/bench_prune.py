@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--skip-reference", action="store_true", help="only cl-tool (the reference needs ~5 GiB and ~30 s)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-"))
+    work.mkdir(parents=True, exist_ok=True)
     checkpoints = {}
     for arch in filter(None, (args.arch, args.scale_arch)):
         src = work / f"{arch}.safetensors"
