@@ -256,3 +256,23 @@ def test_saved_dataset_rewritten_changes_the_key(tmp_path):
     _, x, _ = collect(t, batch_size=5)
     assert t.stats["decoded"] == 10 and torch.equal(x, load_task(TaskSpec(str(path)), (1, 28, 28), (0.0,), (1.0,)).x)
     t.close()
+
+
+def test_a_cache_folder_inside_the_data_folder_is_refused(cli, tmp_path):
+    """The decoded cache is never written into a data folder: exit 6 naming both, and nothing is written."""
+    import json as _json
+
+    from cl_tool.demo import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(40, seed=1).save_to_disk(str(data))
+    ckpt = tmp_path / "m.safetensors"
+    assert cli("init", "--arch", "mlp", "-o", ckpt).code == 0
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    r = cli("evaluate", ckpt, "--data", data, "--cache-dir", data / "cache", "--json")
+    assert (
+        r.code == 6 and "--cache-dir" in r.error_line and str(data) in r.error_line and "\n" not in r.error_line.strip()
+    )
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    r = cli("evaluate", ckpt, "--data", data, "--cache-dir", data / "cache", "--cache", "none", "--json")
+    assert r.code == 0 and _json.loads(r.out)["accuracy"]

@@ -61,7 +61,8 @@ def name_of(command_name: str | None) -> Callable[[str], str]:
     """How ``$name`` placeholders are shown while ``command_name`` runs: its flag, another command's, or ``--name``."""
     own = FLAGS.get(command_name or "", {})
     every = {k: v for flags in FLAGS.values() for k, v in flags.items()}
-    return lambda key: own.get(key) or every.get(key) or "--" + key.replace("_", "-")
+    # $UPPER_CASE names an environment variable (e.g. $CL_TOOL_CACHE), shown as written
+    return lambda key: "$" + key if key.isupper() else own.get(key) or every.get(key) or "--" + key.replace("_", "-")
 
 
 def _default(f: dataclasses.Field) -> Any:

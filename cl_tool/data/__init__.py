@@ -76,6 +76,7 @@ def open_tasks(
     specs: list[TaskSpec], model_spec, options: DataOptions, *, num_classes: int | None = None
 ) -> list[Task]:
     """Every spec opened for ``model_spec``'s preprocessing with the data options; labels checked against ``num_classes``."""
+    _refuse_cache_inside_data(specs, options)
     pre = Preprocess.for_model(model_spec)
     tasks = []
     for spec in specs:
@@ -92,6 +93,26 @@ def open_tasks(
             check_labels(task, num_classes)
         tasks.append(task)
     return tasks
+
+
+def _refuse_cache_inside_data(specs: list[TaskSpec], options: DataOptions) -> None:
+    """The decoded cache is never written into a data folder (exit 6 naming both)."""
+    if options.cache == "none":
+        return
+    from pathlib import Path
+
+    from cl_tool.errors import OutputError
+
+    folder = Path(options.cache_dir or default_cache_dir()).expanduser().resolve()
+    for spec in specs:
+        source = Path(spec.source)
+        if source.is_dir():
+            data = source.resolve()
+            if folder == data or data in folder.parents:
+                raise OutputError(
+                    f"The decoded-image cache folder {folder} is inside ${spec.option} {spec.source}; cl-tool never "
+                    f"writes into a data folder: set $cache_dir (or $CL_TOOL_CACHE) to a folder outside it, or use $cache none."
+                )
 
 
 def __getattr__(name: str):
