@@ -28,7 +28,6 @@ from cl_tool.errors import BadInputError
 from cl_tool.pruning import MaskPlan, Source
 from cl_tool.safetensors_io import DTYPE_NAMES
 
-TORCH_NAMES = DTYPE_NAMES
 NUMPY_DTYPES = {**DTYPE_NAMES, "BF16": "uint16"}  # bfloat16: numpy has none; its bits, as uint16
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _RAW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
@@ -103,7 +102,7 @@ def check_and_fingerprint(tf: TensorFile, where: str) -> str:
             raise BadInputError(
                 f"Checkpoint {where} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
             )
-        h.update(f"{name}|torch.{TORCH_NAMES[code]}|{tf.shape(name)};".encode())
+        h.update(f"{name}|torch.{DTYPE_NAMES[code]}|{tf.shape(name)};".encode())
         if raw.size:
             h.update(raw.view(np.uint8).data)
     return h.hexdigest()
@@ -185,7 +184,7 @@ def write_pruned(
                 if name in sources:
                     raw[~plan.mask(sources[name]).reshape(-1)] = 0  # +0.0 in every float dtype
                 _pwrite_all(fd, raw, data_start + tf.header[name]["data_offsets"][0])
-                h.update(f"{name}|torch.{TORCH_NAMES[tf.header[name]['dtype']]}|{tf.shape(name)};".encode())
+                h.update(f"{name}|torch.{DTYPE_NAMES[tf.header[name]['dtype']]}|{tf.shape(name)};".encode())
                 if raw.size:
                     h.update(raw.view(np.uint8).data)
             fp = h.hexdigest()

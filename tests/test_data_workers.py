@@ -73,6 +73,19 @@ def test_workers_ignore_sigint_and_close_stops_them(folder):
     assert not any(w.is_alive() for w in workers) and not [p for p in multiprocessing.active_children() if p in workers]
 
 
+def _start(script: str, folder) -> subprocess.Popen:
+    """``script`` in a fresh interpreter, in its own process group (so the test can signal or probe all of it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(folder)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 SCRIPT = textwrap.dedent("""
     import signal, sys, time
     from cl_tool.data import Preprocess, TaskSpec, open_task
@@ -96,15 +109,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sigterm_to_the_process_group_stops_cleanly(folder):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(folder)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    p = _start(SCRIPT, folder)
     assert p.stdout.readline().strip() == "running"
     os.killpg(p.pid, signal.SIGTERM)  # like a batch scheduler: every process of the job gets it
     out, err = p.communicate(timeout=60)
@@ -136,15 +141,7 @@ DROPPED = textwrap.dedent("""
 
 def test_a_process_that_never_closes_its_task_still_exits(folder):
     """Workers ignore SIGTERM (multiprocessing's exit handler would wait for them forever); the exit hook stops them."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen(
-        [sys.executable, "-c", DROPPED, str(folder)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    p = _start(DROPPED, folder)
     try:
         out, err = p.communicate(timeout=60)
     finally:

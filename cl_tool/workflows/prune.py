@@ -425,7 +425,6 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
     from cl_tool.lineage import check_sidecar
     from cl_tool.prune_stream import (
-        TORCH_NAMES,
         TensorFile,
         check_and_fingerprint,
         check_sidecar_values,
@@ -435,6 +434,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         write_pruned,
     )
     from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks
+    from cl_tool.safetensors_io import DTYPE_NAMES
     from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
@@ -467,7 +467,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         path=where,
         layout=layout,
     )
-    validate_layout(ckpt, {n: (e["shape"], TORCH_NAMES[e["dtype"]]) for n, e in tf.header.items()})
+    validate_layout(ckpt, {n: (e["shape"], DTYPE_NAMES[e["dtype"]]) for n, e in tf.header.items()})
     ckpt._fp = check_and_fingerprint(tf, where)
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
