@@ -208,3 +208,11 @@ def test_bias_score_is_ignored_with_a_note_where_it_does_not_apply(cli, two_stag
     )
     assert r.code == 0, r.err
     assert "--bias-score" in r.err and "ignored" in r.err
+
+
+def test_a_missing_score_data_folder_is_named_by_its_option(cli, two_stage, tmp_path):
+    d, a0, a, b = two_stage
+    out = tmp_path / "p.safetensors"
+    r = cli("prune", a, "--by", "signal", "--score-data", tmp_path / "nope", "--sparsity", "0.5", "-o", out)
+    assert r.code == 3 and "--score-data" in r.error_line and "nope" in r.error_line
+    assert not out.exists()

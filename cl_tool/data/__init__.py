@@ -77,18 +77,27 @@ def open_tasks(
 ) -> list[Task]:
     """Every spec opened for ``model_spec``'s preprocessing with the data options; labels checked against ``num_classes``."""
     _refuse_cache_inside_data(specs, options)
+    from cl_tool.errors import ClToolError
+
     pre = Preprocess.for_model(model_spec)
-    tasks = []
+    tasks: list[Task] = []
     for spec in specs:
-        task = open_task(
-            spec,
-            pre,
-            cache=options.cache,
-            workers=options.workers,
-            streaming=options.streaming,
-            skip_bad=options.skip_bad_images,
-            cache_dir=options.cache_dir,
-        )
+        try:
+            task = open_task(
+                spec,
+                pre,
+                cache=options.cache,
+                workers=options.workers,
+                streaming=options.streaming,
+                skip_bad=options.skip_bad_images,
+                cache_dir=options.cache_dir,
+            )
+        except ClToolError as exc:  # the sources speak of "$data": name the option this spec came from
+            if spec.option != "data":
+                exc.message = exc.message.replace("$data ", f"${spec.option} ")
+            for task in tasks:
+                task.close()
+            raise
         if num_classes is not None:
             check_labels(task, num_classes)
         tasks.append(task)

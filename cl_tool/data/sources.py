@@ -108,6 +108,7 @@ def load_hub(source: str, *, streaming: bool = False):
             or "resolve" in text.lower()
             or "network" in text.lower()
             or "Max retries" in text
+            or "couldn't reach" in text.lower()
         ):
             raise EnvironmentProblem(
                 f"$data {source} is not a local path and the Hugging Face Hub cannot be reached; download it on a connected machine and pass the local folder."
