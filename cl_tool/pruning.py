@@ -230,12 +230,17 @@ class _Keys:
 
 
 class Source(NamedTuple):
-    """One tensor of scores: its name, shape, numpy dtype and a loader of its values (any real dtype)."""
+    """One tensor of scores: its name, shape, numpy dtype and a loader of its values (any real dtype).
+
+    ``pieces``, when given, yields the same values flat in consecutive pieces (a file read in chunks); the
+    selection then never holds more than one piece of a tensor.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     load: Callable[[], Any]
+    pieces: Callable[[], Iterable[Any]] | None = None
 
     @property
     def numel(self) -> int:
@@ -257,71 +262,57 @@ def _flat(src: Source, cdtype: str):
     return values if values.dtype == np.dtype(cdtype) else values.astype(cdtype)
 
 
-def _check_nan_minmax(sources: list[Source], cdtype: str) -> tuple[float, float] | None:
+def _pieces(src: Source, cdtype: str) -> Iterable[Any]:
+    """The source's scores, flat, in the compute dtype: piece by piece when it reads in pieces, else whole."""
     import numpy as np
 
-    lo = hi = None
-    for src in sources:
-        if src.numel == 0:
-            continue
-        f = _flat(src, cdtype)
-        mn, mx = float(np.min(f)), float(np.max(f))
-        if math.isnan(mn) or math.isnan(mx):
-            raise BadInputError(
-                f"The scores for {src.name!r} contain NaN; recompute the importances (the run that produced them probably diverged)."
-            )
-        lo = mn if lo is None else min(lo, mn)
-        hi = mx if hi is None else max(hi, mx)
-    return None if lo is None else (lo, hi)
+    if src.pieces is None:
+        yield _flat(src, cdtype)
+        return
+    for piece in src.pieces():
+        piece = np.asarray(piece).reshape(-1)
+        yield piece if piece.dtype == np.dtype(cdtype) else piece.astype(cdtype)
+
+
+def _nan_error(name: str) -> BadInputError:
+    return BadInputError(
+        f"The scores for {name!r} contain NaN; recompute the importances (the run that produced them probably diverged)."
+    )
 
 
 def _count_le(sources: list[Source], x: float, cdtype: str) -> int:
     import numpy as np
 
-    return sum(int(np.count_nonzero(_flat(src, cdtype) <= x)) for src in sources)
+    return sum(int(np.count_nonzero(f <= x)) for src in sources for f in _pieces(src, cdtype))
 
 
-def _sample(sources: list[Source], total: int, cdtype: str) -> list[float]:
-    """A sorted, seeded random sample of about ``total`` values, stratified by tensor size."""
-    import numpy as np
+class _Bracket(NamedTuple):
+    """Search state of :func:`_kth_smallest`: ``#{<= value(lo)} = c_lo < k <= c_hi = #{<= value(hi)}`` (keys)."""
 
-    rng = np.random.default_rng(0)
-    n_all = sum(src.numel for src in sources)
-    parts = []
-    for src in sources:
-        s = max(1, min(src.numel, round(total * src.numel / n_all)))
-        parts.append(_flat(src, cdtype)[rng.integers(0, src.numel, s)])
-    return np.sort(np.concatenate(parts)).tolist()
+    lo: int
+    c_lo: int
+    lo_virtual: bool  # value(lo) lies below every score (it is not a score bound to be compared against)
+    hi: int
+    c_hi: int
 
 
 def _kth_smallest(
-    sources: list[Source], k: int, cdtype: str, lo_val: float, hi_val: float
+    sources: list[Source], k: int, cdtype: str, start: _Bracket, smp: list[float]
 ) -> tuple[float, int, list[int] | None]:
     """Return ``(v, #{x < v}, eq)`` where ``v`` is the k-th smallest (1-based) of all values.
 
-    ``sources`` are non-empty and without NaN; their overall minimum and maximum are
-    ``lo_val`` and ``hi_val``; ``1 <= k <= total number of elements``. ``eq[i]`` is the
-    number of elements of ``sources[i]`` equal to ``v`` when it came for free, else None.
+    ``sources`` are non-empty and without NaN; ``start`` brackets the k-th value; ``smp`` is a sorted
+    sample of the values (may be empty). ``eq[i]`` is the number of elements of ``sources[i]`` equal to
+    ``v`` when it came for free, else None. Counting passes until the bracket holds at most the
+    candidate cap, then one gathering pass and ``numpy.partition``.
     """
     import numpy as np
 
     keys = _Keys(cdtype)
     n_all = sum(src.numel for src in sources)
     cap = max(_MIN_CAP, max(src.numel for src in sources))
-    lo, c_lo, lo_virtual = keys.key(lo_val) - 1, 0, True  # invariant: #{<= value(lo)} < k
-    hi, c_hi = keys.key(hi_val), n_all  # invariant: #{<= value(hi)} >= k
-
+    lo, c_lo, lo_virtual, hi, c_hi = start
     probes: list[int] = []
-    smp: list[float] = []
-    if n_all > cap and _SAMPLE > 0:
-        smp = _sample(sources, _SAMPLE, cdtype)
-        s = len(smp)
-        p = k / n_all
-        d = 4.0 * math.sqrt(s * p * (1.0 - p)) + 2.0
-        a = smp[max(0, min(s - 1, math.floor(p * s - d)))]
-        b = smp[max(0, min(s - 1, math.ceil(p * s + d)))]
-        # Bracket [a, b]: count just below a and up to b (Floyd-Rivest style).
-        probes = [keys.key(a) - 1, keys.key(b)]
     guided = 0
 
     while True:
@@ -345,7 +336,7 @@ def _kth_smallest(
                 guided += 1
                 q = (k - c_lo) / (c_hi - c_lo)
                 u = smp[min(i1 - 1, i0 + int(q * (i1 - i0)))]
-                probes = [keys.key(u) - 1, keys.key(u)]
+                probes = [keys.key(-0.0 if u == 0 else u) - 1, keys.key(0.0 if u == 0 else u)]
                 continue
         if probe is None:
             probe = lo + (hi - lo) // 2
@@ -360,15 +351,16 @@ def _kth_smallest(
     cand = np.empty(c_hi - c_lo, dtype=cdtype)
     bounds = [0]
     for src in sources:
-        f = _flat(src, cdtype)
-        if c_hi - c_lo != n_all:
-            sel = f <= hi_v
-            if lo_v is not None:
-                sel &= f > lo_v
-            f = f[sel]
         pos = bounds[-1]
-        cand[pos : pos + f.size] = f
-        bounds.append(pos + f.size)
+        for f in _pieces(src, cdtype):
+            if c_hi - c_lo != n_all:
+                sel = f <= hi_v
+                if lo_v is not None:
+                    sel &= f > lo_v
+                f = f[sel]
+            cand[pos : pos + f.size] = f
+            pos += f.size
+        bounds.append(pos)
     assert bounds[-1] == cand.size
     v = float(np.partition(cand, k - c_lo - 1)[k - c_lo - 1])
     c_lt = c_lo + int(np.count_nonzero(cand < v))
@@ -403,7 +395,7 @@ class MaskPlan:
     """The exact cut of every source, computed once (:func:`plan_masks`); masks then come one tensor at a time.
 
     Each tensor's mask depends only on its own scores and its cut, so masks can be produced in any
-    order and more than once, and nothing but one tensor's scores is held at a time.
+    order and more than once, and nothing but one tensor's scores (or one piece of them) is held at a time.
     """
 
     def __init__(self, cuts: dict[str, _Cut]):
@@ -416,63 +408,277 @@ class MaskPlan:
         """The keep-mask (numpy bool, the source's shape) of ``src``."""
         import numpy as np
 
-        cut = self.cuts[src.name]
-        if cut.threshold is None or src.numel == 0:
-            return np.ones(src.shape, dtype=bool)
-        f = _flat(src, cut.cdtype)
-        if cut.ties == 0:
-            keep = f >= cut.threshold
-        else:
-            keep = f > cut.threshold
+        out = np.ones(src.numel, dtype=bool)
+        if self.cuts[src.name].threshold is None or src.numel == 0:
+            return out.reshape(src.shape)
+        keep, pos = self.keeper(src.name), 0
+        for f in _pieces(src, self.cuts[src.name].cdtype):
+            keep(f, out[pos : pos + f.size])
+            pos += f.size
+        return out.reshape(src.shape)
+
+    def keep(self, name: str, shape: tuple[int, ...], values: Any, out: Any = None):
+        """The keep-mask of source ``name`` from all its scores ``values`` (read by the caller), in ``shape``."""
+        return self.keeper(name)(values, out).reshape(shape)
+
+    def keeper(self, name: str) -> Callable[..., Any]:
+        """``keep(values, out=None)``: the flat keep-mask of the next piece of source ``name``'s scores.
+
+        Pieces are fed in flat order; the ties to prune are the first ones met. ``out``: a flat bool array of
+        the piece's size to write into (the caller's reused buffer).
+        """
+        import numpy as np
+
+        cut = self.cuts[name]
+        ties_left = cut.ties
+
+        def keep(values: Any, out: Any = None):
+            nonlocal ties_left
+            f = np.asarray(values).reshape(-1)
+            if out is None:
+                out = np.empty(f.size, dtype=bool)
+            if cut.threshold is None:
+                out[...] = True
+                return out
+            if f.dtype != np.dtype(cut.cdtype):
+                f = f.astype(cut.cdtype)
+            if ties_left == 0:
+                return np.greater_equal(f, cut.threshold, out=out)
+            np.greater(f, cut.threshold, out=out)
             eq = f == cut.threshold
-            if cut.ties < int(np.count_nonzero(eq)):
-                p = _nth_true(eq, cut.ties)
-                keep[p + 1 :] |= eq[p + 1 :]
-        return keep.reshape(src.shape)
+            n_eq = int(np.count_nonzero(eq))
+            if ties_left < n_eq:  # the tie that is cut lies in this piece: ties after it are kept
+                p = _nth_true(eq, ties_left)
+                out[p + 1 :] |= eq[p + 1 :]
+            ties_left -= min(ties_left, n_eq)
+            return out
+
+        return keep
 
 
-def _cuts(sources: list[Source], k: int, cdtype: str) -> dict[str, _Cut]:
-    """The cuts pruning exactly the k lowest scores of ``sources`` (ties: earlier source, lower index)."""
-    import numpy as np
+class _Seen(NamedTuple):
+    """What the first read of a source found: its least and greatest score and a random sample (None when empty)."""
 
-    if k <= 0:
-        return {src.name: _Cut(None, 0, cdtype, 0) for src in sources}
-    minmax = _check_nan_minmax(sources, cdtype)
-    nonempty = [src for src in sources if src.numel]
-    v, c_lt, eq_counts = _kth_smallest(nonempty, k, cdtype, *minmax)
-    eq_known = dict(zip((src.name for src in nonempty), eq_counts)) if eq_counts is not None else {}
-    remaining = k - c_lt  # scores equal to v still to prune
-    cuts = {}
-    for src in sources:
-        if src.numel == 0:
-            cuts[src.name] = _Cut(None, 0, cdtype, 0)
-            continue
-        f = _flat(src, cdtype)
-        below = int(np.count_nonzero(f < v))
-        equal = eq_known[src.name] if src.name in eq_known else int(np.count_nonzero(f == v))
-        ties = min(remaining, equal)
+    lo: float | None
+    hi: float | None
+    sample: Any
+
+
+class _Group(NamedTuple):
+    """Sources cut together: all of them in global scope, one in layer scope."""
+
+    sources: list[Source]
+    k: int
+    cdtype: str
+
+
+class CutPlanner:
+    """The exact cut of every source (:class:`MaskPlan`), usually in two reads of each score tensor.
+
+    Read 1 (:meth:`observe`): each source's NaN check, least and greatest score and, when its group
+    holds more than the candidate cap, a seeded random sample (2**17 scores over the group,
+    stratified by tensor size). A caller that reads the tensors anyway (the streaming prune checks
+    and hashes every tensor of the checkpoint first) pushes the scores in there; :meth:`plan` reads
+    the sources nobody pushed. Read 2 (:meth:`plan`): the sample brackets the k-th score ``v``
+    (Floyd–Rivest: ``a``, ``b`` at the sample ranks ``p·s ∓ (4·sqrt(s·p·(1−p)) + 2)``); one pass
+    counts the scores below ``a`` and copies out those in ``[a, b]`` (at most the cap), and
+    ``numpy.partition`` of the copies gives ``v``, each tensor's count below ``v`` and its ties. A
+    bracket that misses ``k`` or holds more than the cap (a heavy tie that is not settled by
+    ``a == b``) falls back to counting probes (:func:`_kth_smallest`), which always ends.
+    """
+
+    def __init__(self, sources: list[Source], sparsity: float, scope: str):
+        s = check_sparsity(sparsity)
+        if scope == "layer":
+            self.groups = [_Group([src], num_to_prune(src.numel, s), _compute_dtype([src.dtype])) for src in sources]
+        else:
+            self.groups = [
+                _Group(
+                    list(sources),
+                    num_to_prune(sum(src.numel for src in sources), s),
+                    _compute_dtype(src.dtype for src in sources),
+                )
+            ]
+        self.sources = {src.name: src for src in sources}
+        self._index = {src.name: i for i, src in enumerate(sources)}
+        self._cdtype: dict[str, str] = {}
+        self._sample_size: dict[str, int] = {}
+        for group in self.groups:
+            n_all = sum(src.numel for src in group.sources)
+            sampled = group.k > 0 and n_all > _cap(group.sources) and _SAMPLE > 0
+            for src in group.sources:
+                self._cdtype[src.name] = group.cdtype
+                share = max(1, min(src.numel, round(_SAMPLE * src.numel / n_all))) if sampled and src.numel else 0
+                self._sample_size[src.name] = share
+        self._seen: dict[str, _Seen] = {}
+        self._partial: dict[str, dict[str, Any]] = {}
+
+    def observe(self, name: str, values: Any, start: int = 0) -> None:
+        """Read 1 of source ``name`` from its scores ``values``: the whole tensor, or flat pieces in order, the piece
+        beginning at flat index ``start``. Names that are not sources, and sources already seen whole, are ignored."""
+        import numpy as np
+
+        if name not in self.sources or name in self._seen:
+            return
+        f = np.asarray(values).reshape(-1)
+        cdtype = self._cdtype[name]
+        if f.dtype != np.dtype(cdtype):
+            f = f.astype(cdtype)
+        numel = self.sources[name].numel
+        state = self._partial.get(name)
+        if state is None or start != state["next"]:  # a new reading of the tensor begins
+            size = self._sample_size[name]
+            at = np.random.default_rng([0, self._index[name]]).integers(0, numel, size) if size else np.zeros(0, int)
+            state = self._partial[name] = {"next": 0, "lo": math.inf, "hi": -math.inf, "at": np.sort(at), "parts": []}
+            if start != 0:
+                raise ValueError(f"the scores of {name!r} must be observed from flat index 0, in order")
+        if f.size:
+            lo, hi = float(np.min(f)), float(np.max(f))
+            if math.isnan(lo) or math.isnan(hi):
+                raise _nan_error(name)
+            state["lo"], state["hi"] = min(state["lo"], lo), max(state["hi"], hi)
+            at = state["at"]
+            i0, i1 = np.searchsorted(at, [start, start + f.size])
+            if i1 > i0:
+                state["parts"].append(f[at[i0:i1] - start])
+        state["next"] = start + f.size
+        if state["next"] >= numel:
+            del self._partial[name]
+            parts = state["parts"]
+            sample = np.concatenate(parts) if parts else f[:0].copy()
+            self._seen[name] = _Seen(state["lo"], state["hi"], sample) if numel else _Seen(None, None, sample)
+
+    def plan(self) -> MaskPlan:
+        """The cuts; reads every source not yet observed once, then every source of a group with ``k > 0`` once more."""
+        for src in self.sources.values():
+            if src.name not in self._seen:
+                self._partial.pop(src.name, None)
+                start = 0
+                for f in _pieces(src, self._cdtype[src.name]):
+                    self.observe(src.name, f, start)
+                    start += f.size
+                if src.name not in self._seen:  # an empty tensor that yielded no piece
+                    self.observe(src.name, [])
+        cuts: dict[str, _Cut] = {}
+        for group in self.groups:
+            cuts.update(self._cuts(group))
+        return MaskPlan(cuts)
+
+    def _cuts(self, group: _Group) -> dict[str, _Cut]:
+        """The cuts pruning exactly the ``k`` lowest scores of the group (ties: earlier source, lower index)."""
+        import numpy as np
+
+        sources, k, cdtype = group
+        cuts = {src.name: _Cut(None, 0, cdtype, 0) for src in sources}
+        nonempty = [src for src in sources if src.numel]
+        if k <= 0 or not nonempty:
+            return cuts
+        keys = _Keys(cdtype)
+        n_all, cap = sum(src.numel for src in nonempty), _cap(nonempty)
+        lo_val = min(self._seen[src.name].lo for src in nonempty)
+        hi_val = max(self._seen[src.name].hi for src in nonempty)
+        smp = np.sort(np.concatenate([self._seen[src.name].sample for src in nonempty])) if n_all > cap else None
+        full = _Bracket(keys.key(lo_val) - 1, 0, True, keys.key(hi_val), n_all)
+        if n_all <= cap:
+            a, b = lo_val, hi_val
+        elif smp is not None and smp.size:
+            s, p = smp.size, k / n_all
+            d = 4.0 * math.sqrt(s * p * (1.0 - p)) + 2.0
+            a = float(smp[max(0, min(s - 1, math.floor(p * s - d)))])
+            b = float(smp[max(0, min(s - 1, math.ceil(p * s + d)))])
+        else:  # sampling off: probes from the whole range
+            return self._finish(nonempty, k, cdtype, _kth_smallest(nonempty, k, cdtype, full, []), cuts)
+
+        # One pass: below a, and the scores in [a, b] (copied while they fit the cap).
+        below, inside, parts, bounds = [], [], [], [0]
+        gathering, gathered = True, 0
+        for src in nonempty:
+            n_below = n_inside = 0
+            for f in _pieces(src, cdtype):
+                n_below += int(np.count_nonzero(f < a))
+                if a == b:
+                    n_inside += int(np.count_nonzero(f == a))
+                    continue
+                sel = f >= a
+                sel &= f <= b
+                n_in = int(np.count_nonzero(sel))
+                n_inside += n_in
+                if gathering and gathered + n_in <= cap:
+                    parts.append(f[sel])
+                    gathered += n_in
+                else:
+                    gathering, parts = False, []
+            below.append(n_below)
+            inside.append(n_inside)
+            bounds.append(gathered)
+        c_lo = sum(below)
+        c_hi = c_lo + sum(inside)
+        if c_lo < k <= c_hi and (a == b or gathering):
+            if a == b:
+                v, eq = a, inside
+            else:
+                # The candidates, tensor after tensor (bounds); partitioned in a copy, so the segments still count.
+                cand = np.concatenate(parts)
+                del parts
+                v = float(np.partition(cand, k - c_lo - 1)[k - c_lo - 1])
+                segments = [cand[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+                below = [n + int(np.count_nonzero(seg < v)) for n, seg in zip(below, segments)]
+                eq = [int(np.count_nonzero(seg == v)) for seg in segments]
+            return _assign(nonempty, k, cdtype, v, below, eq, cuts)
+        # The bracket is too full or misses k: count probes inside what is known.
+        just_below_a = keys.key(-0.0 if a == 0 else a) - 1  # the float just below a: #{<= it} = #{< a}
+        up_to_b = keys.key(0.0 if b == 0 else b)
+        if k <= c_lo:
+            start = full._replace(hi=just_below_a, c_hi=c_lo)
+        elif k > c_hi:
+            start = full._replace(lo=up_to_b, c_lo=c_hi, lo_virtual=False)
+        else:
+            start = _Bracket(just_below_a, c_lo, c_lo == 0, up_to_b, c_hi)
+        found = _kth_smallest(nonempty, k, cdtype, start, smp.tolist() if smp is not None else [])
+        return self._finish(nonempty, k, cdtype, found, cuts)
+
+    @staticmethod
+    def _finish(nonempty, k, cdtype, found, cuts) -> dict[str, _Cut]:
+        """Cuts from ``(v, #{< v}, eq or None)``: a counting pass for each tensor's scores below (and equal to) ``v``."""
+        import numpy as np
+
+        v, _, eq_counts = found
+        below, eq = [], []
+        for i, src in enumerate(nonempty):
+            n_below = n_eq = 0
+            for f in _pieces(src, cdtype):
+                n_below += int(np.count_nonzero(f < v))
+                if eq_counts is None:
+                    n_eq += int(np.count_nonzero(f == v))
+            below.append(n_below)
+            eq.append(n_eq if eq_counts is None else eq_counts[i])
+        return _assign(nonempty, k, cdtype, v, below, eq, cuts)
+
+
+def _cap(sources: list[Source]) -> int:
+    """How many candidate scores may be copied out: the largest tensor, and at least ``_MIN_CAP``."""
+    return max(_MIN_CAP, max((src.numel for src in sources), default=0))
+
+
+def _assign(nonempty, k, cdtype, v, below, eq, cuts) -> dict[str, _Cut]:
+    """Prune every score below ``v`` and the ``k - #{< v}`` first ties (earlier tensor, then lower index)."""
+    remaining = k - sum(below)
+    assert 0 < remaining <= sum(eq)
+    for src, n_below, n_eq in zip(nonempty, below, eq):
+        ties = min(remaining, n_eq)
         remaining -= ties
-        cuts[src.name] = _Cut(v, ties, cdtype, below + ties)
-    assert remaining == 0
+        cuts[src.name] = _Cut(v, ties, cdtype, n_below + ties)
     return cuts
 
 
 def plan_masks(sources: list[Source], sparsity: float, scope: str) -> MaskPlan:
-    """The exact cut of every source for ``sparsity`` in ``scope``.
+    """The exact cut of every source for ``sparsity`` in ``scope`` (:class:`CutPlanner`, reading every source).
 
     ``global``: ``k = floor(s*N + 1/2)`` of all ``N`` scores, ties pruned in (source order, flat
     index) order; ``layer``: the same rule within each source. Raises UsageError for a sparsity
     outside [0, 1) and BadInputError for NaN scores.
     """
-    s = check_sparsity(sparsity)
-    if scope == "layer":
-        cuts = {}
-        for src in sources:
-            cuts.update(_cuts([src], num_to_prune(src.numel, s), _compute_dtype([src.dtype])))
-        return MaskPlan(cuts)
-    return MaskPlan(
-        _cuts(sources, num_to_prune(sum(src.numel for src in sources), s), _compute_dtype(src.dtype for src in sources))
-    )
+    return CutPlanner(sources, sparsity, scope).plan()
 
 
 def _in_memory(scores: Mapping[str, Any]) -> tuple[list[Source], Callable[[str, Any], Any]]:

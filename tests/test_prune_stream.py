@@ -13,6 +13,17 @@ from cl_tool.checkpoint import load_checkpoint
 from cl_tool.pruning import apply_masks, global_masks, layer_masks, select_prunable
 
 
+@pytest.fixture(autouse=True, params=["whole-tensors", "pieces"])
+def piece_bytes(request, monkeypatch):
+    """Each test twice: tensors read whole (they are small), and in pieces of 24 bytes (6 float32, 12 bfloat16
+    elements), so ties, masks, the fingerprint and a grown head's padding all cross piece boundaries."""
+    import cl_tool.prune_stream
+
+    if request.param == "pieces":
+        monkeypatch.setattr(cl_tool.prune_stream, "PIECE_BYTES", 24)
+    return request.param
+
+
 def _expected(path, scores_of, sparsity, scope, **select):
     """The pruned state and masks computed in memory with torch (the reference path)."""
     ckpt = load_checkpoint(path)

@@ -425,15 +425,15 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
     from cl_tool.lineage import check_sidecar
     from cl_tool.prune_stream import (
+        MagnitudeScores,
+        SidecarScores,
         TensorFile,
         check_and_fingerprint,
         check_sidecar_values,
-        magnitude_sources,
-        sidecar_sources,
         write_masks,
         write_pruned,
     )
-    from cl_tool.pruning import SparsityRow, TensorInfo, plan_masks
+    from cl_tool.pruning import CutPlanner, SparsityRow, TensorInfo
     from cl_tool.safetensors_io import DTYPE_NAMES
     from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
@@ -468,13 +468,16 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         layout=layout,
     )
     validate_layout(ckpt, {n: (e["shape"], DTYPE_NAMES[e["dtype"]]) for n, e in tf.header.items()})
-    ckpt._fp = check_and_fingerprint(tf, where)
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    if by == "magnitude":
-        sources, source = magnitude_sources(tf, chosen), {"by": "magnitude"}
+    if by == "magnitude":  # |w| is observed by the planner while the checkpoint is checked and hashed
+        scores, source = MagnitudeScores(tf), {"by": "magnitude"}
+        sources = scores.sources(chosen, shapes)
+        planner = CutPlanner(sources, args.sparsity, args.scope)
+        ckpt._fp = check_and_fingerprint(tf, where, planner)
     else:
+        ckpt._fp = check_and_fingerprint(tf, where)
         if not sidecar_path.exists():
             raise BadInputError(
                 f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
@@ -482,7 +485,6 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
             )
         sc_file = TensorFile(sidecar_path, "Importance file")
         sc = sidecar_from_metadata(sc_file.metadata, sidecar_path)
-        check_sidecar_values(sc_file, str(sidecar_path))
         if by not in ("importance", sc.method):
             raise UsageError(
                 f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
@@ -502,22 +504,25 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
                     f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
                     f"recompute it with `cl-tool importance {where}`."
                 )
-        sources = sidecar_sources(sc_file, chosen, shapes, set(use.grown), str(sidecar_path))
+        scores = SidecarScores(sc_file, shapes, set(use.grown))
+        sources = scores.sources(chosen, shapes)
+        planner = CutPlanner(sources, args.sparsity, args.scope)
+        check_sidecar_values(sc_file, str(sidecar_path), planner, scores)  # the planner's first read of each score
         source = {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
-    plan = plan_masks(sources, args.sparsity, args.scope)
+    plan = planner.plan()
     rows = [
         SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
         for src in sources
     ]
     n_all, n_pruned = sum(r.numel for r in rows), sum(r.pruned for r in rows)
     total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
-    by_name = {src.name: src for src in sources}
 
     def write(path, metadata) -> str:
         return write_pruned(
             tf,
             plan,
-            by_name,
+            scores,
+            set(chosen),
             path,
             {
                 **meta,

@@ -77,11 +77,18 @@ def main() -> None:
         checkpoints[arch] = src
         print(f"checkpoint {src} ({src.stat().st_size / 1e6:.0f} MB)")
     src = checkpoints[args.arch]
-    import torch
-
-    print(
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch {torch.__version__}, threads {torch.get_num_threads()}"
-    )
+    # This process must stay small: a child's peak RSS (wait4) includes the pages it shared with this process
+    # when it was forked, so importing torch here would add ~450 MiB to every child's figure.
+    assert "torch" not in sys.modules, "the benchmark's own process must not import torch"
+    torch_info = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__, torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch {torch_info[0]}, threads {torch_info[1]}")
+    floor = run_measured([sys.executable, "-c", "pass"])[1]
+    print(f"peak RSS of an empty Python process started the same way: {floor:.0f} MiB")
 
     def cl_prune(path: Path, out: str) -> list[str]:
         return [
@@ -130,13 +137,16 @@ def main() -> None:
         )
     if args.skip_reference:
         return
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(work / "cl.safetensors")), load_file(str(work / "ref.safetensors"))
-    pruned_a = sum(int((v == 0).sum()) for v in a.values())
-    pruned_b = sum(int((v == 0).sum()) for v in b.values())
-    differ = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
-    print(f"zeros: cl-tool {pruned_a:,}, reference {pruned_b:,}; elements pruned by only one of them: {differ}")
+    compare = (
+        "import sys; from safetensors.numpy import load_file\n"
+        "a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n"
+        "za = sum(int((v == 0).sum()) for v in a.values()); zb = sum(int((v == 0).sum()) for v in b.values())\n"
+        "d = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)\n"
+        "print(f'zeros: cl-tool {za:,}, reference {zb:,}; elements pruned by only one of them: {d}')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", compare, str(work / "cl.safetensors"), str(work / "ref.safetensors")], check=True
+    )
 
 
 if __name__ == "__main__":
