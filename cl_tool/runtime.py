@@ -93,6 +93,39 @@ def skip_dynamo_import() -> None:
                 fn.__dynamo_disable = fn
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+KEEP_BELOW_BYTES = 32 << 20  # blocks up to this size come from (and go back to) the heap
+TRIM_ABOVE_BYTES = 128 << 20  # free memory at the top of the heap is given back above this
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed blocks instead of giving them back to the system at once; True if it was set.
+
+    By default glibc maps every block over 128 KiB on its own and unmaps it when freed (its threshold rises only
+    after a larger block has been freed), and returns free memory at the top of the heap beyond 128 KiB. A training
+    step allocates and frees its gradients and the optimiser's temporaries (~1 MB each for the paper MLP) every
+    step, so every step faults them in afresh (a zeroed page each 4 KiB). Measured: ``train-next`` of the paper MLP,
+    batch 100, 2 threads, 30 000 samples: 14.6–16.8 k samples/s as it was, 23.8–26.5 k with this, the speed of a
+    hand-written loop. Sets M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (128 MiB), as the ``MALLOC_*_`` variables
+    would; does nothing where malloc is not glibc's or the user set those variables.
+    """
+    import ctypes
+    import os
+    import platform
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_ABOVE_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -319,3 +319,15 @@ def test_the_plain_step_is_the_optimizers_own_update(name):
             o.step()
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_keep_freed_memory_is_set_once_and_respects_the_users_malloc_variables(monkeypatch):
+    import platform
+    import sys
+
+    from cl_tool.runtime import keep_freed_memory
+
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert keep_freed_memory() is False  # the user's own setting wins

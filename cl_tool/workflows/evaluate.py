@@ -112,7 +112,7 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
     from cl_tool.data import local_paths, task_specs
     from cl_tool.metrics import cl_summary, gate
-    from cl_tool.runtime import resolve_device
+    from cl_tool.runtime import keep_freed_memory, resolve_device
 
     specs = task_specs(args.data, args.data_options)
     roles = FileRoles(force=args.force)
@@ -125,6 +125,7 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     roles.output(args.plot, "$plot")
     roles.check()
     device = resolve_device(args.device)
+    keep_freed_memory()
     acc, loss, names = accuracy_matrix(
         args.checkpoints,
         specs,

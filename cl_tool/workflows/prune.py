@@ -296,7 +296,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
     from cl_tool.pruning import apply_masks, global_masks, layer_masks, sparsity_report
-    from cl_tool.runtime import resolve_device
+    from cl_tool.runtime import keep_freed_memory, resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
     roles = FileRoles(force=args.force)
@@ -319,6 +319,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
         if streamed is not None:
             return streamed
     device = resolve_device(args.device)
+    keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
     if (
         ckpt.layout is not None and "spec" in ckpt.layout

@@ -297,7 +297,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     from cl_tool import distributed
     from cl_tool.checkpoint import load_model
     from cl_tool.data import task_specs
-    from cl_tool.runtime import seed_everything
+    from cl_tool.runtime import keep_freed_memory, seed_everything
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data")
@@ -307,6 +307,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         out.log(f"$resume: no resumable state at {args.state_path}; starting from the beginning.")
 
     dist, device = distributed.setup(args.device)
+    keep_freed_memory()
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)

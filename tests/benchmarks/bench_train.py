@@ -30,7 +30,7 @@ from pathlib import Path
 
 MODELS = {
     # name: (init arguments, input shape, batch size, steps)
-    "mlp": (["--arch", "mlp", "--arch-arg", "sizes=784,300,150,10"], (1, 28, 28), 100, 60),
+    "mlp": (["--arch", "mlp", "--arch-arg", "sizes=784,300,150,10"], (1, 28, 28), 100, 300),
     "cnn": (["--arch", "cnn"], (1, 28, 28), 64, 12),
     "resnet18": (["--arch", "resnet18"], (3, 32, 32), 32, 10),
     "vit": (
