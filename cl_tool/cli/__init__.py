@@ -70,6 +70,7 @@ COMMANDS = {
     "convert": "convert",
     "demo-data": "demo_data",
 }
+DRIVERS = {"batch": "batch"}  # commands that run other command lines (no workflow of their own)
 
 
 def _register() -> None:
@@ -78,6 +79,9 @@ def _register() -> None:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"cl_tool.cli.{module_name}")
         app.command(name, epilog=module.EPILOG, cls=Command)(command(name, module.ARGS, module.RUN, module.HELP))
+    for name, module_name in DRIVERS.items():
+        module = importlib.import_module(f"cl_tool.cli.{module_name}")
+        app.command(name, epilog=module.EPILOG, help=module.HELP, cls=Command)(module.RUN)
 
 
 _register()
@@ -187,10 +191,23 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
+    code = run_line(list(sys.argv[1:] if argv is None else argv))
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError):
+        code = code or _stdout_gone()
+    sys.exit(code)
+
+
+def run_line(argv: list[str], *, last: bool = True) -> int:
+    """Run one cl-tool command line in this process and return its exit code (errors already printed).
+
+    ``last``: nothing runs after it in this process (a ``batch`` keeps the process group for its next line).
+    """
     click = _click()
     runtime.mark_start()
     _ensure_std_streams()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv)
     debug = "--debug" in argv or os.environ.get("CL_TOOL_DEBUG") == "1"
     if "-q" in argv or "--quiet" in argv:  # global flags, accepted anywhere on the line
         argv = ["--quiet"] + [a for a in argv if a not in ("-q", "--quiet")]
@@ -240,12 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         code = EXIT_INTERNAL
     finally:
-        distributed.shutdown()
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, OSError):
-        code = code or _stdout_gone()
-    sys.exit(code)
+        if last:
+            distributed.shutdown()
+    return code
 
 
 def _ensure_std_streams() -> None:

@@ -7,7 +7,10 @@ on the last 2,000 images at the end, from the same initial weights and the same 
 * cl-tool: ``init`` once (not timed), then the 7 commands of the sequence as separate processes, as a shell script
   would run them (train-next, importance, train-next, importance --accumulate, train-next, importance --accumulate,
   evaluate), with ``--cache`` as given (the first command decodes and caches the data, the others read the cache);
+* cl-tool batch: the same command lines in one ``cl-tool batch FILE`` process (torch imported once);
 * Avalanche 0.6.0 (``pip install avalanche-lib``): one process, ``tensors_benchmark`` + ``EWC`` + ``Adam``.
+
+One untimed cl-tool sequence first writes the decoded cache (Avalanche is handed the images decoded too).
 
 Both are whole-process wall times (imports included), rounds interleaved; min and median are reported with the load.
 
@@ -97,8 +100,8 @@ def main() -> None:
         split = prefix + ("[:8000]" if part == "train" else "[8000:]")
         return f"T{t + 1}={data}::split={split}" + (f",permute={t}" if t else "")
 
-    def cl_sequence(round_: int) -> tuple[float, list[float], list[float]]:
-        folder = work / f"cl{round_}"
+    def cl_sequence(round_: int, batch: bool = False) -> tuple[float, list[float], list[float]]:
+        folder = work / f"cl{round_}{'-batch' if batch else ''}"
         folder.mkdir(exist_ok=True)
         common = ["--device", "cpu", "--cache", args.cache]
         steps, prev, sidecar = [], a0, None
@@ -163,6 +166,13 @@ def main() -> None:
                 *common,
             ]
         )
+        if batch:  # the same lines, one process: `cl-tool batch FILE`
+            import shlex
+
+            script = folder / "sequence.txt"
+            script.write_text("".join(shlex.join(argv[len(cl) :]) + "\n" for argv in steps))
+            dt, out_text = timed(cl + ["batch", str(script)])
+            return dt, [dt], json.loads(out_text)["accuracy"][-1]
         times, out_text = [], ""
         for argv in steps:
             dt, out_text = timed(argv)
@@ -171,7 +181,12 @@ def main() -> None:
 
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; work {work}")
     os.environ["CL_TOOL_CACHE"] = str(env_cache)
-    rows: dict[str, list[float]] = {"cl-tool (separate commands)": [], "avalanche (one process)": []}
+    rows: dict[str, list[float]] = {
+        "cl-tool (separate commands)": [],
+        "cl-tool batch (one process)": [],
+        "avalanche (one process)": [],
+    }
+    cl_sequence(-1)  # untimed: the first command decodes MNIST into the cache; Avalanche gets it decoded too
     for r in range(args.rounds):
         total, per_step, acc = cl_sequence(r)
         rows["cl-tool (separate commands)"].append(total)
@@ -179,6 +194,9 @@ def main() -> None:
             f"round {r + 1}: cl-tool {total:6.1f} s (steps {', '.join(f'{t:.1f}' for t in per_step)}), final accuracies {[round(a, 4) for a in acc]}",
             flush=True,
         )
+        total, _, acc = cl_sequence(r, batch=True)
+        rows["cl-tool batch (one process)"].append(total)
+        print(f"round {r + 1}: cl-tool batch {total:6.1f} s, final accuracies {[round(a, 4) for a in acc]}", flush=True)
         dt, out = timed(
             [
                 sys.executable,
