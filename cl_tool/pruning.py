@@ -18,22 +18,25 @@ exactly and deterministically:
   of a *stable* ascending sort of the concatenation of all flattened scores in dict order.
   ``-0.0`` and ``+0.0`` count as equal; ``±inf`` are ordinary values; NaN is refused
   (:class:`~cl_tool.errors.BadInputError` naming the tensor).
-* **Scale.** Nothing is concatenated or sorted globally. The k-th smallest score ``v`` is
-  found by counting, tensor by tensor, how many scores are ``<= x`` for probe values
-  ``x``: two probes bracketing the target rank in a seeded random sample of 2**17 scores
-  (Floyd–Rivest style), up to 8 pairs of sample-guided probes that isolate one sampled
-  value (this settles heavy ties in two counts), then bisection on the order-preserving
-  integer key of the float bit pattern (at most 33 more passes for float32, 65 for
-  float64). Typically 2 counting passes suffice. As soon as the bracket holds at most
-  ``max(largest tensor, 2**20)`` elements they are copied out and ``numpy.partition``
-  finishes the job. Then ``m = k - #{score < v}`` elements equal to ``v`` are pruned in
-  (tensor, flat index) order.
+* **Scale.** Nothing is concatenated or sorted globally (:class:`CutPlanner`). A first read
+  of every score tensor takes its range and a seeded random sample (2**19 scores over all
+  tensors, stratified by size); its values at the ranks ``p·s ∓ (4·sqrt(s·p·(1−p)) + 2)``
+  bracket the k-th smallest score ``v`` (Floyd–Rivest). A second read counts the scores below
+  the bracket and copies out those inside it (at most ``max(largest tensor, 2**20)``);
+  ``numpy.partition`` of the copies gives ``v`` and each tensor's count below and equal to it.
+  A bracket that misses k or holds too many (heavy ties) falls back to counting reads: up to 8
+  pairs of sample-guided probes that isolate one sampled value (this settles heavy ties in two
+  counts), then bisection on the order-preserving integer key of the float bit pattern (at
+  most 33 more reads for float32, 65 for float64). Then ``m = k - #{score < v}`` elements
+  equal to ``v`` are pruned in (tensor, flat index) order.
 * **Streaming.** The selection reads the scores through *sources* (name, shape, dtype, a
-  loader of the values), one tensor at a time: :func:`plan_masks` finds each tensor's cut
-  (threshold and number of ties to prune), after which any tensor's mask follows from its
-  own scores alone, in any order (:class:`MaskPlan`), so scores and masks can stay on disk:
-  extra memory is a few times the largest single tensor. :func:`global_masks` and
-  :func:`layer_masks` are the in-memory API over torch tensors or numpy arrays.
+  loader of the values, optionally of consecutive pieces), one tensor or piece at a time:
+  :func:`plan_masks` finds each tensor's cut (threshold and number of ties to prune), after
+  which any tensor's mask follows from its own scores alone, in any order and piece by piece
+  (:class:`MaskPlan`), so scores and masks can stay on disk: extra memory is a few pieces and
+  the bracket's copies. A caller that reads the tensors anyway hands the first read to
+  :meth:`CutPlanner.observe`. :func:`global_masks` and :func:`layer_masks` are the in-memory
+  API over torch tensors or numpy arrays.
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
 float64 and integer scores in float64 (integers above 2**53 lose exactness). The selection
@@ -88,7 +91,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 _CHUNK = 1 << 20  # elements per chunk when locating the n-th tie
-_SAMPLE = 1 << 17  # size of the random sample that brackets the threshold
+_SAMPLE = 1 << 19  # size of the random sample that brackets the threshold (2 MiB of float32)
 _MIN_CAP = 1 << 20  # bracket size (elements) below which candidates are copied out
 _GUIDED = 8  # at most this many sample-guided probe pairs before plain bisection
 
@@ -476,7 +479,7 @@ class CutPlanner:
     """The exact cut of every source (:class:`MaskPlan`), usually in two reads of each score tensor.
 
     Read 1 (:meth:`observe`): each source's NaN check, least and greatest score and, when its group
-    holds more than the candidate cap, a seeded random sample (2**17 scores over the group,
+    holds more than the candidate cap, a seeded random sample (2**19 scores over the group,
     stratified by tensor size). A caller that reads the tensors anyway (the streaming prune checks
     and hashes every tensor of the checkpoint first) pushes the scores in there; :meth:`plan` reads
     the sources nobody pushed. Read 2 (:meth:`plan`): the sample brackets the k-th score ``v``

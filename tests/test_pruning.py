@@ -200,8 +200,8 @@ def test_nan_scores_refused_naming_the_tensor(fn):
 
 
 def test_large_input_is_never_concatenated_or_sorted_whole(monkeypatch):
-    # Scale the limits down (cap 1000 elements, sample 2048) so a 100 k-element input stands
-    # in for a large model: only the sample may be concatenated or sorted.
+    # Scale the limits down (cap 1000 elements, so the largest tensor's 2500; sample 2048) so a 100 k-element
+    # input stands in for a large model: only the sample may be sorted, and nothing beyond the cap concatenated.
     import numpy as np
 
     monkeypatch.setattr(P, "_MIN_CAP", 1000)
@@ -209,9 +209,9 @@ def test_large_input_is_never_concatenated_or_sorted_whole(monkeypatch):
     real_cat, real_sort = np.concatenate, np.sort
     seen = []
 
-    def guarded_cat(arrays, *a, **kw):
+    def guarded_cat(arrays, *a, **kw):  # the sample, or the bracket's copies (at most the cap: the largest tensor)
         seen.append(sum(x.size for x in arrays))
-        assert seen[-1] <= 2048 + 40
+        assert seen[-1] <= max(2048 + 40, 2500)
         return real_cat(arrays, *a, **kw)
 
     def guarded_sort(x, *a, **kw):
