@@ -73,15 +73,26 @@ COMMANDS = {
 DRIVERS = {"batch": "batch"}  # commands that run other command lines (no workflow of their own)
 
 
+def reflow(epilog: str) -> str:
+    """An epilog for the terminal's width: a paragraph's lines joined (rich wraps them), example lines kept."""
+    blocks = []
+    for block in epilog.strip("\n").split("\n\n"):
+        lines = block.split("\n")
+        blocks.append(block if any(line.startswith("  ") for line in lines) else " ".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def _register() -> None:
     import importlib
 
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"cl_tool.cli.{module_name}")
-        app.command(name, epilog=module.EPILOG, cls=Command)(command(name, module.ARGS, module.RUN, module.HELP))
+        app.command(name, epilog=reflow(module.EPILOG), cls=Command)(
+            command(name, module.ARGS, module.RUN, module.HELP)
+        )
     for name, module_name in DRIVERS.items():
         module = importlib.import_module(f"cl_tool.cli.{module_name}")
-        app.command(name, epilog=module.EPILOG, help=module.HELP, cls=Command)(module.RUN)
+        app.command(name, epilog=reflow(module.EPILOG), help=module.HELP, cls=Command)(module.RUN)
 
 
 _register()
