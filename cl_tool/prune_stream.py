@@ -1,8 +1,9 @@
-"""Pruning a checkpoint file into a new file, one tensor at a time, with numpy (no torch).
+"""Pruning a checkpoint file into a new file, piece by piece, with numpy (no torch).
 
 For scores that need no forward pass — |w| or stored importances — pruning is I/O. Tensors are
-read with ``os.pread`` into a buffer of their own size (the file is never mapped, so resident
-memory stays about one tensor, not the checkpoint), in three reads of each selected tensor:
+read with ``os.pread`` in pieces of ``PIECE_BYTES`` into reused buffers (the file is never mapped, so
+resident memory stays a few pieces, whatever the size of the checkpoint), in three reads of each selected
+tensor:
 
 1. every tensor: refuse NaN/±Inf, hash it into the checkpoint's fingerprint (lineage needs it) and,
    for magnitude, hand |w| to the :class:`~cl_tool.pruning.CutPlanner` (its first read: range and
@@ -120,10 +121,6 @@ class TensorFile:
         for start in range(0, numel, step):
             yield start, self.raw(name, start, min(step, numel - start), reuse=reuse)
 
-    def values(self, name: str):
-        """The tensor's values, flat: its own numpy dtype, except BF16, which is widened exactly to float32."""
-        return self.decode(name, self.raw(name))
-
     def decode(self, name: str, raw, scratch: Scratch | None = None):
         """Values from the bytes ``raw`` of tensor ``name``: a view, or for BF16 an exact float32 (in ``scratch``)."""
         import numpy as np
@@ -148,7 +145,9 @@ def magnitude(values, scratch: Scratch | None = None):
 
 def _header_line(tf: TensorFile, name: str) -> bytes:
     """What the fingerprint hashes before a tensor's bytes (as ``safetensors_io.fingerprint_update``)."""
-    return f"{name}|torch.{DTYPE_NAMES[tf.header[name]['dtype']]}|{tf.shape(name)};".encode()
+    from cl_tool.safetensors_io import fingerprint_line
+
+    return fingerprint_line(name, DTYPE_NAMES[tf.header[name]["dtype"]], tf.shape(name))
 
 
 def check_and_fingerprint(tf: TensorFile, where: str, planner: CutPlanner | None = None) -> str:

@@ -420,10 +420,6 @@ class MaskPlan:
             pos += f.size
         return out.reshape(src.shape)
 
-    def keep(self, name: str, shape: tuple[int, ...], values: Any, out: Any = None):
-        """The keep-mask of source ``name`` from all its scores ``values`` (read by the caller), in ``shape``."""
-        return self.keeper(name)(values, out).reshape(shape)
-
     def keeper(self, name: str) -> Callable[..., Any]:
         """``keep(values, out=None)``: the flat keep-mask of the next piece of source ``name``'s scores.
 

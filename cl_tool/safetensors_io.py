@@ -228,6 +228,11 @@ def fingerprint_hasher():
     return xxhash.xxh3_128()
 
 
+def fingerprint_line(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    """What a fingerprint hashes before a tensor's bytes: its name, torch dtype name (``float32``) and shape."""
+    return f"{name}|torch.{dtype}|{tuple(shape)};".encode()
+
+
 def fingerprint_update(h, name: str, t) -> None:
     """Add one tensor to a fingerprint, exactly as :func:`fingerprint` does (so a file can be hashed one tensor at a time)."""
     import torch
@@ -236,6 +241,6 @@ def fingerprint_update(h, name: str, t) -> None:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+    h.update(fingerprint_line(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)

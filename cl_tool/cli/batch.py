@@ -49,7 +49,9 @@ def read_lines(source: str) -> list[tuple[int, list[str]]]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"batch file {source} could not be read as UTF-8 text ({exc}).") from exc
+            raise UsageError(
+                f"batch file {source} could not be read as UTF-8 text ({exc}); give a text file of cl-tool command lines."
+            ) from exc
     lines = []
     for number, line in enumerate(text.splitlines(), start=1):
         try:

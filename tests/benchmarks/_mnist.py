@@ -46,8 +46,11 @@ def mnist_dataset_dir(idx_folder: str | Path, out: str | Path) -> Path:
     return out
 
 
-#: Where the project's build machines keep the MNIST test split (used only when --data is not given).
-BUILD_MACHINE_FOLDER = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist-t10k"
+def _given(data: str | None) -> str:
+    """``--data`` as given: MNIST has no default location (each machine keeps it where it likes)."""
+    if data is None:
+        raise SystemExit("give --data: a folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist")
+    return data
 
 
 def mnist_source(data: str | None, work: str | Path) -> tuple[str, str]:
@@ -58,12 +61,7 @@ def mnist_source(data: str | None, work: str | Path) -> tuple[str, str]:
     e.g. ``ylecun/mnist`` (online) or a local save_to_disk copy of it: MNIST's test split is the same 10,000
     images as t10k, in the same order, so the configs' slices pick the same samples either way.
     """
-    if data is None:
-        if not BUILD_MACHINE_FOLDER.is_dir():
-            raise SystemExit(
-                "give --data: a folder with the MNIST IDX files (t10k-*) or a dataset such as ylecun/mnist"
-            )
-        data = str(BUILD_MACHINE_FOLDER)
+    data = _given(data)
     folder = Path(data)
     if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):
         return str(mnist_dataset_dir(folder, Path(work) / "_mnist_dataset")), ""
@@ -76,8 +74,7 @@ def mnist_arrays(data: str | None):
     """(uint8 images (10000, 28, 28), int64 labels) of MNIST's test split from an IDX folder or a Hugging Face dataset."""
     import numpy as np
 
-    if data is None:
-        data = str(BUILD_MACHINE_FOLDER)
+    data = _given(data)
     folder = Path(data)
     if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):
         return read_idx(folder)

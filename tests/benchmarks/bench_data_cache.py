@@ -20,7 +20,7 @@ cold decoded cache and then as a later command would see it. Each measurement ru
 interleaved, ``--repeats`` times; medians are reported with the load average (the machine
 is shared: compare the ratios, not the absolute numbers).
 
-    python tests/benchmarks/bench_data_cache.py --mnist /work/shared/data/mnist-t10k --work /tmp/bench_cache
+    python tests/benchmarks/bench_data_cache.py --mnist DIR --work /tmp/bench_cache
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def child(mode: str, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", default="/work/shared/data/mnist-t10k", help="folder with the MNIST t10k IDX files")
+    ap.add_argument("--mnist", required=True, help="folder with the MNIST t10k IDX files")
     ap.add_argument("--work", required=True, help="scratch folder (the MNIST save_to_disk copy and both caches)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the JSON result here too")
