@@ -207,6 +207,9 @@ def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
         std=norm["std"],
         source="timm",
     )
+    labels = cfg.get("label_names")  # timm's save_for_hf writes the class names it knows
+    if isinstance(labels, list) and all(isinstance(v, str) for v in labels) and len(set(labels)) == num_classes:
+        spec.class_names = list(labels)
     spec.validate(str(cfg_path))
     # What timm.data.resolve_data_config gives for this pretrained_cfg, read without importing timm (`info` stays
     # torch-free): the folder's own geometry, else timm's defaults (bicubic, crop_pct 0.875, centre crop).

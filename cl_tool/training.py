@@ -275,6 +275,8 @@ def train(
                         result.setup_seconds if result.setup_seconds is not None else t_epoch - started_at
                     )
                 xb, yb = batch.x, batch.y
+                if dist.world == 1 and not yb.numel():  # every image of the batch skipped ($skip_bad_images)
+                    continue
                 lr = lr_at(cfg, global_step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr

@@ -87,7 +87,7 @@ def load_task(spec: TaskSpec, input_shape: tuple[int, int, int], mean, std, *, p
     import torch
 
     split_name, start, stop = _parse_split(spec.split)
-    ds, split_name = _load_raw(spec.source, split_name)
+    ds, split_name, _ = _load_raw(spec.source, split_name)
     img_col = _find_column(
         ds, spec.image_column, "image", "$image_column", IMAGE_COLUMN_NAMES, ("Image", "Array2D", "Array3D")
     )

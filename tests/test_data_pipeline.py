@@ -73,7 +73,12 @@ def test_split_limit_labels_and_describe_match(data):
         TaskSpec(str(data["demo"]), **spec), Preprocess.builtin((1, 28, 28), *MNIST_NORM), cache="none", workers=0
     )
     assert task.stats["decoded"] == 0 and torch.equal(task.labels, ref.y)  # labels come without decoding an image
-    assert task.describe() == ref.describe() and len(task) == 9
+    d, old = task.describe(), ref.describe()
+    assert len(task) == 9 and d["samples"] == old["samples"] == 9 and d["source"] == old["source"]
+    assert d["split"] == "test" and d["subset"] == "rows [3:20], the first 9 of 24" and d["rows_in_split"] == 24
+    assert sum(d["classes"].values()) == 9 and d["classes"] == {
+        str(k): int((ref.y == k).sum()) for k in ref.y.unique().tolist()
+    }
     _, x, _ = collect(task, batch_size=4)
     assert torch.equal(x, ref.x)
     task.close()

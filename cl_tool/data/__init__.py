@@ -63,6 +63,7 @@ __all__ = [
     "default_cache_dir",
     "default_workers",
     "local_paths",
+    "match_task",
     "open_task",
     "open_tasks",
     "parse_augment",
@@ -72,10 +73,51 @@ __all__ = [
 ]
 
 
+def match_task(task: Task, model_spec, *, log=None):
+    """Map ``task``'s labels to ``model_spec``'s output rows by class name (:mod:`cl_tool.data.classes`); check them
+    against its number of classes; log a note when positions stand in for names or the task covers fewer classes
+    than the model has. Returns the ClassMap."""
+    import numpy as np
+
+    from cl_tool.data.classes import match_classes, present_ids
+
+    raw = task._raw_labels
+    cmap = match_classes(
+        task.class_names,
+        present_ids(raw) if raw is not None else None,
+        model_spec.class_names,
+        model_spec.num_classes,
+        what=f"${task.spec.option} {task.spec.source}",
+    )
+    task.map_classes(cmap.lookup)
+    check_labels(task, model_spec.num_classes)
+    if log is not None:
+        if cmap.note:
+            log(cmap.note)
+        if task.labels is not None and task.labels.numel():
+            have = len(np.unique(task.labels.numpy()))
+            if have < model_spec.num_classes:
+                log(
+                    f"${task.spec.option} {task.spec.source} holds {have} of the model's {model_spec.num_classes} classes; "
+                    f"its accuracy is over those classes only."
+                )
+    return cmap
+
+
 def open_tasks(
-    specs: list[TaskSpec], model_spec, options: DataOptions, *, num_classes: int | None = None
+    specs: list[TaskSpec],
+    model_spec,
+    options: DataOptions,
+    *,
+    num_classes: int | None = None,
+    log=None,
+    match: bool = False,
 ) -> list[Task]:
-    """Every spec opened for ``model_spec``'s preprocessing with the data options; labels checked against ``num_classes``."""
+    """Every spec opened for ``model_spec``'s preprocessing with the data options.
+
+    ``match``: labels mapped to the model's classes by name and checked (:func:`match_task`); else, with
+    ``num_classes``, only checked against it. ``log``: called with each task's summary line and its notes.
+    """
     _refuse_cache_inside_data(specs, options)
     from cl_tool.errors import ClToolError
 
@@ -98,9 +140,20 @@ def open_tasks(
             for task in tasks:
                 task.close()
             raise
-        if num_classes is not None:
-            check_labels(task, num_classes)
         tasks.append(task)
+        if log is not None:
+            log(task.summary())
+            for note in task.info.get("notes") or ():
+                log(note)
+        try:
+            if match:
+                match_task(task, model_spec, log=log)
+            elif num_classes is not None:
+                check_labels(task, num_classes)
+        except ClToolError:
+            for t in tasks:
+                t.close()
+            raise
     return tasks
 
 

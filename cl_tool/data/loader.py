@@ -182,7 +182,9 @@ def _key_parts(spec, pre, source_id: str) -> dict[str, Any]:
     return {
         "source": source_id,
         "split": spec.split,
+        "role": spec.role if spec.split is None else None,  # which split a source read without --split gives
         "limit": spec.limit,
+        "sample": [spec.sample, spec.sample_seed] if spec.sample is not None else None,
         "image_column": spec.image_column,
         "label_column": spec.label_column,
         "preprocess": pre.key(),
@@ -224,7 +226,7 @@ def open_task(
     common = {"workers": workers, "skip_bad": skip_bad, "shuffle_buffer": shuffle_buffer}
     if streaming:
         sel = open_selection(spec, streaming=True)
-        info = {"split": sel.split, "image_column": sel.image_column, "label_column": sel.label_column}
+        info = {**sel.info, "image_column": sel.image_column, "label_column": sel.label_column}
         return Task(
             spec, pre, n=sel.num_rows, labels=None, info=info, store=None, selection=sel, streaming=True, **common
         )
@@ -240,7 +242,7 @@ def open_task(
             return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=None, **common)
     sel = open_selection(spec)
     labels = read_labels(sel.ds, sel.label_column, spec.source)
-    info = {"split": sel.split, "image_column": sel.image_column, "label_column": sel.label_column}
+    info = {**sel.info, "image_column": sel.image_column, "label_column": sel.label_column}
     if want_disk and parts is None:  # a hub id: keyed by the datasets fingerprint of the selected rows
         parts = _key_parts(spec, pre, f"hub:{spec.source}:{sel.fingerprint}")
         path = folder / (cache_key(parts) + SUFFIX)
@@ -299,6 +301,7 @@ class Task:
         self.workers, self.skip_bad, self.shuffle_buffer = workers, skip_bad, shuffle_buffer
         self._n = n
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64)) if labels is not None else None
+        self._raw_labels = np.array(labels, dtype=np.int64) if labels is not None else None  # the data's own ids
         self._store: Store | None = store
         self._sel = selection
         self._bad: dict[int, str] = dict(store.bad) if store is not None else {}
@@ -306,6 +309,7 @@ class Task:
         self._loader_key: tuple | None = None
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
+        self._lookup = None  # data class id → model output row (cl_tool.data.classes), None: the identity
         self.cache_note: str | None = None
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
@@ -334,13 +338,53 @@ class Task:
             else ("disk" if st.on_disk or st.final is not None else "none")
         )
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The data's own class names (a ClassLabel's), or None for plain integer labels."""
+        return self.info.get("class_names")
+
+    def map_classes(self, lookup) -> None:
+        """Relabel the task: data class id k becomes output row ``lookup[k]`` (a numpy int64 array; None: row k)."""
+        import torch
+
+        self._lookup = torch.as_tensor(lookup, dtype=torch.int64) if lookup is not None else None
+        if self._raw_labels is not None:
+            raw = torch.from_numpy(self._raw_labels)
+            self.labels = raw if self._lookup is None or not raw.numel() else self._lookup[raw]
+
     def describe(self) -> dict[str, Any]:
+        """What was read: source, split (and whether it was the default), subset, samples and samples per class."""
+        from cl_tool.data.classes import class_counts
+
         d = self.spec.describe()
-        d.update(self.info)
+        d.update({k: v for k, v in self.info.items() if k not in ("notes", "class_names")})
         d["samples"] = self._n
+        if self.labels is not None and self._raw_labels is not None:
+            d["classes"] = class_counts(self._raw_labels, self.class_names)
         if self.skip_bad:
             d["skipped_images"] = len(self._bad)
         return d
+
+    def summary(self) -> str:
+        """One line for the log: which data produced the numbers."""
+        d = self.describe()
+        split = d.get("split")
+        where = f"split {split}" if split else "no named splits"
+        if d.get("split_default") and split:
+            where += (
+                " (the default for "
+                + ("evaluation" if self.spec.role == "eval" else "training")
+                + "; $split picks another)"
+            )
+        subset = f", {d['subset']}" if d.get("subset") else ""
+        samples = f"{d['samples']:,} samples" if d.get("samples") is not None else "a stream"
+        classes = d.get("classes")
+        cls = ""
+        if classes:
+            counts = list(classes.values())
+            cls = f", {len(classes)} classes ({min(counts):,}–{max(counts):,} samples each)"
+        name = f"{self.spec.name}=" if self.spec.name and self.spec.name != Path(self.spec.source).name else ""
+        return f"${self.spec.option} {name}{self.spec.source}: {where}{subset}, {samples}{cls}."
 
     def close(self) -> None:
         """Stop the worker processes; remove an unfinished cache file."""
@@ -418,7 +462,7 @@ class Task:
                 )
             if not batch_size or batch_size < 1:
                 raise ValueError("batches() of a stream needs batch_size >= 1")
-            return self._stream(batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world)
+            return self._counted(self._stream(batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world))
         if order is None:
             if not batch_size or batch_size < 1:
                 raise ValueError("batches() needs an order or batch_size >= 1")
@@ -427,7 +471,20 @@ class Task:
             sampler = GlobalBatchSampler(len(self), batch_size, seed=seed, rank=rank, world=world, shuffle=shuffle)
             sampler.set_epoch(epoch, start_batch)
             order = sampler
-        return self._map(order, aug, seed, epoch, dev)
+        return self._counted(self._map(order, aug, seed, epoch, dev))
+
+    def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """``batches``, refusing a pass in which every image was skipped as undecodable (exit 3)."""
+        n = 0
+        for b in batches:
+            n += len(b.index)
+            yield b
+        if n == 0 and self._bad:
+            first = next(iter(self._bad.values()))
+            raise BadInputError(
+                f"None of the images of ${self.spec.option} {self.spec.source} that this pass read could be decoded "
+                f"({len(self._bad):,} skipped by $skip_bad_images; the first: {first.rstrip('.')}); check the files."
+            )
 
     def _index(self, idx):
         import numpy as np
@@ -662,6 +719,8 @@ class Task:
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         if y is None:
             y = self.labels[index]
+        elif self._lookup is not None and y.numel():
+            y = self._lookup[y]
         if self._label_check is not None and y.numel():
             _check_range(int(y.min()), int(y.max()), self._label_check[0], self._label_check[1], self.spec.source)
         if dev.type == "cuda":

@@ -17,7 +17,6 @@ from cl_tool.params import Args, check_value, option, param_of
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "pixels", "x", "input", "features")
 LABEL_COLUMN_NAMES = ("label", "labels", "target", "targets", "y", "class", "fine_label")
 _SPLIT_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)?(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
-TASK_KEYS = ("split", "permute", "rotate", "invert", "limit", "image_column", "label_column", "name")
 
 
 @dataclass
@@ -33,7 +32,10 @@ class TaskSpec:
     rotate: float | None = None
     invert: bool = False
     limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
     option: str = "data"  # the parameter it came from (data, eval_data, score_data), for messages
+    role: str = "train"  # "train" (training, importance, scoring) or "eval": which split is read by default
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class TaskSpec:
             "split": self.split,
             "transforms": {"rotate": self.rotate, "invert": self.invert, "permute": self.permute},
             "limit": self.limit,
+            **({"sample": self.sample, "sample_seed": self.sample_seed} if self.sample is not None else {}),
         }
 
 
@@ -109,7 +112,23 @@ class DataOptions(Args):
     )
     invert: bool = option(False, "--invert", panel="Data", help="Invert images (x -> 1 - x on the [0,1] scale).")
     limit: Optional[int] = option(
-        None, "--limit", panel="Data", metavar="N", low=1, help="Use only the first N samples (after --split slicing)."
+        None,
+        "--limit",
+        panel="Data",
+        metavar="N",
+        low=1,
+        help="Use only the first N samples (after --split slicing; folders are sorted by class: see --sample).",
+    )
+    sample: Optional[int] = option(
+        None,
+        "--sample",
+        panel="Data",
+        metavar="N",
+        low=1,
+        help="Use N samples drawn at random from the whole split (after --split slicing), seeded by --sample-seed.",
+    )
+    sample_seed: int = option(
+        0, "--sample-seed", panel="Data", metavar="SEED", low=0, help="Seed of --sample's draw (default 0)."
     )
     workers: Optional[int] = option(
         None,
@@ -148,18 +167,31 @@ class DataOptions(Args):
     )
 
 
-#: The per-task keys ``--data PATH::key=value`` accepts (the first seven DataOptions, and the task's name).
-TASK_OPTIONS = ("split", "image_column", "label_column", "permute", "rotate", "invert", "limit")
+#: The per-task keys ``--data PATH::key=value`` accepts (these DataOptions, and the task's name).
+TASK_OPTIONS = (
+    "split",
+    "image_column",
+    "label_column",
+    "permute",
+    "rotate",
+    "invert",
+    "limit",
+    "sample",
+    "sample_seed",
+)
 
 DATA_HELP = (
     "Dataset: a save_to_disk folder, an imagefolder, a parquet/csv/json file or a hub id. Optional NAME= names the task; "
-    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, image_column, label_column, name)."
+    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, sample, sample_seed, image_column, label_column, name)."
 )
 DATA_METAVAR = "[NAME=]PATH[::KEY=VAL,...]"
 
 
-def task_specs(values: list[str], options: DataOptions, field: str = "data") -> list[TaskSpec]:
-    """One TaskSpec per ``[NAME=]PATH[::key=val,...]`` value of the parameter ``field``; inline keys override ``options``."""
+def task_specs(values: list[str], options: DataOptions, field: str = "data", role: str = "train") -> list[TaskSpec]:
+    """One TaskSpec per ``[NAME=]PATH[::key=val,...]`` value of the parameter ``field``; inline keys override ``options``.
+
+    ``role``: "eval" for data a command evaluates on (its default split is the held-out one), "train" otherwise.
+    """
     import dataclasses
 
     params = {f.name: param_of(f) for f in dataclasses.fields(DataOptions) if f.name in TASK_OPTIONS}
@@ -181,7 +213,13 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data") -> 
             if not eq:
                 raise UsageError(f"${field} {raw}: per-task option {key!r} needs a value ({key}=...).")
             try:
-                value = int(val) if key in ("permute", "limit") else float(val) if key == "rotate" else val
+                value = (
+                    int(val)
+                    if key in ("permute", "limit", "sample", "sample_seed")
+                    else float(val)
+                    if key == "rotate"
+                    else val
+                )
             except ValueError as exc:
                 raise UsageError(f"${field} {raw}: {key}={val} is not a number.") from exc
             if key == "name":
@@ -194,7 +232,11 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data") -> 
             opts[key] = value
         if not source:
             raise UsageError(f"${field} needs a path or dataset id.")
-        specs.append(TaskSpec(source=source, name=name, option=field, **opts))
+        if opts.get("limit") is not None and opts.get("sample") is not None:
+            raise UsageError(
+                f"${field} {raw}: $limit (the first N rows) and $sample (N random rows) exclude each other; keep one."
+            )
+        specs.append(TaskSpec(source=source, name=name, option=field, role=role, **opts))
     return specs
 
 

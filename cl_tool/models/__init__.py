@@ -60,6 +60,9 @@ class ModelSpec:
     #: timm models: the data config their images are preprocessed with (timm.data.resolve_data_config: input_size,
     #: interpolation, mean, std, crop_pct, crop_mode), recorded so that every command preprocesses identically.
     data_config: dict[str, Any] | None = None
+    #: The class each output row stands for (a name, or None for a row no named data has used yet); None: not
+    #: recorded (checkpoints written before names were): labels then map to rows by position (cl_tool.data.classes).
+    class_names: list[str | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,6 +73,8 @@ class ModelSpec:
             del d["data_config"]
         else:
             d["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
+        if self.class_names is None:  # checkpoints without class names keep their digest
+            del d["class_names"]
         return d
 
     @classmethod
@@ -87,6 +92,9 @@ class ModelSpec:
                 source=str(d.get("source", "builtin")),
                 data_config=d.get("data_config"),
             )
+            from cl_tool.data.classes import check_names
+
+            spec.class_names = check_names(d.get("class_names"), spec.num_classes, "The checkpoint metadata")
             if spec.data_config is not None and not isinstance(spec.data_config, dict):
                 raise TypeError("data_config must be a JSON object")
         except (KeyError, TypeError, ValueError) as exc:

@@ -51,16 +51,24 @@ class EvaluateArgs(Args):
 
 def accuracy_matrix(
     checkpoints, specs, options: DataOptions, *, device, batch_size: int, precision: str, out: Output
-) -> tuple[list, list, list[str]]:
-    """R[i][j] and loss[i][j] for checkpoint i on task j, and the task names; tasks are opened once per preprocessing."""
+) -> tuple[list, list, list[str], list[dict[str, Any]]]:
+    """R[i][j] and loss[i][j] for checkpoint i on task j, the task names and what each task read; tasks are opened
+    once per preprocessing, their labels mapped to each checkpoint's classes by name."""
     import json
 
     from cl_tool.checkpoint import load_model
-    from cl_tool.data import Preprocess, check_labels, open_tasks
+    from cl_tool.data import Preprocess, match_task, open_tasks
     from cl_tool.evaluation import evaluate_task
 
     opened: dict[str, list] = {}
-    acc, loss, names = [], [], []
+    acc, loss, names, data = [], [], [], []
+    said: set[str] = set()
+
+    def log_once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            out.log(line)
+
     try:
         for path in checkpoints:
             ckpt, model = load_model(path)
@@ -68,12 +76,13 @@ def accuracy_matrix(
             pre = Preprocess.for_model(ckpt.spec)
             key = json.dumps([pre.key(), pre.mean, pre.std], sort_keys=True, default=str)
             if key not in opened:
-                opened[key] = open_tasks(specs, ckpt.spec, options)
+                opened[key] = open_tasks(specs, ckpt.spec, options, log=log_once)
             tasks = opened[key]
             names = [t.spec.name for t in tasks]
+            data = [t.describe() for t in tasks]
             row_acc, row_loss = [], []
             for task in tasks:
-                check_labels(task, ckpt.spec.num_classes)
+                match_task(task, ckpt.spec, log=log_once)
                 a, l = evaluate_task(model, task, device=device, batch_size=batch_size, precision=precision)
                 row_acc.append(a)
                 row_loss.append(l)
@@ -84,7 +93,7 @@ def accuracy_matrix(
             task.close()
             if task.cache_note:
                 out.log(task.cache_note)
-    return acc, loss, names
+    return acc, loss, names, data
 
 
 def _dedupe(names: list[str]) -> list[str]:
@@ -114,7 +123,7 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     from cl_tool.metrics import cl_summary, gate
     from cl_tool.runtime import keep_freed_memory, resolve_device
 
-    specs = task_specs(args.data, args.data_options)
+    specs = task_specs(args.data, args.data_options, role="eval")
     roles = FileRoles(force=args.force)
     for path in args.checkpoints:
         roles.input(path, "the checkpoint")
@@ -126,7 +135,7 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     roles.check()
     device = resolve_device(args.device)
     keep_freed_memory()
-    acc, loss, names = accuracy_matrix(
+    acc, loss, names, data = accuracy_matrix(
         args.checkpoints,
         specs,
         args.data_options,
@@ -159,7 +168,9 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
 
             plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, args.plot, force=args.force)
             wrote(args.plot)
-    result = out.result({"checkpoints": stages, "tasks": names, "accuracy": acc, "loss": loss, "summary": summary})
+    result = out.result(
+        {"checkpoints": stages, "tasks": names, "data": data, "accuracy": acc, "loss": loss, "summary": summary}
+    )
     reason = gate(summary, fail_under_acc=args.fail_under_acc, fail_over_forgetting=args.fail_over_forgetting)
     if reason:
         raise GateFailed(reason)

@@ -69,7 +69,16 @@ class ImportanceArgs(Args):
         high=1,
         help="γ for --accumulate (1 = sum, the paper's rule; < 1 = online EWC).",
     )
-    samples: Optional[int] = option(None, "--samples", metavar="N", low=1, help="Use at most N samples.")
+    samples: Optional[int] = option(
+        None,
+        "--samples",
+        metavar="N",
+        low=1,
+        help="Use at most N samples, drawn at random from the whole task (seeded by --seed); see --first-samples.",
+    )
+    first_samples: bool = option(
+        False, "--first-samples", help="With --samples N: take the task's first N rows instead of a random N."
+    )
     batch_size: int = option(256, "--batch-size", "-b", metavar="N", low=1, help="Samples per batch.")
     memory_budget_mb: int = option(
         512, "--memory-budget-mb", metavar="MB", low=1, help="Bound on the extra memory of per-sample gradient chunks."
@@ -90,7 +99,9 @@ class ImportanceArgs(Args):
             raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
         from_data = self.method != "magnitude"
         self.ignore_unless(
-            from_data, ("data", "samples", "batch_size", "memory_budget_mb", "precision", "seed"), "$method magnitude"
+            from_data,
+            ("data", "samples", "first_samples", "batch_size", "memory_budget_mb", "precision", "seed"),
+            "$method magnitude",
         )
         self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
         self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
@@ -129,20 +140,35 @@ def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
 def _sums_on_task(
     args: ImportanceArgs, out: Output, model, task, dist, device
 ) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """Σ of the statistic over the task's first ``--samples`` rows (a contiguous share per torchrun rank, summed over ranks)."""
+    """Σ of the statistic over ``--samples`` rows of the task (a random N by default, the first N with
+    ``--first-samples``; a contiguous share of them per torchrun rank, summed over ranks)."""
     import itertools
 
     import torch
 
     from cl_tool import distributed
+    from cl_tool.data.sources import subset_rows
     from cl_tool.importance import importance_sums
 
     n = task.num_samples
+    subset = None
     if n is not None:
         total = min(n, args.samples or n)
+        if total < n:
+            rows = subset_rows(n, limit=total) if args.first_samples else subset_rows(n, sample=total, seed=args.seed)
+            subset = (
+                f"the first {total:,} of {n:,}"
+                if args.first_samples
+                else f"a random {total:,} of {n:,} (seed {args.seed})"
+            )
+            if not args.first_samples:
+                out.log(f"$samples {total}: {subset} rows of the task ($first_samples takes the first rows instead).")
+        else:
+            rows = subset_rows(n)
         share = -(-total // dist.world)
         lo, hi = dist.rank * share, min(total, (dist.rank + 1) * share)
-        order = [list(range(i, min(i + args.batch_size, hi))) for i in range(lo, hi, args.batch_size)]
+        mine = rows[lo:hi].tolist()
+        order = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
         batches = ((b.x, b.y) for b in task.batches(order, device=device))
     else:  # a stream: its first --samples rows, each rank a share of every batch
         total = args.samples
@@ -172,6 +198,12 @@ def _sums_on_task(
         count = int(cnt.item())
     data_desc = task.describe()
     data_desc["samples"] = count
+    if subset is not None:
+        data_desc["samples_drawn"] = subset
+        if task.labels is not None:
+            from cl_tool.data.classes import class_counts
+
+            data_desc["classes"] = class_counts(task._raw_labels[rows], task.class_names)
     return sums, count, data_desc
 
 
@@ -209,7 +241,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     if args.method == "magnitude":
         sums, count = importance_sums(model, iter(()), "magnitude", device=device)
     else:
-        (task,) = open_tasks(specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+        (task,) = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
         try:
             sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
         finally:
@@ -239,6 +271,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
         "method": args.method,
         "options": args.options,
         "samples": count,
+        "data": data_desc,
         "fingerprint": fp,
         "tasks": len(tasks),
         "decay": args.decay if prev is not None else None,

@@ -210,10 +210,11 @@ def compute_scores(
             f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data)."
         )
     (task,) = open_tasks(
-        task_specs(getattr(args, field), args.data_options, field),
+        task_specs(getattr(args, field), args.data_options, field, role="train" if field == "score_data" else "eval"),
         ckpt.spec,
         args.data_options,
-        num_classes=ckpt.spec.num_classes,
+        log=out.log,
+        match=True,
     )
     with task:
         scores = compute_importance(
@@ -232,7 +233,7 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
     from cl_tool.data import open_tasks, task_specs
 
     (test,) = open_tasks(
-        task_specs(args.data, args.data_options), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes
+        task_specs(args.data, args.data_options, role="eval"), ckpt.spec, args.data_options, log=out.log, match=True
     )
     with test:
         return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)

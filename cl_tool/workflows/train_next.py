@@ -290,6 +290,33 @@ def _penalty(args: TrainNextArgs, out: Output, ckpt, named: dict[str, Any], grow
     return pen, path, sc, use, lam
 
 
+def _match_training_classes(args: TrainNextArgs, out: Output, ckpt, task) -> list[str | None] | None:
+    """Map the training task's labels to the model's rows by class name; names the model lacks take unnamed rows
+    (or, with ``--grow-head``, new ones). Returns the row names the output records (None: none known)."""
+    from cl_tool.data.classes import match_classes, present_ids
+
+    raw = task._raw_labels
+    cmap = match_classes(
+        task.class_names,
+        present_ids(raw) if raw is not None else None,
+        ckpt.spec.class_names,
+        ckpt.spec.num_classes,
+        what=f"$data {task.spec.source}",
+        assign=True,
+        grow=args.grow_head,
+    )
+    task.map_classes(cmap.lookup)
+    if cmap.assigned and ckpt.spec.class_names is not None and any(n is not None for n in ckpt.spec.class_names):
+        rows = [cmap.names.index(n) for n in cmap.assigned]
+        out.log(
+            f"$data {task.spec.source}: new class{'es' if len(rows) > 1 else ''} "
+            f"{', '.join(repr(n) for n in cmap.assigned[:8])}{' …' if len(rows) > 8 else ''} "
+            f"take{'s' if len(rows) == 1 else ''} output row{'s' if len(rows) > 1 else ''} "
+            f"{', '.join(map(str, rows[:8]))}{' …' if len(rows) > 8 else ''}."
+        )
+    return cmap.names
+
+
 def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     """Train ``args.checkpoint`` on ``args.data`` under the penalty; write the checkpoint (and SI sidecar, log) or nothing."""
     import torch
@@ -300,7 +327,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     from cl_tool.runtime import keep_freed_memory, seed_everything
 
     (spec,) = task_specs(args.data, args.data_options)
-    eval_specs = task_specs(args.eval_data, args.data_options, "eval_data")
+    eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
     resuming = args.resume and args.state_path.exists()
     _check_files(args, [spec], eval_specs, resuming)
     if args.resume and not resuming:
@@ -340,18 +367,20 @@ def _train_next(
     from cl_tool.training import train
 
     anchor_fp = ckpt.fingerprint
-    tasks += open_tasks([spec], ckpt.spec, args.data_options)
+    tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
     task = tasks[0]
+    names = _match_training_classes(args, out, ckpt, task)
     labels = task.labels  # None for a stream: checked batch by batch
     if labels is not None and len(labels) and int(labels.min()) < 0:
         raise IncompatibleError(
             f"$data {spec.source} has negative label {int(labels.min())}; labels must be class ids 0..C-1."
         )
     classes_in_data = int(labels.max()) + 1 if labels is not None and len(labels) else ckpt.spec.num_classes
+    classes_in_data = max(classes_in_data, len(names) if names is not None else 0)
     if labels is None:
         from cl_tool.data import check_labels
 
-        check_labels(task, ckpt.spec.num_classes)
+        check_labels(task, max(ckpt.spec.num_classes, classes_in_data))
     grown: list[str] = []
     if classes_in_data > ckpt.spec.num_classes:
         if not args.grow_head:
@@ -363,7 +392,9 @@ def _train_next(
         out.log(
             f"Grew the classifier to {classes_in_data} classes ({', '.join(grown)}); the new rows have importance 0."
         )
-    eval_tasks = open_tasks(eval_specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
+    if names is not None:  # the output records which class each row stands for
+        ckpt.spec.class_names = names + [None] * (ckpt.spec.num_classes - len(names))
+    eval_tasks = open_tasks(eval_specs, ckpt.spec, args.data_options, log=out.log, match=True)
     tasks += eval_tasks
     model.to(device)
     named = trainable_parameters(model)
@@ -479,6 +510,8 @@ def _train_next(
         "epochs": result.epochs,
         "steps": result.steps,
         "samples": task.num_samples,
+        "data": task.describe(),
+        "eval_data": [t.describe() for t in eval_tasks],
         "setup_seconds": round(result.setup_seconds or 0.0, 3),
         "train_seconds": round(result.train_seconds, 3),
         "samples_per_s": round(result.samples_per_s, 1),
