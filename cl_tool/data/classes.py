@@ -93,8 +93,8 @@ def match_classes(
         if not assign:
             known = [n for n in names if n is not None]
             raise IncompatibleError(
-                f"{what} has class{'es' if len(unknown) > 1 else ''} {_show(unknown)} that the model does not have "
-                f"(its classes: {_show(known)}); use a model trained on them (train-next gives new classes a row)."
+                f"{what} has class{'es' if len(unknown) > 1 else ''} {_show(unknown)}, outside the model's "
+                f"{num_classes} classes (by name: {_show(known)}); use a model trained on them (train-next gives new classes a row)."
             )
         free = [i for i, n in enumerate(names) if n is None]
         if len(unknown) > len(free) and not grow:

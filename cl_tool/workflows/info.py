@@ -594,6 +594,14 @@ def _print(info: dict[str, Any], out: Output) -> None:
             f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
             f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}"
         )
+        names = m.get("class_names")
+        if names is not None:
+            named = [f"{i}={n}" for i, n in enumerate(names) if n is not None]
+            shown = ", ".join(named[:20]) + (f", … {len(named) - 20} more" if len(named) > 20 else "")
+            free = sum(n is None for n in names)
+            out.log(f"  class names (output row=name): {shown or '-'}{f'; {free} rows unnamed' if free else ''}")
+        else:
+            out.log("  class names: not recorded (labels are matched to output rows by position)")
         prm = info.get("parameters")
         if prm:
             out.log(
