@@ -124,7 +124,7 @@ EXIT_CODE_TABLE = [
     (EXIT_BAD_INPUT, "an input file or dataset is missing, unreadable, corrupt or malformed"),
     (
         EXIT_INCOMPATIBLE,
-        "inputs do not belong together (sidecar of another checkpoint, labels outside the model's classes, wrong shapes)",
+        "inputs do not belong together (sidecar of another checkpoint, labels outside the model's classes, a class name the model does not have, wrong shapes)",
     ),
     (EXIT_DIVERGED, "training diverged (non-finite loss or gradient); nothing was written"),
     (

@@ -131,10 +131,10 @@ class Ctx:
         images, _ = make_images(4, seed=3)
         root = self.d / "data" / name
         for i, img in enumerate(images):
-            cls = root / f"c{i % 2}"
+            cls = root / f"{i % 2}"  # classes named as the model's ("0".."9")
             cls.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img, mode="L").save(cls / f"{i}.png")
-        (root / "c0" / bad_name).write_bytes(bad)
+        (root / "0" / bad_name).write_bytes(bad)
         return root
 
     def jsonl(self, name: str, n: int = 4) -> Path:
