@@ -17,7 +17,7 @@ from cl_tool.params import Args, check_value, option, param_of
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "pixels", "x", "input", "features")
 LABEL_COLUMN_NAMES = ("label", "labels", "target", "targets", "y", "class", "fine_label")
 _SPLIT_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)?(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
-TASK_KEYS = ("split", "permute", "rotate", "invert", "limit", "image_column", "label_column", "name")
+TASK_KEYS = ("split", "permute", "rotate", "invert", "limit", "image_column", "label_column", "scale", "name")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TaskSpec:
     rotate: float | None = None
     invert: bool = False
     limit: int | None = None
+    scale: float | None = None  # the largest pixel value (value / scale is its [0, 1] value); None: read from the data
     option: str = "data"  # the parameter it came from (data, eval_data, score_data), for messages
 
     def describe(self) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class TaskSpec:
             "split": self.split,
             "transforms": {"rotate": self.rotate, "invert": self.invert, "permute": self.permute},
             "limit": self.limit,
+            "pixel_scale": self.scale,
         }
 
 
@@ -69,7 +71,7 @@ def parse_split(split: str | None) -> tuple[str | None, int | None, int | None]:
 
 @dataclass(kw_only=True)
 class DataOptions(Args):
-    """Options that apply to every dataset a command reads (``::key=value`` after one ``--data`` overrides the first seven)."""
+    """Options that apply to every dataset a command reads (``::key=value`` after one ``--data`` overrides those in TASK_OPTIONS)."""
 
     split: Optional[str] = option(
         None,
@@ -111,6 +113,16 @@ class DataOptions(Args):
     limit: Optional[int] = option(
         None, "--limit", panel="Data", metavar="N", low=1, help="Use only the first N samples (after --split slicing)."
     )
+    scale: Optional[float] = option(
+        None,
+        "--pixel-scale",
+        panel="Data",
+        metavar="MAX",
+        low=0,
+        low_open=True,
+        help="The largest pixel value the data can take: a pixel value / MAX is its [0,1] value (default: read from the data: "
+        "255 for 8-bit images and integer arrays, 65535 for 16-bit images, 1 for float arrays); values outside 0..MAX are refused.",
+    )
     workers: Optional[int] = option(
         None,
         "--workers",
@@ -148,12 +160,13 @@ class DataOptions(Args):
     )
 
 
-#: The per-task keys ``--data PATH::key=value`` accepts (the first seven DataOptions, and the task's name).
-TASK_OPTIONS = ("split", "image_column", "label_column", "permute", "rotate", "invert", "limit")
+#: The per-task keys ``--data PATH::key=value`` accepts (these DataOptions, and the task's name).
+TASK_OPTIONS = ("split", "image_column", "label_column", "permute", "rotate", "invert", "limit", "scale")
 
 DATA_HELP = (
     "Dataset: a save_to_disk folder, an imagefolder, a parquet/csv/json file or a hub id. Optional NAME= names the task; "
-    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, image_column, label_column, name)."
+    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, image_column, label_column, "
+    "scale=MAX: the largest pixel value, name)."
 )
 DATA_METAVAR = "[NAME=]PATH[::KEY=VAL,...]"
 
@@ -181,7 +194,7 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data") -> 
             if not eq:
                 raise UsageError(f"${field} {raw}: per-task option {key!r} needs a value ({key}=...).")
             try:
-                value = int(val) if key in ("permute", "limit") else float(val) if key == "rotate" else val
+                value = int(val) if key in ("permute", "limit") else float(val) if key in ("rotate", "scale") else val
             except ValueError as exc:
                 raise UsageError(f"${field} {raw}: {key}={val} is not a number.") from exc
             if key == "name":
