@@ -234,8 +234,8 @@ class Store:
     def load(cls, path: Path, parts: dict[str, Any], *, want_ram: bool, ram_budget: int = RAM_BUDGET) -> Store | None:
         """A complete cache file as a Store (its rows in RAM when they fit ``ram_budget``), or None when there is none.
 
-        None: no file, another format, or another key. CacheDamaged (its one-line reason): a file
-        of this format and key whose length, header or checksum is wrong.
+        None: no file, or a file of another format. CacheDamaged (its one-line reason): a file of
+        this format whose header, length or checksum is wrong.
         """
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -266,7 +266,7 @@ class Store:
         except ValueError as exc:
             raise CacheDamaged("header is not JSON") from exc
         if not isinstance(meta, dict) or meta.get("parts") != _canon(parts):
-            return None  # another key (a name collision): not ours
+            raise CacheDamaged("its header does not match its name")  # the name is the hash of the parts
         size = os.fstat(fd).st_size
         if size != meta["end"]:
             raise CacheDamaged(f"{size} bytes instead of {meta['end']}: truncated or extended")

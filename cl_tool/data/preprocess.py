@@ -42,13 +42,15 @@ def _num(v: float) -> str:
     return f"{v:g}" if abs(v) < 1e15 else f"{v:.3g}"
 
 
-def range_problem(kind: str, lo: float, hi: float, scale: float | None, *, whole: bool) -> str | None:
+def range_problem(
+    kind: str, lo: float, hi: float, scale: float | None, *, whole: bool, top: float | None = None
+) -> str | None:
     """Why pixel values ``lo``..``hi`` of ``kind`` (int, float, bool) do not fit their scale, or None when they do.
 
-    The scale's maximum is ``scale`` when declared, else 255 for integers and 1 for floats and
-    booleans; values must lie in [0, maximum]. ``whole``: the values are a whole task (or a
-    stream's first batch), so integers without a declared scale must also reach MIN_INTEGER_PEAK.
-    The text continues the sentence "<where> has ...".
+    The scale's maximum is ``scale`` when declared, else ``top`` (what the data's type holds: 65535
+    for a 16-bit image), else 255 for integers and 1 for floats and booleans; values must lie in
+    [0, maximum]. ``whole``: the values are a whole task (or a stream's first batch), so integers
+    without a declared scale must also reach MIN_INTEGER_PEAK. The text continues "<where> has ...".
     """
     import math
 
@@ -69,15 +71,17 @@ def range_problem(kind: str, lo: float, hi: float, scale: float | None, *, whole
     if lo < 0:
         return f"{values}, but pixel values start at 0 (normalised or signed data is not read); shift the data to start at 0 and {declare('e.g. ::scale=255')}"
     if kind == "int":
-        if hi > 255:
-            return f"{values}, beyond 8 bits (0..255); {declare('e.g. ::scale=65535 for 16-bit data')}"
-        if whole and hi < MIN_INTEGER_PEAK:
+        top = top or 255
+        if hi > top:
+            bits = f"{int(top).bit_length()} bits (0..{_num(top)})"
+            return f"{values}, beyond {bits}; {declare('e.g. ::scale=65535 for 16-bit data')}"
+        if whole and top == 255 and hi < MIN_INTEGER_PEAK:
             return (
                 f"{values}, less than half of 0..255, so their scale is unclear; "
                 f"{declare(f'e.g. ::scale={_num(hi)}, or ::scale=255 for dark 8-bit pictures')}"
             )
         return None
-    if hi > 1:
+    if hi > (top or 1):
         return f"{values}, but float pixels are read on 0..1; {declare(f'e.g. ::scale={_num(math.ceil(hi))}')}"
     return None
 
@@ -372,7 +376,7 @@ class Preprocess:
             arr, top = np.asarray(img, dtype=np.float64), self.scale or wide
             kind = "float" if img.mode == "F" else "int"
         if arr.size:
-            problem = range_problem(kind, float(arr.min()), float(arr.max()), top, whole=False)
+            problem = range_problem(kind, float(arr.min()), float(arr.max()), self.scale, whole=False, top=wide)
             if problem:
                 raise BadInputError(f"The image in row {row} of $data {source} (PIL mode {img.mode}) has {problem}")
         u8 = np.rint(arr.astype(np.float64) * 255.0 / top).astype(np.uint8)
