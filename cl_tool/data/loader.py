@@ -324,9 +324,8 @@ class Task:
         self._loader_key: tuple | None = None
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
-        self.cache_note: str | None = (
-            None  # one line per note for the user (logged when the command is done with the task)
-        )
+        # one line per note for the user (the command logs them when it is done with the task)
+        self.cache_note: str | None = None
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
         _OPEN.add(self)
