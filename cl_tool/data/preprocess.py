@@ -74,7 +74,8 @@ def range_problem(
         top = top or 255
         if hi > top:
             bits = f"{int(top).bit_length()} bits (0..{_num(top)})"
-            return f"{values}, beyond {bits}; {declare('e.g. ::scale=65535 for 16-bit data')}"
+            example = "e.g. ::scale=65535 for 16-bit data" if top == 255 else f"e.g. ::scale={_num(hi)}"
+            return f"{values}, beyond {bits}; {declare(example)}"
         if whole and top == 255 and hi < MIN_INTEGER_PEAK:
             return (
                 f"{values}, less than half of 0..255, so their scale is unclear; "
