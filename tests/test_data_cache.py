@@ -276,3 +276,181 @@ def test_a_cache_folder_inside_the_data_folder_is_refused(cli, tmp_path):
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     r = cli("evaluate", ckpt, "--data", data, "--cache-dir", data / "cache", "--cache", "none", "--json")
     assert r.code == 0 and _json.loads(r.out)["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------- current data
+
+
+def _bmp_folder(root: Path, n: int = 6) -> Path:
+    """Two classes of same-size 16x16 RGB BMPs (uncompressed: equal file sizes), distinct pixels each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for c in "ab":
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.bmp")
+    return root
+
+
+def _swap_keeping_size_and_mtime(a: Path, b: Path, how: str) -> None:
+    """Exchange two files' contents; size and mtime stay as they were (as tar --mtime, cp -p, rsync -a leave them)."""
+    sa, sb = a.stat(), b.stat()
+    assert sa.st_size == sb.st_size
+    if how == "rewrite":  # same inodes, new contents
+        da, db = a.read_bytes(), b.read_bytes()
+        a.write_bytes(db)
+        b.write_bytes(da)
+    else:  # "rename": the files trade places (new inodes at each path)
+        tmp = a.with_name("swap.tmp")
+        os.rename(a, tmp)
+        os.rename(b, a)
+        os.rename(tmp, b)
+    os.utime(a, ns=(sa.st_atime_ns, sa.st_mtime_ns))
+    os.utime(b, ns=(sb.st_atime_ns, sb.st_mtime_ns))
+
+
+def _read(path, cache_dir, cache="disk", **kw):
+    t = open_task(TaskSpec(str(path)), PRE, cache=cache, workers=0, cache_dir=cache_dir, **kw)
+    with t:
+        _, x, y = collect(t, batch_size=5)
+    return x, y, t
+
+
+@pytest.mark.parametrize("how", ["rewrite", "rename"])
+def test_swapped_images_with_restored_size_and_mtime_are_read_anew(tmp_path, how):
+    data = _bmp_folder(tmp_path / "data")
+    a, b = data / "a" / "0.bmp", data / "b" / "3.bmp"
+    x1, y1, _ = _read(data, tmp_path / "c")
+    _swap_keeping_size_and_mtime(a, b, how)
+    x2, y2, t2 = _read(data, tmp_path / "c")
+    x3, y3, _ = _read(data, tmp_path / "none", cache="none")
+    assert t2.stats["decoded"] == len(t2)  # not served from the first cache file
+    assert torch.equal(x2, x3) and torch.equal(y2, y3) and torch.equal(y1, y2)
+    ia, ib = 0, 6 + 3  # rows of a/0.bmp and b/3.bmp (class a first)
+    assert torch.equal(x2[ia], x1[ib]) and torch.equal(x2[ib], x1[ia])  # the pixels moved with the content
+    rest = [i for i in range(len(x1)) if i not in (ia, ib)]
+    assert torch.equal(x2[rest], x1[rest])
+
+
+def test_the_signature_follows_links_and_sees_restored_files(tmp_path):
+    """Files reached through symlinked class folders count; a link cycle ends; every restore that leaves size and mtime changes it."""
+    import shutil
+
+    from cl_tool.data.sources import local_signature
+
+    real = _bmp_folder(tmp_path / "real", n=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    for c in "ab":
+        (data / c).symlink_to(real / c, target_is_directory=True)
+    (real / "a" / "loop").symlink_to(data, target_is_directory=True)  # a cycle back to the top
+    (data / "b" / "gone.bmp").symlink_to(tmp_path / "missing.bmp")  # a dangling link
+    seen = {local_signature(str(data))}
+    assert local_signature(str(data)) in seen  # stable while nothing changes
+    a, b = real / "a" / "0.bmp", real / "b" / "1.bmp"
+    _swap_keeping_size_and_mtime(a, b, "rewrite")  # content behind a linked folder
+    seen.add(local_signature(str(data)))
+    _swap_keeping_size_and_mtime(a, b, "rename")
+    seen.add(local_signature(str(data)))
+    backup = tmp_path / "backup.bmp"
+    shutil.copy2(b, backup)  # cp -p of a same-size file over another: size and mtime as before
+    st = a.stat()
+    shutil.copyfile(backup, a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen.add(local_signature(str(data)))
+    (tmp_path / "missing.bmp").write_bytes(b.read_bytes())  # the dangling link now points at a file
+    seen.add(local_signature(str(data)))
+    assert len(seen) == 5
+    single = tmp_path / "one.parquet"
+    single.write_bytes(b"x" * 1000)
+    st = single.stat()
+    before = local_signature(str(single))
+    single.write_bytes(b"y" * 1000)
+    os.utime(single, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert local_signature(str(single)) != before
+
+
+def test_a_replaced_parquet_file_with_restored_mtime_is_not_served_from_the_cache(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+
+    def write(path, pixels):
+        datasets.Dataset.from_dict({"pixels": pixels.tolist(), "label": [0, 1] * 4}).to_parquet(str(path))
+
+    src = tmp_path / "t.parquet"
+    write(src, x)
+    x1, _, _ = _read(src, tmp_path / "c")
+    st = src.stat()
+    write(tmp_path / "new.parquet", x[[1, 0, *range(2, 8)]])  # two rows exchanged
+    os.replace(tmp_path / "new.parquet", src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    x2, _, t2 = _read(src, tmp_path / "c")
+    assert t2.stats["decoded"] == 8 and len(cache_files(tmp_path / "c")) == 2  # a new key, decoded anew
+    assert torch.equal(x2[0], x1[1]) and torch.equal(x2[1], x1[0]) and torch.equal(x2[2:], x1[2:])  # rows as now
+
+
+def _damage(path: Path, how: str) -> None:
+    from cl_tool.data.cache import DATA_OFFSET
+
+    if how == "truncate":
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size - 10)
+        return
+    offset = {"pixel": DATA_OFFSET + 100, "label": path.stat().st_size - 40, "header": 40}[how]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("how", ["pixel", "label", "header", "truncate"])
+@pytest.mark.parametrize("in_ram", [True, False])
+def test_a_damaged_cache_file_is_noted_decoded_again_and_replaced(folder, tmp_path, how, in_ram):
+    budget = {} if in_ram else {"ram_budget": 0}  # verified as it is loaded, or streamed over once (read per batch)
+    want_x, want_y, _ = _read(folder, tmp_path / "none", cache="none")
+    x1, _, _ = _read(folder, tmp_path / "c", **budget)
+    (path,) = (tmp_path / "c").iterdir()
+    _damage(path, how)
+    x2, y2, t2 = _read(folder, tmp_path / "c", **budget)
+    assert t2.stats["decoded"] == len(t2) and torch.equal(x2, want_x) and torch.equal(y2, want_y)
+    assert t2.cache_note and t2.cache_note.count("\n") == 0
+    assert f"the decoded-image cache file {path} failed its check" in t2.cache_note
+    assert "it was not used and the images were decoded again" in t2.cache_note
+    x3, _, t3 = _read(folder, tmp_path / "c", **budget)  # the new file replaced the damaged one
+    assert t3.stats["decoded"] == 0 and t3.cache_note is None and torch.equal(x3, want_x)
+    assert cache_files(tmp_path / "c") == [path.name]
+
+
+def test_an_old_format_cache_file_is_ignored_silently(folder, tmp_path):
+    want, _, _ = _read(folder, tmp_path / "c")
+    (path,) = (tmp_path / "c").iterdir()
+    data = bytearray(path.read_bytes())
+    data[:8] = b"CLTDEC01"
+    path.write_bytes(bytes(data))
+    x, _, t = _read(folder, tmp_path / "c")
+    assert t.stats["decoded"] == len(t) and t.cache_note is None and torch.equal(x, want)
+
+
+def test_evaluate_notes_a_damaged_cache_and_gives_the_uncached_numbers(cli, small_mlp, tmp_path):
+    import json
+
+    from cl_tool.demo import make_dataset
+
+    data = tmp_path / "d"
+    make_dataset(60, seed=4).save_to_disk(str(data))
+    base = ("evaluate", small_mlp, "--data", data, "--device", "cpu", "--json", "--cache-dir", tmp_path / "c")
+    runs = {}
+    for name, extra in (("first", ()), ("none", ("--cache", "none"))):
+        r = cli(*base, *extra)
+        assert r.code == 0 and "cache file" not in r.err, r.err
+        runs[name] = json.loads(r.out)["accuracy"][0][0]
+    (path,) = (tmp_path / "c").iterdir()
+    _damage(path, "pixel")
+    r = cli(*base)
+    assert r.code == 0 and json.loads(r.out)["accuracy"][0][0] == runs["none"] == runs["first"]
+    notes = [ln for ln in r.err.splitlines() if "failed its check (checksum mismatch)" in ln]
+    assert len(notes) == 1 and "decoded again" in notes[0]

@@ -236,6 +236,7 @@ class StreamFetcher(torch.utils.data.IterableDataset):
                 share = -(-len(labels) // self.world)
                 lo, hi = self.rank * share, min(len(labels), (self.rank + 1) * share)
                 rows = np.arange(k * B + lo, k * B + hi, dtype=np.int64)
+                self.pre.check_batch(images[lo:hi], int(k * B + lo), self.source, whole=k == 0)
                 ys = []
                 for r, lab in zip(rows.tolist(), labels[lo:hi]):
                     err = label_error(lab, r, self.source)

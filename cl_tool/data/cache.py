@@ -3,14 +3,23 @@
 Before augmentation, task transforms and normalisation, so every command and every
 ``--permute``/``--rotate``/``--invert`` task of the same source shares it.
 
-One file per (source, selection, columns, ``Preprocess.key()``) in the cache folder
+One file per (source, selection, columns, pixel scale, ``Preprocess.key()``) in the cache folder
 (``$cache_dir``, else ``$CL_TOOL_CACHE``, else ``$XDG_CACHE_HOME/cl-tool/decoded`` or
-``~/.cache/cl-tool/decoded``), named by the SHA-256 of that key::
+``~/.cache/cl-tool/decoded``), named by the SHA-256 of that key (a local source's key holds
+``sources.local_signature``: every file's path, size, mtime, inode and ctime)::
 
-    [0, 8)            magic b"CLTDEC01"
-    [8, 16)           header length (little-endian u64), then the header (JSON: key parts, n, shape, dtype, info, offsets)
+    [0, 8)            magic b"CLTDEC02"
+    [8, 16)           header length (little-endian u64)
+    [16, 32)          checksum: xxh3_128 of the header bytes followed by every byte from 65536 to the end
+    [32, ...)         the header (JSON: key parts, n, shape, dtype, info, offsets)
     [65536, +n·row)   the rows, row i at 65536 + i·row_bytes (fixed size: read back with os.pread, never mmap)
     then              labels (int64 × n), status (uint8 × n: 1 decoded, 2 undecodable), the undecodable rows' messages (JSON)
+
+A file is used only when its key matches, its length is the header's and its checksum holds;
+the checksum is verified once when the file is opened (one sequential read of the file, which a
+file small enough to be held in memory needs anyway). A file of this key that fails a check is
+damaged: ``Store.load`` raises ``CacheDamaged``, the command decodes again and the new file
+replaces it. Files of an older format (another magic) are ignored.
 
 The rows are written (pwrite at their offset, in whatever order the first pass visits them;
 in one sequential write at the end when the task is also held in memory) into a temporary file beside the destination whose name carries the writer's pid (see
@@ -35,12 +44,36 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-MAGIC = b"CLTDEC01"
+MAGIC = b"CLTDEC02"
+HEAD = 32  # magic, header length, checksum
 DATA_OFFSET = 1 << 16
 SUFFIX = ".cltd"
 RAM_BUDGET = 256 << 20  # a task whose decoded pixels fit this stays in memory; larger ones are read per batch
 DISK_RESERVE = 1 << 30  # auto leaves at least this much free space (plus 10 % of the file)
 CACHE_MODES = ("auto", "ram", "disk", "none")
+
+
+class CacheDamaged(Exception):
+    """A cache file of the wanted key exists but fails its checks (length, checksum, header): it is not used."""
+
+
+def _checksum():
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def _hash_file_range(fd: int, h, start: int, stop: int, chunk: int = 16 << 20) -> None:
+    """Feed bytes [start, stop) of ``fd`` to ``h`` in chunks (one reused buffer); OSError on a short read."""
+    buf = bytearray(min(chunk, max(0, stop - start)) or 1)
+    view = memoryview(buf)
+    off = start
+    while off < stop:
+        k = os.preadv(fd, [view[: min(len(buf), stop - off)]], off)
+        if k <= 0:
+            raise OSError(f"short read at {off}")
+        h.update(view[:k])
+        off += k
 
 
 def default_cache_dir() -> Path:
@@ -199,59 +232,84 @@ class Store:
 
     @classmethod
     def load(cls, path: Path, parts: dict[str, Any], *, want_ram: bool, ram_budget: int = RAM_BUDGET) -> Store | None:
-        """A complete cache file as a Store (its rows in RAM when they fit ``ram_budget``), or None if absent/invalid."""
-        import numpy as np
+        """A complete cache file as a Store (its rows in RAM when they fit ``ram_budget``), or None when there is none.
 
+        None: no file, or a file of another format. CacheDamaged (its one-line reason): a file of
+        this format whose header, length or checksum is wrong.
+        """
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
         try:
-            head = os.pread(fd, 16, 0)
-            if len(head) != 16 or head[:8] != MAGIC:
-                return None
-            hlen = int.from_bytes(head[8:16], "little")
-            if hlen > DATA_OFFSET - 16:
-                return None
-            meta = json.loads(_pread_exact(fd, hlen, 16))
-            if meta.get("parts") != _canon(parts) or os.fstat(fd).st_size != meta["end"]:
-                return None
-            n, shape, dtype = int(meta["n"]), tuple(meta["shape"]), str(meta["dtype"])
-            labels = np.frombuffer(_pread_exact(fd, 8 * n, meta["labels_offset"]), dtype=np.int64).copy()
-            st = cls(
-                n,
-                shape,
-                labels=labels,
-                info=meta.get("info", {}),
-                parts=parts,
-                want_ram=want_ram,
-                final=path,
-                ram_budget=ram_budget,
-            )
-            st.status = np.frombuffer(_pread_exact(fd, n, meta["status_offset"]), dtype=np.uint8).copy()
-            st.bad = {
-                int(k): v
-                for k, v in json.loads(_pread_exact(fd, meta["bad_length"], meta["bad_offset"]) or b"{}").items()
-            }
-            st.dtype, st.filled, st.committed, st.file_complete = dtype, n, True, True
-            if not ((st.status == 1) | (st.status == 2)).all():
-                return None
-            size = n * st.row_bytes
-            if want_ram and size <= ram_budget:
-                ram = np.empty((n, *shape), dtype=np.dtype(dtype))
-                flat = ram.reshape(-1).view(np.uint8)
-                off = 0
-                while off < size:
-                    k = os.preadv(fd, [memoryview(flat[off : off + (1 << 28)])], DATA_OFFSET + off)
-                    if k <= 0:
-                        return None
-                    off += k
-                st.ram = ram
-            return st
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            return cls._load(fd, path, parts, want_ram, ram_budget)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CacheDamaged(f"unreadable: {exc}") from exc
         finally:
             os.close(fd)
+
+    @classmethod
+    def _load(cls, fd: int, path: Path, parts, want_ram: bool, ram_budget: int) -> Store | None:
+        import numpy as np
+
+        head = os.pread(fd, HEAD, 0)
+        if head[:8] != MAGIC:
+            return None  # not a cache file of this format: ignored (and replaced when a new one is written)
+        if len(head) != HEAD:
+            raise CacheDamaged("truncated header")
+        hlen = int.from_bytes(head[8:16], "little")
+        if hlen > DATA_OFFSET - HEAD:
+            raise CacheDamaged("bad header length")
+        raw = _pread_exact(fd, hlen, HEAD)
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise CacheDamaged("header is not JSON") from exc
+        if not isinstance(meta, dict) or meta.get("parts") != _canon(parts):
+            raise CacheDamaged("its header does not match its name")  # the name is the hash of the parts
+        size = os.fstat(fd).st_size
+        if size != meta["end"]:
+            raise CacheDamaged(f"{size} bytes instead of {meta['end']}: truncated or extended")
+        n, shape, dtype = int(meta["n"]), tuple(meta["shape"]), str(meta["dtype"])
+        h = _checksum()
+        h.update(raw)
+        rows_end = DATA_OFFSET + n * int(math.prod(shape)) * np.dtype(dtype).itemsize
+        ram = None
+        if want_ram and rows_end - DATA_OFFSET <= ram_budget:
+            ram = np.empty((n, *shape), dtype=np.dtype(dtype))
+            flat = ram.reshape(-1).view(np.uint8)
+            off = 0
+            while off < len(flat):
+                k = os.preadv(fd, [memoryview(flat[off : off + (1 << 28)])], DATA_OFFSET + off)
+                if k <= 0:
+                    raise CacheDamaged("short read")
+                off += k
+            h.update(memoryview(flat))
+        else:
+            _hash_file_range(fd, h, DATA_OFFSET, rows_end)
+        tail = _pread_exact(fd, meta["end"] - rows_end, rows_end) if meta["end"] > rows_end else b""
+        h.update(tail)
+        if h.digest() != head[16:32]:
+            raise CacheDamaged("checksum mismatch")
+        labels = np.frombuffer(tail, dtype=np.int64, count=n, offset=meta["labels_offset"] - rows_end).copy()
+        st = cls(
+            n,
+            shape,
+            labels=labels,
+            info=meta.get("info", {}),
+            parts=parts,
+            want_ram=want_ram,
+            final=path,
+            ram_budget=ram_budget,
+        )
+        st.status = np.frombuffer(tail, dtype=np.uint8, count=n, offset=meta["status_offset"] - rows_end).copy()
+        bad_at = meta["bad_offset"] - rows_end
+        st.bad = {int(k): v for k, v in json.loads(tail[bad_at : bad_at + meta["bad_length"]] or b"{}").items()}
+        st.dtype, st.filled, st.committed, st.file_complete = dtype, n, True, True
+        if not ((st.status == 1) | (st.status == 2)).all():
+            raise CacheDamaged("rows missing")
+        st.ram = ram
+        return st
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -370,7 +428,7 @@ class Store:
             bad = json.dumps({str(k): v for k, v in sorted(self.bad.items())}).encode()
             bad_off = status_off + self.n
             meta = {
-                "format": "cl-tool decoded cache 1",
+                "format": "cl-tool decoded cache 2",
                 "parts": _canon(self.parts or {}),
                 "n": self.n,
                 "shape": list(self.shape),
@@ -383,16 +441,25 @@ class Store:
                 "end": bad_off + len(bad),
             }
             header = json.dumps(meta).encode()
-            if len(header) > DATA_OFFSET - 16:
+            if len(header) > DATA_OFFSET - HEAD:
                 raise OSError(0, "header too large")
+            h = _checksum()
+            h.update(header)
             if self.ram is not None:
                 flat = self.ram.reshape(-1).view(np.uint8)
                 for off in range(0, len(flat), 1 << 26):
                     _pwrite_all(fd, flat[off : off + (1 << 26)], DATA_OFFSET + off)
-            _pwrite_all(fd, np.ascontiguousarray(self.labels, dtype=np.int64).view(np.uint8), labels_off)
-            _pwrite_all(fd, np.ascontiguousarray(self.status).view(np.uint8), status_off)
-            _pwrite_all(fd, bad, bad_off)
-            _pwrite_all(fd, MAGIC + len(header).to_bytes(8, "little") + header, 0)
+                h.update(memoryview(flat))
+            else:  # rows were written at their offsets as they came: hash them back from the file
+                _hash_file_range(fd, h, DATA_OFFSET, end)
+            tail = (
+                np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()
+                + np.ascontiguousarray(self.status, dtype=np.uint8).tobytes()
+                + bad
+            )
+            _pwrite_all(fd, tail, labels_off)
+            h.update(tail)
+            _pwrite_all(fd, MAGIC + len(header).to_bytes(8, "little") + h.digest() + header, 0)
             os.fsync(fd)
             mask = os.umask(0o022)
             os.umask(mask)

@@ -29,6 +29,7 @@ from cl_tool.data.cache import (
     CACHE_MODES,
     RAM_BUDGET,
     SUFFIX,
+    CacheDamaged,
     Store,
     cache_key,
     default_cache_dir,
@@ -187,6 +188,7 @@ def _key_parts(spec, pre, source_id: str) -> dict[str, Any]:
         "sample": [spec.sample, spec.sample_seed] if spec.sample is not None else None,
         "image_column": spec.image_column,
         "label_column": spec.label_column,
+        "scale": spec.scale,
         "preprocess": pre.key(),
     }
 
@@ -223,6 +225,7 @@ def open_task(
         )
     if spec.name is None:
         spec.name = Path(spec.source).name or spec.source
+    pre = pre.with_scale(spec.scale)
     common = {"workers": workers, "skip_bad": skip_bad, "shuffle_buffer": shuffle_buffer}
     if streaming:
         sel = open_selection(spec, streaming=True)
@@ -234,19 +237,21 @@ def open_task(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     want_disk = cache in ("auto", "disk")
     parts = path = None
+    note = None
     if want_disk and is_local(spec.source):
         parts = _key_parts(spec, pre, "local:" + local_signature(spec.source))
         path = folder / (cache_key(parts) + SUFFIX)
-        st = Store.load(path, parts, want_ram=True, ram_budget=ram_budget)
+        st, note = _load_store(path, parts, ram_budget, spec)
         if st is not None:
             return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=None, **common)
     sel = open_selection(spec)
+    pre.check_column(sel.ds, sel.image_column, spec.source)
     labels = read_labels(sel.ds, sel.label_column, spec.source)
     info = {**sel.info, "image_column": sel.image_column, "label_column": sel.label_column}
     if want_disk and parts is None:  # a hub id: keyed by the datasets fingerprint of the selected rows
         parts = _key_parts(spec, pre, f"hub:{spec.source}:{sel.fingerprint}")
         path = folder / (cache_key(parts) + SUFFIX)
-        st = Store.load(path, parts, want_ram=True, ram_budget=ram_budget)
+        st, note = _load_store(path, parts, ram_budget, spec)
         if st is not None:
             return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=sel, **common)
     n = len(labels)
@@ -284,7 +289,20 @@ def open_task(
                 final=path if disk_ok else None,
                 ram_budget=ram_budget,
             )
-    return Task(spec, pre, n=n, labels=labels, info=info, store=store, selection=sel, **common)
+    task = Task(spec, pre, n=n, labels=labels, info=info, store=store, selection=sel, **common)
+    task.cache_note = note
+    return task
+
+
+def _load_store(path: Path, parts, ram_budget: int, spec) -> tuple[Store | None, str | None]:
+    """(the cache file at ``path`` as a Store, or None; the one-line note when a damaged file was passed over)."""
+    try:
+        return Store.load(path, parts, want_ram=True, ram_budget=ram_budget), None
+    except CacheDamaged as exc:
+        return None, (
+            f"${spec.option} {spec.source}: the decoded-image cache file {path} failed its check ({exc}); "
+            f"it was not used and the images were decoded again."
+        )
 
 
 class Task:
@@ -310,6 +328,7 @@ class Task:
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
         self._lookup = None  # data class id → model output row (cl_tool.data.classes), None: the identity
+        # one line per note for the user (the command logs them when it is done with the task)
         self.cache_note: str | None = None
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
@@ -421,7 +440,8 @@ class Task:
         if self._store is not None:
             self._store.close()
             self._store = None
-            self.cache_note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
+            note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
+            self.cache_note = f"{self.cache_note}\n{note}" if self.cache_note else note
 
     # ------------------------------------------------------------------------------------------- batches
 

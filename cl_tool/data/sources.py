@@ -599,29 +599,58 @@ def is_local(source: str) -> bool:
     return os.path.lexists(source)
 
 
-def local_signature(source: str) -> str:
-    """A digest of a local source's resolved path and every file's (relative path, size, mtime_ns).
+#: a single-file source up to this size also contributes its content to its signature (xxh3_128)
+CONTENT_HASH_LIMIT = 64 << 20
 
-    Any changed, added or removed file changes it; it is read without opening ``datasets``, so a
-    command whose decoded data is cached never imports it. (``datasets`` itself decides whether
-    a local data file changed by its modification time, too.)
+
+def _stat_entry(st: os.stat_result) -> str:
+    return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+
+
+def local_signature(source: str) -> str:
+    """A digest of a local source's resolved path and every file's (relative path, size, mtime_ns, inode, ctime_ns).
+
+    Any changed, added or removed file changes it, also when its size and modification time are
+    restored (``tar --mtime``, ``cp -p``, ``rsync -a``, ``os.utime``): rewriting or replacing a file
+    gives it a new change time (st_ctime, which no user can set) or a new inode. Symbolic links to
+    files and folders are followed (a folder reached again through a link cycle is read once; a
+    dangling link counts as such). A single file of at most CONTENT_HASH_LIMIT bytes also adds its
+    content (xxh3_128). It is read without opening ``datasets``, so a command whose decoded data is
+    cached never imports it.
     """
     p = Path(source).resolve()
     h = hashlib.sha256(str(p).encode())
     if p.is_file():
         st = p.stat()
-        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        h.update(("\0" + _stat_entry(st)).encode())
+        if st.st_size <= CONTENT_HASH_LIMIT:
+            import xxhash
+
+            content = xxhash.xxh3_128()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    content.update(chunk)
+            h.update(b"\0" + content.digest())
         return h.hexdigest()
-    entries = []
-    for root, dirs, files in os.walk(p):
+    entries, seen = [], set()
+    for root, dirs, files in os.walk(p, followlinks=True):
+        try:
+            here = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (here.st_dev, here.st_ino) in seen:  # a link back to a folder already read: a cycle or a second path
+            dirs[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirs.sort()
         for name in files:
             fp = os.path.join(root, name)
             try:
-                st = os.stat(fp)
+                entry = _stat_entry(os.stat(fp))
             except OSError:
-                continue
-            entries.append(f"{os.path.relpath(fp, p)}\0{st.st_size}\0{st.st_mtime_ns}")
+                entry = "dangling"
+            entries.append(f"{os.path.relpath(fp, p)}\0{entry}")
     entries.sort()
     h.update("\n".join(entries).encode())
     return h.hexdigest()

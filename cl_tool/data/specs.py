@@ -34,6 +34,7 @@ class TaskSpec:
     limit: int | None = None
     sample: int | None = None
     sample_seed: int = 0
+    scale: float | None = None  # the largest pixel value (value / scale is its [0, 1] value); None: read from the data
     option: str = "data"  # the parameter it came from (data, eval_data, score_data), for messages
     role: str = "train"  # "train" (training, importance, scoring) or "eval": which split is read by default
 
@@ -45,6 +46,7 @@ class TaskSpec:
             "transforms": {"rotate": self.rotate, "invert": self.invert, "permute": self.permute},
             "limit": self.limit,
             **({"sample": self.sample, "sample_seed": self.sample_seed} if self.sample is not None else {}),
+            "pixel_scale": self.scale,
         }
 
 
@@ -72,7 +74,7 @@ def parse_split(split: str | None) -> tuple[str | None, int | None, int | None]:
 
 @dataclass(kw_only=True)
 class DataOptions(Args):
-    """Options that apply to every dataset a command reads (``::key=value`` after one ``--data`` overrides the first seven)."""
+    """Options that apply to every dataset a command reads (``::key=value`` after one ``--data`` overrides those in TASK_OPTIONS)."""
 
     split: Optional[str] = option(
         None,
@@ -130,6 +132,16 @@ class DataOptions(Args):
     sample_seed: int = option(
         0, "--sample-seed", panel="Data", metavar="SEED", low=0, help="Seed of --sample's draw (default 0)."
     )
+    scale: Optional[float] = option(
+        None,
+        "--pixel-scale",
+        panel="Data",
+        metavar="MAX",
+        low=0,
+        low_open=True,
+        help="The largest pixel value the data can take: a pixel value / MAX is its [0,1] value (default: read from the data: "
+        "255 for 8-bit images and integer arrays, 65535 for 16-bit images, 1 for float arrays); values outside 0..MAX are refused.",
+    )
     workers: Optional[int] = option(
         None,
         "--workers",
@@ -178,11 +190,13 @@ TASK_OPTIONS = (
     "limit",
     "sample",
     "sample_seed",
+    "scale",
 )
 
 DATA_HELP = (
     "Dataset: a save_to_disk folder, an imagefolder, a parquet/csv/json file or a hub id. Optional NAME= names the task; "
-    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, sample, sample_seed, image_column, label_column, name)."
+    "optional ::key=val,... sets per-task options (split, permute, rotate, invert, limit, sample, sample_seed, "
+    "image_column, label_column, scale=MAX: the largest pixel value, name)."
 )
 DATA_METAVAR = "[NAME=]PATH[::KEY=VAL,...]"
 
@@ -217,7 +231,7 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data", rol
                     int(val)
                     if key in ("permute", "limit", "sample", "sample_seed")
                     else float(val)
-                    if key == "rotate"
+                    if key in ("rotate", "scale")
                     else val
                 )
             except ValueError as exc:

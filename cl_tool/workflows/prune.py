@@ -224,6 +224,8 @@ def compute_scores(
             device=device,
             **({"bias_score": args.bias_score} if by == "signal" else {}),
         )
+    if task.cache_note:
+        out.log(task.cache_note)
     record = {"by": by, "computed_on": task.describe(), **({"bias_score": args.bias_score} if by == "signal" else {})}
     return {n: scores[n].cpu() for n in named}, record
 
@@ -235,8 +237,12 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
     (test,) = open_tasks(
         task_specs(args.data, args.data_options, role="eval"), ckpt.spec, args.data_options, log=out.log, match=True
     )
-    with test:
-        return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+    try:
+        with test:
+            return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+    finally:
+        if test.cache_note:
+            out.log(test.cache_note)
 
 
 def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test) -> dict[str, Any]:
