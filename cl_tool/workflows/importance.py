@@ -137,7 +137,7 @@ def _sums_on_task(
     from cl_tool import distributed
     from cl_tool.importance import importance_sums
 
-    n = task.num_samples
+    n = task.num_samples if not task.streaming else None  # a stream with a known length is still read in order
     if n is not None:
         total = min(n, args.samples or n)
         share = -(-total // dist.world)
