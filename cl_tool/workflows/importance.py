@@ -184,7 +184,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
     from cl_tool.models import trainable_parameters
-    from cl_tool.runtime import keep_freed_memory, seed_everything
+    from cl_tool.runtime import keep_freed_memory, seed_everything, set_cuda_precision
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
@@ -200,6 +200,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     prev = load_sidecar(args.accumulate) if args.accumulate is not None else None
     dist, device = distributed.setup(args.device)
     keep_freed_memory()
+    set_cuda_precision(device)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
     model.to(device)
