@@ -183,8 +183,9 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.checkpoint import load_model
     from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
+    from cl_tool.importance.rules import logging_chunks
     from cl_tool.models import trainable_parameters
-    from cl_tool.runtime import keep_freed_memory, seed_everything, set_cuda_precision
+    from cl_tool.runtime import debug_enabled, keep_freed_memory, seed_everything, set_cuda_precision
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
@@ -212,7 +213,11 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     else:
         (task,) = open_tasks(specs, ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes)
         try:
-            sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
+            with logging_chunks() as chunks:
+                sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
+            if debug_enabled() and dist.is_main:
+                for line in chunks.lines(device):
+                    out.log(line)
         finally:
             task.close()
             if task.cache_note:
