@@ -67,6 +67,64 @@ def autocast(device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting under which its GEMMs are deterministic
+_DEBUG = [False]
+
+
+def set_debug(on: bool) -> None:
+    """``--debug`` was given (commands then also print how they sized their work)."""
+    _DEBUG[0] = bool(on)
+
+
+def debug_enabled() -> bool:
+    return _DEBUG[0]
+
+
+def set_deterministic(device) -> None:
+    """``torch.use_deterministic_algorithms(True)`` and what CUDA needs for it.
+
+    On CUDA: ``CUBLAS_WORKSPACE_CONFIG`` (unless the user set it) before the first GEMM creates
+    cuBLAS's handle, without which torch refuses every matmul; cuDNN's autotuner off and its
+    deterministic algorithms on. A layer with no deterministic CUDA kernel still fails when it runs:
+    :func:`deterministic_error` turns that into one sentence.
+    """
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def deterministic_error(exc: BaseException) -> EnvironmentProblem | None:
+    """The one-sentence error for torch's refusal of an operation without a deterministic kernel, else None."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "does not have a deterministic implementation" not in text:
+        return None
+    op = text.split(" does not have", 1)[0].strip().splitlines()[-1]
+    return EnvironmentProblem(
+        f"$deterministic: {op} has no deterministic implementation on this device in torch "
+        f"{__import__('torch').__version__}; drop $deterministic (results then vary in the last bits) or use $device cpu."
+    )
+
+
+def set_cuda_precision(device) -> None:
+    """TF32 off for matmuls and cuDNN convolutions on CUDA: ``--precision fp32`` computes in float32.
+
+    TF32 (Ampere and later) rounds matmul inputs to 10 mantissa bits; torch leaves it off for
+    matmuls but on for cuDNN convolutions, so an fp32 ResNet and an fp32 MLP would round
+    differently. For tensor-core speed use ``--precision bf16``.
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def skip_dynamo_import() -> None:
     """Let torch's ``@_disable_dynamo`` wrappers (optimizer construction, state dicts, ...) call straight through.
 

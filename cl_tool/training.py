@@ -8,8 +8,15 @@ Data order: epoch e visits the samples in ``randperm(N)`` drawn from a generator
 with (seed, e) (``cl_tool.data.GlobalBatchSampler``), so a resumed run sees exactly the batches
 an uninterrupted one would; augmentation is a function of (seed, epoch, sample) only, so this
 holds with any number of data workers. Under torch.distributed each global batch of B samples
-is split into world-size contiguous shares; DDP averages the gradients, which equals the
-single-process mean gradient when B is divisible by the world size.
+is split into world-size contiguous shares (sizes differing by at most one; a share may be empty);
+rank r's loss is Σ_{i∈share r} ℓᵢ / (B/world), so DDP's gradient average Σ_r ∇loss_r / world is
+the single-process mean gradient Σᵢ ∇ℓᵢ / B for any split (an empty share adds 0).
+
+Host syncs: the step loop reads nothing from the device. The epoch's loss sum and correct
+count stay on the device; a non-finite loss or gradient is recorded there (the first step it
+happened) and read every :data:`FINITE_CHECK_EVERY` steps, before a resumable state is written
+and at the end of every epoch, so a diverged run stops within that many steps naming the step
+where it diverged.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from cl_tool.penalty import divergence_bound
 from cl_tool.runtime import autocast
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+FINITE_CHECK_EVERY = 32  # steps between reads of the divergence flags (each read waits for the device)
+_NEVER = 2**62  # "no non-finite value yet" in the divergence flags
 SCHEDULES = ("constant", "cosine")
 
 
@@ -158,14 +167,19 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def _check_finite_grads(params) -> bool:
+def _grads_finite(params):
+    """A 0-d bool tensor: every gradient of ``params`` is finite (computed on the device, not read)."""
     import torch
 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+        return None
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+
+
+def _note_first(first, i: int, ok, step: int) -> None:
+    """``first[i] = step`` if ``ok`` is false and ``first[i]`` is not set yet (on the device, no read)."""
+    first[i : i + 1].masked_fill_(~ok & (first[i] == _NEVER), step)
 
 
 def train(
@@ -202,11 +216,13 @@ def train(
     dist = dist or DistInfo()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    train_model = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    from cl_tool import distributed
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model, swapped = model, []
+    if dist.world > 1:
+        if device.type == "cuda" and not cfg.freeze_bn_stats:
+            swapped = distributed.use_sync_batchnorm(model)
+        train_model = distributed.wrap_ddp(model, device)
     opt = make_optimizer(cfg, params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     n = task.num_samples  # None: a stream of unknown length
@@ -250,12 +266,26 @@ def train(
             "epochs": result.epochs,
         }
 
+    # first step with a non-finite [loss, gradient], kept on the device and read by check_finite
+    first_bad = torch.full((2,), _NEVER, dtype=torch.int64, device=device)
+
+    def check_finite(epoch: int, collective: bool = True) -> None:
+        """Raise DivergedError naming the first step whose loss or gradient was not finite (on any rank)."""
+        if collective and dist.world > 1:
+            distributed.all_reduce_min_(first_bad)
+        loss_at, grad_at = first_bad.tolist()
+        if min(loss_at, grad_at) < _NEVER:
+            step = min(loss_at, grad_at)
+            what = "the loss" if loss_at <= grad_at else "a gradient"
+            raise DivergedError(_diverged_msg(step, epoch, what, penalty, lr_at(cfg, step, total_steps)))
+
     started_at = time.perf_counter() if started_at is None else started_at
     set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
-            sum_task = 0.0
-            correct = seen = 0
+            sum_task = torch.zeros((), dtype=torch.float64, device=device)  # Σ of the per-sample task loss
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
             t_epoch = None  # the epoch's training time runs from its first step to its last
             first = start_batch if epoch == start_epoch else 0
             batches = task.batches(
@@ -277,23 +307,27 @@ def train(
                 xb, yb = batch.x, batch.y
                 if dist.world == 1 and not yb.numel():  # every image of the batch skipped ($skip_bad_images)
                     continue
+                bs = int(yb.shape[0])
+                # the loss is Σℓ / share: the mean over the global batch once DDP averages over ranks
+                share = distributed.global_share(bs, dist.world, device) if dist.world > 1 else max(1, bs)
                 lr = lr_at(cfg, global_step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 with autocast(device, cfg.precision):
                     out = train_model(xb)
-                    task_loss = F.cross_entropy(out.float(), yb)
-                if not torch.isfinite(task_loss):
-                    raise DivergedError(_diverged_msg(global_step, epoch, "the loss", penalty, lr))
+                    task_loss = F.cross_entropy(out.float(), yb, reduction="sum") / share
+                _note_first(first_bad, 0, torch.isfinite(task_loss), global_step)
                 scaler.scale(task_loss).backward()
                 scaler.unscale_(opt)
                 if si is not None:  # θ before the step and g = the task loss's gradient, before the penalty's is added
                     si.pre_step()
                 if penalty is not None:
                     penalty.add_gradient_(lr)
-                if cfg.precision != "fp16" and not _check_finite_grads(params):
-                    raise DivergedError(_diverged_msg(global_step, epoch, "a gradient", penalty, lr))
+                if cfg.precision != "fp16":  # under fp16 the grad scaler skips steps with non-finite gradients
+                    ok = _grads_finite(params)
+                    if ok is not None:
+                        _note_first(first_bad, 1, ok, global_step)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 scaler.step(opt)
@@ -304,20 +338,18 @@ def train(
                     with torch.no_grad():
                         torch._foreach_mul_([p for p, _ in mask_list], [m for _, m in mask_list])
                 global_step += 1
-                bs = int(yb.shape[0])
-                sum_task += float(task_loss.detach()) * bs
-                correct += int((out.detach().argmax(1) == yb).sum())
+                sum_task += task_loss.detach().double() * (share.double() if dist.world > 1 else share)
+                correct += (out.detach().argmax(1) == yb).sum()
                 seen += bs
                 if progress:
                     progress(1)
-                if (
-                    state_io is not None
-                    and cfg.checkpoint_every
-                    and global_step % cfg.checkpoint_every == 0
-                    and dist.is_main
-                ):
+                saving = state_io is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
+                if saving or global_step % FINITE_CHECK_EVERY == 0:
+                    check_finite(epoch)
+                if saving and dist.is_main:
                     state_io.save(snapshot(epoch, b + 1))
                 if flag.signum is not None:
+                    check_finite(epoch, collective=False)  # ranks may see the signal at different steps
                     resumable = state_io is not None and cfg.checkpoint_every > 0
                     if resumable and dist.is_main:
                         state_io.save(snapshot(epoch, b + 1))
@@ -328,6 +360,8 @@ def train(
                         else "nothing was written (use $checkpoint_every N to make runs resumable)"
                     )
                     raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
+            check_finite(epoch)
+            sum_task, correct = float(sum_task), int(correct)
             pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
             dt = time.perf_counter() - t_epoch if t_epoch is not None else 0.0
             if dist.world > 1:  # the epoch's statistics over all ranks' shares, not rank 0's alone
@@ -358,6 +392,7 @@ def train(
             if log:
                 log(record)
             set_training_mode(model, cfg.freeze_bn_stats)
+    distributed.restore_modules(swapped)
     result.steps = global_step
     return result
 

@@ -223,6 +223,7 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     if "-q" in argv or "--quiet" in argv:  # global flags, accepted anywhere on the line
         argv = ["--quiet"] + [a for a in argv if a not in ("-q", "--quiet")]
     argv = [a for a in argv if a != "--debug"]
+    runtime.set_debug(debug)
     code = 0
     cmd_name = None
     try:

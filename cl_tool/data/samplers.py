@@ -3,8 +3,10 @@
 Epoch e visits the samples in ``randperm(N)`` drawn from a generator seeded with
 ``seed * 100_003 + e`` (the order ``cl_tool.training.train`` has always used, so results stay
 bit-identical); global batch b is ``order[b*B:(b+1)*B]``; under DDP it is split into world
-contiguous shares of ``ceil(len/world)`` samples and rank r takes share r. ``set_epoch(e,
-start_batch=k)`` starts epoch e at global batch k (a resumed run).
+contiguous shares whose sizes differ by at most one (:func:`share_bounds`) and rank r takes
+share r. A short last batch of fewer than world samples leaves some ranks an empty share; the
+training loop weights each rank's loss by the global batch's size, so an empty share adds
+nothing. ``set_epoch(e, start_batch=k)`` starts epoch e at global batch k (a resumed run).
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+
+def share_bounds(length: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s share of ``length`` samples: the first ``length mod world`` ranks take
+    ``⌊length/world⌋ + 1``, the others ``⌊length/world⌋`` (possibly 0)."""
+    q, r = divmod(length, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
 
 
 class GlobalBatchSampler(Sampler):
@@ -50,6 +60,6 @@ class GlobalBatchSampler(Sampler):
         for b in range(self.start_batch, math.ceil(self.n / B)):
             idx = order[b * B : (b + 1) * B]
             if self.world > 1:
-                share = math.ceil(len(idx) / self.world)
-                idx = idx[self.rank * share : (self.rank + 1) * share]
+                lo, hi = share_bounds(len(idx), self.rank, self.world)
+                idx = idx[lo:hi]
             yield idx.tolist()

@@ -50,7 +50,7 @@ from cl_tool.importance.capture import first_tensor, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
-from cl_tool.importance.rules import Rule, is_activation, rule_for
+from cl_tool.importance.rules import Rule, is_activation, rule_for, set_chunk_layer
 
 
 @dataclass
@@ -262,6 +262,7 @@ class GradEngine:
 
     def _apply_rule(self, ruled_module, state, grads, last: bool) -> None:
         rm, cs = ruled_module
+        set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
         self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
         if last and state:
@@ -270,6 +271,7 @@ class GradEngine:
     def _finish(self, ruled_module, state: dict) -> None:
         """What the rule summed over the passes, turned into statistics; ``state`` is emptied."""
         rm, cs = ruled_module
+        set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
         self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
         state.clear()
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from cl_tool.importance.losses import LossSpec, per_sample_losses, stat_fn, wide, wide_dtype
-from cl_tool.importance.rules import chunk_size
+from cl_tool.importance.rules import chunk_size, set_chunk_layer
 
 
 @contextmanager
@@ -66,7 +66,8 @@ class PerSampleFallback:
         f = stat_fn(self.spec.stat)
         sub = {n: self.params[n].detach() for n in names}
         numel = sum(t.numel() for t in sub.values())
-        step = chunk_size(2 * passes * numel, self.budget_bytes, x.shape[0])
+        set_chunk_layer(f"per-sample fallback ({', '.join(names)})")
+        step = chunk_size(2 * passes * numel, self.budget_bytes, x.shape[0], device=x.device)
         per_sample_jac = vmap(jacrev(self._loss_one), in_dims=(None, 0, 0))
         acc = {n: torch.zeros(t.shape, device=t.device, dtype=wide_dtype(t.dtype)) for n, t in sub.items()}
         with torch.no_grad(), unfused_attention(self.model), warnings.catch_warnings():

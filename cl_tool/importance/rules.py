@@ -21,6 +21,8 @@ magnitude of a weight times the total absolute input signal that reached it, see
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +30,10 @@ from torch import nn
 from cl_tool.importance.losses import stat_fn, wide, wide_dtype
 
 FLOAT_BYTES = 4
-#: Target size of one chunk of materialised per-sample gradients (and the inputs that make them):
-#: small enough to stay in the CPU's L2/L3 cache between the GEMM that writes it and the pass that
-#: squares and sums it. A buffer of this size is reused for every chunk of a layer.
+#: Target size on the CPU of one chunk of materialised per-sample gradients (and the inputs that make
+#: them): small enough to stay in the CPU's L2/L3 cache between the GEMM that writes it and the pass
+#: that squares and sums it. A buffer of this size is reused for every chunk of a layer. On a GPU the
+#: memory budget alone bounds a chunk (see :func:`chunk_size`).
 WORKING_SET_BYTES = 4 << 20
 #: Per-sample gradient matrices at least this large are squared and summed one at a time with
 #: ``addcmul_`` (one read of the matrix, the running sum stays in cache); smaller ones in one
@@ -43,11 +46,72 @@ _EQUIVALENT_SUBCLASSES = {
 }
 
 
-def chunk_size(per_sample_elems: int, budget_bytes: int, batch: int, working_set: bool = False) -> int:
-    """Samples per chunk so that ``chunk · per_sample_elems`` float32 values fit ``budget_bytes``
-    (and, with ``working_set``, also :data:`WORKING_SET_BYTES`)."""
-    limit = min(budget_bytes, WORKING_SET_BYTES) if working_set else budget_bytes
-    return max(1, min(batch, limit // max(1, FLOAT_BYTES * per_sample_elems)))
+class ChunkLog:
+    """The chunk sizes :func:`chunk_size` chose while this log was active, by layer (for ``--debug``)."""
+
+    def __init__(self):
+        self.layer = "?"
+        self.rows: dict[str, tuple[int, int, int, str]] = {}  # layer -> (chunk, batch, floats per sample, limit)
+
+    def lines(self, device) -> list[str]:
+        return [
+            f"importance chunks on {device}: {layer}: {chunk} of {batch} samples per chunk "
+            f"({elems:,} floats per sample; limit: {limit})"
+            for layer, (chunk, batch, elems, limit) in self.rows.items()
+        ]
+
+
+_LOGS: list[ChunkLog] = []
+
+
+@contextlib.contextmanager
+def logging_chunks():
+    """``with logging_chunks() as log:`` records every chunk size chosen inside (``log.layer`` names the layer)."""
+    log = ChunkLog()
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def set_chunk_layer(name: str) -> None:
+    """The layer whose chunks are sized next (for an active :class:`ChunkLog`)."""
+    if _LOGS:
+        _LOGS[-1].layer = name
+
+
+def chunk_size(
+    per_sample_elems: int,
+    budget_bytes: int,
+    batch: int,
+    working_set: bool = False,
+    device=None,
+    by_threads: bool = False,
+) -> int:
+    """Samples per chunk so that ``chunk · per_sample_elems`` float32 values fit ``budget_bytes``.
+
+    With ``working_set`` on the CPU (``device`` None or a CPU), also :data:`WORKING_SET_BYTES`, so a
+    chunk stays in cache between the GEMM that writes it and the pass that reads it; ``by_threads``
+    then rounds it down to a multiple of torch's threads (a batched GEMM splits the chunk evenly
+    over them), at least min(threads, what the budget allows). On a GPU the budget alone: its
+    caches are too small to size for, and every chunk costs kernel launches, so the fewest chunks
+    that fit the budget are fastest.
+    """
+    cpu = device is None or torch.device(device).type == "cpu"
+    cache = working_set and cpu and budget_bytes > WORKING_SET_BYTES
+    fit = max(1, min(batch, budget_bytes // max(1, FLOAT_BYTES * per_sample_elems)))
+    step = max(1, min(batch, WORKING_SET_BYTES // max(1, FLOAT_BYTES * per_sample_elems))) if cache else fit
+    if by_threads and working_set and cpu:
+        threads = torch.get_num_threads()
+        step = max(step - step % threads, min(threads, fit))
+    limit = WORKING_SET_BYTES if cache else budget_bytes
+    if _LOGS:
+        what = (
+            f"CPU cache working set {WORKING_SET_BYTES >> 20} MiB" if cache else f"memory budget {limit / 2**20:g} MiB"
+        )
+        _LOGS[-1].rows[_LOGS[-1].layer] = (step, batch, per_sample_elems, what)
+    return step
 
 
 def _is_plain(module: nn.Module, base: type) -> bool:
@@ -108,9 +172,7 @@ def _materialised_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes:
     """
     n, g, o, T = G.shape
     per_sample = g * (o * i + T * i)
-    step = chunk_size(per_sample, budget_bytes, n, working_set=True)
-    threads = torch.get_num_threads()  # a multiple of the threads: bmm splits the chunk evenly
-    step = max(step - step % threads, min(threads, chunk_size(per_sample, budget_bytes, n)))
+    step = chunk_size(per_sample, budget_bytes, n, working_set=True, device=G.device, by_threads=True)
     total = torch.zeros(g, o * i, device=G.device, dtype=G.dtype)
     buf = torch.empty(step * g, o, i, device=G.device, dtype=G.dtype)
     G = G.reshape(n * g, o, T)
@@ -158,7 +220,7 @@ def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_b
         return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
     k, n, g, o = factor.shape
     total = None
-    step = chunk_size(k * g * i, budget_bytes, n)
+    step = chunk_size(k * g * i, budget_bytes, n, device=factor.device)
     for s in range(0, n, step):
         part = torch.einsum(
             "kngo,kngi->goi", factor[:, s : s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False)
@@ -390,7 +452,7 @@ class _NormRule(Rule):
             gr = wide(gr)
             if module.weight is not None and module.weight.requires_grad:
                 # In cache-sized chunks of samples: the temporaries stay small and in cache.
-                step = chunk_size(2 * a[:1].numel(), budget_bytes, a.shape[0], working_set=True)
+                step = chunk_size(2 * a[:1].numel(), budget_bytes, a.shape[0], working_set=True, device=a.device)
                 gw = gw + torch.cat(
                     [
                         self.weight_grads(module, wide(a[s : s + step]), gr[s : s + step])

@@ -12,7 +12,9 @@ in Zenke et al.'s own implementation (the unregularised loss): ``train-next`` ca
 importance measures how much the new task's loss fell along each parameter, not the tug-of-war
 between the task and the penalty of earlier tasks. W can be negative (a step that increased the
 first-order loss, e.g. momentum overshoot or noise); a negative weight would *reward* moving a
-parameter in a quadratic penalty, so it is clamped to 0. Everything is kept in float32.
+parameter in a quadratic penalty, so it is clamped to 0. Everything is kept in float32. A step
+the fp16 grad scaler skips (gₜ not finite, Δθₜ = 0) adds exactly 0: the term is taken as 0
+wherever Δθₜ = 0, so inf·0 never enters W.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ class SIAccumulator:
             raise RuntimeError("SIAccumulator.post_step() called without pre_step().")
         for n, p in self.params.items():
             g = self._grads.get(n)
-            if g is not None:
+            if g is not None:  # a parameter that did not move adds 0, even where g overflowed (a skipped fp16 step)
                 delta = p.detach().float() - self._before[n]
-                self.W[n].sub_(g.detach().float() * delta)
+                self.W[n].sub_(torch.where(delta != 0, g.detach().float() * delta, 0.0))
         self._before = self._grads = None
 
     def omega(self, check: bool = True) -> dict[str, torch.Tensor]:

@@ -150,7 +150,7 @@ def _sums_on_task(
     from cl_tool.data.sources import subset_rows
     from cl_tool.importance import importance_sums
 
-    n = task.num_samples
+    n = task.num_samples if not task.streaming else None  # a stream with a known length is still read in order
     subset = None
     if n is not None:
         total = min(n, args.samples or n)
@@ -172,6 +172,8 @@ def _sums_on_task(
         batches = ((b.x, b.y) for b in task.batches(order, device=device))
     else:  # a stream: its first --samples rows, each rank a share of every batch
         total = args.samples
+        if total is not None:
+            subset = f"the first {total:,} rows of a stream (read in order)"
         stream = (
             (b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device, shard=(dist.rank, dist.world))
         )
@@ -200,7 +202,7 @@ def _sums_on_task(
     data_desc["samples"] = count
     if subset is not None:
         data_desc["samples_drawn"] = subset
-        if task.labels is not None:
+        if task.labels is not None and n is not None:
             from cl_tool.data.classes import class_counts
 
             data_desc["classes"] = class_counts(task._raw_labels[rows], task.class_names)
@@ -215,8 +217,9 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.checkpoint import load_model
     from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
+    from cl_tool.importance.rules import logging_chunks
     from cl_tool.models import trainable_parameters
-    from cl_tool.runtime import keep_freed_memory, seed_everything
+    from cl_tool.runtime import debug_enabled, keep_freed_memory, seed_everything, set_cuda_precision
     from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
@@ -232,6 +235,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     prev = load_sidecar(args.accumulate) if args.accumulate is not None else None
     dist, device = distributed.setup(args.device)
     keep_freed_memory()
+    set_cuda_precision(device)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
     model.to(device)
@@ -243,7 +247,11 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     else:
         (task,) = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
         try:
-            sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
+            with logging_chunks() as chunks:
+                sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
+            if debug_enabled() and dist.is_main:
+                for line in chunks.lines(device):
+                    out.log(line)
         finally:
             task.close()
             if task.cache_note:

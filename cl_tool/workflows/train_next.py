@@ -319,12 +319,17 @@ def _match_training_classes(args: TrainNextArgs, out: Output, ckpt, task) -> lis
 
 def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     """Train ``args.checkpoint`` on ``args.data`` under the penalty; write the checkpoint (and SI sidecar, log) or nothing."""
-    import torch
 
     from cl_tool import distributed
     from cl_tool.checkpoint import load_model
     from cl_tool.data import task_specs
-    from cl_tool.runtime import keep_freed_memory, seed_everything
+    from cl_tool.runtime import (
+        deterministic_error,
+        keep_freed_memory,
+        seed_everything,
+        set_cuda_precision,
+        set_deterministic,
+    )
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
@@ -335,13 +340,19 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     dist, device = distributed.setup(args.device)
     keep_freed_memory()
+    set_cuda_precision(device)
     if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+        set_deterministic(device)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
     tasks: list = []
     try:
         return _train_next(args, out, spec, eval_specs, resuming, dist, device, ckpt, model, tasks)
+    except RuntimeError as exc:
+        err = deterministic_error(exc)
+        if err is None:
+            raise
+        raise err from None
     finally:
         for t in tasks:
             t.close()
@@ -408,6 +419,9 @@ def _train_next(
         out.log(
             "The model has BatchNorm running statistics, which the penalty does not protect; $freeze_bn_stats keeps them fixed."
         )
+    bn_note = distributed.batchnorm_note(model, dist.world, device, args.freeze_bn_stats)
+    if bn_note and dist.is_main:
+        out.warn(bn_note)
     si = None
     if args.si_out is not None:
         from cl_tool.importance import SIAccumulator
