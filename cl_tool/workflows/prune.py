@@ -156,6 +156,17 @@ def _bn_field(args: PruneArgs) -> str | None:
     return "score_data" if args.score_data else "data" if args.data else None
 
 
+def _note_unused_score_data(args: PruneArgs, names, out: Output) -> None:
+    """``--score-data`` serves data-based scores and BatchNorm statistics; with neither here it is noted as unused."""
+    if (
+        args.score_data
+        and args.bn_stats == "recompute"  # with keep, validate() has noted it already
+        and not any(b in ("signal", "fisher", "mas") for b in args.by)
+        and not _has_bn_stats(names)
+    ):
+        out.log(f"note: $by {', '.join(args.by)} on a model without BatchNorm ignores $score_data (not used there).")
+
+
 def _open_bn_task(args: PruneArgs, field: str, ckpt):
     from cl_tool.data import open_tasks, task_specs
 
@@ -394,6 +405,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     device = resolve_device(args.device)
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
+    _note_unused_score_data(args, ckpt.state, out)
     if (
         ckpt.layout is not None and "spec" in ckpt.layout
     ):  # written by cl-tool: names/shapes are recorded, no rebuild needed
@@ -548,6 +560,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     layout = layout_from_metadata(meta, where)
     if layout is None or "spec" not in layout:
         return None
+    _note_unused_score_data(args, tf.header, out)
     ckpt = Checkpoint(
         spec=spec,
         state={},
