@@ -77,7 +77,8 @@ class PruneArgs(Args):
         [],
         "--score-data",
         metavar=DATA_METAVAR,
-        help="Data for computing signal/fisher/mas scores when no sidecar is given (default: --data).",
+        help="Data for computing signal/fisher/mas scores when no sidecar is given, and for re-estimating BatchNorm "
+        "statistics after masking (default: --data).",
     )
     bias_score: str = option(
         "post-activation",
