@@ -17,6 +17,13 @@ count stay on the device; a non-finite loss or gradient is recorded there (the f
 happened) and read every :data:`FINITE_CHECK_EVERY` steps, before a resumable state is written
 and at the end of every epoch, so a diverged run stops within that many steps naming the step
 where it diverged.
+
+BatchNorm statistics (``bn_stats="recompute"``, statistics not frozen): the running mean/variance
+training leaves are an exponential moving average of batch statistics computed while the weights
+moved, so they lag the final weights. After the last epoch's steps they are re-estimated with the
+final weights (:func:`recompute_bn_stats`), before that epoch's evaluations, so every eval-mode
+figure of the last epoch is of the model that is written. Under torch.distributed every rank makes
+this pass over the whole task (not its share), so its statistics are those of one process.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
-from cl_tool.evaluation import evaluate_task
+from cl_tool.evaluation import evaluate_slice, evaluate_task
 from cl_tool.penalty import divergence_bound
 from cl_tool.runtime import autocast
 
@@ -38,6 +45,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 FINITE_CHECK_EVERY = 32  # steps between reads of the divergence flags (each read waits for the device)
 _NEVER = 2**62  # "no non-finite value yet" in the divergence flags
 SCHEDULES = ("constant", "cosine")
+BN_STATS = ("recompute", "keep")
+TRAIN_EVAL_SAMPLES = 2000  # the eval-mode figure on the training data uses at most this many samples
 
 
 @dataclass
@@ -57,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_batch_size: int = 512
     freeze_bn_stats: bool = False
+    bn_stats: str = "recompute"
 
 
 def set_training_mode(model, freeze_bn_stats: bool) -> None:
@@ -74,6 +84,42 @@ def set_training_mode(model, freeze_bn_stats: bool) -> None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def batchnorm_layers(model) -> list:
+    """The model's BatchNorm modules that keep running statistics."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recompute_bn_stats(model, task, *, device, batch_size: int, precision: str = "fp32") -> dict[str, Any] | None:
+    """Re-estimate every BatchNorm layer's running mean and variance over ``task`` with the model's current weights.
+
+    ``torch.optim.swa_utils.update_bn``: the statistics are reset and momentum set to None, so after one pass in train
+    mode (no gradients) over the K batches of every row in order (``batch_size`` per batch, never augmented) each
+    layer holds the cumulative averages running_mean = (1/K) Σ_k μ_k and running_var = (1/K) Σ_k σ²_k of its batch
+    means and unbiased batch variances; momentum is restored afterwards. Parameters are not touched. Returns
+    {"layers", "samples", "batches", "batch_size"}, or None when the model has no BatchNorm layer with running
+    statistics (nothing is done).
+    """
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    layers = batchnorm_layers(model)
+    if not layers:
+        return None
+    counts = {"samples": 0, "batches": 0}
+
+    def inputs():
+        for batch in task.batches(batch_size=batch_size, device=device):
+            counts["samples"] += int(batch.y.shape[0])
+            counts["batches"] += 1
+            yield batch.x
+
+    with torch.no_grad(), autocast(device, precision):
+        update_bn(inputs(), model)
+    return {"layers": len(layers), **counts, "batch_size": batch_size}
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -136,6 +182,10 @@ class TrainResult:
     setup_seconds: float | None = None
     train_seconds: float = 0.0
     samples: int = 0
+    bn_stats: dict[str, Any] | None = None  # see bn_stats_record
+    train_eval: dict[str, Any] | None = (
+        None  # eval-mode accuracy/loss/samples on the training data after the last epoch
+    )
 
     @property
     def samples_per_s(self) -> float:
@@ -199,11 +249,16 @@ def train(
     dist: DistInfo | None = None,
     progress=None,
     started_at: float | None = None,
+    train_eval_limit: int | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``task`` (a ``cl_tool.data.Task``) with cross-entropy + penalty; return per-epoch records.
 
     Batches come from ``task.batches`` in the order of the module docstring (``augment``: none,
     shift=K or timm); ``eval_sets`` are (name, Task) pairs evaluated after every epoch.
+
+    After the last epoch's steps, BatchNorm statistics are re-estimated (module docstring; ``result.bn_stats``) and,
+    when ``train_eval_limit`` is given, the model is evaluated in eval mode on that many training samples
+    (:func:`cl_tool.evaluation.evaluate_slice`; ``result.train_eval`` and the last epoch's record).
 
     ``state_io`` (optional) has ``save(state: dict)`` and ``load() -> dict | None`` for resumable
     state (``on_restore`` receives the epoch records of a restored state); a state is saved every
@@ -382,12 +437,27 @@ def train(
                 "samples_per_s": seen / max(dt, 1e-9),
                 "setup_seconds": result.setup_seconds,
             }
+            if epoch == cfg.epochs - 1:  # the model as it will be written: statistics first, then every evaluation
+                result.bn_stats = bn_stats_record(model, task, cfg, device)
+                if result.bn_stats is not None:
+                    record["bn_stats"] = result.bn_stats["method"]
             for name, eval_task in eval_sets:
                 acc, loss = evaluate_task(
                     model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision
                 )
                 record[f"eval/{name}/accuracy"] = acc
                 record[f"eval/{name}/loss"] = loss
+            if epoch == cfg.epochs - 1 and train_eval_limit:
+                acc, loss, m = evaluate_slice(
+                    model,
+                    task,
+                    limit=train_eval_limit,
+                    device=device,
+                    batch_size=cfg.eval_batch_size,
+                    precision=cfg.precision,
+                )
+                result.train_eval = {"accuracy": acc, "loss": loss, "samples": m}
+                record["train_eval_accuracy"], record["train_eval_samples"] = acc, m
             result.epochs.append(record)
             if log:
                 log(record)
@@ -395,6 +465,20 @@ def train(
     distributed.restore_modules(swapped)
     result.steps = global_step
     return result
+
+
+def bn_stats_record(model, task, cfg: TrainConfig, device) -> dict[str, Any] | None:
+    """What happens to the BatchNorm statistics at the end of training: {"method": "recomputed", layers, samples, batches,
+    batch_size} (done here, :func:`recompute_bn_stats`), {"method": "kept"} (``bn_stats="keep"``: training's moving
+    average), {"method": "frozen"} (``freeze_bn_stats``: the input checkpoint's), or None for a model without them."""
+    if not batchnorm_layers(model):
+        return None
+    if cfg.freeze_bn_stats:
+        return {"method": "frozen"}
+    if cfg.bn_stats == "keep":
+        return {"method": "kept"}
+    done = recompute_bn_stats(model, task, device=device, batch_size=cfg.batch_size, precision=cfg.precision)
+    return {"method": "recomputed", **done}
 
 
 def _diverged_msg(step: int, epoch: int, what: str, penalty, lr: float) -> str:

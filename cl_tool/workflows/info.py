@@ -364,11 +364,10 @@ def _describe_mask(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) 
         }
     )
     if args.sparsity or args.verify:
+        from cl_tool.masks import mask_value_problem
 
         def check(name, t):
-            if not bool(((t == 0) | (t == 1)).all()):
-                return f"Mask {p} has values other than 0 and 1 in {name!r}; write it again with `cl-tool prune --mask-out`."
-            return None
+            return mask_value_problem(f"Mask {p}", name, t)
 
         scan = _scan(
             p,

@@ -14,6 +14,7 @@ from cl_tool.importance import BIAS_SCORES
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
+from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
 SCOPES = ("global", "layer")
@@ -76,7 +77,8 @@ class PruneArgs(Args):
         [],
         "--score-data",
         metavar=DATA_METAVAR,
-        help="Data for computing signal/fisher/mas scores when no sidecar is given (default: --data).",
+        help="Data for computing signal/fisher/mas scores when no sidecar is given, and for re-estimating BatchNorm "
+        "statistics after masking (default: --data).",
     )
     bias_score: str = option(
         "post-activation",
@@ -85,6 +87,16 @@ class PruneArgs(Args):
         choices=BIAS_SCORES,
         help="--by signal on data: a bias scores its unit's output after the activation (post-activation; softmax "
         "for the classifier; the authors' code) or before it (pre-activation).",
+    )
+    bn_stats: str = option(
+        "recompute",
+        "--bn-stats",
+        metavar="MODE",
+        choices=BN_STATS,
+        help="A model with BatchNorm, pruned with data given (--score-data, else --data): recompute (default) "
+        "re-estimates the BatchNorm running statistics on that data after masking, in the pruned checkpoint and at "
+        "every --sweep point (one pass without gradients, as torch.optim.swa_utils.update_bn; weights untouched), "
+        "or keep the checkpoint's, which were measured with the unpruned weights.",
     )
     plot: Optional[Path] = option(
         None, "--plot", metavar="FILE", help="With --sweep: draw accuracy vs sparsity to FILE.png (needs matplotlib)."
@@ -97,8 +109,11 @@ class PruneArgs(Args):
 
     def validate(self) -> None:
         self.ignore_unless(
-            any(b in ("signal", "fisher", "mas") for b in self.by), ("score_data",), f"$by {', '.join(self.by)}"
+            any(b in ("signal", "fisher", "mas") for b in self.by) or self.bn_stats == "recompute",
+            ("score_data",),
+            f"$by {', '.join(self.by)} with $bn_stats keep",
         )
+        self.ignore_unless(bool(self.data or self.score_data), ("bn_stats",), "prune without $data or $score_data")
         self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
@@ -127,6 +142,58 @@ class PruneArgs(Args):
             raise UsageError("$sweep needs at least one sparsity.")
         if not all(0.0 <= s < 1.0 for s in self.levels):
             raise UsageError(f"$sweep values must be in [0, 1), got {self.sweep}.")
+
+
+def _has_bn_stats(names) -> bool:
+    """Whether tensor names include BatchNorm running statistics (``<layer>.running_mean``)."""
+    return any(n == "running_mean" or n.endswith(".running_mean") for n in names)
+
+
+def _bn_field(args: PruneArgs) -> str | None:
+    """The option whose data re-estimates BatchNorm statistics after masking: score_data, else data; None: no data or
+    ``--bn-stats keep``."""
+    if args.bn_stats != "recompute":
+        return None
+    return "score_data" if args.score_data else "data" if args.data else None
+
+
+def _note_unused_score_data(args: PruneArgs, names, out: Output) -> None:
+    """``--score-data`` serves data-based scores and BatchNorm statistics; with neither here it is noted as unused."""
+    if (
+        args.score_data
+        and args.bn_stats == "recompute"  # with keep, validate() has noted it already
+        and not any(b in ("signal", "fisher", "mas") for b in args.by)
+        and not _has_bn_stats(names)
+    ):
+        out.log(f"note: $by {', '.join(args.by)} on a model without BatchNorm ignores $score_data (not used there).")
+
+
+def _open_bn_task(args: PruneArgs, field: str, ckpt):
+    from cl_tool.data import open_tasks, task_specs
+
+    values = getattr(args, field)
+    if len(values) != 1:
+        raise UsageError(
+            f"Re-estimating BatchNorm statistics after pruning needs one ${field} (got {len(values)}); give one, or "
+            f"pass $bn_stats keep."
+        )
+    role = "train" if field == "score_data" else "eval"
+    (task,) = open_tasks(task_specs(values, args.data_options, field, role=role), ckpt.spec, args.data_options)
+    return task  # labels are not read: BatchNorm statistics need the images only
+
+
+def _bn_note(args: PruneArgs, field: str, task, rec: dict[str, Any], out: Output, sweep: bool) -> dict[str, Any]:
+    """Log and return the record of a re-estimation after masking."""
+    where = (
+        " (the evaluation data; $score_data TRAIN estimates them on training data instead)"
+        if sweep and field == "data"
+        else ""
+    )
+    out.log(
+        f"BatchNorm statistics re-estimated after masking{' at every sparsity' if sweep else ''} over "
+        f"{rec['samples']:,} samples of {task.spec.name}{where}; $bn_stats keep keeps the checkpoint's."
+    )
+    return {"method": "recomputed", "data": task.describe(), **rec}
 
 
 def _selected(args: PruneArgs, named: dict[str, Any], layout: dict[str, Any]) -> list[str]:
@@ -239,22 +306,34 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
     )
     try:
         with test:
-            return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+            field = _bn_field(args) if _has_bn_stats(ckpt.state) else None
+            if field == "score_data":
+                with _open_bn_task(args, field, ckpt) as bn_task:
+                    return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test, bn_task)
+            return _sweep_on(
+                args, out, ckpt, get_model, named, chosen, make_masks, device, test, test if field == "data" else None
+            )
     finally:
         if test.cache_note:
             out.log(test.cache_note)
 
 
-def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test) -> dict[str, Any]:
+def _sweep_on(
+    args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test, bn_task
+) -> dict[str, Any]:
+    """The sweep on the opened ``test`` task; ``bn_task``: the task BatchNorm statistics are re-estimated on after
+    masking at every sparsity, or None."""
     import torch
 
     from cl_tool.evaluation import evaluate_task
+    from cl_tool.training import recompute_bn_stats
 
     model = get_model()
     params = dict(model.named_parameters())
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_acc, _ = evaluate_task(model, test, device=device, batch_size=args.batch_size)
     curves: dict[str, list[tuple[float, float]]] = {}
+    bn = None
     for by in args.by:
         scores, _ = compute_scores(args, by, ckpt, get_model, named, device, out)
         scores = {n: scores[n] for n in chosen}
@@ -263,6 +342,10 @@ def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make
             with torch.no_grad():
                 for n, m in make_masks(scores, s).items():
                     params[n].masked_fill_(m.to(params[n].device).logical_not(), 0)
+            if bn_task is not None:
+                rec = recompute_bn_stats(model, bn_task, device=device, batch_size=args.batch_size)
+                if rec is not None and bn is None:
+                    bn = _bn_note(args, "score_data" if bn_task is not test else "data", bn_task, rec, out, True)
             curve.append((s, evaluate_task(model, test, device=device, batch_size=args.batch_size)[0]))
             model.load_state_dict(original)
         curves[by] = curve
@@ -283,6 +366,7 @@ def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make
             "data": test.describe(),
             "scope": args.scope,
             "unpruned_accuracy": base_acc,
+            "bn_stats": bn,
             "sparsities": args.levels,
             "curves": {b: [{"sparsity": s, "accuracy": a} for s, a in c] for b, c in curves.items()},
         }
@@ -328,6 +412,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     device = resolve_device(args.device)
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
+    _note_unused_score_data(args, ckpt.state, out)
     if (
         ckpt.layout is not None and "spec" in ckpt.layout
     ):  # written by cl-tool: names/shapes are recorded, no rebuild needed
@@ -353,6 +438,17 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     scores, source = compute_scores(args, by, ckpt, get_model, named, device, out)
     masks = make_masks({n: scores[n] for n in chosen}, args.sparsity)
     del scores
+    _ = ckpt.fingerprint  # hashed (and cached for the record) as read, before masking changes the tensors in place
+    bn = None
+    field = _bn_field(args) if _has_bn_stats(ckpt.state) else None
+    if field is not None:
+        from cl_tool.training import recompute_bn_stats
+
+        model = get_model()
+        apply_masks(dict(model.named_parameters()), masks)
+        with _open_bn_task(args, field, ckpt) as task:
+            rec = recompute_bn_stats(model, task, device=device, batch_size=args.batch_size)
+            bn = _bn_note(args, field, task, rec, out, False) if rec is not None else None
     state = {k: v.detach().cpu() for k, v in (materialised[0].state_dict() if materialised else ckpt.state).items()}
     apply_masks(state, masks)
     rows, total = sparsity_report(masks)
@@ -367,11 +463,11 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
             path, masks, by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint, force=args.force
         )
 
-    return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)
+    return _finish(args, out, ckpt, by, source, rows, total, write, write_mask, bn)
 
 
 def _finish(
-    args: PruneArgs, out: Output, ckpt, by: str, source: dict[str, Any], rows, total, write, write_mask
+    args: PruneArgs, out: Output, ckpt, by: str, source: dict[str, Any], rows, total, write, write_mask, bn=None
 ) -> dict[str, Any]:
     """Report the sparsity, write the pruned checkpoint (``write(path, {"history", "extra"}) -> fingerprint``) and masks, all or nothing."""
     from cl_tool.atomic import all_or_nothing
@@ -392,6 +488,7 @@ def _finish(
         "selected": total.numel,
         "source": source,
         "per_layer": {n: frac for n, _, _, frac in rows},
+        **({"bn_stats": bn} if bn is not None else {}),
     }
     result = {
         "output": str(args.output) if args.output else None,
@@ -412,6 +509,7 @@ def _finish(
                     importance=source.get("sidecar"),
                     importance_fingerprint=source.get("sidecar_fingerprint"),
                     importance_generations=source.get("generations"),
+                    bn_stats=bn,
                 )
             ]
             result["fingerprint"] = write(args.output, {"history": hist, "extra": {**ckpt.extra, "pruning": record}})
@@ -463,10 +561,13 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     meta = tf.metadata
     if "cl_tool.model" not in meta:
         return None
+    if _bn_field(args) is not None and _has_bn_stats(tf.header):  # statistics to re-estimate on data: needs the model
+        return None
     spec = spec_from_metadata(meta, where)
     layout = layout_from_metadata(meta, where)
     if layout is None or "spec" not in layout:
         return None
+    _note_unused_score_data(args, tf.header, out)
     ckpt = Checkpoint(
         spec=spec,
         state={},

@@ -14,7 +14,7 @@ from cl_tool.output import Output
 from cl_tool.params import FLOAT32_MAX, Args, argument, config_option, force_option, group, option
 from cl_tool.penalty import PENALTIES
 from cl_tool.runtime import device_option, precision_option, seed_option
-from cl_tool.training import OPTIMIZERS, SCHEDULES, TrainConfig
+from cl_tool.training import BN_STATS, OPTIMIZERS, SCHEDULES, TRAIN_EVAL_SAMPLES, TrainConfig
 
 DEFAULT_LAMBDA = 100.0
 
@@ -56,6 +56,17 @@ class TrainNextArgs(Args):
         panel="Penalty",
         help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, "
         "not these statistics, which otherwise drift to the new task.",
+    )
+    bn_stats: str = option(
+        "recompute",
+        "--bn-stats",
+        metavar="MODE",
+        panel="Penalty",
+        choices=BN_STATS,
+        help="BatchNorm running statistics written with the model: recompute (default: re-estimated after the last "
+        "epoch with the final weights, one pass without gradients or augmentation over the task, as "
+        "torch.optim.swa_utils.update_bn; weights untouched) or keep (training's moving average, which lags the "
+        "weights). Not with --freeze-bn-stats.",
     )
     optimizer: str = option(
         "adam", "--optimizer", metavar="NAME", panel="Optimisation", choices=OPTIMIZERS, help="adam, adamw or sgd."
@@ -114,7 +125,7 @@ class TrainNextArgs(Args):
         "--mask",
         metavar="FILE",
         panel="Pruning",
-        help="Mask file from `prune --mask-out`; pruned weights stay zero.",
+        help="Mask file from `prune --mask-out` (values 0 or 1); pruned weights stay zero.",
     )
     augment: str = option(
         "none",
@@ -177,6 +188,7 @@ class TrainNextArgs(Args):
             )
         self.ignore_unless(self.optimizer == "sgd", ("momentum", "nesterov"), f"$optimizer {self.optimizer}")
         self.ignore_unless(self.si_out is not None, ("si_xi",), "training without $si_out")
+        self.ignore_unless(not self.freeze_bn_stats, ("bn_stats",), "$freeze_bn_stats")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
             raise UsageError("$nesterov needs $momentum > 0.")
         from cl_tool.data import parse_augment
@@ -199,6 +211,7 @@ class TrainNextArgs(Args):
             precision=self.precision,
             checkpoint_every=self.checkpoint_every,
             freeze_bn_stats=self.freeze_bn_stats,
+            bn_stats=self.bn_stats,
         )
 
     @property
@@ -317,6 +330,45 @@ def _match_training_classes(args: TrainNextArgs, out: Output, ckpt, task) -> lis
     return cmap.names
 
 
+def _final_eval(result, last: dict[str, Any], eval_tasks: list, task) -> list[dict[str, Any]]:
+    """The written model's eval-mode figures: on each ``--eval-data`` task (the last epoch's evaluations, made after the
+    BatchNorm statistics were settled), else on the training data (at most TRAIN_EVAL_SAMPLES samples, evenly spaced)."""
+    if eval_tasks:
+        return [
+            {
+                "on": t.spec.name,
+                "data": "eval-data",
+                "samples": t.num_samples,
+                "accuracy": last.get(f"eval/{t.spec.name}/accuracy"),
+                "loss": last.get(f"eval/{t.spec.name}/loss"),
+            }
+            for t in eval_tasks
+        ]
+    if result.train_eval is None:
+        return []
+    return [{"on": task.spec.name, "data": "train", "of": task.num_samples, **result.train_eval}]
+
+
+def _final_text(final_eval: list[dict[str, Any]], bn: dict[str, Any] | None) -> str:
+    """The log's words for :func:`_final_eval` and the BatchNorm statistics (see ``training.bn_stats_record``)."""
+    parts = []
+    for e in final_eval:
+        if e["data"] == "train":
+            of = f" of {e['of']:,}" if e.get("of") is not None else ""
+            parts.append(f"{e['accuracy']:.4f} on {e['samples']:,}{of} training samples")
+        elif e["accuracy"] is not None:
+            n = f" ({e['samples']:,} samples)" if e.get("samples") is not None else ""
+            parts.append(f"{e['accuracy']:.4f} on {e['on']}{n}")
+    text = f"eval-mode acc of the written model {', '.join(parts)}" if parts else "no eval-mode figure"
+    if bn is None:
+        return text
+    if bn["method"] == "recomputed":
+        return f"{text}; BatchNorm statistics re-estimated over {bn['samples']:,} samples with the final weights"
+    if bn["method"] == "kept":
+        return f"{text}; BatchNorm statistics kept from training ($bn_stats keep)"
+    return f"{text}; BatchNorm statistics frozen ($freeze_bn_stats)"
+
+
 def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     """Train ``args.checkpoint`` on ``args.data`` under the penalty; write the checkpoint (and SI sidecar, log) or nothing."""
 
@@ -431,7 +483,7 @@ def _train_next(
 
     cfg = args.train_config()
     run_cfg = {
-        **{k: v for k, v in vars(cfg).items() if k != "eval_batch_size"},
+        **{k: v for k, v in vars(cfg).items() if k not in ("eval_batch_size", "bn_stats")},  # neither changes a step
         "penalty": penalty_used,
         "lambda": lam,
         "data": spec.describe(),
@@ -487,6 +539,7 @@ def _train_next(
                 dist=dist,
                 progress=bar.advance if dist.is_main else None,
                 started_at=started_at(),
+                train_eval_limit=None if eval_tasks else TRAIN_EVAL_SAMPLES,
             )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         bad = first_nonfinite(state)
@@ -515,6 +568,8 @@ def _train_next(
         "importance_fingerprint": use.fingerprint if use else None,
         "importance_generations": use.generations if use else None,
     }
+    last = result.epochs[-1] if result.epochs else {}
+    final_eval = _final_eval(result, last, eval_tasks, task)
     result_doc: dict[str, Any] = {
         "output": str(args.output),
         "penalty": penalty_used,
@@ -522,6 +577,9 @@ def _train_next(
         "importance": str(sidecar_path) if sidecar_path else None,
         **lineage,
         "epochs": result.epochs,
+        "final_train_accuracy": last.get("train_accuracy"),
+        "final_eval": final_eval,
+        "bn_stats": result.bn_stats,
         "steps": result.steps,
         "samples": task.num_samples,
         "data": task.describe(),
@@ -548,6 +606,7 @@ def _train_next(
                 seed=args.seed,
                 augment=args.augmentation.describe() if args.augmentation.kind else None,
                 freeze_bn_stats=args.freeze_bn_stats or None,
+                bn_stats=result.bn_stats,
                 anchor_fingerprint=anchor_fp,
                 grown=grown or None,
                 mask=str(args.mask) if args.mask else None,
@@ -589,11 +648,11 @@ def _train_next(
                 result_doc["si_out"] = str(args.si_out)
         if state_io is not None:
             state_io.remove()
-        last = result.epochs[-1] if result.epochs else {}
         out.log(
             f"Wrote {args.output}: {result.steps} steps in {result.train_seconds:.1f} s of training ({result.samples_per_s:,.0f} samples/s) "
             f"after {result.setup_seconds or 0.0:.1f} s of set-up (imports, model, data); penalty {penalty_used}"
-            f"{f', λ={lam:g}' if penalty_used != 'none' else ''}; final train acc {last.get('train_accuracy', float('nan')):.4f}."
+            f"{f', λ={lam:g}' if penalty_used != 'none' else ''}; final train acc {last.get('train_accuracy', float('nan')):.4f} "
+            f"(train mode, over the last epoch); {_final_text(final_eval, result.bn_stats)}."
         )
         out.result(result_doc)
     distributed.barrier()
