@@ -1374,7 +1374,7 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
                 "--data",
                 c.d / "data" / "imgs",
                 "--csv",
-                c.link("r.csv", c.d / "data" / "imgs" / "c0" / "0.png", hard=True),
+                c.link("r.csv", c.d / "data" / "imgs" / "0" / "0.png", hard=True),
                 "--force",
             ]
         ),
@@ -1393,7 +1393,7 @@ CASES: list[tuple[str, int, str, Callable[[Ctx], list]]] = [
                 "--data",
                 c.d / "data" / "imgs",
                 "--plot",
-                c.d / "data" / "imgs" / "c0" / "r.png",
+                c.d / "data" / "imgs" / "0" / "r.png",
             ]
         ),
     ),
