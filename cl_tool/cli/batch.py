@@ -77,9 +77,31 @@ def batch(
         typer.Option("--keep-going", help="Run every line even after one fails; exit with the first failure's code."),
     ] = False,
 ) -> int:
-    from cl_tool.cli import QUIET, run_line
+    from cl_tool.atomic import every_command_reads
 
     lines = read_lines(file)
+    with every_command_reads(*_batch_input(file)):
+        return _run_lines(file, lines, keep_going)
+
+
+def _batch_input(file: str) -> tuple[str | None, str]:
+    """The batch file as an input of every line: the path, or standard input when it is a regular file (``< seq.txt``)."""
+    if file != "-":
+        return file, "the batch file"
+    import os
+    import stat
+
+    try:
+        regular = stat.S_ISREG(os.fstat(0).st_mode)
+    except OSError:
+        regular = False
+    path = os.path.realpath("/dev/fd/0") if regular and os.path.exists("/dev/fd/0") else None
+    return path, "the batch file (standard input)"
+
+
+def _run_lines(file: str, lines: list[tuple[int, list[str]]], keep_going: bool) -> int:
+    from cl_tool.cli import QUIET, run_line
+
     quiet = QUIET[0]
     name = "standard input" if file == "-" else file
     first_failure = 0
