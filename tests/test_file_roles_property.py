@@ -166,7 +166,9 @@ def _expected_code(inputs: set[str], outputs: list[str], force: bool) -> int:
         return 6
     if any(o in SPECIAL or (o in LINKS and not o.startswith("hard")) for o in outputs):
         return 6
-    existing = set(INPUTS) | set(EXISTING) | {BATCH, "ds/dataset_info.json"} | {o for o in LINKS if o.startswith("hard")}
+    existing = (
+        set(INPUTS) | set(EXISTING) | {BATCH, "ds/dataset_info.json"} | {o for o in LINKS if o.startswith("hard")}
+    )
     if not force and any(o in existing for o in outputs):
         return 6
     return 0

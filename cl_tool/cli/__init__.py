@@ -8,7 +8,9 @@ must not import torch, timm or datasets (``cl-tool --help`` stays fast).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,16 @@ import typer
 
 from cl_tool import __version__, distributed, runtime
 from cl_tool.cli.build import QUIET, Command, Group, command, name_of
-from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, ClToolError, StdoutGone, UsageError
+from cl_tool.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERNAL,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ClToolError,
+    StdoutGone,
+    Terminated,
+    UsageError,
+)
 
 app = typer.Typer(
     name="cl-tool",
@@ -202,7 +213,8 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
-    code = run_line(list(sys.argv[1:] if argv is None else argv))
+    with signals_unwind():
+        code = run_line(list(sys.argv[1:] if argv is None else argv))
     try:
         sys.stdout.flush()
     except (BrokenPipeError, OSError):
@@ -260,6 +272,9 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     except KeyboardInterrupt:
         _print_error("Interrupted; nothing was written.")
         code = EXIT_SIGINT
+    except Terminated:
+        _print_error("Interrupted by SIGTERM; nothing was written.")
+        code = EXIT_SIGTERM
     except Exception as exc:
         if debug:
             raise
@@ -271,6 +286,31 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
         if last:
             distributed.shutdown()
     return code
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up that follows is not cut short by a second one
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_unwind():
+    """While a command runs, SIGTERM raises :class:`Terminated` and SIGINT KeyboardInterrupt (exit 143 and 130).
+
+    Python's default SIGTERM kills the process at once (status -15), skipping every clean-up: temporary outputs,
+    the decoded cache's unfinished file, data workers. As an exception the command unwinds through them. SIGINT
+    keeps Python's handler (KeyboardInterrupt), or stays ignored when the caller ignored it (``nohup``, ``&``).
+    The training loop installs its own handlers for its resumable stop and restores these after.
+    """
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals to the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _ensure_std_streams() -> None:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cl_tool.errors import EXIT_SIGINT, UsageError
+from cl_tool.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError
 
 HELP = (
     "Run cl-tool command lines from FILE (or - for standard input) one after another in this process: "
@@ -115,7 +115,7 @@ def _run_lines(file: str, lines: list[tuple[int, list[str]]], keep_going: bool) 
             continue
         first_failure = first_failure or code
         rest = len(lines) - i - 1
-        if code == EXIT_SIGINT or not keep_going:
+        if code in (EXIT_SIGINT, EXIT_SIGTERM) or not keep_going:
             if rest:
                 sys.stderr.write(
                     f"Error: {name} line {number} failed (exit {code}); the {rest} line(s) after it were not run.\n"
