@@ -139,7 +139,7 @@ def special_kind(path: Path) -> str | None:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
     if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
+        return "a FIFO (named pipe)"
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a device"
@@ -150,7 +150,7 @@ def refuse_links_and_special(path: Path, role: str) -> None:
     kind = special_kind(path)
     if kind is not None:
         raise OutputError(
-            f"{role} {path} is {kind}, not a regular file; cl-tool writes its outputs only to regular files: "
+            f"{role} {path} is not a regular file but {kind}; cl-tool writes outputs only to regular files: "
             f"give a file path."
         )
     if path.is_symlink():

@@ -87,7 +87,7 @@ def test_fifo_outputs_are_refused_without_being_opened(cli, tmp_path, small_mlp,
     ]
     for argv in cases:
         r = cli(*argv)
-        _refused(r, "named pipe (FIFO)", "not a regular file")
+        _refused(r, "is not a regular file but a FIFO")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "to_fifo"]
 
 
@@ -101,7 +101,7 @@ def test_proc_fd_and_device_outputs_are_refused(cli, tmp_path):
     dev = tmp_path / "null_link"
     dev.symlink_to(os.devnull)
     r = cli(*INIT, "-o", dev, "--force")
-    _refused(r, "is a device")
+    _refused(r, "is not a regular file but a device")
 
 
 def test_library_writes_refuse_a_link_that_appeared_after_the_check(tmp_path):

@@ -186,6 +186,19 @@ def _scan(path: Path, names: list[str], *, fingerprint: bool, zeros: set[str], c
     return {"fingerprint": h.hexdigest() if h is not None else None, "zeros": counts, "problem": problem}
 
 
+def _finite_check(what: str):
+    """A ``_scan`` check: the message every reader gives for a floating-point tensor holding NaN or ±Inf."""
+
+    def check(name, t):
+        import torch
+
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return f"{what} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
+        return None
+
+    return check
+
+
 def _sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     numel = sum(c["numel"] for c in counts.values())
     zeros = sum(c["zeros"] for c in counts.values())
@@ -237,10 +250,13 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
             list(header) if args.verify else params,
             fingerprint=args.verify,
             zeros=set(params) if args.sparsity else set(),
+            check=_finite_check(f"Checkpoint {where}") if args.verify else None,
         )
         if args.verify:
+            if scan["problem"]:
+                info["problems"].append(scan["problem"])
             info["fingerprint"]["computed"] = scan["fingerprint"]
-            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
+            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
             if recorded is None:
                 info["problems"].append(
                     f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool."
@@ -281,8 +297,11 @@ def _describe_timm(folder: Path, args: InfoArgs) -> dict[str, Any]:
             list(header) if args.verify else list(floats),
             fingerprint=args.verify,
             zeros=floats if args.sparsity else set(),
+            check=_finite_check(f"Checkpoint {weights}") if args.verify else None,
         )
         info["fingerprint"]["computed"] = scan["fingerprint"]
+        if scan["problem"]:
+            info["problems"].append(scan["problem"])
         if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
     return info
