@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.checkpoint import HISTORY_LIMIT
+from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.importance import BIAS_SCORES
@@ -527,7 +527,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
             path,
             {
                 **meta,
-                "cl_tool.history": json.dumps(metadata["history"][-HISTORY_LIMIT:]),
+                "cl_tool.history": json.dumps(trim_history(metadata["history"])),
                 "cl_tool.extra": json.dumps(metadata["extra"]),
             },
             force=args.force,
