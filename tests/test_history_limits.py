@@ -118,7 +118,9 @@ def test_trim_history_counts_across_generations():
     assert len(twice) == LINEAGE_LIMIT and twice[0]["dropped_before"] == 15
     assert trim_history(_entries(3)) == _entries(3)  # a short history is kept as it is
     huge = _entries(1, note="n" * ENTRY_BYTES)
-    assert trim_history(huge) == [{"trimmed": True, **{k: huge[0][k] for k in ("command", "time", "anchor_fingerprint")}}]
+    assert trim_history(huge) == [
+        {"trimmed": True, **{k: huge[0][k] for k in ("command", "time", "anchor_fingerprint")}}
+    ]
     assert trim_history(["not an entry", 3]) == [{}, {}]  # kept as empty entries (no lineage)
 
 
