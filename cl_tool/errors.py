@@ -29,6 +29,23 @@ EXIT_BROKEN_PIPE = 141
 EXIT_SIGTERM = 143
 
 
+LONG_WORD = 160  # a longer word of a message (a path, a quoted value) is shown by its two ends
+
+
+def shorten(text: str, limit: int = LONG_WORD) -> str:
+    """``text`` if at most ``limit`` characters, else its first and last characters around " … " (one line)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    return f"{text[:head]} … {text[-(limit - head - 3) :]}"
+
+
+def shorten_words(message: str, limit: int = LONG_WORD) -> str:
+    """A message whose every word (run of non-spaces) longer than ``limit`` is :func:`shorten`-ed."""
+    return " ".join(shorten(w, limit) for w in message.split(" "))
+
+
 class _Names(dict):
     def __init__(self, name_of: Callable[[str], str | None]):
         super().__init__()

@@ -20,6 +20,7 @@ import typer
 from cl_tool import __version__, distributed, runtime
 from cl_tool.cli.build import QUIET, Command, Group, command, name_of
 from cl_tool.errors import (
+    EXIT_BAD_INPUT,
     EXIT_BROKEN_PIPE,
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -28,6 +29,7 @@ from cl_tool.errors import (
     StdoutGone,
     Terminated,
     UsageError,
+    shorten_words,
 )
 
 app = typer.Typer(
@@ -136,6 +138,11 @@ def _config_path(argv: list[str]) -> str | None:
 
 def config_default_map(command, path: str) -> dict[str, Any]:
     """Read a TOML (or YAML) config for ``command`` and map its keys onto click parameter names."""
+    from cl_tool.params import path_problem
+
+    problem = path_problem(path)
+    if problem is not None:
+        raise UsageError(f"--config {path} {problem}; give a shorter path.")
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path} does not exist or is not a file.")
@@ -275,12 +282,19 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     except Terminated:
         _print_error("Interrupted by SIGTERM; nothing was written.")
         code = EXIT_SIGTERM
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.filename is None:
+            _print_error(_internal(exc))
+            code = EXIT_INTERNAL
+        else:  # a path the checks above did not foresee (a loop of links, a name too long, ...)
+            _print_error(f"Cannot use the path {exc.filename}: {exc.strerror or exc}; check it and run again.")
+            code = EXIT_BAD_INPUT
     except Exception as exc:
         if debug:
             raise
-        _print_error(
-            f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback."
-        )
+        _print_error(_internal(exc))
         code = EXIT_INTERNAL
     finally:
         if last:
@@ -311,6 +325,11 @@ def signals_unwind():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _internal(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"Internal error ({type(exc).__name__}: {first}); rerun with --debug and report the traceback."
 
 
 def _ensure_std_streams() -> None:
@@ -360,6 +379,8 @@ def _click():
 
 
 def _print_error(message: str) -> None:
+    """``Error: message`` on stderr, long words (paths, quoted values) shortened to their two ends."""
+    message = "\n".join(shorten_words(line) for line in message.split("\n"))
     try:
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()
