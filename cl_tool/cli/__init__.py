@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from cl_tool import __version__, distributed, runtime
-from cl_tool.cli.build import QUIET, Command, Group, command, name_of
+from cl_tool.cli.build import PATH_FLAGS, QUIET, Command, Group, command, empty_path_option, name_of
 from cl_tool.errors import (
     EXIT_BAD_INPUT,
     EXIT_BROKEN_PIPE,
@@ -195,6 +195,8 @@ def config_default_map(command, path: str) -> dict[str, Any]:
             value = [value]
         if isinstance(value, (dict,)):
             raise UsageError(f"--config {path}: key {key!r} must be a value, not a table.")
+        if value == "" and set(param.opts) & PATH_FLAGS.get(command.name, set()):
+            raise UsageError(f"--config {path}: key {key!r} is an empty path; give a file or folder name.")
         _check_config_value(param, key, value, path)
         out[param.name] = value
     return out
@@ -248,6 +250,9 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
         group = _command_tree()
         extra: dict[str, Any] = {}
         cmd_name = _find_command(argv, set(group.commands))  # type: ignore[attr-defined]
+        empty = empty_path_option(cmd_name, argv)
+        if empty is not None:
+            raise UsageError(f"{empty} was given an empty path; give a file or folder name (. for the current folder).")
         cfg = _config_path(argv) if cmd_name else None
         if cmd_name and cfg and not any(a in ("-h", "--help") for a in argv):
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]

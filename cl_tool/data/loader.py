@@ -306,7 +306,7 @@ class Task:
         self._loader_key: tuple | None = None
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
-        self.cache_note: str | None = None
+        self._note: str | None = None
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
         _OPEN.add(self)
@@ -333,6 +333,18 @@ class Task:
             if st.ram is not None or (st.want_ram and st.dtype is None)
             else ("disk" if st.on_disk or st.final is not None else "none")
         )
+
+    @property
+    def cache_note(self) -> str | None:
+        """One line for the log when the cache did not work as asked: abandoned, or its file could not be written."""
+        st = self._store
+        if self._note is None and st is not None and st.disk_error:
+            kept = "kept in memory for this command only" if st.ram is not None else "decoded again on every pass"
+            return (
+                f"${self.spec.option} {self.spec.source}: the decoded-image cache file was not written "
+                f"({st.disk_error}); the images were {kept}."
+            )
+        return self._note
 
     def describe(self) -> dict[str, Any]:
         d = self.spec.describe()
@@ -377,7 +389,7 @@ class Task:
         if self._store is not None:
             self._store.close()
             self._store = None
-            self.cache_note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
+            self._note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
 
     # ------------------------------------------------------------------------------------------- batches
 
