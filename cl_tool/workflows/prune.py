@@ -219,6 +219,8 @@ def compute_scores(
             device=device,
             **({"bias_score": args.bias_score} if by == "signal" else {}),
         )
+    if task.cache_note:
+        out.log(task.cache_note)
     record = {"by": by, "computed_on": task.describe(), **({"bias_score": args.bias_score} if by == "signal" else {})}
     return {n: scores[n].cpu() for n in named}, record
 
@@ -231,7 +233,10 @@ def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_ma
         task_specs(args.data, args.data_options), ckpt.spec, args.data_options, num_classes=ckpt.spec.num_classes
     )
     with test:
-        return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+        result = _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test)
+    if test.cache_note:
+        out.log(test.cache_note)
+    return result
 
 
 def _sweep_on(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test) -> dict[str, Any]:
