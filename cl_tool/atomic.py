@@ -11,7 +11,12 @@ killed (SIGKILL, power loss) and cannot have cleaned up after themselves.
 any expensive work: no output may be an input (same path, a link to it, a hard link of it)
 or lie inside an input folder (a timm folder, a ``--data`` folder), no two outputs may be
 the same file, ``--force`` replaces existing outputs only, and every output's folder must
-exist and be writable. No torch import here.
+exist and be writable. An output is never written through a link: a symbolic link is refused
+(its target could be an input, a system file, or change between the check and the rename), as
+is a special file (a device, FIFO, socket, anything under /proc or /sys); a hard link's name is
+replaced by the rename, its other names keep the old bytes. :func:`every_command_reads`
+registers an input of every command run inside it (the file of ``cl-tool batch``). No torch
+import here.
 """
 
 from __future__ import annotations
@@ -100,6 +105,65 @@ def _resolved(p: Path) -> Path:
         return p.absolute()
 
 
+_AMBIENT_INPUTS: list[tuple[Path, str]] = []
+
+
+@contextlib.contextmanager
+def every_command_reads(path: str | os.PathLike | None, role: str) -> Iterator[None]:
+    """Inside the block, ``path`` is an input of every :class:`FileRoles` (a batch file read by all its lines)."""
+    if path is None:
+        yield
+        return
+    _AMBIENT_INPUTS.append((Path(path), role))
+    try:
+        yield
+    finally:
+        _AMBIENT_INPUTS.pop()
+
+
+_KERNEL_FOLDERS = (Path("/proc"), Path("/sys"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` is when it is neither a regular file, a folder, nor absent ("a device", "a FIFO", ...); else None.
+
+    A symbolic link is judged by its target; any path under /proc or /sys (``/proc/self/fd/1``) is a kernel file.
+    """
+    for p in (path.absolute(), _resolved(path)):
+        if any(p == k or p.is_relative_to(k) for k in _KERNEL_FOLDERS):
+            return "a file of the kernel's /proc or /sys"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def refuse_links_and_special(path: Path, role: str) -> None:
+    """OutputError (exit 6) when the output ``path`` is a special file or a symbolic link (see the module docstring)."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise OutputError(
+            f"{role} {path} is not a regular file but {kind}; cl-tool writes outputs only to regular files: "
+            f"give a file path."
+        )
+    if path.is_symlink():
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        raise OutputError(
+            f"{role} {path} is a symbolic link{target}; cl-tool does not write through links: "
+            f"give the path of the file itself, or remove the link."
+        )
+
+
 class FileRoles:
     """Every file a command reads and writes, checked together before any work.
 
@@ -114,6 +178,8 @@ class FileRoles:
         self.force = force
         self.inputs: list[_File] = []
         self.outputs: list[tuple[_File, bool]] = []
+        for path, role in _AMBIENT_INPUTS:
+            self.input(path, role)
 
     def input(self, path: str | os.PathLike | None, role: str) -> None:
         """Register an input; a folder's whole contents are protected. ``None`` and absent paths are ignored."""
@@ -170,12 +236,11 @@ class FileRoles:
 
     def _check_writable(self, out: _File, may_exist: bool) -> None:
         p = out.path
+        refuse_links_and_special(p, out.role)
         if p.is_dir() and not out.is_folder:
             raise OutputError(f"{out.describe()} is a directory; give a file path.")
         if os.path.lexists(p) and not (self.force or may_exist):
             raise OutputError(f"{out.describe()} already exists; pass $force to overwrite it or choose another path.")
-        if os.path.lexists(p) and p.exists() and not (stat.S_ISREG(os.stat(p).st_mode) or out.is_folder):
-            raise OutputError(f"{out.describe()} is not a regular file (a device or pipe); give a file path.")
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             if parent.exists():
@@ -259,6 +324,9 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
             os.chmod(tmp, 0o666 & ~_umask())
         if os.path.lexists(dest) and not force:
             raise OutputError(f"{dest} appeared while this command ran; pass $force to overwrite it.")
+        refuse_links_and_special(dest, "The output")
+        if dest.is_dir():
+            raise OutputError(f"The output {dest} is a directory; give a file path.")
         os.replace(tmp, dest)
         _fsync_dir(folder)
     except OSError as exc:
@@ -288,7 +356,8 @@ def atomic_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
         if os.path.lexists(dest):
             if not force:
                 raise OutputError(f"{dest} appeared while this command ran; pass $force to overwrite it.")
-            if dest.is_dir() and not dest.is_symlink():
+            refuse_links_and_special(dest, "The output folder")
+            if dest.is_dir():
                 shutil.rmtree(dest)
             else:
                 dest.unlink()

@@ -7,7 +7,7 @@ Layout: the model's full ``state_dict`` (parameters and buffers) as tensors, and
 - ``cl_tool.model``: JSON of :class:`cl_tool.models.ModelSpec` (arch, kwargs, input shape,
   number of classes, mean/std normalisation, source builtin|timm)
 - ``cl_tool.history``: JSON list, one entry per command that produced this file (command,
-  data, penalty, λ, epochs, ...), oldest first
+  data, penalty, λ, epochs, ...), oldest first; bounded by :func:`trim_history`
 - ``cl_tool.fingerprint``: :func:`cl_tool.safetensors_io.fingerprint` of the tensors
 - ``cl_tool.extra``: JSON dict for command-specific records (e.g. pruning scores/sparsity)
 
@@ -27,7 +27,11 @@ from cl_tool.errors import BadInputError, IncompatibleError
 from cl_tool.models import ModelSpec
 
 FORMAT_VERSION = "1"
-HISTORY_LIMIT = 50
+HISTORY_LIMIT = 50  # the newest entries a written checkpoint keeps whole
+LINEAGE_LIMIT = 1000  # generations it keeps in all: older entries than the newest HISTORY_LIMIT keep only their lineage
+ENTRY_BYTES = 16_384  # an entry longer than this (as JSON) keeps only its lineage
+STUB_BYTES = 1024  # a lineage-only entry longer than this loses its "grown" list
+_LINEAGE_KEYS = ("command", "time", "anchor_fingerprint", "source_fingerprint", "grown")
 
 
 @dataclass
@@ -462,6 +466,49 @@ def grow_classifier(ckpt: Checkpoint, new_classes: int):
     return model, grown
 
 
+def _dropped(entry: dict[str, Any]) -> int:
+    n = entry.get("dropped_before")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+def _lineage_only(entry: dict[str, Any]) -> dict[str, Any]:
+    """What lineage needs of a history entry: command, time, input fingerprint, grown tensors (short strings only)."""
+    stub: dict[str, Any] = {"trimmed": True}
+    for key in _LINEAGE_KEYS:
+        v = entry.get(key)
+        short_text = isinstance(v, str) and len(v) <= 64
+        names = key == "grown" and isinstance(v, list) and all(isinstance(x, str) for x in v)
+        if short_text or names:
+            stub[key] = v
+    if len(json.dumps(stub)) > STUB_BYTES:
+        stub.pop("grown", None)
+    if _dropped(entry):
+        stub["dropped_before"] = _dropped(entry)
+    return stub
+
+
+def trim_history(history: list[Any]) -> list[dict[str, Any]]:
+    """The history a written checkpoint records, bounded whatever its input carried (at most about 2 MB).
+
+    The newest :data:`HISTORY_LIMIT` entries are kept whole, except one longer than :data:`ENTRY_BYTES` of JSON;
+    that one and the older entries, up to :data:`LINEAGE_LIMIT` generations in all, keep only what lineage reads
+    (command, time, input fingerprint, grown tensors) and ``"trimmed": true``. Entries older than that are
+    dropped; their number is added to ``dropped_before`` of the oldest kept entry. So a sidecar of an ancestor
+    up to LINEAGE_LIMIT generations back is still recognised, and ``info`` says how many entries are gone.
+    """
+    entries = [e if isinstance(e, dict) else {} for e in history]
+    gone = entries[: max(0, len(entries) - LINEAGE_LIMIT)]
+    kept = entries[len(gone) :]
+    out = []
+    for i, e in enumerate(kept):
+        whole = i >= len(kept) - HISTORY_LIMIT and len(json.dumps(e)) <= ENTRY_BYTES
+        out.append(e if whole else _lineage_only(e))
+    dropped = len(gone) + sum(_dropped(e) for e in gone)
+    if dropped and out:
+        out[0] = {**out[0], "dropped_before": _dropped(out[0]) + dropped}
+    return out
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     spec: ModelSpec,
@@ -480,7 +527,7 @@ def save_checkpoint(
     metadata = {
         "cl_tool.format": FORMAT_VERSION,
         "cl_tool.model": json.dumps(spec.to_dict()),
-        "cl_tool.history": json.dumps(history[-HISTORY_LIMIT:]),
+        "cl_tool.history": json.dumps(trim_history(history)),
         "cl_tool.fingerprint": fp,
         "cl_tool.extra": json.dumps(extra or {}),
     }

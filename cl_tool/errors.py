@@ -29,6 +29,23 @@ EXIT_BROKEN_PIPE = 141
 EXIT_SIGTERM = 143
 
 
+LONG_WORD = 160  # a longer word of a message (a path, a quoted value) is shown by its two ends
+
+
+def shorten(text: str, limit: int = LONG_WORD) -> str:
+    """``text`` if at most ``limit`` characters, else its first and last characters around " … " (one line)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    return f"{text[:head]} … {text[-(limit - head - 3) :]}"
+
+
+def shorten_words(message: str, limit: int = LONG_WORD) -> str:
+    """A message whose every word (run of non-spaces) longer than ``limit`` is :func:`shorten`-ed."""
+    return " ".join(shorten(w, limit) for w in message.split(" "))
+
+
 class _Names(dict):
     def __init__(self, name_of: Callable[[str], str | None]):
         super().__init__()
@@ -108,6 +125,16 @@ class Interrupted(ClToolError):
         self.exit_code = 128 + signum
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived outside a training loop: raised by the CLI's handler so the command unwinds as on Ctrl-C.
+
+    A BaseException (like KeyboardInterrupt), so no ``except Exception`` turns it into another error, while every
+    ``finally`` and ``except BaseException`` clean-up (temporary files, the decoded cache's file, data workers) runs.
+    """
+
+    exit_code = EXIT_SIGTERM
+
+
 class StdoutGone(ClToolError):
     """The reader of standard output went away (a closed pipe); the command stops without a message."""
 
@@ -129,14 +156,23 @@ EXIT_CODE_TABLE = [
     (EXIT_DIVERGED, "training diverged (non-finite loss or gradient); nothing was written"),
     (
         EXIT_OUTPUT,
-        "an output cannot be written (exists without --force, is one of the inputs, folder not writable, disk full)",
+        "an output cannot be written (exists without --force, is one of the inputs, is a symbolic link or a special file, "
+        "folder not writable, disk full)",
     ),
     (EXIT_ENVIRONMENT, "the machine lacks something (device, optional package, network)"),
     (EXIT_GATE, "a quality gate failed (evaluate --fail-under-acc / --fail-over-forgetting)"),
-    (EXIT_SIGINT, "interrupted by SIGINT (Ctrl-C); a resumable state is written if --checkpoint-every was given"),
+    (
+        EXIT_SIGINT,
+        "interrupted by SIGINT (Ctrl-C), by any command: its temporary files are removed; "
+        "a resumable state is written if --checkpoint-every was given",
+    ),
     (
         EXIT_BROKEN_PIPE,
         "the reader of standard output went away (e.g. --json piped into head -c1); cl-tool stops quietly, like other Unix tools",
     ),
-    (EXIT_SIGTERM, "interrupted by SIGTERM; a resumable state is written if --checkpoint-every was given"),
+    (
+        EXIT_SIGTERM,
+        "interrupted by SIGTERM, by any command: its temporary files are removed; "
+        "a resumable state is written if --checkpoint-every was given",
+    ),
 ]

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import MISSING, dataclass
+from pathlib import PurePath
 from typing import Any
 
-from cl_tool.errors import UsageError
+from cl_tool.errors import BadInputError, OutputError, UsageError, shorten
 
 FLOAT32_MAX = 3.4028234663852886e38
 INT64 = (-(2**63), 2**63 - 1)
@@ -82,9 +84,37 @@ def param_of(f: dataclasses.Field) -> Param | None:
     return f.metadata.get("param")
 
 
+NAME_MAX = 255  # bytes of one path component (Linux, macOS, Windows file systems)
+PATH_MAX = 4095  # bytes of a whole path (Linux's PATH_MAX less the terminating zero)
+#: fields that name files or folders a command writes (a bad path there is an output error, exit 6)
+OUTPUT_FIELDS = frozenset({"output", "mask_out", "plot", "csv", "si_out", "log_json", "state_file", "cache_dir"})
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why no file system can hold ``path`` (a component over NAME_MAX or the whole over PATH_MAX bytes), or None."""
+    raw = os.fsencode(path)
+    if len(raw) > PATH_MAX:
+        return f"is {len(raw):,} bytes long, more than the {PATH_MAX:,} a path may have"
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        return f"has a name of {len(longest):,} bytes, more than the {NAME_MAX} a file system allows"
+    return None
+
+
+def check_path(name: str, path: str | os.PathLike) -> None:
+    """Exit 6 (an output field) or 3 (an input) for a path no file system can hold; ``$name`` names the field."""
+    problem = path_problem(path)
+    if problem is not None:
+        cls = OutputError if name in OUTPUT_FIELDS else BadInputError
+        raise cls(f"${name} {shorten(os.fspath(path))} {problem}; give a shorter path.")
+
+
 def check_value(name: str, value: Any, param: Param) -> None:
     """Raise UsageError (naming ``$name``) unless ``value`` is acceptable for ``param``."""
     if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, PurePath):
+        check_path(name, value)
         return
     if isinstance(value, (list, tuple)):
         for item in value:

@@ -22,7 +22,6 @@ torch): a pruned element becomes +0.0 in its own dtype.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -286,11 +285,10 @@ def write_pruned(
     import numpy as np
 
     from cl_tool.atomic import atomic_path
-    from cl_tool.safetensors_io import fingerprint_hasher
+    from cl_tool.safetensors_io import encode_header, fingerprint_hasher
 
     header = {"__metadata__": {**metadata, "cl_tool.fingerprint": _PLACEHOLDER}, **tf.header}
-    raw_header = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw_header += b" " * (-len(raw_header) % 8)
+    raw_header = encode_header(header, output)
     marker = f'"cl_tool.fingerprint":"{_PLACEHOLDER}"'.encode()
     at = raw_header.index(marker) + len(marker) - len(_PLACEHOLDER) - 1
     data_start = 8 + len(raw_header)
@@ -324,13 +322,13 @@ def write_masks(
     import numpy as np
 
     from cl_tool.atomic import atomic_path
+    from cl_tool.safetensors_io import encode_header
 
     entries, offset = {}, 0
     for src in sorted(sources, key=lambda s: s.name):
         entries[src.name] = {"dtype": "U8", "shape": list(src.shape), "data_offsets": [offset, offset + src.numel]}
         offset += src.numel
-    raw_header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode("utf-8")
-    raw_header += b" " * (-len(raw_header) % 8)
+    raw_header = encode_header({"__metadata__": metadata, **entries}, path)
     with atomic_path(path, force=force) as tmp:
         fd = os.open(tmp, os.O_WRONLY)
         try:

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from cl_tool.errors import BadInputError
+from cl_tool.errors import BadInputError, OutputError
 
 #: safetensors dtype codes → the names torch (and cl-tool's layout record) use
 DTYPE_NAMES = {
@@ -33,7 +33,7 @@ DTYPE_NAMES = {
     "BOOL": "bool",
 }
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (it refuses to open a longer header)
 _DTYPE_SIZES = {
     "F64": 8,
     "F32": 4,
@@ -68,11 +68,48 @@ def check_input_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def _whole(v: Any) -> bool:
+    """A JSON whole number a u64 holds (not a float such as 4.0, not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+
+def entry_problem(entry: Any) -> str | None:
+    """What is wrong with one tensor entry of a header (dtype, shape, data_offsets), as the safetensors reader judges it."""
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPE_SIZES:
+        return f"has an unknown dtype {str(dtype)[:20]!r}"
+    if not isinstance(shape, list) or not all(_whole(s) for s in shape):
+        return "has a shape that is not a list of whole numbers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        return "has data_offsets that are not two whole numbers"
+    start, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end < start or end - start != numel * _DTYPE_SIZES[dtype]:
+        return f"spans {end - start} bytes, not the {numel * _DTYPE_SIZES[dtype]} its dtype and shape need"
+    return None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the name {key[:80]!r} appears twice")
+        out[key] = value
+    return out
+
+
 def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str, Any], dict[str, str]]:
     """Return (tensor entries, ``__metadata__``) of a safetensors file, validating its layout.
 
-    Checks: the length prefix fits in the file, the header is a JSON object, every tensor's
-    byte range lies inside the data section and matches its dtype and shape.
+    The one header check of every reader (the in-memory load, the streaming prune, ``info``), as strict as the
+    safetensors library: a length prefix of at most 100,000,000 bytes that fits in the file, a JSON object
+    without repeated names, string-to-string metadata, and per tensor a known dtype, a shape and two data
+    offsets of whole numbers whose difference is the shape's byte size; the tensors, in offset order, tile
+    the data section exactly (no gap, no overlap, nothing after the last one).
     """
     p = check_input_file(path, what)
     size = p.stat().st_size
@@ -93,8 +130,14 @@ def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str,
             )
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except ValueError as exc:
+        if "appears twice" in str(exc):
+            raise BadInputError(f"{what} {p} is corrupt: in its header {exc}; regenerate it.") from exc
+        raise BadInputError(
+            f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file."
+        ) from exc
+    except RecursionError as exc:  # absurdly nested JSON
         raise BadInputError(
             f"{what} {p} is not a safetensors file (its header is not valid JSON); give a .safetensors file."
         ) from exc
@@ -106,29 +149,31 @@ def read_header(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str,
     ):
         raise BadInputError(f"{what} {p} has malformed metadata (must map strings to strings).")
     data_len = size - 8 - n
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = 1
-            for s in shape:
-                if int(s) < 0:
-                    raise ValueError
-                numel *= int(s)
-            ok = dtype in _DTYPE_SIZES and 0 <= start <= end <= data_len and end - start == numel * _DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            if (
-                isinstance(entry, dict)
-                and isinstance(entry.get("data_offsets"), list)
-                and len(entry["data_offsets"]) == 2
-                and isinstance(entry["data_offsets"][1], int)
-                and entry["data_offsets"][1] > data_len
-            ):
-                raise BadInputError(
-                    f"{what} {p} is truncated: tensor {name!r} extends past the end of the file; regenerate or re-download it."
-                )
-            raise BadInputError(f"{what} {p} is corrupt: the header entry of tensor {name!r} is invalid.")
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise BadInputError(
+                f"{what} {p} is corrupt: the header entry of tensor {name!r} is invalid (it {problem}); regenerate it."
+            )
+        start, end = entry["data_offsets"]
+        if end > data_len:
+            raise BadInputError(
+                f"{what} {p} is truncated: tensor {name!r} extends past the end of the file; regenerate or re-download it."
+            )
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            how = "overlaps the tensor before it" if start < at else f"leaves bytes {at} to {start} of the data unused"
+            raise BadInputError(
+                f"{what} {p} is corrupt: tensor {name!r} {how} (data offsets must tile the data section); regenerate it."
+            )
+        at = end
+    if at != data_len:
+        raise BadInputError(
+            f"{what} {p} is corrupt: its tensors cover {at} of the {data_len} bytes after the header; regenerate it."
+        )
     return header, metadata
 
 
@@ -166,6 +211,22 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def encode_header(header: dict[str, Any], path: str | os.PathLike) -> bytes:
+    """The header as written: compact JSON padded with spaces to a multiple of 8 bytes (the data stays aligned).
+
+    OutputError (exit 6) when it is longer than :data:`MAX_HEADER_BYTES`: the safetensors library (and
+    :func:`read_header`) would refuse to open the file, so it is never written.
+    """
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise OutputError(
+            f"{path} would have a header of {len(raw):,} bytes, more than the {MAX_HEADER_BYTES:,} a safetensors "
+            f"reader opens; its metadata (carried over from the input) is too large, so nothing was written."
+        )
+    return raw
+
+
 def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write contiguous CPU tensors to ``filename`` in the safetensors format, straight from their memory.
 
@@ -189,8 +250,7 @@ def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike,
         size = t.numel() * t.element_size()
         header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw = encode_header(header, filename)
     with open(filename, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)

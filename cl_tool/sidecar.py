@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,31 @@ def check_belongs_to(sc: Sidecar, fingerprint: str, checkpoint_path: str) -> Non
         )
 
 
+def check_names(path: str | os.PathLike, names: Iterable[str], parameters: Iterable[str], checkpoint_path: str) -> None:
+    """A sidecar holds one tensor per trainable parameter, no more, no fewer: IncompatibleError (exit 4) otherwise.
+
+    The one rule of every reader (train-next, prune in memory and streaming), as a mask with an entry the model
+    lacks is refused.
+    """
+    names, parameters = list(names), list(parameters)
+    have, wanted = set(names), set(parameters)
+    extra = next((n for n in names if n not in wanted), None)
+    if extra is not None:
+        raise IncompatibleError(
+            f"Importance file {path} has an entry for {extra!r}, which {checkpoint_path} does not have as a trainable "
+            f"parameter; recompute it for this checkpoint."
+        )
+    missing = next((n for n in parameters if n not in have), None)
+    if missing is not None:
+        raise IncompatibleError(
+            f"Importance file {path} has no entry for parameter {missing!r} of {checkpoint_path}; recompute it for this checkpoint."
+        )
+
+
 def check_covers(sc: Sidecar, named_params: dict[str, Any], checkpoint_path: str) -> None:
-    """Every trainable parameter needs an importance tensor of its shape."""
+    """Exactly one importance tensor of its shape per trainable parameter (see :func:`check_names`)."""
+    check_names(sc.path, sc.tensors, named_params, checkpoint_path)
     for name, p in named_params.items():
-        if name not in sc.tensors:
-            raise IncompatibleError(
-                f"Importance file {sc.path} has no entry for parameter {name!r} of {checkpoint_path}; recompute it for this checkpoint."
-            )
         if tuple(sc.tensors[name].shape) != tuple(p.shape):
             raise IncompatibleError(
                 f"Importance of {name!r} in {sc.path} has shape {list(sc.tensors[name].shape)}, but the parameter has {list(p.shape)}; recompute it for this checkpoint."
@@ -151,6 +170,12 @@ def check_covers(sc: Sidecar, named_params: dict[str, Any], checkpoint_path: str
 def combine(prev: Sidecar, new: dict[str, Any], decay: float) -> dict[str, Any]:
     """Ω = γ·Ω_prev + Ω_new (γ = 1: the paper's multi-task sum; γ < 1: online EWC)."""
     out = {}
+    extra = next((n for n in prev.tensors if n not in new), None)
+    if extra is not None:
+        raise IncompatibleError(
+            f"$accumulate {prev.path} has an entry for {extra!r}, which this checkpoint does not have as a trainable "
+            f"parameter; it was computed for a different architecture."
+        )
     for name, t in new.items():
         if name not in prev.tensors:
             raise IncompatibleError(

@@ -1,17 +1,21 @@
 """Property test: whatever paths a command line names as outputs, inputs survive.
 
-Hypothesis draws a command and, for each of its output options, a path from: the inputs themselves (checkpoint,
-the sidecar found beside it, a data file, the config file), links to them (symbolic and hard), paths inside a
-``--data`` folder, an existing unrelated file, and fresh paths (possibly the same fresh path twice), with or without
-``--force``. The oracle is exact: the command must exit 6 and change nothing when an output aliases an input or
-lies inside a data folder, when two outputs are one file, or when an existing file would be replaced without
-``--force``; otherwise it must succeed, leave every input byte-identical and write only the outputs it was given.
+Hypothesis draws a command, run on its own or as the line of a batch file, and, for each of its output options, a
+path from: the inputs themselves (checkpoint, the sidecar found beside it, a data file, the config file, the batch
+file), links to them (symbolic and hard), paths inside a ``--data`` folder, an existing unrelated file, a symbolic
+link to it, a dangling symbolic link, a hard link to it, a FIFO and a link to the FIFO, and fresh paths (possibly
+the same fresh path twice), with or without ``--force``. The oracle is exact: the command must exit 6 and change
+nothing when an output aliases an input or lies inside a data folder, when two outputs are one file, when an output
+is a symbolic link or a special file, or when an existing file would be replaced without ``--force``; otherwise it
+must succeed, leave every input byte-identical (the other name of a replaced hard link keeps its bytes) and write
+only the outputs it was given.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,16 +27,24 @@ from hypothesis import strategies as st
 from tests.conftest import snapshot_dir
 
 INPUTS = ["c.safetensors", "c.importance.safetensors", "data.jsonl", "cfg.toml"]
+BATCH = "seq.txt"  # the batch file: an input when the command runs as its line, an unrelated file otherwise
 LINKS = {
     "link_ck": "c.safetensors",
     "hard_ck": "c.safetensors",
     "link_data": "data.jsonl",
     "link_sidecar": "c.importance.safetensors",
+    "link_batch": BATCH,
+    "hard_batch": BATCH,
+    "link_existing": "existing.bin",
+    "hard_existing": "existing.bin",
+    "link_dangling": "nowhere.out",
+    "link_fifo": "fifo",
 }
+SPECIAL = ["fifo"]
 INSIDE_DATA = ["ds/new.out", "ds/dataset_info.json"]
 EXISTING = ["existing.bin"]
 FRESH = ["fresh1.out", "fresh2.out", "fresh3.out"]
-CANDIDATES = INPUTS + list(LINKS) + INSIDE_DATA + EXISTING + FRESH
+CANDIDATES = INPUTS + [BATCH] + list(LINKS) + SPECIAL + INSIDE_DATA + EXISTING + FRESH
 
 # command -> (fixed arguments, its inputs, output options, options that must be given). The sidecar beside the
 # checkpoint is an input of prune --by importance and of train-next (the penalty), not of importance (its default output).
@@ -132,6 +144,8 @@ def template(tmp_path_factory, small_mlp):
 def _workspace(template: Path) -> Path:
     d = Path(tempfile.mkdtemp(prefix="roles-")) / "ws"
     shutil.copytree(template, d, symlinks=True)
+    (d / BATCH).write_text("# replaced by the line under test\n")
+    os.mkfifo(d / "fifo")  # never opened: a test that hangs here found a command writing into it
     for name, target in LINKS.items():
         if name.startswith("hard"):
             os.link(d / target, d / name)
@@ -145,13 +159,17 @@ def _target(path: str) -> str:
 
 
 def _expected_code(inputs: set[str], outputs: list[str], force: bool) -> int:
-    """6 when an output is (a link to) an input or lies in an input folder, when two outputs are one file, or when
-    an existing file would be replaced without --force; else 0."""
+    """6 when an output is (a link to) an input or lies in an input folder, when two outputs are one file, when an
+    output is a symbolic link or a special file, or when an existing file would be replaced without --force; else 0."""
     targets = [_target(o) for o in outputs]
     if any(t in inputs or t.split("/")[0] in inputs for t in targets) or len(set(targets)) < len(targets):
         return 6
-    existing = set(INPUTS) | set(EXISTING) | {"ds/dataset_info.json"}
-    if not force and any(t in existing for t in targets):
+    if any(o in SPECIAL or (o in LINKS and not o.startswith("hard")) for o in outputs):
+        return 6
+    existing = (
+        set(INPUTS) | set(EXISTING) | {BATCH, "ds/dataset_info.json"} | {o for o in LINKS if o.startswith("hard")}
+    )
+    if not force and any(o in existing for o in outputs):
         return 6
     return 0
 
@@ -166,7 +184,7 @@ def command_lines(draw):
             chosen[opt] = draw(st.sampled_from(CANDIDATES))
     if name == "prune" and not chosen:
         chosen["-o"] = draw(st.sampled_from(CANDIDATES))
-    return name, fixed, chosen, draw(st.booleans())
+    return name, fixed, chosen, draw(st.booleans()), draw(st.booleans())
 
 
 @settings(
@@ -174,15 +192,18 @@ def command_lines(draw):
 )
 @given(case=command_lines())
 def test_outputs_never_alias_inputs(cli, template, case):
-    name, fixed, chosen, force = case
+    name, fixed, chosen, force, in_batch = case
     d = _workspace(template)
     cwd = os.getcwd()
     try:
         os.chdir(d)
-        before = snapshot_dir(d)
         argv = fixed + [x for opt, path in chosen.items() for x in (opt, path)] + (["--force"] if force else [])
-        r = cli(*argv)
-        expected = _expected_code(COMMANDS[name][1], list(chosen.values()), force)
+        inputs = COMMANDS[name][1] | ({BATCH} if in_batch else set())
+        if in_batch:
+            (d / BATCH).write_text(shlex.join(argv) + "\n")
+        before = snapshot_dir(d)
+        r = cli("batch", BATCH) if in_batch else cli(*argv)
+        expected = _expected_code(inputs, list(chosen.values()), force)
         assert r.code == expected, f"{argv}: exit {r.code}, expected {expected}\n{r.err}"
         assert "Traceback" not in r.err
         after = snapshot_dir(d)
@@ -190,15 +211,15 @@ def test_outputs_never_alias_inputs(cli, template, case):
             assert after == before, f"{argv}: files changed although the command was refused"
             assert "Error:" in r.error_line
         else:
-            written = {_target(p) for p in chosen.values()}
+            written = set(chosen.values())  # no symbolic link here: a hard link's name is replaced, not its file
             for path, digest in before.items():
-                if path not in written and path not in LINKS:
+                if path not in written and _target(path) not in written:  # a symbolic link reads what it points to
                     assert after.get(path) == digest, f"{argv}: {path} changed"
             assert set(after) - set(before) <= written, (
                 f"{argv}: unexpected new files {set(after) - set(before) - written}"
             )
             assert all(p in after for p in written), f"{argv}: an output was not written"
-            for inp in COMMANDS[name][1]:
+            for inp in inputs:
                 for path, digest in before.items():
                     if path == inp or path.startswith(inp + "/"):
                         assert after[path] == digest, f"{argv}: input {path} changed"

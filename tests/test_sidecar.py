@@ -73,7 +73,9 @@ def test_belongs_to_and_covers():
     with pytest.raises(IncompatibleError, match="has shape"):
         check_covers(sc, {"w": torch.zeros(3, 2), "b": torch.zeros(2)}, "a.safetensors")
     with pytest.raises(IncompatibleError, match="no entry for parameter 'c'"):
-        check_covers(sc, {"c": torch.zeros(1)}, "a.safetensors")
+        check_covers(sc, {"w": torch.zeros(2, 2), "b": torch.zeros(2), "c": torch.zeros(1)}, "a.safetensors")
+    with pytest.raises(IncompatibleError, match="has an entry for 'b', which a.safetensors does not have"):
+        check_covers(sc, {"w": torch.zeros(2, 2)}, "a.safetensors")  # an extra entry: refused, as in a mask
 
 
 def test_combine_is_decayed_sum():
@@ -82,4 +84,6 @@ def test_combine_is_decayed_sum():
     out = combine(prev, new, 0.5)
     assert torch.equal(out["w"], 0.5 * prev.tensors["w"] + 1)
     with pytest.raises(IncompatibleError, match="shape"):
-        combine(prev, {"w": torch.ones(3)}, 1.0)
+        combine(prev, {"w": torch.ones(3), "b": torch.ones(2)}, 1.0)
+    with pytest.raises(IncompatibleError, match="has an entry for 'b'"):
+        combine(prev, {"w": torch.ones(2, 2)}, 1.0)  # an entry of the old sidecar this model lacks

@@ -8,7 +8,9 @@ must not import torch, timm or datasets (``cl-tool --help`` stays fast).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,19 @@ from typing import Any
 import typer
 
 from cl_tool import __version__, distributed, runtime
-from cl_tool.cli.build import QUIET, Command, Group, command, name_of
-from cl_tool.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, ClToolError, StdoutGone, UsageError
+from cl_tool.cli.build import PATH_FLAGS, QUIET, Command, Group, command, empty_path_option, name_of
+from cl_tool.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERNAL,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ClToolError,
+    StdoutGone,
+    Terminated,
+    UsageError,
+    shorten_words,
+)
 
 app = typer.Typer(
     name="cl-tool",
@@ -125,6 +138,11 @@ def _config_path(argv: list[str]) -> str | None:
 
 def config_default_map(command, path: str) -> dict[str, Any]:
     """Read a TOML (or YAML) config for ``command`` and map its keys onto click parameter names."""
+    from cl_tool.params import path_problem
+
+    problem = path_problem(path)
+    if problem is not None:
+        raise UsageError(f"--config {path} {problem}; give a shorter path.")
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path} does not exist or is not a file.")
@@ -177,6 +195,8 @@ def config_default_map(command, path: str) -> dict[str, Any]:
             value = [value]
         if isinstance(value, (dict,)):
             raise UsageError(f"--config {path}: key {key!r} must be a value, not a table.")
+        if value == "" and set(param.opts) & PATH_FLAGS.get(command.name, set()):
+            raise UsageError(f"--config {path}: key {key!r} is an empty path; give a file or folder name.")
         _check_config_value(param, key, value, path)
         out[param.name] = value
     return out
@@ -202,7 +222,8 @@ def _check_config_value(param, key: str, value: Any, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn known failures into one sentence and an exit code."""
-    code = run_line(list(sys.argv[1:] if argv is None else argv))
+    with signals_unwind():
+        code = run_line(list(sys.argv[1:] if argv is None else argv))
     try:
         sys.stdout.flush()
     except (BrokenPipeError, OSError):
@@ -230,6 +251,9 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
         group = _command_tree()
         extra: dict[str, Any] = {}
         cmd_name = _find_command(argv, set(group.commands))  # type: ignore[attr-defined]
+        empty = empty_path_option(cmd_name, argv)
+        if empty is not None:
+            raise UsageError(f"{empty} was given an empty path; give a file or folder name (. for the current folder).")
         cfg = _config_path(argv) if cmd_name else None
         if cmd_name and cfg and not any(a in ("-h", "--help") for a in argv):
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
@@ -261,17 +285,57 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     except KeyboardInterrupt:
         _print_error("Interrupted; nothing was written.")
         code = EXIT_SIGINT
+    except Terminated:
+        _print_error("Interrupted by SIGTERM; nothing was written.")
+        code = EXIT_SIGTERM
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.filename is None:
+            _print_error(_internal(exc))
+            code = EXIT_INTERNAL
+        else:  # a path the checks above did not foresee (a loop of links, a name too long, ...)
+            _print_error(f"Cannot use the path {exc.filename}: {exc.strerror or exc}; check it and run again.")
+            code = EXIT_BAD_INPUT
     except Exception as exc:
         if debug:
             raise
-        _print_error(
-            f"Internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug and report the traceback."
-        )
+        _print_error(_internal(exc))
         code = EXIT_INTERNAL
     finally:
         if last:
             distributed.shutdown()
     return code
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up that follows is not cut short by a second one
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_unwind():
+    """While a command runs, SIGTERM raises :class:`Terminated` and SIGINT KeyboardInterrupt (exit 143 and 130).
+
+    Python's default SIGTERM kills the process at once (status -15), skipping every clean-up: temporary outputs,
+    the decoded cache's unfinished file, data workers. As an exception the command unwinds through them. SIGINT
+    keeps Python's handler (KeyboardInterrupt), or stays ignored when the caller ignored it (``nohup``, ``&``).
+    The training loop installs its own handlers for its resumable stop and restores these after.
+    """
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals to the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _internal(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"Internal error ({type(exc).__name__}: {first}); rerun with --debug and report the traceback."
 
 
 def _ensure_std_streams() -> None:
@@ -321,6 +385,8 @@ def _click():
 
 
 def _print_error(message: str) -> None:
+    """``Error: message`` on stderr, long words (paths, quoted values) shortened to their two ends."""
+    message = "\n".join(shorten_words(line) for line in message.split("\n"))
     try:
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()

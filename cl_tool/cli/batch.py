@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cl_tool.errors import EXIT_SIGINT, UsageError
+from cl_tool.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError, shorten, shorten_words
 
 HELP = (
     "Run cl-tool command lines from FILE (or - for standard input) one after another in this process: "
@@ -29,7 +29,8 @@ EPILOG = """Examples:
   printf 'train-next a.safetensors --data ./b -o b.safetensors\\nevaluate a.safetensors b.safetensors --data ./a --data ./b\\n' | cl-tool batch -
 
 A line is a cl-tool command line without the leading `cl-tool` (it may be there), split as a POSIX shell would
-split it (quotes, backslashes, `#` comments); nothing else of a shell applies: no $VARIABLES, globs, pipes or
+split it (quotes, backslashes, `#` comments; a backslash at the end of a line continues it on the next);
+nothing else of a shell applies: no $VARIABLES, globs, pipes or
 redirections. Blank lines and comments are skipped. Each line behaves exactly as the same command on its own
 (its outputs, --json on stdout, logs on stderr); the batch stops at the first line that fails and exits with
 its code, naming the line (--keep-going runs the rest and exits with the first failure's code). A batch inside
@@ -37,12 +38,54 @@ a batch is refused.
 """
 
 
+MAX_LINE = 32_768  # characters of one command line (a path is at most 4,095 bytes)
+
+
+def joined_lines(text: str) -> list[tuple[int, str]]:
+    """(number of its first line, text) of each command line: a line ending in an odd number of backslashes
+    continues on the next, as in a shell (the backslash and the line break are removed); comments never continue."""
+    out: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        start, text_so_far = pending if pending is not None else (number, "")
+        line = text_so_far + line
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1 and not line.lstrip().startswith("#"):
+            pending = (start, line[:-1])
+            continue
+        pending = None
+        out.append((start, line))
+    if pending is not None:  # a backslash on the last line: nothing follows
+        out.append(pending)
+    return out
+
+
+def _read_stdin() -> str:
+    """Standard input as UTF-8 text; UsageError when it is closed, unreadable or not text."""
+    if sys.stdin is None:
+        raise UsageError("standard input is closed; give a batch file, or pipe command lines into `cl-tool batch -`.")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except (OSError, ValueError) as exc:  # a folder (EISDIR), a closed descriptor, bytes that are not UTF-8
+        reason = (
+            "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (getattr(exc, "strerror", None) or exc)
+        )
+        raise UsageError(
+            f"standard input could not be read as command lines ({reason}); give a batch file or pipe text into it."
+        ) from exc
+
+
 def read_lines(source: str) -> list[tuple[int, list[str]]]:
     """(line number, argv) of every command line of ``source`` (a file path or ``-``); UsageError names a bad line."""
     name = "standard input" if source == "-" else source
     if source == "-":
-        text = sys.stdin.read()
+        text = _read_stdin()
     else:
+        from cl_tool.params import path_problem
+
+        problem = path_problem(source)
+        if problem is not None:
+            raise UsageError(f"batch file {shorten(source)} {problem}; give a shorter path.")
         path = Path(source)
         if not path.is_file():
             raise UsageError(f"batch file {source} does not exist or is not a file; give a file of command lines or -.")
@@ -53,7 +96,12 @@ def read_lines(source: str) -> list[tuple[int, list[str]]]:
                 f"batch file {source} could not be read as UTF-8 text ({exc}); give a text file of cl-tool command lines."
             ) from exc
     lines = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in joined_lines(text):
+        if len(line) > MAX_LINE:
+            raise UsageError(
+                f"{name} line {number} is {len(line):,} characters long, more than the {MAX_LINE:,} a command line may "
+                f"have here; shorten it (nothing was run)."
+            )
         try:
             argv = shlex.split(line, comments=True)
         except ValueError as exc:
@@ -77,15 +125,37 @@ def batch(
         typer.Option("--keep-going", help="Run every line even after one fails; exit with the first failure's code."),
     ] = False,
 ) -> int:
-    from cl_tool.cli import QUIET, run_line
+    from cl_tool.atomic import every_command_reads
 
     lines = read_lines(file)
+    with every_command_reads(*_batch_input(file)):
+        return _run_lines(file, lines, keep_going)
+
+
+def _batch_input(file: str) -> tuple[str | None, str]:
+    """The batch file as an input of every line: the path, or standard input when it is a regular file (``< seq.txt``)."""
+    if file != "-":
+        return file, "the batch file"
+    import os
+    import stat
+
+    try:
+        regular = stat.S_ISREG(os.fstat(0).st_mode)
+    except OSError:
+        regular = False
+    path = os.path.realpath("/dev/fd/0") if regular and os.path.exists("/dev/fd/0") else None
+    return path, "the batch file (standard input)"
+
+
+def _run_lines(file: str, lines: list[tuple[int, list[str]]], keep_going: bool) -> int:
+    from cl_tool.cli import QUIET, run_line
+
     quiet = QUIET[0]
     name = "standard input" if file == "-" else file
     first_failure = 0
     for i, (number, argv) in enumerate(lines):
         if not quiet:
-            sys.stderr.write(f"[{i + 1}/{len(lines)}] cl-tool {shlex.join(argv)}\n")
+            sys.stderr.write(f"[{i + 1}/{len(lines)}] cl-tool {shorten_words(shlex.join(argv))}\n")
             sys.stderr.flush()
         _reset_process_state()
         code = run_line((["--quiet"] if quiet else []) + argv, last=False)
@@ -93,7 +163,7 @@ def batch(
             continue
         first_failure = first_failure or code
         rest = len(lines) - i - 1
-        if code == EXIT_SIGINT or not keep_going:
+        if code in (EXIT_SIGINT, EXIT_SIGTERM) or not keep_going:
             if rest:
                 sys.stderr.write(
                     f"Error: {name} line {number} failed (exit {code}); the {rest} line(s) after it were not run.\n"

@@ -55,6 +55,47 @@ def _without_types(params: list) -> list:
 QUIET = [False]
 #: Field name → flag, for every registered command (used to render ``$name`` in messages).
 FLAGS: dict[str, dict[str, str]] = {}
+#: Command → the flags (long and short) of its options that take a path (an empty value there is refused).
+PATH_FLAGS: dict[str, set[str]] = {}
+
+
+def _path_flags(args_type: type) -> set[str]:
+    """Every flag of ``args_type``'s options (nested groups included) whose type is a Path (optional or a list)."""
+    from pathlib import Path
+
+    hints = typing.get_type_hints(args_type)
+    out: set[str] = set()
+    for f in dataclasses.fields(args_type):
+        p = param_of(f)
+        if p is None:
+            continue
+        if p.group:
+            out |= _path_flags(f.default_factory)  # type: ignore[arg-type]
+        elif not p.argument and _mentions(hints[f.name], Path):
+            out.update(p.flags)
+    return out
+
+
+def _mentions(hint: Any, kind: type) -> bool:
+    """``hint`` is ``kind`` or a type built from it (``Optional[kind]``, ``list[kind]``, ...)."""
+    return hint is kind or any(_mentions(a, kind) for a in typing.get_args(hint))
+
+
+def empty_path_option(command_name: str | None, argv: list[str]) -> str | None:
+    """The first path option of ``argv`` given an empty value (``--cache-dir ''`` or ``--cache-dir=``), or None.
+
+    Click turns "" into the path ".", the current folder; an empty name is never meant as that.
+    """
+    flags = PATH_FLAGS.get(command_name or "", set())
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a in flags and i + 1 < len(argv) and argv[i + 1] == "":
+            return a
+        flag, eq, value = a.partition("=")
+        if eq and flag in flags and value == "":
+            return flag
+    return None
 
 
 def name_of(command_name: str | None) -> Callable[[str], str]:
@@ -124,6 +165,7 @@ def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Ca
         )
     )
     FLAGS[name] = flags_of(args_type)
+    PATH_FLAGS[name] = _path_flags(args_type)
 
     def invoke(**values: Any) -> Any:
         out = Output(json=values.pop("json_out"), quiet=QUIET[0], name_of=name_of(name))

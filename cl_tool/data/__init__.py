@@ -26,6 +26,8 @@ Importing this package is cheap (no torch, timm or datasets until a function nee
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, default_cache_dir
 from cl_tool.data.loader import Batch, Task, as_worker_error, check_labels, default_workers, open_task
 from cl_tool.data.preprocess import Preprocess
@@ -157,15 +159,36 @@ def open_tasks(
     return tasks
 
 
+_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _model_folder_around(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that holds a timm model (config.json and weights), or None."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / "config.json").is_file() and any((candidate / f).is_file() for f in _MODEL_FILES):
+            return candidate
+    return None
+
+
 def _refuse_cache_inside_data(specs: list[TaskSpec], options: DataOptions) -> None:
-    """The decoded cache is never written into a data folder (exit 6 naming both)."""
+    """The decoded cache is never written into a data folder nor a model folder, nor over a file (exit 6)."""
     if options.cache == "none":
         return
-    from pathlib import Path
-
     from cl_tool.errors import OutputError
 
-    folder = Path(options.cache_dir or default_cache_dir()).expanduser().resolve()
+    given = Path(options.cache_dir or default_cache_dir()).expanduser()
+    if given.exists() and not given.is_dir():
+        raise OutputError(
+            f"The decoded-image cache folder {given} is a file, not a folder; set $cache_dir (or $CL_TOOL_CACHE) to a "
+            f"folder, or use $cache none."
+        )
+    folder = given.resolve()
+    model = _model_folder_around(folder)
+    if model is not None:
+        raise OutputError(
+            f"The decoded-image cache folder {folder} is inside the model folder {model}; cl-tool never writes into a "
+            f"model folder: set $cache_dir (or $CL_TOOL_CACHE) to a folder outside it, or use $cache none."
+        )
     for spec in specs:
         source = Path(spec.source)
         if source.is_dir():

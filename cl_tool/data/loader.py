@@ -328,8 +328,7 @@ class Task:
         self._feed: _Feed | None = None
         self._label_check: tuple[int, str] | None = None
         self._lookup = None  # data class id → model output row (cl_tool.data.classes), None: the identity
-        # one line per note for the user (the command logs them when it is done with the task)
-        self.cache_note: str | None = None
+        self._note: str | None = None  # lines for the log (see cache_note)
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
         _OPEN.add(self)
@@ -370,6 +369,24 @@ class Task:
         if self._raw_labels is not None:
             raw = torch.from_numpy(self._raw_labels)
             self.labels = raw if self._lookup is None or not raw.numel() else self._lookup[raw]
+
+    @property
+    def cache_note(self) -> str | None:
+        """Lines for the log when the cache did not work as asked: a damaged file, caching abandoned, or a cache file
+        that could not be written (the command logs them when it is done with the task)."""
+        lines = [self._note] if self._note else []
+        st = self._store
+        if st is not None and st.disk_error:
+            kept = "kept in memory for this command only" if st.ram is not None else "decoded again on every pass"
+            lines.append(
+                f"${self.spec.option} {self.spec.source}: the decoded-image cache file was not written "
+                f"({st.disk_error}); the images were {kept}."
+            )
+        return "\n".join(lines) or None
+
+    @cache_note.setter
+    def cache_note(self, value: str | None) -> None:
+        self._note = value
 
     def describe(self) -> dict[str, Any]:
         """What was read: source, split (and whether it was the default), subset, samples and samples per class."""
@@ -441,7 +458,7 @@ class Task:
             self._store.close()
             self._store = None
             note = f"${self.spec.option} {self.spec.source}: decoded images were not cached ({reason}); every pass decoded them."
-            self.cache_note = f"{self.cache_note}\n{note}" if self.cache_note else note
+            self._note = f"{self._note}\n{note}" if self._note else note
 
     # ------------------------------------------------------------------------------------------- batches
 

@@ -148,7 +148,8 @@ class DataOptions(Args):
         panel="Data",
         metavar="N",
         low=0,
-        help="Data-loading worker processes (default: one per CPU but one, at most 8; 0 = in this process).",
+        high=64,
+        help="Data-loading worker processes (default: one per CPU but one, at most 8; 0 = in this process; at most 64).",
     )
     cache: str = option(
         "auto",

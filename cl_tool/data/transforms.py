@@ -174,6 +174,21 @@ def _parse_value(text: str):
     return t
 
 
+def check_augment_fits(aug: Augment, input_shape) -> None:
+    """UsageError when ``shift=K`` may move a (C, H, W) image by half its smaller side or more: K < min(H, W) / 2.
+
+    Beyond that most of the image can leave the frame (zero fill), and at K ≥ min(H, W) many samples are blank.
+    """
+    if aug.kind != "shift":
+        return
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    if 2 * aug.shift >= min(h, w):
+        raise UsageError(
+            f"$augment shift={aug.shift} may move the model's {h}x{w} images by {aug.shift} pixels, half their "
+            f"smaller side or more, leaving mostly blank images; use K below {(min(h, w) + 1) // 2} (a few pixels)."
+        )
+
+
 def parse_augment(value, args=None) -> Augment:
     """``--augment`` (none | shift=K | timm) and ``$augment_arg KEY=VALUE`` (timm only) → Augment."""
     if isinstance(value, Augment):

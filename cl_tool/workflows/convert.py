@@ -29,6 +29,29 @@ class ConvertArgs(Args):
     config: Optional[Path] = config_option()
 
 
+_GENERIC = ("Weights only load failed", "Check the documentation", "Re-running `torch.load`", "In PyTorch 2.6")
+
+
+def torch_reason(exc: BaseException, limit: int = 200) -> str:
+    """The specific reason in torch.load's error, whole sentences of at most ``limit`` characters, no trailing dot.
+
+    torch's weights-only message opens with general advice (including to load with ``weights_only=False``, which
+    cl-tool never does); the line naming what was refused ("Trying to load unsupported GLOBAL posix.system ...")
+    is kept. A reason longer than ``limit`` ends at its last whole sentence, or word, with "…".
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(_GENERIC)]
+    text = (specific or lines or [type(exc).__name__])[0]
+    if specific == [] and lines:  # only the generic text: its first sentence
+        text = text.split(". ")[0]
+    text = text.rstrip(".")
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = cut.rfind(". ")
+    return (cut[:end] if end > limit // 2 else cut[: cut.rfind(" ")]) + " …"
+
+
 def _load_pickled_weights(path: Path) -> dict[str, Any]:
     """The tensors of a ``pytorch_model.bin`` through ``torch.load(weights_only=True)``; anything else is refused."""
     import pickle
@@ -38,9 +61,8 @@ def _load_pickled_weights(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInputError(
-            f"{path} could not be read as tensors with torch.load(weights_only=True) ({first[:200]}); "
+            f"{path} could not be read as tensors with torch.load(weights_only=True) ({torch_reason(exc)}); "
             f"it holds other objects or is damaged, and cl-tool runs no code from a pickle."
         ) from exc
     if (

@@ -14,12 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.checkpoint import layout_from_metadata, layout_problem, metadata_json, spec_from_metadata
+from cl_tool.checkpoint import (
+    HISTORY_LIMIT,
+    LINEAGE_LIMIT,
+    layout_from_metadata,
+    layout_problem,
+    metadata_json,
+    spec_from_metadata,
+)
 from cl_tool.errors import BadInputError, UsageError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, option
 from cl_tool.safetensors_io import DTYPE_NAMES
 
+SHOWN_ROWS = 20  # history entries and ancestors printed (--json: HISTORY_LIMIT entries, LINEAGE_LIMIT ancestors)
+CELL_CHARS = 80  # a longer text of a history entry is cut to this in the table
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 KINDS = {
     "checkpoint": "cl-tool checkpoint",
@@ -114,8 +123,12 @@ def _short_time(t: Any) -> str:
     return t[:16].replace("T", " ") if isinstance(t, str) else ""
 
 
+def _clip(text: Any) -> Any:
+    return text[: CELL_CHARS - 1] + "…" if isinstance(text, str) and len(text) > CELL_CHARS else text
+
+
 def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
-    """The history as short records: command, data, penalty, λ, a detail, time."""
+    """The history as short records: command, data, penalty, λ, a detail, time (texts cut to CELL_CHARS)."""
     rows = []
     for e in history:
         e = e if isinstance(e, dict) else {}
@@ -143,15 +156,35 @@ def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
             detail = f"from {e.get('from')}"
         rows.append(
             {
-                "command": cmd,
-                "data": data_text,
-                "penalty": e.get("penalty"),
-                "lambda": e.get("lambda"),
-                "detail": detail or None,
-                "time": e.get("time"),
+                "command": _clip(cmd),
+                "data": _clip(data_text),
+                "penalty": _clip(e.get("penalty")),
+                "lambda": _clip(e.get("lambda")),
+                "detail": _clip(detail) or None,
+                "time": _clip(e.get("time")),
             }
         )
     return rows
+
+
+def _history_record(history: list[Any], info: dict[str, Any]) -> None:
+    """The newest HISTORY_LIMIT entries as rows, the newest LINEAGE_LIMIT ancestors, and how many entries exist."""
+    from cl_tool.lineage import ancestors
+
+    first = history[0] if history and isinstance(history[0], dict) else {}
+    dropped = first.get("dropped_before")
+    info["history_entries"] = len(history)
+    info["history_dropped"] = dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else 0
+    info["history"] = _history_rows(history[-HISTORY_LIMIT:])
+    info["lineage"] = [
+        {
+            "generations": anc.generations,
+            "fingerprint": _clip(anc.fingerprint),
+            "read_by": _clip(anc.command),
+            "time": _clip(anc.time),
+        }
+        for anc in ancestors(history[-LINEAGE_LIMIT:])
+    ]
 
 
 # ----------------------------------------------------------------- reading tensors (--verify, --sparsity)
@@ -186,6 +219,19 @@ def _scan(path: Path, names: list[str], *, fingerprint: bool, zeros: set[str], c
     return {"fingerprint": h.hexdigest() if h is not None else None, "zeros": counts, "problem": problem}
 
 
+def _finite_check(what: str):
+    """A ``_scan`` check: the message every reader gives for a floating-point tensor holding NaN or ±Inf."""
+
+    def check(name, t):
+        import torch
+
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return f"{what} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
+        return None
+
+    return check
+
+
 def _sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     numel = sum(c["numel"] for c in counts.values())
     zeros = sum(c["zeros"] for c in counts.values())
@@ -196,8 +242,6 @@ def _sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, Any]) -> None:
-    from cl_tool.lineage import ancestors
-
     where = str(p)
     spec = spec_from_metadata(meta, where)
     history = metadata_json(meta, "cl_tool.history", where, [], (list,))
@@ -220,11 +264,7 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
         info["parameters"] = None  # not recorded (older file): only the tensors are known
     recorded = meta.get("cl_tool.fingerprint")
     info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
-    info["history"] = _history_rows(history)
-    info["lineage"] = [
-        {"generations": anc.generations, "fingerprint": anc.fingerprint, "read_by": anc.command, "time": anc.time}
-        for anc in ancestors(history)
-    ]
+    _history_record(history, info)
     pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
     info["pruning"] = (
         {k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")}
@@ -237,10 +277,13 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
             list(header) if args.verify else params,
             fingerprint=args.verify,
             zeros=set(params) if args.sparsity else set(),
+            check=_finite_check(f"Checkpoint {where}") if args.verify else None,
         )
         if args.verify:
+            if scan["problem"]:
+                info["problems"].append(scan["problem"])
             info["fingerprint"]["computed"] = scan["fingerprint"]
-            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded
+            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
             if recorded is None:
                 info["problems"].append(
                     f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool."
@@ -271,6 +314,8 @@ def _describe_timm(folder: Path, args: InfoArgs) -> dict[str, Any]:
         "parameters": None,
         "fingerprint": {"recorded": None, "computed": None, "verified": None},
         "history": [],
+        "history_entries": 0,
+        "history_dropped": 0,
         "lineage": [],
         "pruning": None,
     }
@@ -281,8 +326,11 @@ def _describe_timm(folder: Path, args: InfoArgs) -> dict[str, Any]:
             list(header) if args.verify else list(floats),
             fingerprint=args.verify,
             zeros=floats if args.sparsity else set(),
+            check=_finite_check(f"Checkpoint {weights}") if args.verify else None,
         )
         info["fingerprint"]["computed"] = scan["fingerprint"]
+        if scan["problem"]:
+            info["problems"].append(scan["problem"])
         if args.sparsity:
             info["sparsity"] = _sparsity_record(scan["zeros"])
     return info
@@ -649,16 +697,25 @@ def _print(info: dict[str, Any], out: Output) -> None:
                         _short_time(r["time"]),
                         r["detail"] or "",
                     ]
-                    for r in info["history"]
+                    for r in info["history"][-SHOWN_ROWS:]
                 ],
             )
+            hidden = info.get("history_entries", len(info["history"])) - min(SHOWN_ROWS, len(info["history"]))
+            dropped = info.get("history_dropped", 0)
+            if hidden or dropped:
+                out.log(
+                    f"  … {hidden:,} older entries not shown (--json lists the newest {HISTORY_LIMIT})"
+                    + (f"; {dropped:,} older still were dropped by earlier commands" if dropped else "")
+                )
         lin = [r for r in info.get("lineage", []) if r["fingerprint"]]
         if lin:
             out.table(
                 "  lineage (recorded ancestors, newest first)",
                 ["generations back", "fingerprint", "read by"],
-                [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin],
+                [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin[:SHOWN_ROWS]],
             )
+            if len(lin) > SHOWN_ROWS:
+                out.log(f"  … {len(lin) - SHOWN_ROWS:,} older ancestors (--json lists them)")
         elif info["kind"] == "checkpoint":
             out.log("  lineage: no recorded ancestors")
     elif info["kind"] == "sidecar":

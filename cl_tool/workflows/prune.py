@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.checkpoint import HISTORY_LIMIT
+from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.importance import BIAS_SCORES
@@ -228,7 +228,7 @@ def compute_scores(
     from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import check_sidecar, fit_rows
-    from cl_tool.sidecar import default_sidecar_path, load_sidecar
+    from cl_tool.sidecar import check_names, default_sidecar_path, load_sidecar
 
     if by == "magnitude":
         return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": "magnitude"}
@@ -247,11 +247,7 @@ def compute_scores(
             if use.note:
                 out.log(use.note)
             _note_stored_bias_score(args, by, sc, path, out)
-            missing = [n for n in named if n not in sc.tensors]
-            if missing:
-                raise BadInputError(
-                    f"Importance file {path} has no entry for {missing[0]!r}; recompute it for {args.checkpoint}."
-                )
+            check_names(path, sc.tensors, named, str(args.checkpoint))
             scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
             bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
             if bad is not None:
@@ -541,7 +537,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     )
     from cl_tool.pruning import CutPlanner, SparsityRow, TensorInfo
     from cl_tool.safetensors_io import DTYPE_NAMES
-    from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
+    from cl_tool.sidecar import check_names, default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
     if args.device not in (
@@ -602,10 +598,9 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         if use.note:
             out.log(use.note)
         _note_stored_bias_score(args, by, sc, sidecar_path, out)
+        check_names(sidecar_path, sc_file.header, shapes, where)
         for n in chosen:
-            stored = sc_file.shape(n) if n in sc_file.header else None
-            if stored is None:
-                raise BadInputError(f"Importance file {sidecar_path} has no entry for {n!r}; recompute it for {where}.")
+            stored = sc_file.shape(n)
             if stored != shapes[n] and not (
                 n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]
             ):
@@ -635,7 +630,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
             path,
             {
                 **meta,
-                "cl_tool.history": json.dumps(metadata["history"][-HISTORY_LIMIT:]),
+                "cl_tool.history": json.dumps(trim_history(metadata["history"])),
                 "cl_tool.extra": json.dumps(metadata["extra"]),
             },
             force=args.force,

@@ -422,6 +422,7 @@ def _train_next(
     from cl_tool.atomic import LineFile, all_or_nothing
     from cl_tool.checkpoint import first_nonfinite, grow_classifier, history_entry, model_layout, save_checkpoint
     from cl_tool.data import open_tasks
+    from cl_tool.data.transforms import check_augment_fits
     from cl_tool.masks import load_mask
     from cl_tool.models import trainable_parameters
     from cl_tool.resume import ResumeState
@@ -430,6 +431,7 @@ def _train_next(
     from cl_tool.training import train
 
     anchor_fp = ckpt.fingerprint
+    check_augment_fits(args.augmentation, ckpt.spec.input_shape)
     tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
     task = tasks[0]
     names = _match_training_classes(args, out, ckpt, task)
