@@ -29,7 +29,7 @@ EPILOG = """Examples:
   printf 'train-next a.safetensors --data ./b -o b.safetensors\\nevaluate a.safetensors b.safetensors --data ./a --data ./b\\n' | cl-tool batch -
 
 A line is a cl-tool command line without the leading `cl-tool` (it may be there), split as a POSIX shell would
-split it (quotes, backslashes, `#` comments); nothing else of a shell applies: no $VARIABLES, globs, pipes or
+split it (quotes, backslashes, `#` comments; a line ending in a backslash continues on the next one); nothing else of a shell applies: no $VARIABLES, globs, pipes or
 redirections. Blank lines and comments are skipped. Each line behaves exactly as the same command on its own
 (its outputs, --json on stdout, logs on stderr); the batch stops at the first line that fails and exits with
 its code, naming the line (--keep-going runs the rest and exits with the first failure's code). A batch inside
@@ -53,7 +53,7 @@ def read_lines(source: str) -> list[tuple[int, list[str]]]:
                 f"batch file {source} could not be read as UTF-8 text ({exc}); give a text file of cl-tool command lines."
             ) from exc
     lines = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in logical_lines(text):
         try:
             argv = shlex.split(line, comments=True)
         except ValueError as exc:
@@ -68,6 +68,25 @@ def read_lines(source: str) -> list[tuple[int, list[str]]]:
     if not lines:
         raise UsageError(f"{name} holds no command line; nothing was run.")
     return lines
+
+
+def logical_lines(text: str) -> list[tuple[int, str]]:
+    """(first line number, text) of each command line: a line ending in an unescaped backslash continues on the
+    next one (backslash and newline removed), as in a shell; a comment line never continues."""
+    out: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        start, joined = pending if pending is not None else (number, "")
+        joined += line
+        trailing = len(joined) - len(joined.rstrip("\\"))
+        if trailing % 2 == 1 and not joined.lstrip().startswith("#"):
+            pending = (start, joined[:-1])
+            continue
+        pending = None
+        out.append((start, joined))
+    if pending is not None:  # a backslash on the last line continues onto nothing
+        out.append(pending)
+    return out
 
 
 def batch(

@@ -585,12 +585,12 @@ def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, 
 
 def _print(info: dict[str, Any], out: Output) -> None:
     t = info["tensors"]
-    out.log(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
+    out.say(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
     dtypes = ", ".join(f"{d} {v['values']:,} values ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
     if info["kind"] in ("checkpoint", "timm-folder"):
         m = info["model"]
         kwargs = " ".join(f"{k}={v}" for k, v in m["kwargs"].items())
-        out.log(
+        out.say(
             f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
             f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}"
         )
@@ -599,32 +599,32 @@ def _print(info: dict[str, Any], out: Output) -> None:
             named = [f"{i}={n}" for i, n in enumerate(names) if n is not None]
             shown = ", ".join(named[:20]) + (f", … {len(named) - 20} more" if len(named) > 20 else "")
             free = sum(n is None for n in names)
-            out.log(f"  class names (output row=name): {shown or '-'}{f'; {free} rows unnamed' if free else ''}")
+            out.say(f"  class names (output row=name): {shown or '-'}{f'; {free} rows unnamed' if free else ''}")
         else:
-            out.log("  class names: not recorded (labels are matched to output rows by position)")
+            out.say("  class names: not recorded (labels are matched to output rows by position)")
         prm = info.get("parameters")
         if prm:
-            out.log(
+            out.say(
                 f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})"
             )
-        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         fp = info["fingerprint"]
         if info["kind"] == "timm-folder":
-            out.log(
+            out.say(
                 f"  fingerprint: {fp['computed']} (computed)"
                 if fp["computed"]
                 else "  fingerprint: not recorded in a timm folder (--verify computes it)"
             )
         elif fp["verified"] is None:
-            out.log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
+            out.say(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
         else:
-            out.log(
+            out.say(
                 f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})"
             )
         if info.get("pruning"):
             pr = info["pruning"]
             src = pr.get("source") or {}
-            out.log(
+            out.say(
                 f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
                 + (
                     f", scores from {src['sidecar']}"
@@ -661,11 +661,11 @@ def _print(info: dict[str, Any], out: Output) -> None:
                 [[r["generations"], r["fingerprint"], r["read_by"]] for r in lin],
             )
         elif info["kind"] == "checkpoint":
-            out.log("  lineage: no recorded ancestors")
+            out.say("  lineage: no recorded ancestors")
     elif info["kind"] == "sidecar":
         opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
         data = info["data"] or {}
-        out.log(
+        out.say(
             f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
             + (
                 f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)"
@@ -673,30 +673,30 @@ def _print(info: dict[str, Any], out: Output) -> None:
                 else "none"
             )
         )
-        out.log(
+        out.say(
             f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}"
         )
         b = info["belongs_to"]
-        out.log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
-        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
+        out.say(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         if info["values_checked"] is not None:
-            out.log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
+            out.say(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
     elif info["kind"] == "mask":
-        out.log(
+        out.say(
             f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}"
         )
-        out.log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
     elif info["kind"] == "resume":
         pos, cfg = info["position"], info["config"]
-        out.log(
+        out.say(
             f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done"
         )
-        out.log(
+        out.say(
             f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
             f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
         )
-        out.log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
-        out.log(
+        out.say(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
+        out.say(
             f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}"
         )
     sp = info.get("sparsity")
@@ -710,10 +710,10 @@ def _print(info: dict[str, Any], out: Output) -> None:
                 rows,
             )
         else:
-            out.log(f"  sparsity: no {what} among {sp['numel']:,} values")
+            out.say(f"  sparsity: no {what} among {sp['numel']:,} values")
     rel = info.get("for")
     if rel is not None:
-        out.log(f"  for {rel['checkpoint']}: {rel['reason']}.")
+        out.say(f"  for {rel['checkpoint']}: {rel['reason']}.")
 
 
 def generations_text_safe(n: Any) -> str:
@@ -738,16 +738,18 @@ def run_info(args: InfoArgs, out: Output) -> list[dict[str, Any]]:
         for i in usable:
             header, _ = read_header(i["path"], "File")
             i["for"] = _relation(i, target, {n: list(e["shape"]) for n, e in header.items()})
-    if out.json:
+    problems = [p for i in infos for p in i["problems"]]
+    if out.json and not problems:
         out.result(infos)
-    else:
+    elif not out.json:
         for i in infos:
             _print(i, out)
-    problems = [p for i in infos for p in i["problems"]]
     for p in problems[1:]:
         out.warn(p)
     if problems:
-        raise BadInputError(problems[0])
+        error = BadInputError(problems[0])
+        error.result = {"files": infos}  # --json: the descriptions beside the error
+        raise error
     return infos
 
 
