@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -58,6 +59,8 @@ class Output:
                     raise StdoutGone()
 
             self._stdout = StdoutConsole(highlight=False)
+            if not self._stdout.is_terminal and "COLUMNS" not in os.environ:
+                self._stdout.width = 200  # a pipe or file: whole cells for grep, not 80 columns of ellipses
         return self._stdout
 
     def say(self, message: str) -> None:

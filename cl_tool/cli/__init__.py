@@ -70,6 +70,7 @@ COMMANDS = {
     "info": "info",
     "convert": "convert",
     "demo-data": "demo_data",
+    "cache": "cache",
 }
 DRIVERS = {"batch": "batch"}  # commands that run other command lines (no workflow of their own)
 

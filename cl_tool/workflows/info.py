@@ -149,6 +149,7 @@ def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
                 "lambda": e.get("lambda"),
                 "detail": detail or None,
                 "time": e.get("time"),
+                "entry": e,  # the entry as stored (split, epochs, lr, command line, ...)
             }
         )
     return rows
@@ -221,6 +222,7 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
     recorded = meta.get("cl_tool.fingerprint")
     info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
     info["history"] = _history_rows(history)
+    info["extra"] = extra
     info["lineage"] = [
         {"generations": anc.generations, "fingerprint": anc.fingerprint, "read_by": anc.command, "time": anc.time}
         for anc in ancestors(history)
