@@ -75,3 +75,34 @@ def test_cache_lists_clears_by_age_and_evicts_the_least_recently_used(cli, small
     assert len(json.loads(r.out)["removed"]) == 2 and not list(folder.glob("*.cltd"))
     r = cli("cache", "--clear", "--older-than", "soon")
     assert r.code == 2 and "--older-than 'soon' is not a duration" in r.error_line
+
+
+def test_small_inputs_get_whole_image_defaults_and_info_shows_the_data_config(cli, tmp_path):
+    from cl_tool.data.transforms import Augment, small_input_augment
+
+    small = tmp_path / "r28.safetensors"
+    r = cli("init", "--arch", "resnet10t", "--input-shape", "1x28x28", "--num-classes", "10", "-o", small)
+    assert r.code == 0 and "crop_pct 1.0 is recorded instead of timm's 0.875" in r.err
+    r = cli("info", small)
+    assert "timm data config: input 1x28x28, interpolation bicubic, crop_pct 1.0 (center)" in r.out
+    assert "note:" not in r.out
+    (info,) = json.loads(cli("info", small, "--json").out)
+    assert info["model"]["data_config"]["crop_pct"] == 1.0
+    big = tmp_path / "r96.safetensors"
+    assert cli("init", "--arch", "resnet10t", "--input-shape", "3x96x96", "--num-classes", "10", "-o", big).code == 0
+    (info,) = json.loads(cli("info", big, "--json").out)
+    assert info["model"]["data_config"]["crop_pct"] == 0.875  # photo-sized inputs keep timm's own
+
+    aug, note = small_input_augment(Augment("timm", args={"hflip": 0.0}), (1, 28, 28))
+    assert aug.args == {"hflip": 0.0, "scale": (0.8, 1.0)} and "scale 0.8-1" in note
+    given = Augment("timm", args={"scale": (0.08, 1.0)})
+    assert small_input_augment(given, (1, 28, 28)) == (given, None)  # a given scale is kept
+    assert small_input_augment(Augment("timm"), (3, 96, 96)) == (Augment("timm"), None)
+    assert small_input_augment(Augment("shift", shift=2), (1, 28, 28)) == (Augment("shift", shift=2), None)
+
+
+def test_info_json_carries_full_history_entries(cli, small_mlp):
+    (info,) = json.loads(cli("info", small_mlp, "--json").out)
+    entry = info["history"][-1]["entry"]
+    assert entry["command"] == "train-next" and entry["epochs"] == 1 and entry["lr"] > 0
+    assert info["history"][-1]["command"] == "train-next" and "extra" in info

@@ -596,6 +596,12 @@ def _print(info: dict[str, Any], out: Output) -> None:
             f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
             f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}"
         )
+        dc = m.get("data_config")
+        if isinstance(dc, dict):
+            out.say(f"  timm data config: {data_config_text(dc)}")
+            note = small_input_note(m["input_shape"], dc)
+            if note:
+                out.say(f"  note: {note}")
         names = m.get("class_names")
         if names is not None:
             named = [f"{i}={n}" for i, n in enumerate(names) if n is not None]
@@ -716,6 +722,29 @@ def _print(info: dict[str, Any], out: Output) -> None:
     rel = info.get("for")
     if rel is not None:
         out.say(f"  for {rel['checkpoint']}: {rel['reason']}.")
+
+
+def data_config_text(dc: dict[str, Any]) -> str:
+    """``resize bicubic, centre crop_pct 0.95; mean (…), std (…)`` from a recorded timm data config."""
+    size = dc.get("input_size")
+    return (
+        f"input {'x'.join(map(str, size)) if isinstance(size, list) else size}, interpolation {dc.get('interpolation')}, "
+        f"crop_pct {dc.get('crop_pct')} ({dc.get('crop_mode')}), mean {dc.get('mean')}, std {dc.get('std')}"
+    )
+
+
+def small_input_note(input_shape: list[int], dc: dict[str, Any]) -> str | None:
+    """A note when photo-scale preprocessing meets a small input (≤ 64 px): a centre crop cuts a digit's edges."""
+    from cl_tool.data.transforms import SMALL_INPUT
+
+    crop = dc.get("crop_pct")
+    if min(int(v) for v in input_shape[1:]) > SMALL_INPUT or not isinstance(crop, (int, float)) or crop >= 1:
+        return None
+    return (
+        f"images are resized to {1 / crop:.3g}x the input and centre-cropped (crop_pct {crop:g}), a photo default that "
+        f"cuts the edges of a {input_shape[1]}x{input_shape[2]} image; `cl-tool init` records crop_pct 1.0 for inputs "
+        f"of at most {SMALL_INPUT} px"
+    )
 
 
 def generations_text_safe(n: Any) -> str:

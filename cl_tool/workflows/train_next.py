@@ -323,6 +323,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     from cl_tool import distributed
     from cl_tool.checkpoint import load_model
+    from cl_tool.data.transforms import small_input_augment
     from cl_tool.data import task_specs
     from cl_tool.runtime import keep_freed_memory, seed_everything
 
@@ -339,6 +340,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
+    args.augmentation, note = small_input_augment(args.augmentation, ckpt.spec.input_shape)
+    if note:
+        out.log(note)
     tasks: list = []
     try:
         return _train_next(args, out, spec, eval_specs, resuming, dist, device, ckpt, model, tasks)
