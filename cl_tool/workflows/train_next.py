@@ -323,8 +323,8 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     from cl_tool import distributed
     from cl_tool.checkpoint import load_model
-    from cl_tool.data.transforms import small_input_augment
     from cl_tool.data import task_specs
+    from cl_tool.data.transforms import small_input_augment
     from cl_tool.runtime import keep_freed_memory, seed_everything
 
     (spec,) = task_specs(args.data, args.data_options)
