@@ -106,3 +106,37 @@ def test_info_json_carries_full_history_entries(cli, small_mlp):
     entry = info["history"][-1]["entry"]
     assert entry["command"] == "train-next" and entry["epochs"] == 1 and entry["lr"] > 0
     assert info["history"][-1]["command"] == "train-next" and "extra" in info
+
+
+def test_a_lambda_list_trains_one_model_per_lambda_from_one_anchor(cli, anchored, demo_dir, tmp_path):
+    from cl_tool.checkpoint import load_checkpoint
+
+    train = ["--data", f"B={demo_dir}::limit=200,permute=1", "--device", "cpu", "--deterministic", "--seed", "1"]
+    evals = [
+        "--eval-data",
+        f"A={demo_dir}::split=test,limit=200",
+        "--eval-data",
+        f"B={demo_dir}::split=test,limit=200,permute=1",
+    ]
+    out = tmp_path / "b.safetensors"
+    r = cli("train-next", anchored, *train, *evals, "--lambda", "0,10,1e6", "-o", out, "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert [run["lambda"] for run in res["runs"]] == [0, 10, 1e6]
+    paths = [tmp_path / f"b.lambda-{s}.safetensors" for s in ("0", "10", "1e06")]
+    assert [run["output"] for run in res["runs"]] == [str(p) for p in paths] and not out.exists()
+    for run in res["runs"]:
+        assert set(run["accuracy"]) == {"A", "B"}
+        assert run["mean"] == pytest.approx((run["accuracy"]["A"] + run["accuracy"]["B"]) / 2)
+    best = max(res["runs"], key=lambda run: run["mean"])
+    assert res["best"]["lambda"] == best["lambda"] and res["best"]["criterion"] == "mean eval accuracy"
+    # a huge λ holds the weights at the anchor: task A keeps more than without the penalty
+    assert res["runs"][2]["accuracy"]["A"] > res["runs"][0]["accuracy"]["A"]
+    # each output is exactly what the command with that one λ writes
+    single = tmp_path / "single.safetensors"
+    assert cli("train-next", anchored, *train, *evals, "--lambda", "10", "-o", single).code == 0
+    assert load_checkpoint(single).fingerprint == load_checkpoint(paths[1]).fingerprint == res["runs"][1]["fingerprint"]
+    human = cli("train-next", anchored, *train, *evals, "--lambda", "0,10", "-o", out, "--force")
+    assert human.code == 0 and "eval accuracy after training, per λ" in human.out and "(best)" in human.out
+    r = cli("train-next", anchored, *train, "--lambda", "0,10", "-o", tmp_path / "c.safetensors")
+    assert r.code == 2 and "need --eval-data" in r.error_line and not list(tmp_path.glob("c.*"))
