@@ -62,6 +62,8 @@ class ClToolError(Exception):
     """A failure with a one-sentence message that says what is wrong and what to do."""
 
     exit_code = EXIT_INTERNAL
+    #: The command's result so far (e.g. evaluate's matrix and gate verdict), printed with the error under --json.
+    result: object = None
 
     def __init__(self, message: str):
         super().__init__(message)

@@ -86,6 +86,19 @@ def sidecar_relation(sidecar_fp: str, ckpt) -> int | None:
     return generations_back(sidecar_fp, ckpt.fingerprint, ckpt.history)
 
 
+def sequence_break(checkpoints: list[tuple[str | None, list[Any]]]) -> int | None:
+    """The first index ``i >= 1`` whose checkpoint does not descend from checkpoint ``i - 1``, or None (a sequence).
+
+    ``checkpoints``: (own fingerprint, history) of each, in stage order. Descending means the previous one's
+    fingerprint is a recorded ancestor, any number of generations back (a prune between stages is fine).
+    """
+    for i in range(1, len(checkpoints)):
+        previous = checkpoints[i - 1][0]
+        if previous is None or previous not in {fp for _, fp in ancestor_fingerprints(checkpoints[i][1])}:
+            return i
+    return None
+
+
 def grown_since(history: Iterable[Any], generations: int) -> frozenset[str]:
     """Tensors that got new output rows in the last ``generations`` steps (their new rows have no stored score)."""
     return frozenset(name for a in ancestors(history)[:generations] for name in a.grown)

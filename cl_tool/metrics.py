@@ -22,6 +22,9 @@ Definitions (indices start at 0; ``mean`` is the arithmetic mean):
 * Average forgetting: mean of the defined ``f_j``; ``None`` if there is none.
 * Learning accuracy: ``LA = mean_{j=0..m-1} R[j][j]``, only when ``k == m``
   (``None`` otherwise).
+
+BWT, forgetting and LA compare stages, so they are only defined for a sequence (each checkpoint
+descends from the previous one); ``cl_summary(R, sequence=False)`` leaves them ``None``.
 """
 
 from __future__ import annotations
@@ -55,8 +58,11 @@ def _validate(R: Sequence[Sequence[float]]) -> list[list[float]]:
     return rows
 
 
-def cl_summary(R: Sequence[Sequence[float]]) -> dict:
+def cl_summary(R: Sequence[Sequence[float]], *, sequence: bool = True) -> dict:
     """Summaries of the ``k x m`` accuracy matrix ``R`` (see the module docstring).
+
+    ``sequence``: the checkpoints are stages of one run (each descends from the previous one); when False,
+    only ``average_accuracy`` is computed (the rows are not stages, so nothing compares them).
 
     Returns a dict with keys ``num_stages`` (k), ``num_tasks`` (m),
     ``average_accuracy`` (ACC), ``bwt`` (BWT or None), ``forgetting`` (list of m entries,
@@ -65,13 +71,13 @@ def cl_summary(R: Sequence[Sequence[float]]) -> dict:
     """
     R = _validate(R)
     k, m = len(R), len(R[0])
-    square = k == m
+    square = k == m and sequence
     acc = _mean(R[k - 1])
     bwt = None
     if square and m >= 2:
         bwt = math.fsum(R[m - 1][j] - R[j][j] for j in range(m - 1)) / (m - 1)
     forgetting: list[float | None] = [None] * m
-    if k >= 2:
+    if k >= 2 and sequence:
         for j in range(m - 1 if square else m):
             forgetting[j] = max(R[l][j] for l in range(k - 1)) - R[k - 1][j]
     defined = [f for f in forgetting if f is not None]
@@ -84,6 +90,26 @@ def cl_summary(R: Sequence[Sequence[float]]) -> dict:
         "average_forgetting": _mean(defined) if defined else None,
         "learning_accuracy": _mean([R[j][j] for j in range(m)]) if square else None,
     }
+
+
+def gate_verdicts(
+    summary: dict, fail_under_acc: float | None = None, fail_over_forgetting: float | None = None
+) -> list[dict]:
+    """One record per given gate: ``{"gate", "value", "limit", "passed"}`` (see :func:`gate` for when each fails).
+
+    ``gate`` is the option's parameter name (``fail_under_acc``, ``fail_over_forgetting``); ``value`` the summary it
+    tests (``None`` when undefined: the gate then passes).
+    """
+    verdicts = []
+    acc = summary.get("average_accuracy")
+    if fail_under_acc is not None:
+        passed = acc is None or acc >= fail_under_acc
+        verdicts.append({"gate": "fail_under_acc", "value": acc, "limit": fail_under_acc, "passed": passed})
+    fgt = summary.get("average_forgetting")
+    if fail_over_forgetting is not None:
+        passed = fgt is None or fgt <= fail_over_forgetting
+        verdicts.append({"gate": "fail_over_forgetting", "value": fgt, "limit": fail_over_forgetting, "passed": passed})
+    return verdicts
 
 
 def gate(summary: dict, fail_under_acc: float | None = None, fail_over_forgetting: float | None = None) -> str | None:

@@ -1,17 +1,19 @@
-"""One output object for every command: logs and tables on stderr for people, JSON on stdout for machines.
+"""One output object for every command: the result on stdout (for people, or as JSON), logs on stderr.
 
 ``Output(json=..., quiet=...)`` is made by the CLI from ``--json`` and ``--quiet`` and handed to the
-workflows: ``log``/``warn``/``table`` write to stderr (``quiet`` keeps only warnings), ``progress``
-shows a rich bar only when stderr is a terminal (it vanishes when done), ``result`` prints the
-command's result as one JSON document on stdout when ``json`` is set. A stderr whose reader went
-away drops what follows (the command goes on); a stdout whose reader went away ends the command
-quietly (exit 141). No torch import here.
+workflows. The command's result goes to stdout: ``say`` (a line) and ``table`` for people, or, with
+``json`` set, ``result`` as one JSON document instead (``say``/``table`` then print nothing). Logs,
+notes and warnings go to stderr: ``log`` (dropped by ``quiet``), ``warn`` (always); ``progress``
+shows a rich bar only when stderr is a terminal (it vanishes when done). ``quiet`` never hides a
+result. A stderr whose reader went away drops what follows (the command goes on); a stdout whose
+reader went away ends the command quietly (exit 141). No torch import here.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -25,6 +27,7 @@ class Output:
         self.quiet = quiet
         self.name_of = name_of  # how ``$name`` placeholders in messages are shown (the CLI: as flags)
         self._console = None
+        self._stdout = None
 
     def text(self, message: str) -> str:
         """``message`` with its ``$name`` placeholders rendered (see :mod:`cl_tool.errors`)."""
@@ -45,6 +48,26 @@ class Output:
             self._console = StderrConsole(stderr=True, highlight=False)
         return self._console
 
+    @property
+    def stdout(self):
+        """The stdout console for human results (created lazily)."""
+        if self._stdout is None:
+            from rich.console import Console
+
+            class StdoutConsole(Console):
+                def on_broken_pipe(self) -> None:  # the reader of the result went away: stop quietly (exit 141)
+                    raise StdoutGone()
+
+            self._stdout = StdoutConsole(highlight=False)
+            if not self._stdout.is_terminal and "COLUMNS" not in os.environ:
+                self._stdout.width = 200  # a pipe or file: whole cells for grep, not 80 columns of ellipses
+        return self._stdout
+
+    def say(self, message: str) -> None:
+        """One line of the human result on stdout (nothing with --json: the JSON document is the result)."""
+        if not self.json:
+            self.stdout.print(self.text(message), markup=False, soft_wrap=True)
+
     def log(self, message: str) -> None:
         """One human-readable line on stderr (suppressed by --quiet)."""
         if not self.quiet:
@@ -54,18 +77,18 @@ class Output:
         self.console.print(f"warning: {self.text(message)}", style="yellow", markup=False, soft_wrap=True)
 
     def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """A rich table on stderr (people read it; machines use --json)."""
-        if self.quiet:
+        """A rich table of the human result on stdout (nothing with --json: machines read the JSON document)."""
+        if self.json:
             return
         from rich.table import Table
 
-        self.console.print(title, markup=False, style="bold")
+        self.stdout.print(title, markup=False, style="bold")
         table = Table()
         for i, col in enumerate(columns):
             table.add_column(col, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*[_fmt(v) for v in row])
-        self.console.print(table)
+        self.stdout.print(table)
 
     def progress(self, description: str, total: int | None) -> Progress:
         return Progress(self, description, total)
@@ -73,12 +96,22 @@ class Output:
     def result(self, obj: Any) -> Any:
         """Print ``obj`` as one JSON document on stdout when --json was given; return it."""
         if self.json:
-            try:
-                sys.stdout.write(json.dumps(_jsonable(obj), indent=2) + "\n")
-                sys.stdout.flush()
-            except BrokenPipeError as exc:
-                raise StdoutGone() from exc
+            print_json(obj)
         return obj
+
+
+#: Whether the command now running printed its JSON document (the CLI's error path then prints none).
+PRINTED = [False]
+
+
+def print_json(obj: Any) -> None:
+    """``obj`` as one JSON document on stdout (non-finite floats as null/"inf"/"-inf")."""
+    try:
+        sys.stdout.write(json.dumps(_jsonable(obj), indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise StdoutGone() from exc
+    PRINTED[0] = True
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,7 +32,8 @@ def test_a_sequence_gives_the_files_of_separate_commands(cli, demo_dir, tmp_path
     r = cli("batch", script)
     assert r.code == 0, r.err
     assert "[5/5] cl-tool evaluate" in r.err
-    batch_result = json.loads(r.out)
+    assert r.out.startswith("Ω (fisher) per parameter")  # importance's table: a result, on stdout
+    batch_result = json.loads(r.out[r.out.index("\n{") + 1 :])  # then evaluate's JSON document
     for line in lines:
         if line:
             argv = __import__("shlex").split(line.format(d=many), comments=True)
@@ -94,3 +95,40 @@ def test_lines_from_standard_input(cli, tmp_path, monkeypatch):
     r = cli("-q", "batch", "-")
     assert r.code == 0 and r.err == ""
     assert (tmp_path / "a.safetensors").exists()
+
+
+def test_backslash_continues_a_line_as_in_a_shell(cli, tmp_path):
+    script = _write(
+        tmp_path / "seq.txt",
+        "cl-tool init --arch mlp \\",
+        "    --arch-arg sizes=784,8,10 \\",
+        f"    -o {tmp_path}/a0.safetensors  # continued twice",
+        "# a comment ending in a backslash does not continue \\",
+        f"info {tmp_path}/a0.safetensors --json",
+        "info \\",
+        f"  {tmp_path}/missing.safetensors",
+    )
+    r = cli("batch", script)
+    assert r.code == 3
+    assert "[1/3] cl-tool init --arch mlp --arch-arg sizes=784,8,10 -o" in r.err
+    assert f"{script} line 6 failed (exit 3)" not in r.err  # the last line: nothing after it to skip
+    (info,) = json.loads(r.out)
+    assert info["model"]["kwargs"] == {"sizes": "784,8,10"}
+
+
+def test_json_lines_give_one_document_each_also_on_failure(cli, tmp_path):
+    script = _write(
+        tmp_path / "seq.txt",
+        f"info {tmp_path}/missing.safetensors --json",
+        f"init --arch mlp --arch-arg sizes=784,8,10 -o {tmp_path}/a0.safetensors --json",
+    )
+    r = cli("batch", script, "--keep-going")
+    assert r.code == 3
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while at < len(r.out):
+        doc, at = decoder.raw_decode(r.out, at)
+        docs.append(doc)
+        at += 1  # the newline after each document
+    assert len(docs) == 2
+    assert docs[0]["error"]["code"] == 3 and "missing.safetensors" in docs[0]["error"]["message"]
+    assert docs[1]["output"] == f"{tmp_path}/a0.safetensors" and "error" not in docs[1]

@@ -73,6 +73,72 @@ def test_gates(cli, two_stage, demo_dir):
     assert r.code == 0, r.err
 
 
+def test_gate_verdict_is_in_the_json_also_when_it_fails(cli, two_stage, demo_dir):
+    d, a0, a, b = two_stage
+    tasks = ["--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90"]
+    r = cli("evaluate", a, b, *tasks, "--device", "cpu", "--json", "--fail-over-forgetting", "0.0001")
+    assert r.code == 8
+    res = json.loads(r.out)  # one document: the result, its gate verdicts and the error
+    fgt = res["summary"]["average_forgetting"]
+    assert fgt == pytest.approx(res["accuracy"][0][0] - res["accuracy"][1][0]) and fgt > 0.0001
+    assert res["gates"] == [{"gate": "fail_over_forgetting", "value": fgt, "limit": 0.0001, "passed": False}]
+    assert res["error"]["code"] == 8 and res["error"]["class"] == "GateFailed"
+    assert res["error"]["message"] == r.error_line.removeprefix("Error: ")
+    assert "--fail-over-forgetting" in res["error"]["message"]
+    r = cli("evaluate", a, b, *tasks, "--device", "cpu", "--json", "--fail-under-acc", "0.01")
+    res = json.loads(r.out)
+    assert r.code == 0 and "error" not in res
+    assert res["gates"] == [
+        {"gate": "fail_under_acc", "value": res["summary"]["average_accuracy"], "limit": 0.01, "passed": True}
+    ]
+
+
+def test_results_on_stdout_logs_on_stderr(cli, two_stage, demo_dir):
+    d, a0, a, b = two_stage
+    tasks = ["--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90"]
+    r = cli("evaluate", a, b, *tasks, "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "accuracy (rows: checkpoints, columns: tasks)" in r.out and "average forgetting" in r.out
+    assert "accuracy (rows" not in r.err and "average forgetting" not in r.err
+    assert "old: " in r.err or "split test" in r.err  # what each task read is a log line
+    quiet = cli("-q", "evaluate", a, b, *tasks, "--device", "cpu")
+    assert quiet.code == 0 and quiet.err == "" and quiet.out == r.out  # --quiet hides logs, not the result
+    r = cli(
+        "prune", a, "--by", "magnitude", "--data", f"{demo_dir}::split=test", "--sweep", "0.5,0.9", "--device", "cpu"
+    )
+    assert r.code == 0 and "accuracy vs sparsity" in r.out and "accuracy vs sparsity" not in r.err
+    r = cli("evaluate", a, "missing.safetensors", *tasks, "--json")
+    assert r.code == 3 and json.loads(r.out) == {
+        "error": {"code": 3, "class": "BadInputError", "message": r.error_line.removeprefix("Error: ")}
+    }
+    r = cli("evaluate", a, *tasks, "--batch-size", "0", "--json")  # a usage error: still one JSON document
+    assert r.code == 2 and json.loads(r.out)["error"]["class"] == "UsageError"
+
+
+def test_siblings_get_the_matrix_without_forgetting(cli, two_stage, demo_dir, tmp_path):
+    d, a0, a, b = two_stage
+    b50, b80 = tmp_path / "b50.safetensors", tmp_path / "b80.safetensors"
+    for path, level in ((b50, "0.5"), (b80, "0.8")):
+        assert cli("prune", b, "--by", "magnitude", "--sparsity", level, "-o", path).code == 0
+    tasks = ["--data", f"old={demo_dir}::split=test", "--data", f"new={demo_dir}::split=test,rotate=90"]
+    r = cli("evaluate", b50, b80, *tasks, "--device", "cpu", "--json")
+    res = json.loads(r.out)
+    assert r.code == 0 and res["sequence"] is False and len(res["accuracy"]) == 2
+    s = res["summary"]
+    assert s["bwt"] is None and s["average_forgetting"] is None and s["learning_accuracy"] is None
+    assert s["forgetting"] == [None, None]
+    assert s["average_accuracy"] == pytest.approx(sum(res["accuracy"][1]) / 2)
+    r = cli("evaluate", b50, b80, *tasks, "--device", "cpu")
+    assert "forgetting" not in r.out and "BWT" not in r.out and "accuracy (rows" in r.out
+    assert f"{b80} does not descend from {b50}" in r.err.replace("\n", " ")
+    r = cli("evaluate", b50, b80, *tasks, "--device", "cpu", "--fail-over-forgetting", "0.5")
+    assert r.code == 4 and "--fail-over-forgetting needs checkpoints that form a sequence" in r.error_line
+    r = cli("evaluate", a, b50, *tasks, "--device", "cpu", "--json")  # a -> b -> b50: two generations, a sequence
+    res = json.loads(r.out)
+    assert res["sequence"] is True
+    assert res["summary"]["bwt"] == pytest.approx(res["accuracy"][1][0] - res["accuracy"][0][0])
+
+
 def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
     d, a0, a, b = two_stage
     png = tmp_path / "curve.png"

@@ -128,7 +128,7 @@ def test_checkpoint(cli, files):
 def test_checkpoint_human_output(cli, files):
     d, f = files
     r = cli("info", f["b50"])
-    assert r.code == 0 and r.out == ""  # people read stderr; stdout only carries --json
+    assert r.code == 0 and r.err == ""  # the description is the result: stdout; nothing to log
     for text in (
         "cl-tool checkpoint",
         "mlp",
@@ -142,7 +142,8 @@ def test_checkpoint_human_output(cli, files):
         "prune",
         "--verify",
     ):
-        assert text in r.err, text
+        assert text in r.out, text
+    assert cli("-q", "info", f["b50"]).out == r.out  # --quiet drops logs, never the result
 
 
 def test_verify_and_sparsity(cli, files):
@@ -153,7 +154,7 @@ def test_verify_and_sparsity(cli, files):
     assert sp["tensors"]["net.1.weight"]["zeros"] == round(0.5 * 784 * 16)
     assert sp["zeros"] >= round(0.5 * 784 * 16)
     r = cli("info", f["b50"], "--sparsity")
-    assert r.code == 0 and "net.1.weight" in r.err and "0.5000" in r.err
+    assert r.code == 0 and "net.1.weight" in r.out and "0.5000" in r.out
 
 
 def test_verify_detects_edited_tensors(cli, files, tmp_path):
@@ -201,7 +202,7 @@ def test_sidecar_and_for(cli, files):
     )
     assert i["values_checked"] is True
     r = cli("info", f["a_imp"], "--for", f["b50"])
-    assert r.code == 0 and "for " + str(f["b50"]) + ": yes" in r.err.replace("\n", " ")
+    assert r.code == 0 and "for " + str(f["b50"]) + ": yes" in r.out.replace("\n", " ")
 
 
 def test_mask(cli, files):
@@ -255,7 +256,7 @@ def test_resume_state(cli, files, demo_dir, tmp_path, monkeypatch):
     (i,) = _info(cli, state, "--for", f["b"])
     assert i["for"]["usable"] is False and "exit 4" in i["for"]["reason"]
     r = cli("info", state)
-    assert r.code == 0 and "resumable training state" in r.err
+    assert r.code == 0 and "resumable training state" in r.out
 
 
 def test_timm_folder(cli, files):
@@ -334,7 +335,12 @@ def test_damaged_files_exit_3_with_one_sentence(cli, files, tmp_path):
         assert r.err.strip().splitlines() == [r.error_line], (what, r.err)
         assert str(path) in r.error_line, (what, r.error_line)
         r = cli("info", f["a"], path, "--json")
-        assert r.code == 3 and r.out == "", what  # no partial JSON document
+        assert r.code == 3, what  # one JSON document: the error, no partial description
+        assert json.loads(r.out)["error"] == {
+            "code": 3,
+            "class": "BadInputError",
+            "message": r.error_line.removeprefix("Error: "),
+        }, what
 
 
 def test_header_only_info_imports_no_torch(files):

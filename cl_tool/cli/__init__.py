@@ -31,6 +31,7 @@ from cl_tool.errors import (
     UsageError,
     shorten_words,
 )
+from cl_tool.output import PRINTED, print_json
 
 app = typer.Typer(
     name="cl-tool",
@@ -82,6 +83,7 @@ COMMANDS = {
     "info": "info",
     "convert": "convert",
     "demo-data": "demo_data",
+    "cache": "cache",
 }
 DRIVERS = {"batch": "batch"}  # commands that run other command lines (no workflow of their own)
 
@@ -247,6 +249,9 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     runtime.set_debug(debug)
     code = 0
     cmd_name = None
+    failure: list = []  # (class name, message, result) of the failure, for the JSON error document
+    wants_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+    PRINTED[0] = False
     try:
         group = _command_tree()
         extra: dict[str, Any] = {}
@@ -262,17 +267,18 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
         if (
             code == EXIT_SIGINT
         ):  # typer turns a KeyboardInterrupt (Ctrl-C outside the training loop) into exit 130, silently
-            _print_error("Interrupted by Ctrl-C; nothing was written.")
+            failure[:] = ["Interrupted", _print_error("Interrupted by Ctrl-C; nothing was written."), None]
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
         code = EXIT_SIGINT
+        failure[:] = ["Interrupted", "Interrupted; nothing was written.", None]
     except click.exceptions.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        _print_error(exc.format_message().rstrip(".") + hint + ".")
+        failure[:] = ["UsageError", _print_error(exc.format_message().rstrip(".") + hint + "."), None]
         code = exc.exit_code
     except click.exceptions.ClickException as exc:
-        _print_error(exc.format_message())
+        failure[:] = ["UsageError", _print_error(exc.format_message()), None]
         code = exc.exit_code
     except ClToolError as exc:
         if debug:
@@ -280,31 +286,34 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
 
             traceback.print_exc()
         if exc.message:
-            _print_error(exc.render(name_of(cmd_name)))
+            failure[:] = [type(exc).__name__, _print_error(exc.render(name_of(cmd_name))), exc.result]
         code = _stdout_gone() if isinstance(exc, StdoutGone) else exc.exit_code
     except KeyboardInterrupt:
-        _print_error("Interrupted; nothing was written.")
+        failure[:] = ["Interrupted", _print_error("Interrupted; nothing was written."), None]
         code = EXIT_SIGINT
     except Terminated:
-        _print_error("Interrupted by SIGTERM; nothing was written.")
+        failure[:] = ["Terminated", _print_error("Interrupted by SIGTERM; nothing was written."), None]
         code = EXIT_SIGTERM
     except OSError as exc:
         if debug:
             raise
         if exc.filename is None:
-            _print_error(_internal(exc))
+            failure[:] = ["InternalError", _print_error(_internal(exc)), None]
             code = EXIT_INTERNAL
         else:  # a path the checks above did not foresee (a loop of links, a name too long, ...)
-            _print_error(f"Cannot use the path {exc.filename}: {exc.strerror or exc}; check it and run again.")
+            message = f"Cannot use the path {exc.filename}: {exc.strerror or exc}; check it and run again."
+            failure[:] = ["BadInputError", _print_error(message), None]
             code = EXIT_BAD_INPUT
     except Exception as exc:
         if debug:
             raise
-        _print_error(_internal(exc))
+        failure[:] = ["InternalError", _print_error(_internal(exc)), None]
         code = EXIT_INTERNAL
     finally:
         if last:
             distributed.shutdown()
+    if code and wants_json and failure and not PRINTED[0]:
+        code = _print_json_error(code, *failure) or code
     return code
 
 
@@ -336,6 +345,24 @@ def signals_unwind():
 def _internal(exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     return f"Internal error ({type(exc).__name__}: {first}); rerun with --debug and report the traceback."
+
+
+def error_document(code: int, cls: str, message: str, result: Any = None) -> dict[str, Any]:
+    """The JSON document of a failed command: ``{"error": {code, class, message}}``, merged into its result so far
+    when that is a dict (e.g. evaluate's matrix and gate verdict), else beside it as ``"result"``."""
+    error = {"error": {"code": code, "class": cls, "message": message}}
+    if isinstance(result, dict):
+        return {**result, **error}
+    return error if result is None else {**error, "result": result}
+
+
+def _print_json_error(code: int, cls: str, message: str, result: Any) -> int | None:
+    """Print the error document on stdout; 141 if stdout's reader went away."""
+    try:
+        print_json(error_document(code, cls, message, result))
+    except StdoutGone:
+        return _stdout_gone()
+    return None
 
 
 def _ensure_std_streams() -> None:
@@ -384,14 +411,15 @@ def _click():
     return click
 
 
-def _print_error(message: str) -> None:
-    """``Error: message`` on stderr, long words (paths, quoted values) shortened to their two ends."""
+def _print_error(message: str) -> str:
+    """``Error: message`` on stderr, long words (paths, quoted values) shortened to their two ends; returns it."""
     message = "\n".join(shorten_words(line) for line in message.split("\n"))
     try:
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()
     except (BrokenPipeError, OSError, ValueError):  # nobody reads stderr any more
         pass
+    return message
 
 
 __all__ = ["app", "main", "config_default_map"]

@@ -476,6 +476,9 @@ class Store:
         self._holder["tmp"] = None  # renamed: nothing to remove
         _cleanup(self._holder)
         self.committed = self.file_complete = True
+        from cl_tool.data.cache_admin import after_commit
+
+        after_commit(self.final)  # the folder's size cap: least recently used files go
 
     def close(self) -> None:
         """Remove an unfinished temporary file (an interrupted or partial first pass leaves no cache)."""

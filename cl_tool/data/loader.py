@@ -212,6 +212,7 @@ def open_task(
     ``disk`` (the folder must be writable) or ``none``. A cache file made by an earlier command
     is used without opening the source (no ``datasets`` import, no decoding).
     """
+    from cl_tool.data.cache_admin import mark_used
     from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
 
     if cache not in CACHE_MODES:
@@ -243,6 +244,7 @@ def open_task(
         path = folder / (cache_key(parts) + SUFFIX)
         st, note = _load_store(path, parts, ram_budget, spec)
         if st is not None:
+            mark_used(path)
             return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=None, **common)
     sel = open_selection(spec)
     pre.check_column(sel.ds, sel.image_column, spec.source)
@@ -253,7 +255,10 @@ def open_task(
         path = folder / (cache_key(parts) + SUFFIX)
         st, note = _load_store(path, parts, ram_budget, spec)
         if st is not None:
+            mark_used(path)
             return Task(spec, pre, n=st.n, labels=st.labels, info=st.info, store=st, selection=sel, **common)
+    if path is not None:  # what the cache file was decoded from, for `cl-tool cache` (not part of the key)
+        info["cache_source"] = str(Path(spec.source).resolve()) if is_local(spec.source) else spec.source
     n = len(labels)
     est = n * math.prod(pre.input_shape)  # uint8 bytes
     shape = tuple(pre.input_shape)
@@ -393,7 +398,7 @@ class Task:
         from cl_tool.data.classes import class_counts
 
         d = self.spec.describe()
-        d.update({k: v for k, v in self.info.items() if k not in ("notes", "class_names")})
+        d.update({k: v for k, v in self.info.items() if k not in ("notes", "class_names", "cache_source")})
         d["samples"] = self._n
         if self.labels is not None and self._raw_labels is not None:
             d["classes"] = class_counts(self._raw_labels, self.class_names)

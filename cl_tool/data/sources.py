@@ -304,11 +304,57 @@ def read_data_files(paths: list[Path], source: str):
     return datasets.Dataset(table)
 
 
-def load_hub(source: str, *, streaming: bool = False):
-    import datasets
+def hub_offline() -> bool:
+    """True when $HF_HUB_OFFLINE or $HF_DATASETS_OFFLINE is set to 1/ON/YES/TRUE (the hub is then never asked)."""
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(hub_endpoint())
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    if not host:
+        return False
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
+def load_hub(source: str, *, streaming: bool = False):
+    """A hub dataset by name; fails at once (no retries) when the hub cannot be reached and offline mode is not set."""
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
         raise BadInputError(f"$data {source} does not exist; check the path.")
+    if not hub_offline() and not hub_reachable():
+        raise EnvironmentProblem(
+            f"$data {source} is not a local file or folder, and the Hugging Face Hub ({hub_endpoint()}) cannot be reached "
+            f"to look it up; check the path, or set HF_HUB_OFFLINE=1 to read a copy downloaded before."
+        )
+    import datasets
+    import huggingface_hub
+
+    datasets.logging.set_verbosity_error()  # the library's own retry and cache lines: cl-tool says what went wrong
+    huggingface_hub.logging.set_verbosity_error()
     try:
         return datasets.load_dataset(source, streaming=streaming)
     except Exception as exc:

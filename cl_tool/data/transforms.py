@@ -225,6 +225,24 @@ def parse_augment(value, args=None) -> Augment:
     raise UsageError(f"$augment {value} is unknown; use none, shift=K or timm.")
 
 
+#: Inputs at most this many pixels on a side are "small" (digits, not photos): timm's photo-scale defaults crop them.
+SMALL_INPUT = 64
+SMALL_INPUT_SCALE = (0.8, 1.0)
+
+
+def small_input_augment(augment: Augment, input_shape) -> tuple[Augment, str | None]:
+    """``--augment timm`` for a small input (H or W ≤ 64) without ``scale``: RandomResizedCrop's scale (0.8, 1) instead of
+    timm's (0.08, 1), which keeps as little as 8 % of a digit's area; and a note saying so (None if unchanged)."""
+    if augment.kind != "timm" or "scale" in augment.args or min(int(v) for v in input_shape[1:]) > SMALL_INPUT:
+        return augment, None
+    note = (
+        f"note: the input is {input_shape[1]}x{input_shape[2]} (at most {SMALL_INPUT} px), so $augment timm crops with "
+        f"scale {SMALL_INPUT_SCALE[0]:g}-{SMALL_INPUT_SCALE[1]:g} of the image, not timm's photo default 0.08-1 "
+        f"($augment_arg scale=0.08,1 restores it)."
+    )
+    return Augment("timm", args={**augment.args, "scale": SMALL_INPUT_SCALE}), note
+
+
 def shift_batch(x, index, k: int, seed: int, epoch: int):
     """Translate each image of ``x`` (N, C, H, W) by integers (dy, dx) in [-k, k], zero fill; exact (a copy of pixels)."""
     import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
-from cl_tool.errors import GateFailed
+from cl_tool.errors import GateFailed, IncompatibleError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option, precision_option
@@ -116,11 +116,35 @@ def _csv_text(stages, names, acc, loss) -> str:
     return buf.getvalue()
 
 
+def lineage_record(path: Path) -> tuple[str | None, list[Any]]:
+    """(recorded fingerprint, history) of a checkpoint, from its header alone; (None, []) when not recorded."""
+    import json
+
+    from cl_tool.safetensors_io import read_header
+
+    if Path(path).is_dir():  # a timm folder records no lineage
+        return None, []
+    _, meta = read_header(path, "Checkpoint")
+    try:
+        history = json.loads(meta.get("cl_tool.history", "[]"))
+    except (json.JSONDecodeError, RecursionError):
+        history = []  # loading the checkpoint names the damage
+    return meta.get("cl_tool.fingerprint"), history if isinstance(history, list) else []
+
+
+def not_sequence_note(checkpoints: list[Path], i: int) -> str:
+    return (
+        f"note: {checkpoints[i]} does not descend from {checkpoints[i - 1]} (per its recorded history), so the "
+        f"checkpoints are not stages of one sequence: the matrix is shown without BWT, forgetting and learning accuracy."
+    )
+
+
 def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     """The accuracy matrix of ``args.checkpoints`` on the tasks ``args.data``, its summaries, optional CSV/plot and gates."""
     from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
     from cl_tool.data import local_paths, task_specs
-    from cl_tool.metrics import cl_summary, gate
+    from cl_tool.lineage import sequence_break
+    from cl_tool.metrics import cl_summary, gate, gate_verdicts
     from cl_tool.runtime import keep_freed_memory, resolve_device
 
     specs = task_specs(args.data, args.data_options, role="eval")
@@ -133,6 +157,13 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     roles.output(args.csv, "$csv")
     roles.output(args.plot, "$plot")
     roles.check()
+    broken = sequence_break([lineage_record(p) for p in args.checkpoints])
+    if broken is not None and args.fail_over_forgetting is not None:
+        raise IncompatibleError(
+            f"$fail_over_forgetting needs checkpoints that form a sequence, but {args.checkpoints[broken]} does not "
+            f"descend from {args.checkpoints[broken - 1]} per its recorded history; give the stages of one run in order, "
+            f"or drop $fail_over_forgetting."
+        )
     device = resolve_device(args.device)
     keep_freed_memory()
     acc, loss, names, data = accuracy_matrix(
@@ -146,19 +177,22 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     )
     names = _dedupe(names)
     stages = [str(p) for p in args.checkpoints]
-    summary = cl_summary(acc)
+    summary = cl_summary(acc, sequence=broken is None)
     out.table(
         "accuracy (rows: checkpoints, columns: tasks)", ["checkpoint"] + names, [[s] + r for s, r in zip(stages, acc)]
     )
-    parts = [f"average accuracy {summary['average_accuracy']:.4f}"]
-    for key, text in (
-        ("bwt", "BWT {:+.4f}"),
-        ("average_forgetting", "average forgetting {:.4f}"),
-        ("learning_accuracy", "learning accuracy {:.4f}"),
-    ):
-        if summary.get(key) is not None:
-            parts.append(text.format(summary[key]))
-    out.log("; ".join(parts) + ".")
+    if broken is None:
+        parts = [f"average accuracy {summary['average_accuracy']:.4f}"]
+        for key, text in (
+            ("bwt", "BWT {:+.4f}"),
+            ("average_forgetting", "average forgetting {:.4f}"),
+            ("learning_accuracy", "learning accuracy {:.4f}"),
+        ):
+            if summary.get(key) is not None:
+                parts.append(text.format(summary[key]))
+        out.say("; ".join(parts) + ".")
+    else:
+        out.log(not_sequence_note(args.checkpoints, broken))
     with all_or_nothing() as wrote:
         if args.csv is not None:
             write_text_atomic(args.csv, _csv_text(stages, names, acc, loss), force=args.force)
@@ -168,10 +202,21 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
 
             plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, args.plot, force=args.force)
             wrote(args.plot)
-    result = out.result(
-        {"checkpoints": stages, "tasks": names, "data": data, "accuracy": acc, "loss": loss, "summary": summary}
-    )
+    result = {
+        "checkpoints": stages,
+        "tasks": names,
+        "data": data,
+        "accuracy": acc,
+        "loss": loss,
+        "sequence": broken is None,
+        "summary": summary,
+        "gates": gate_verdicts(
+            summary, fail_under_acc=args.fail_under_acc, fail_over_forgetting=args.fail_over_forgetting
+        ),
+    }
     reason = gate(summary, fail_under_acc=args.fail_under_acc, fail_over_forgetting=args.fail_over_forgetting)
     if reason:
-        raise GateFailed(reason)
-    return result
+        error = GateFailed(reason)
+        error.result = result  # --json: the result with the gates' verdicts, beside the error
+        raise error
+    return out.result(result)

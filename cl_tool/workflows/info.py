@@ -162,6 +162,7 @@ def _history_rows(history: list[Any]) -> list[dict[str, Any]]:
                 "lambda": _clip(e.get("lambda")),
                 "detail": _clip(detail) or None,
                 "time": _clip(e.get("time")),
+                "entry": e,  # the entry as stored (split, epochs, lr, command line, ...)
             }
         )
     return rows
@@ -265,6 +266,7 @@ def _describe_checkpoint(p: Path, header, meta, args: InfoArgs, info: dict[str, 
     recorded = meta.get("cl_tool.fingerprint")
     info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
     _history_record(history, info)
+    info["extra"] = extra
     pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
     info["pruning"] = (
         {k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")}
@@ -632,46 +634,52 @@ def _relation(info: dict[str, Any], t: dict[str, Any], header_shapes: dict[str, 
 
 def _print(info: dict[str, Any], out: Output) -> None:
     t = info["tensors"]
-    out.log(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
+    out.say(f"{info['path']}: {KINDS[info['kind']]}, {human_bytes(info['file_bytes'])}")
     dtypes = ", ".join(f"{d} {v['values']:,} values ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
     if info["kind"] in ("checkpoint", "timm-folder"):
         m = info["model"]
         kwargs = " ".join(f"{k}={v}" for k, v in m["kwargs"].items())
-        out.log(
+        out.say(
             f"  model: {m['arch']}{(' ' + kwargs) if kwargs else ''} ({m['source']}); input {'x'.join(map(str, m['input_shape']))}, "
             f"{m['num_classes']} classes; mean {m['mean']}, std {m['std']}"
         )
+        dc = m.get("data_config")
+        if isinstance(dc, dict):
+            out.say(f"  timm data config: {data_config_text(dc)}")
+            note = small_input_note(m["input_shape"], dc)
+            if note:
+                out.say(f"  note: {note}")
         names = m.get("class_names")
         if names is not None:
             named = [f"{i}={n}" for i, n in enumerate(names) if n is not None]
             shown = ", ".join(named[:20]) + (f", … {len(named) - 20} more" if len(named) > 20 else "")
             free = sum(n is None for n in names)
-            out.log(f"  class names (output row=name): {shown or '-'}{f'; {free} rows unnamed' if free else ''}")
+            out.say(f"  class names (output row=name): {shown or '-'}{f'; {free} rows unnamed' if free else ''}")
         else:
-            out.log("  class names: not recorded (labels are matched to output rows by position)")
+            out.say("  class names: not recorded (labels are matched to output rows by position)")
         prm = info.get("parameters")
         if prm:
-            out.log(
+            out.say(
                 f"  parameters: {prm['trainable']:,} trainable in {prm['tensors']} tensors (classifier: {', '.join(prm['classifier']) or '-'})"
             )
-        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         fp = info["fingerprint"]
         if info["kind"] == "timm-folder":
-            out.log(
+            out.say(
                 f"  fingerprint: {fp['computed']} (computed)"
                 if fp["computed"]
                 else "  fingerprint: not recorded in a timm folder (--verify computes it)"
             )
         elif fp["verified"] is None:
-            out.log(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
+            out.say(f"  fingerprint: {fp['recorded']} (recorded; --verify checks it against the tensors)")
         else:
-            out.log(
+            out.say(
                 f"  fingerprint: {fp['recorded']} ({'verified: matches the tensors' if fp['verified'] else 'MISMATCH: the tensors give ' + str(fp['computed'])})"
             )
         if info.get("pruning"):
             pr = info["pruning"]
             src = pr.get("source") or {}
-            out.log(
+            out.say(
                 f"  pruned (recorded): {pr.get('achieved_sparsity', 0) or 0:.4%} of the selected weights by {pr.get('by')} ({pr.get('scope')})"
                 + (
                     f", scores from {src['sidecar']}"
@@ -717,11 +725,11 @@ def _print(info: dict[str, Any], out: Output) -> None:
             if len(lin) > SHOWN_ROWS:
                 out.log(f"  … {len(lin) - SHOWN_ROWS:,} older ancestors (--json lists them)")
         elif info["kind"] == "checkpoint":
-            out.log("  lineage: no recorded ancestors")
+            out.say("  lineage: no recorded ancestors")
     elif info["kind"] == "sidecar":
         opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
         data = info["data"] or {}
-        out.log(
+        out.say(
             f"  method: {info['method']}{(' (' + opts + ')') if opts else ''}; data: "
             + (
                 f"{data.get('name')} ({data.get('source')}, split {data.get('split')}, {info['samples']} samples)"
@@ -729,30 +737,30 @@ def _print(info: dict[str, Any], out: Output) -> None:
                 else "none"
             )
         )
-        out.log(
+        out.say(
             f"  tasks accumulated: {len(info['tasks'])} ({', '.join(str(x['data'] or x['method']) for x in info['tasks'])}); decay {info['decay']:g}"
         )
         b = info["belongs_to"]
-        out.log(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
-        out.log(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  belongs to: {b['checkpoint'] + ' ' if b['checkpoint'] else ''}(fingerprint {b['fingerprint']})")
+        out.say(f"  stored: {t['count']} tensors, {t['values']:,} values: {dtypes or '-'}")
         if info["values_checked"] is not None:
-            out.log(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
+            out.say(f"  values: {'finite and non-negative' if info['values_checked'] else 'INVALID'}")
     elif info["kind"] == "mask":
-        out.log(
+        out.say(
             f"  pruned by {info['by']} ({info['scope']}), requested sparsity {info['requested_sparsity']}; from the checkpoint with fingerprint {info['pruned_from']['fingerprint']}"
         )
-        out.log(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
+        out.say(f"  stored: {t['count']} mask tensor(s), {t['values']:,} values: {dtypes or '-'}")
     elif info["kind"] == "resume":
         pos, cfg = info["position"], info["config"]
-        out.log(
+        out.say(
             f"  position: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('global_step')}; {info['epochs_done']} epoch(s) done"
         )
-        out.log(
+        out.say(
             f"  run: data {info['data']}, penalty {cfg.get('penalty')}, λ {cfg.get('lambda')}, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
             f"{cfg.get('epochs')} epoch(s), batch {cfg.get('batch_size')}, seed {cfg.get('seed')}"
         )
-        out.log(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
-        out.log(
+        out.say(f"  training from the checkpoint with fingerprint {info['input_fingerprint']}")
+        out.say(
             f"  stored: {t['count']} tensors ({', '.join(f'{k} {v}' for k, v in info['tensor_groups'].items())}), {human_bytes(t['bytes'])}"
         )
     sp = info.get("sparsity")
@@ -766,10 +774,33 @@ def _print(info: dict[str, Any], out: Output) -> None:
                 rows,
             )
         else:
-            out.log(f"  sparsity: no {what} among {sp['numel']:,} values")
+            out.say(f"  sparsity: no {what} among {sp['numel']:,} values")
     rel = info.get("for")
     if rel is not None:
-        out.log(f"  for {rel['checkpoint']}: {rel['reason']}.")
+        out.say(f"  for {rel['checkpoint']}: {rel['reason']}.")
+
+
+def data_config_text(dc: dict[str, Any]) -> str:
+    """``resize bicubic, centre crop_pct 0.95; mean (…), std (…)`` from a recorded timm data config."""
+    size = dc.get("input_size")
+    return (
+        f"input {'x'.join(map(str, size)) if isinstance(size, list) else size}, interpolation {dc.get('interpolation')}, "
+        f"crop_pct {dc.get('crop_pct')} ({dc.get('crop_mode')}), mean {dc.get('mean')}, std {dc.get('std')}"
+    )
+
+
+def small_input_note(input_shape: list[int], dc: dict[str, Any]) -> str | None:
+    """A note when photo-scale preprocessing meets a small input (≤ 64 px): a centre crop cuts a digit's edges."""
+    from cl_tool.data.transforms import SMALL_INPUT
+
+    crop = dc.get("crop_pct")
+    if min(int(v) for v in input_shape[1:]) > SMALL_INPUT or not isinstance(crop, (int, float)) or crop >= 1:
+        return None
+    return (
+        f"images are resized to {1 / crop:.3g}x the input and centre-cropped (crop_pct {crop:g}), a photo default that "
+        f"cuts the edges of a {input_shape[1]}x{input_shape[2]} image; `cl-tool init` records crop_pct 1.0 for inputs "
+        f"of at most {SMALL_INPUT} px"
+    )
 
 
 def generations_text_safe(n: Any) -> str:
@@ -794,16 +825,18 @@ def run_info(args: InfoArgs, out: Output) -> list[dict[str, Any]]:
         for i in usable:
             header, _ = read_header(i["path"], "File")
             i["for"] = _relation(i, target, {n: list(e["shape"]) for n, e in header.items()})
-    if out.json:
+    problems = [p for i in infos for p in i["problems"]]
+    if out.json and not problems:
         out.result(infos)
-    else:
+    elif not out.json:
         for i in infos:
             _print(i, out)
-    problems = [p for i in infos for p in i["problems"]]
     for p in problems[1:]:
         out.warn(p)
     if problems:
-        raise BadInputError(problems[0])
+        error = BadInputError(problems[0])
+        error.result = {"files": infos}  # --json: the descriptions beside the error
+        raise error
     return infos
 
 

@@ -103,8 +103,16 @@ def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
         raise UsageError("$std values must be positive.")
     if spec.source == "timm":  # recorded, so that every command preprocesses this model's images the same way
         from cl_tool.data.preprocess import resolve_timm_data_config
+        from cl_tool.data.transforms import SMALL_INPUT
 
         spec.data_config = resolve_timm_data_config(spec.arch, spec.input_shape, spec.mean, spec.std)
+        if min(spec.input_shape[1:]) <= SMALL_INPUT and spec.data_config.get("crop_pct", 1.0) < 1.0:
+            out.log(
+                f"note: the input is {spec.input_shape[1]}x{spec.input_shape[2]} (at most {SMALL_INPUT} px): crop_pct "
+                f"1.0 is recorded instead of timm's {spec.data_config['crop_pct']:g} for {spec.arch}, so that evaluation "
+                f"sees the whole image (a centre crop would cut the edges of a digit)."
+            )
+            spec.data_config["crop_pct"] = 1.0
     seed_everything(args.seed)
     model = build_model(spec)
     with torch.no_grad():

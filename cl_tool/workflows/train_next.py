@@ -35,13 +35,14 @@ class TrainNextArgs(Args):
         choices=PENALTIES,
         help="stabilized, ewc, online-ewc or none.",
     )
-    lam: Optional[float] = option(
+    lam: Optional[str] = option(
         None,
         "--lambda",
-        metavar="λ",
+        metavar="λ[,λ...]",
         panel="Penalty",
-        low=0,
-        help="Penalty strength λ ≥ 0 (default 100 when an importance file is used).",
+        help="Penalty strength λ ≥ 0 (default 100 when an importance file is used). Several, comma-separated, train one "
+        "model per λ from the same checkpoint in this process (needs $eval_data): OUT.lambda-λ.safetensors each, and a "
+        "table of eval accuracy per λ.",
     )
     importance: Optional[Path] = option(
         None,
@@ -178,9 +179,13 @@ class TrainNextArgs(Args):
     config: Optional[Path] = config_option()
 
     def validate(self) -> None:
+        self.lambdas = parse_lambdas(self.lam)
+        self.lam = self.lambdas[0] if len(self.lambdas) == 1 else None
+        if len(self.lambdas) > 1:
+            check_sweep(self)
         if self.penalty == "none" and self.importance is not None:
             raise UsageError("$penalty none and $importance contradict each other; drop one.")
-        if self.penalty == "none" and self.lam:
+        if self.penalty == "none" and any(self.lambdas):
             raise UsageError("$penalty none and $lam contradict each other; drop one.")
         if len(self.data) != 1:
             raise UsageError(
@@ -221,6 +226,51 @@ class TrainNextArgs(Args):
             return self.state_file
         name = self.output.name.removesuffix(".safetensors")
         return self.output.with_name(name + ".resume.safetensors")
+
+
+def parse_lambdas(text: Any) -> list[float | None]:
+    """``--lambda`` → its values (``[None]`` when not given); UsageError for a value that is not a finite λ ≥ 0."""
+    if text is None:
+        return [None]
+    values = []
+    for item in str(text).split(","):
+        try:
+            lam = float(item)
+        except ValueError as exc:
+            raise UsageError(
+                f"$lam {text!r} must be a number or comma-separated numbers, e.g. 100,1000,10000."
+            ) from exc
+        if not math.isfinite(lam) or abs(lam) > 3.4e38:
+            raise UsageError(f"$lam must be a finite number no larger than 3.4e38 in magnitude, got {item.strip()}.")
+        if lam < 0:
+            raise UsageError(f"$lam must be a non-negative number, got {item.strip()}.")
+        values.append(lam)
+    if len(set(values)) != len(values):
+        raise UsageError(f"$lam {text} lists a value twice; give each λ once.")
+    return values
+
+
+def check_sweep(args: TrainNextArgs) -> None:
+    """Several λ: each trains from the same checkpoint and is judged on $eval_data; per-run state files do not apply."""
+    if not args.eval_data:
+        raise UsageError(
+            "Several $lam values need $eval_data to compare them (e.g. the old task and the new one's test split)."
+        )
+    for name, value in (
+        ("checkpoint_every", args.checkpoint_every),
+        ("resume", args.resume),
+        ("si_out", args.si_out),
+        ("log_json", args.log_json),
+        ("state_file", args.state_file),
+    ):
+        if value:
+            raise UsageError(f"${name} applies to one run; give one $lam value with it, or drop ${name}.")
+
+
+def lambda_output(output: Path, lam: float) -> Path:
+    """``b.safetensors`` and λ 1000 → ``b.lambda-1000.safetensors``."""
+    name = output.name.removesuffix(".safetensors")
+    return output.with_name(f"{name}.lambda-{f'{lam:g}'.replace('+', '')}.safetensors")
 
 
 def _check_files(args: TrainNextArgs, specs, eval_specs, resuming: bool) -> None:
@@ -375,6 +425,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     from cl_tool import distributed
     from cl_tool.checkpoint import load_model
     from cl_tool.data import task_specs
+    from cl_tool.data.transforms import small_input_augment
     from cl_tool.runtime import (
         deterministic_error,
         keep_freed_memory,
@@ -385,6 +436,8 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
+    if len(args.lambdas) > 1:
+        return _sweep(args, out, spec, eval_specs)
     resuming = args.resume and args.state_path.exists()
     _check_files(args, [spec], eval_specs, resuming)
     if args.resume and not resuming:
@@ -397,6 +450,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         set_deterministic(device)
     seed_everything(args.seed)
     ckpt, model = load_model(args.checkpoint)
+    args.augmentation, note = small_input_augment(args.augmentation, ckpt.spec.input_shape)
+    if note:
+        out.log(note)
     tasks: list = []
     try:
         return _train_next(args, out, spec, eval_specs, resuming, dist, device, ckpt, model, tasks)
@@ -432,7 +488,8 @@ def _train_next(
 
     anchor_fp = ckpt.fingerprint
     check_augment_fits(args.augmentation, ckpt.spec.input_shape)
-    tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
+    if not tasks:  # a λ sweep passes the tasks it opened once
+        tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
     task = tasks[0]
     names = _match_training_classes(args, out, ckpt, task)
     labels = task.labels  # None for a stream: checked batch by batch
@@ -459,8 +516,9 @@ def _train_next(
         )
     if names is not None:  # the output records which class each row stands for
         ckpt.spec.class_names = names + [None] * (ckpt.spec.num_classes - len(names))
-    eval_tasks = open_tasks(eval_specs, ckpt.spec, args.data_options, log=out.log, match=True)
-    tasks += eval_tasks
+    if len(tasks) == 1:
+        tasks += open_tasks(eval_specs, ckpt.spec, args.data_options, log=out.log, match=True)
+    eval_tasks = tasks[1:]
     model.to(device)
     named = trainable_parameters(model)
     pen, sidecar_path, sc, use, lam = _penalty(args, out, ckpt, named, grown)
@@ -659,3 +717,75 @@ def _train_next(
         out.result(result_doc)
     distributed.barrier()
     return result_doc
+
+
+def _sweep(args: TrainNextArgs, out: Output, spec, eval_specs) -> dict[str, Any]:
+    """One run per λ from the same checkpoint and seed, on tasks opened (decoded) once; all outputs or none."""
+    import dataclasses
+
+    import torch
+
+    from cl_tool import distributed
+    from cl_tool.atomic import all_or_nothing
+    from cl_tool.checkpoint import load_model
+    from cl_tool.data.transforms import small_input_augment
+    from cl_tool.runtime import keep_freed_memory, seed_everything
+
+    runs = [dataclasses.replace(args, lam=str(lam), output=lambda_output(args.output, lam)) for lam in args.lambdas]
+    for run in runs:
+        _check_files(run, [spec], eval_specs, False)
+    dist, device = distributed.setup(args.device)
+    keep_freed_memory()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    inner = Output(json=False, quiet=out.quiet, name_of=out.name_of)
+    tasks: list = []
+    docs = []
+    try:
+        with all_or_nothing() as wrote:
+            for run in runs:
+                seed_everything(run.seed)  # each run is the command with that one λ
+                ckpt, model = load_model(run.checkpoint)
+                run.augmentation, note = small_input_augment(run.augmentation, ckpt.spec.input_shape)
+                if note and not docs:
+                    out.log(note)
+                out.log(f"λ = {run.lam:g}: training {run.output}")
+                docs.append(_train_next(run, inner, spec, eval_specs, False, dist, device, ckpt, model, tasks))
+                wrote(run.output)
+    finally:
+        for t in tasks:
+            t.close()
+            if t.cache_note:
+                out.log(t.cache_note)
+    names = [t.spec.name for t in tasks[1:]]
+    rows = []
+    for lam, doc in zip(args.lambdas, docs):
+        last = doc["epochs"][-1] if doc["epochs"] else {}
+        accs = [last.get(f"eval/{n}/accuracy") for n in names]
+        known = [a for a in accs if a is not None]
+        rows.append(
+            {
+                "lambda": lam,
+                "output": doc["output"],
+                "accuracy": dict(zip(names, accs)),
+                "mean": sum(known) / len(known) if known else None,
+                "fingerprint": doc.get("fingerprint"),
+            }
+        )
+    best = max(rows, key=lambda r: (r["mean"] if r["mean"] is not None else -1.0, -r["lambda"]))
+    out.table(
+        "eval accuracy after training, per λ (best: highest mean; ties: the smaller λ)",
+        ["λ", *names, "mean", "output"],
+        [
+            [
+                f"{r['lambda']:g}",
+                *[r["accuracy"][n] for n in names],
+                r["mean"],
+                r["output"] + (" (best)" if r is best else ""),
+            ]
+            for r in rows
+        ],
+    )
+    return out.result(
+        {"runs": rows, "best": {"lambda": best["lambda"], "output": best["output"], "criterion": "mean eval accuracy"}}
+    )
