@@ -146,6 +146,7 @@ def test_info_verify_refuses_nan_as_every_reader_does(cli, ck16, tmp_path, demo_
     r = cli("info", p, "--verify", "--json")
     assert r.code == 3, r.err
     assert "NaN or infinite values" in r.error_line and repr(name) in r.error_line and "Traceback" not in r.err
-    assert json.loads(r.out)[0]["fingerprint"]["verified"] is False
+    doc = json.loads(r.out)  # --json on failure: the error document with the descriptions beside it
+    assert doc["error"]["code"] == 3 and doc["files"][0]["fingerprint"]["verified"] is False
     r2 = cli("evaluate", p, "--data", f"{demo_dir}::limit=8", "--device", "cpu")
     assert r2.code == 3 and "NaN or infinite values" in r2.error_line

@@ -53,6 +53,26 @@ DISK_RESERVE = 1 << 30  # auto leaves at least this much free space (plus 10 % o
 CACHE_MODES = ("auto", "ram", "disk", "none")
 
 
+#: Where each format's JSON header starts (format 1, before checksums, is only listed and evicted, never read).
+HEADER_AT = {b"CLTDEC01": 16, MAGIC: HEAD}
+
+
+def file_header(path) -> dict[str, Any] | None:
+    """The JSON header of a cache file of any format (None: not a cache file, or unreadable); nothing verified."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            start = HEADER_AT.get(head[:8])
+            n = int.from_bytes(head[8:16], "little") if len(head) == 16 else -1
+            if start is None or not 0 <= n <= DATA_OFFSET - start:
+                return None
+            f.seek(start)
+            meta = json.loads(f.read(n))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 class CacheDamaged(Exception):
     """A cache file of the wanted key exists but fails its checks (length, checksum, header): it is not used."""
 

@@ -1,8 +1,7 @@
 """Housekeeping of the decoded cache folder: list its files, remove them, keep the folder under a size cap.
 
-A cache file (see :mod:`cl_tool.data.cache`) starts with the magic ``b"CLTDEC01"``, the header's length
-(little-endian u64) and the header (JSON); only that is read here, and only the keys every version
-has are relied on (``n``, ``shape``, ``dtype``; ``parts.source`` and ``info.cache_source`` when
+A cache file (see :mod:`cl_tool.data.cache`, whose ``file_header`` reads the JSON header of every format)
+is known here by that header only, and only the keys every version has are relied on (``n``, ``shape``, ``dtype``; ``parts.source`` and ``info.cache_source`` when
 present), so files of other versions of the format are listed and evicted too.
 
 Recency: a command that reads a cache file sets its modification time to now (:func:`mark_used`), so
@@ -17,7 +16,6 @@ No torch, numpy or datasets here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -27,9 +25,7 @@ from typing import Any
 
 from cl_tool.errors import UsageError
 
-MAGIC = b"CLTDEC01"
 SUFFIX = ".cltd"
-HEADER_LIMIT = (1 << 16) - 16
 DEFAULT_MAX = 50 << 30  # 50 GiB
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -94,18 +90,9 @@ def cache_max() -> int | None:
 
 
 def _header(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            if len(head) != 16 or head[:8] != MAGIC:
-                return None
-            n = int.from_bytes(head[8:16], "little")
-            if n > HEADER_LIMIT:
-                return None
-            meta = json.loads(f.read(n))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    from cl_tool.data.cache import file_header
+
+    return file_header(path)
 
 
 def _source(meta: dict[str, Any]) -> str | None:
