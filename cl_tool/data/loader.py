@@ -418,6 +418,11 @@ class Task:
                 + "; $split picks another)"
             )
         subset = f", {d['subset']}" if d.get("subset") else ""
+        tf = d.get("transforms") or {}
+        derived = [f"{k} {tf[k]}" for k in ("rotate", "permute") if tf.get(k) is not None] + (
+            ["inverted"] if tf.get("invert") else []
+        )
+        subset += f", {', '.join(derived)}" if derived else ""
         samples = f"{d['samples']:,} samples" if d.get("samples") is not None else "a stream"
         classes = d.get("classes")
         cls = ""
