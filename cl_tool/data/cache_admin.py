@@ -55,15 +55,6 @@ class Entry:
         }
 
 
-def human_bytes(n: float) -> str:
-    """``1536`` → ``1.5 KiB`` (powers of 1024)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n):,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def parse_size(text: str, what: str) -> int | None:
     """``10G`` → 10·2³⁰ bytes; ``0``/``none`` → None (no cap). UsageError names ``what`` otherwise."""
     t = str(text).strip().upper().removesuffix("IB").removesuffix("B")

@@ -134,9 +134,9 @@ def _image_extensions() -> frozenset[str]:
         return frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """Every non-hidden file under ``root``, following symbolic links to folders (each real folder once), sorted."""
-    out: list[Path] = []
+def walk_unique(root):
+    """``os.walk(root)`` following symbolic links to folders, each real folder once (a link cycle, or a second path
+    to a folder already read, is not entered again); subfolders in name order. Yields (folder, dirs, files)."""
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         try:
@@ -144,11 +144,19 @@ def _walk_files(root: Path) -> list[Path]:
         except OSError:
             dirs[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:  # a link cycle, or a folder reached twice
+        if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs.sort()
+        yield folder, dirs, files
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root`` (see :func:`walk_unique`), sorted."""
+    out: list[Path] = []
+    for folder, dirs, files in walk_unique(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         out.extend(Path(folder) / f for f in files if not f.startswith("."))
     return sorted(out)
 
@@ -678,18 +686,8 @@ def local_signature(source: str) -> str:
                     content.update(chunk)
             h.update(b"\0" + content.digest())
         return h.hexdigest()
-    entries, seen = [], set()
-    for root, dirs, files in os.walk(p, followlinks=True):
-        try:
-            here = os.stat(root)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (here.st_dev, here.st_ino) in seen:  # a link back to a folder already read: a cycle or a second path
-            dirs[:] = []
-            continue
-        seen.add((here.st_dev, here.st_ino))
-        dirs.sort()
+    entries = []
+    for root, _dirs, files in walk_unique(p):
         for name in files:
             fp = os.path.join(root, name)
             try:

@@ -23,7 +23,7 @@ from cl_tool.checkpoint import (
     spec_from_metadata,
 )
 from cl_tool.errors import BadInputError, UsageError
-from cl_tool.output import Output
+from cl_tool.output import Output, human_bytes
 from cl_tool.params import Args, argument, config_option, option
 from cl_tool.safetensors_io import DTYPE_NAMES
 
@@ -92,14 +92,6 @@ def tensor_summary(header: dict[str, Any]) -> dict[str, Any]:
         "bytes": sum(d["bytes"] for d in by_dtype.values()),
         "by_dtype": by_dtype,
     }
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _not_cl_tool(p: Path) -> BadInputError:
