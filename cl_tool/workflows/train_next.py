@@ -41,8 +41,8 @@ class TrainNextArgs(Args):
         metavar="λ[,λ...]",
         panel="Penalty",
         help="Penalty strength λ ≥ 0 (default 100 when an importance file is used). Several, comma-separated, train one "
-        "model per λ from the same checkpoint in this process (needs $eval_data): OUT.lambda-λ.safetensors each, and a "
-        "table of eval accuracy per λ (and $plot).",
+        "model per λ from the same checkpoint in this process (needs --eval-data): OUT.lambda-λ.safetensors each, and a "
+        "table of eval accuracy per λ (and --plot).",
     )
     importance: Optional[Path] = option(
         None,
@@ -160,8 +160,8 @@ class TrainNextArgs(Args):
         "--plot",
         metavar="FILE",
         panel="Logging",
-        help="With several $lam: draw each $eval_data task's accuracy and their mean against λ (log axis) to FILE.png "
-        "(needs matplotlib).",
+        help="With several --lambda values: draw each --eval-data task's accuracy and their mean against λ (log axis) "
+        "to FILE.png (needs matplotlib).",
     )
     log_json: Optional[Path] = option(
         None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE."
