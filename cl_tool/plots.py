@@ -17,12 +17,20 @@ from cl_tool.atomic import check_output, write_bytes_atomic
 from cl_tool.errors import EnvironmentProblem
 
 
-def _figure(figsize):
+def require_matplotlib() -> None:
+    """EnvironmentProblem (exit 7) when matplotlib is not installed: a command checks this before its long work."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
     except ImportError as exc:
         raise EnvironmentProblem("$plot needs matplotlib: pip install 'cl-tool[plot]'.") from exc
+
+
+def _figure(figsize):
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize, dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -135,6 +143,56 @@ def plot_prune_curves(
     ax.set_ylim(0.0, ymax * 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(title="scores", loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path, force)
+
+
+def plot_lambda_sweep(
+    lambdas: Sequence[float],
+    accuracy: Mapping[str, Sequence[float | None]],
+    path: str | os.PathLike,
+    title: str = "Accuracy vs λ",
+    *,
+    force: bool = False,
+    option: str = "$plot",
+) -> None:
+    """Write a PNG of accuracy (y) against the penalty strength λ (x, logarithmic), one line per task and their mean.
+
+    ``accuracy`` maps a task name to its accuracy at each of ``lambdas`` (None: not measured, drawn as a gap);
+    the mean over the tasks is drawn as a thick black line (at a λ where a task is missing, the mean of the
+    others). When 0 is among ``lambdas`` the axis is symmetric-logarithmic: linear between 0 and the smallest
+    positive λ, logarithmic above. Same errors as :func:`plot_accuracy_matrix`.
+    """
+    if not lambdas or not accuracy or any(len(v) != len(lambdas) for v in accuracy.values()):
+        raise ValueError("need one accuracy per λ for every task")
+    check_output(path, force=force, role=option)
+    order = sorted(range(len(lambdas)), key=lambda i: float(lambdas[i]))
+    xs = [float(lambdas[i]) for i in order]
+    curves = {
+        str(name): [math.nan if accs[i] is None else float(accs[i]) for i in order] for name, accs in accuracy.items()
+    }
+    mean = []
+    for j in range(len(xs)):
+        known = [c[j] for c in curves.values() if math.isfinite(c[j])]
+        mean.append(sum(known) / len(known) if known else math.nan)
+    ymax, _ = _scale([y for c in curves.values() for y in c if math.isfinite(y)])
+
+    fig = _figure((7.0, 4.5))
+    ax = fig.subplots()
+    for name, ys in curves.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.plot(xs, mean, marker="s", color="black", linewidth=2.5, label="mean")
+    positive = [x for x in xs if x > 0]
+    if len(positive) < len(xs):
+        ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+    else:
+        ax.set_xscale("log")
+    ax.set_xlabel("λ (penalty strength)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, ymax * 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="eval task", loc="best")
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path, force)

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from cl_tool.errors import EnvironmentProblem, OutputError
-from cl_tool.plots import plot_accuracy_matrix, plot_prune_curves
+from cl_tool.plots import plot_accuracy_matrix, plot_lambda_sweep, plot_prune_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
 R = [[0.90, 0.10, 0.05], [0.70, 0.95, 0.10], [0.60, 0.80, 0.97]]
@@ -38,6 +38,16 @@ def test_prune_curves_png(tmp_path):
     assert _is_png(out)
 
 
+@pytest.mark.parametrize("lambdas", [[100.0, 1e4, 1e3], [0.0, 10.0, 1e6]], ids=["log", "with-zero"])
+def test_lambda_sweep_png(tmp_path, lambdas):
+    out = tmp_path / "lam.png"
+    plot_lambda_sweep(lambdas, {"A": [0.5, 0.9, 0.7], "B": [0.95, None, 0.9]}, out, title="resnet18")
+    assert _is_png(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["lam.png"]
+    with pytest.raises(ValueError):
+        plot_lambda_sweep([1.0, 2.0], {"A": [0.5]}, tmp_path / "short.png")
+
+
 def test_existing_file_needs_force(tmp_path):
     out = tmp_path / "acc.png"
     out.write_bytes(b"keep me")
@@ -45,6 +55,8 @@ def test_existing_file_needs_force(tmp_path):
         plot_accuracy_matrix(R, ["s0", "s1", "s2"], ["A", "B", "C"], out)
     with pytest.raises(OutputError):
         plot_prune_curves({"ewc": [(0.0, 0.9)]}, out)
+    with pytest.raises(OutputError):
+        plot_lambda_sweep([1.0, 10.0], {"A": [0.5, 0.6]}, out)
     assert out.read_bytes() == b"keep me"
     plot_prune_curves({"ewc": [(0.0, 0.9)]}, out, force=True)
     assert _is_png(out)

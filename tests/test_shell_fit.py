@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+from tests.conftest import snapshot_dir
 
 
 def test_a_mistyped_data_name_fails_at_once_without_the_hub(cli, small_mlp, monkeypatch):
@@ -140,3 +143,126 @@ def test_a_lambda_list_trains_one_model_per_lambda_from_one_anchor(cli, anchored
     assert human.code == 0 and "eval accuracy after training, per λ" in human.out and "(best)" in human.out
     r = cli("train-next", anchored, *train, "--lambda", "0,10", "-o", tmp_path / "c.safetensors")
     assert r.code == 2 and "need --eval-data" in r.error_line and not list(tmp_path.glob("c.*"))
+
+
+def _sweep_argv(anchored, demo_dir, tmp_path, lambdas: str, *extra):
+    return [
+        "train-next",
+        anchored,
+        "--data",
+        f"B={demo_dir}::limit=64,permute=1",
+        "--eval-data",
+        f"A={demo_dir}::split=test,limit=64",
+        "--eval-data",
+        f"B={demo_dir}::split=test,limit=64,permute=1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--lambda",
+        lambdas,
+        "-o",
+        tmp_path / "b.safetensors",
+        *extra,
+    ]
+
+
+def _spy_on_writes(monkeypatch) -> list[str]:
+    """The paths train-next's checkpoints were written to (each output is then in place until the command ends)."""
+    import cl_tool.checkpoint as checkpoint
+
+    written, real = [], checkpoint.save_checkpoint
+
+    def save(path, *a, **k):
+        fp = real(path, *a, **k)
+        written.append(Path(path).name)
+        return fp
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    return written
+
+
+def _plot_option(path: Path) -> list:
+    """``--plot PATH`` where matplotlib (optional) is installed, else nothing."""
+    import importlib.util
+
+    return ["--plot", path] if importlib.util.find_spec("matplotlib") else []
+
+
+def test_the_lambda_plot_draws_the_table_and_follows_the_file_rules(cli, anchored, demo_dir, tmp_path, monkeypatch):
+    import sys
+
+    pytest.importorskip("matplotlib")
+    import cl_tool.plots as plots
+
+    drawn, real = [], plots.plot_lambda_sweep
+    monkeypatch.setattr(plots, "plot_lambda_sweep", lambda *a, **k: (drawn.append(a), real(*a, **k)))
+    plot = tmp_path / "sweep.png"
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "0,1e4", "--plot", plot, "--json"))
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    (args,) = drawn  # the plot shows exactly the table's numbers
+    assert args[0] == [0, 1e4] and args[2] == plot
+    assert args[1] == {n: [run["accuracy"][n] for run in res["runs"]] for n in ("A", "B")}
+    data = plot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["b.lambda-0.safetensors", "b.lambda-10000.safetensors", "sweep.png"]
+
+    # all refused before any training, leaving every file as it was
+    before = snapshot_dir(tmp_path)
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1,2", "--plot", plot))  # only the plot exists
+    assert r.code == 6 and "--plot" in r.error_line and "already exists" in r.error_line and "--force" in r.error_line
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1,2", "--plot", anchored, "--force"))
+    assert r.code == 6 and "--plot" in r.error_line and "also an input" in r.error_line, r.err
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1,2", "--plot", tmp_path / "b.lambda-2.safetensors"))
+    assert r.code == 6 and "both name" in r.error_line, r.err
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1", "--plot", tmp_path / "one.png"))
+    assert r.code == 2 and "several --lambda values" in r.error_line, r.err
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "0.1,0.10000001"))  # distinct λ, distinct names
+    assert r.code == 0, r.err
+    assert {"b.lambda-0.1.safetensors", "b.lambda-0.10000001.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    for name in ("b.lambda-0.1.safetensors", "b.lambda-0.10000001.safetensors"):
+        (tmp_path / name).unlink()
+    assert snapshot_dir(tmp_path) == before
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1,2", "--plot", tmp_path / "new.png"))
+    assert r.code == 7 and "pip install 'cl-tool[plot]'" in r.error_line, r.err
+    assert snapshot_dir(tmp_path) == before  # exit 7 before training: no λ output either
+
+
+def test_a_diverging_lambda_leaves_none_of_the_outputs(cli, anchored, demo_dir, tmp_path, monkeypatch):
+    """λ = 1 trains and is written; λ = 10⁶ under plain EWC with SGD diverges: exit 5, and the λ = 1 output is removed."""
+    written = _spy_on_writes(monkeypatch)
+    before, anchor_dir = snapshot_dir(tmp_path), snapshot_dir(anchored.parent)
+    extra = ["--penalty", "ewc", "--optimizer", "sgd", "--lr", "0.5", *_plot_option(tmp_path / "sweep.png")]
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "1,1e6", *extra))
+    assert r.code == 5 and "diverged" in r.error_line and "Traceback" not in r.err, r.err
+    assert written == ["b.lambda-1.safetensors"]  # the first λ was in place before the second failed
+    assert snapshot_dir(tmp_path) == before  # no λ output, no plot, no temporary file
+    assert snapshot_dir(anchored.parent) == anchor_dir
+
+
+def test_an_interruption_between_lambdas_leaves_none_of_the_outputs(cli, anchored, demo_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import cl_tool.runtime as runtime
+
+    written = _spy_on_writes(monkeypatch)
+    calls, real = [], runtime.seed_everything
+
+    def seed_everything(seed):  # called at the start of each λ's run
+        calls.append(seed)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(seed)
+
+    monkeypatch.setattr(runtime, "seed_everything", seed_everything)
+    before = snapshot_dir(tmp_path)
+    r = cli(*_sweep_argv(anchored, demo_dir, tmp_path, "0,10", *_plot_option(tmp_path / "sweep.png")))
+    assert r.code == 130, r.err
+    assert written == ["b.lambda-0.safetensors"] and len(calls) == 2
+    assert snapshot_dir(tmp_path) == before

@@ -41,8 +41,8 @@ class TrainNextArgs(Args):
         metavar="λ[,λ...]",
         panel="Penalty",
         help="Penalty strength λ ≥ 0 (default 100 when an importance file is used). Several, comma-separated, train one "
-        "model per λ from the same checkpoint in this process (needs $eval_data): OUT.lambda-λ.safetensors each, and a "
-        "table of eval accuracy per λ.",
+        "model per λ from the same checkpoint in this process (needs --eval-data): OUT.lambda-λ.safetensors each, and a "
+        "table of eval accuracy per λ (and --plot).",
     )
     importance: Optional[Path] = option(
         None,
@@ -155,6 +155,14 @@ class TrainNextArgs(Args):
         panel="Logging",
         help="Evaluate on these datasets after every epoch (repeatable; old tasks too, to watch forgetting).",
     )
+    plot: Optional[Path] = option(
+        None,
+        "--plot",
+        metavar="FILE",
+        panel="Logging",
+        help="With several --lambda values: draw each --eval-data task's accuracy and their mean against λ (log axis) "
+        "to FILE.png (needs matplotlib).",
+    )
     log_json: Optional[Path] = option(
         None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE."
     )
@@ -183,6 +191,11 @@ class TrainNextArgs(Args):
         self.lam = self.lambdas[0] if len(self.lambdas) == 1 else None
         if len(self.lambdas) > 1:
             check_sweep(self)
+        elif self.plot is not None:
+            raise UsageError(
+                "$plot draws accuracy against λ; give several $lam values (e.g. 100,1000,10000), or draw one model's "
+                "accuracy with `cl-tool evaluate --plot`."
+            )
         if self.penalty == "none" and self.importance is not None:
             raise UsageError("$penalty none and $importance contradict each other; drop one.")
         if self.penalty == "none" and any(self.lambdas):
@@ -267,13 +280,24 @@ def check_sweep(args: TrainNextArgs) -> None:
             raise UsageError(f"${name} applies to one run; give one $lam value with it, or drop ${name}.")
 
 
+def lambda_text(lam: float) -> str:
+    """λ as written in names and tables: ``%g`` (1000, 1e+06 → 1e06) when that is exact, else the shortest exact form
+    (0.10000001), so that two different λ never share a name."""
+    short = f"{lam:g}"
+    return (short if float(short) == lam else repr(float(lam))).replace("+", "")
+
+
 def lambda_output(output: Path, lam: float) -> Path:
     """``b.safetensors`` and λ 1000 → ``b.lambda-1000.safetensors``."""
     name = output.name.removesuffix(".safetensors")
-    return output.with_name(f"{name}.lambda-{f'{lam:g}'.replace('+', '')}.safetensors")
+    return output.with_name(f"{name}.lambda-{lambda_text(lam)}.safetensors")
 
 
-def _check_files(args: TrainNextArgs, specs, eval_specs, resuming: bool) -> None:
+def _check_files(
+    args: TrainNextArgs, specs, eval_specs, resuming: bool, outputs: list[tuple[Path, str]] | None = None
+) -> None:
+    """Every input and output of the command checked together (see ``FileRoles``); ``outputs``: those written instead
+    of $output (a λ sweep's, each with its role)."""
     from cl_tool.atomic import FileRoles
     from cl_tool.data import local_paths
     from cl_tool.sidecar import default_sidecar_path
@@ -289,7 +313,9 @@ def _check_files(args: TrainNextArgs, specs, eval_specs, resuming: bool) -> None
     for field, task_specs in (("data", specs), ("eval_data", eval_specs)):
         for path in local_paths(task_specs):
             roles.input(path, f"${field}")
-    roles.output(args.output, "$output")
+    for path, role in outputs or [(args.output, "$output")]:
+        roles.output(path, role)
+    roles.output(args.plot, "$plot")
     roles.output(args.si_out, "$si_out")
     roles.output(args.log_json, "$log_json")
     if args.checkpoint_every or args.resume:
@@ -436,10 +462,19 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
-    if len(args.lambdas) > 1:
-        return _sweep(args, out, spec, eval_specs)
+    runs = sweep_runs(args, eval_specs)
     resuming = args.resume and args.state_path.exists()
-    _check_files(args, [spec], eval_specs, resuming)
+    _check_files(
+        args,
+        [spec],
+        eval_specs,
+        resuming,
+        outputs=[(r.output, f"the λ={lambda_text(r.lam)} output") for r in runs] if runs else None,
+    )
+    if args.plot is not None:
+        from cl_tool.plots import require_matplotlib
+
+        require_matplotlib()  # before training, not after it
     if args.resume and not resuming:
         out.log(f"$resume: no resumable state at {args.state_path}; starting from the beginning.")
 
@@ -448,13 +483,15 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     set_cuda_precision(device)
     if args.deterministic:
         set_deterministic(device)
-    seed_everything(args.seed)
-    ckpt, model = load_model(args.checkpoint)
-    args.augmentation, note = small_input_augment(args.augmentation, ckpt.spec.input_shape)
-    if note:
-        out.log(note)
     tasks: list = []
     try:
+        if runs:
+            return _sweep(args, runs, out, spec, eval_specs, dist, device, tasks)
+        seed_everything(args.seed)
+        ckpt, model = load_model(args.checkpoint)
+        args.augmentation, note = small_input_augment(args.augmentation, ckpt.spec.input_shape)
+        if note:
+            out.log(note)
         return _train_next(args, out, spec, eval_specs, resuming, dist, device, ckpt, model, tasks)
     except RuntimeError as exc:
         err = deterministic_error(exc)
@@ -469,9 +506,20 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
 
 def _train_next(
-    args: TrainNextArgs, out: Output, spec, eval_specs, resuming: bool, dist, device, ckpt, model, tasks: list
+    args: TrainNextArgs,
+    out: Output,
+    spec,
+    eval_specs,
+    resuming: bool,
+    dist,
+    device,
+    ckpt,
+    model,
+    tasks: list,
+    published=None,
 ) -> dict[str, Any]:
-    """The part of run_train_next that holds open tasks (closed by the caller)."""
+    """The part of run_train_next that holds open tasks (closed by the caller); ``published(path)`` is called as soon as
+    the output is in place (a λ sweep removes it again if a later run fails)."""
     import torch
 
     from cl_tool import distributed
@@ -683,6 +731,8 @@ def _train_next(
                 layout=model_layout(model),
             )
             wrote(args.output)
+            if published is not None:
+                published(args.output)
             result_doc["fingerprint"] = fp
             if omega is not None:
                 task_rec = {
@@ -719,50 +769,89 @@ def _train_next(
     return result_doc
 
 
-def _sweep(args: TrainNextArgs, out: Output, spec, eval_specs) -> dict[str, Any]:
-    """One run per λ from the same checkpoint and seed, on tasks opened (decoded) once; all outputs or none."""
+def sweep_runs(args: TrainNextArgs, eval_specs) -> list[TrainNextArgs]:
+    """The arguments of each run of a λ sweep (one λ, output ``OUT.lambda-λ.safetensors``, no plot); [] for one λ."""
     import dataclasses
 
-    import torch
+    if len(args.lambdas) < 2:
+        return []
+    names = [s.name or Path(s.source).name or s.source for s in eval_specs]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UsageError(
+            f"Two $eval_data tasks are named {twice}; the λ table needs one column each: name them, e.g. A=PATH and B=PATH."
+        )
+    return [
+        dataclasses.replace(args, lam=repr(lam), plot=None, output=lambda_output(args.output, lam))
+        for lam in args.lambdas
+    ]
 
-    from cl_tool import distributed
+
+def _sweep(args: TrainNextArgs, runs, out: Output, spec, eval_specs, dist, device, tasks: list) -> dict[str, Any]:
+    """One run per λ from the same checkpoint and seed, on tasks opened (decoded) once by the first run: all outputs
+    and the plot, or none of them."""
     from cl_tool.atomic import all_or_nothing
     from cl_tool.checkpoint import load_model
     from cl_tool.data.transforms import small_input_augment
-    from cl_tool.runtime import keep_freed_memory, seed_everything
+    from cl_tool.runtime import seed_everything
 
-    runs = [dataclasses.replace(args, lam=str(lam), output=lambda_output(args.output, lam)) for lam in args.lambdas]
-    for run in runs:
-        _check_files(run, [spec], eval_specs, False)
-    dist, device = distributed.setup(args.device)
-    keep_freed_memory()
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
     inner = Output(json=False, quiet=out.quiet, name_of=out.name_of)
-    tasks: list = []
     docs = []
-    try:
-        with all_or_nothing() as wrote:
-            for run in runs:
-                seed_everything(run.seed)  # each run is the command with that one λ
-                ckpt, model = load_model(run.checkpoint)
-                run.augmentation, note = small_input_augment(run.augmentation, ckpt.spec.input_shape)
-                if note and not docs:
-                    out.log(note)
-                out.log(f"λ = {run.lam:g}: training {run.output}")
-                docs.append(_train_next(run, inner, spec, eval_specs, False, dist, device, ckpt, model, tasks))
-                wrote(run.output)
-    finally:
-        for t in tasks:
-            t.close()
-            if t.cache_note:
-                out.log(t.cache_note)
-    names = [t.spec.name for t in tasks[1:]]
+    with all_or_nothing() as wrote:
+        for run in runs:
+            seed_everything(run.seed)  # each run is the command with that one λ
+            ckpt, model = load_model(run.checkpoint)
+            run.augmentation, note = small_input_augment(run.augmentation, ckpt.spec.input_shape)
+            if note and not docs:
+                out.log(note)
+            out.log(f"λ = {lambda_text(run.lam)}: training {run.output}")
+            docs.append(
+                _train_next(run, inner, spec, eval_specs, False, dist, device, ckpt, model, tasks, published=wrote)
+            )
+        names = [t.spec.name for t in tasks[1:]]
+        rows = sweep_rows(args.lambdas, docs, names)
+        if args.plot is not None and dist.is_main:
+            from cl_tool.plots import plot_lambda_sweep
+
+            plot_lambda_sweep(
+                args.lambdas,
+                {n: [r["accuracy"][n] for r in rows] for n in names},
+                args.plot,
+                title=f"{Path(str(args.checkpoint)).name} trained on {tasks[0].spec.name}: accuracy vs λ ({args.penalty})",
+                force=args.force,
+            )
+            wrote(args.plot)
+    best = best_row(rows)
+    out.table(
+        "eval accuracy after training, per λ (best: highest mean; ties: the smaller λ)",
+        ["λ", *names, "mean", "output"],
+        [
+            [
+                lambda_text(r["lambda"]),
+                *[r["accuracy"][n] for n in names],
+                r["mean"],
+                r["output"] + (" (best)" if r is best else ""),
+            ]
+            for r in rows
+        ],
+    )
+    return out.result(
+        {
+            "runs": rows,
+            "best": {"lambda": best["lambda"], "output": best["output"], "criterion": "mean eval accuracy"},
+            "plot": str(args.plot) if args.plot is not None else None,
+        }
+    )
+
+
+def sweep_rows(lambdas: list[float], docs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """One row per λ: the written model's accuracy on each eval task (``final_eval``) and their mean over the tasks
+    measured (None when none was)."""
     rows = []
-    for lam, doc in zip(args.lambdas, docs):
-        last = doc["epochs"][-1] if doc["epochs"] else {}
-        accs = [last.get(f"eval/{n}/accuracy") for n in names]
-        known = [a for a in accs if a is not None]
+    for lam, doc in zip(lambdas, docs):
+        found = {e["on"]: e["accuracy"] for e in doc["final_eval"] if e["data"] == "eval-data"}
+        accs = [found.get(n) for n in names]
+        known = [a for a in accs if a is not None and math.isfinite(a)]
         rows.append(
             {
                 "lambda": lam,
@@ -772,20 +861,9 @@ def _sweep(args: TrainNextArgs, out: Output, spec, eval_specs) -> dict[str, Any]
                 "fingerprint": doc.get("fingerprint"),
             }
         )
-    best = max(rows, key=lambda r: (r["mean"] if r["mean"] is not None else -1.0, -r["lambda"]))
-    out.table(
-        "eval accuracy after training, per λ (best: highest mean; ties: the smaller λ)",
-        ["λ", *names, "mean", "output"],
-        [
-            [
-                f"{r['lambda']:g}",
-                *[r["accuracy"][n] for n in names],
-                r["mean"],
-                r["output"] + (" (best)" if r is best else ""),
-            ]
-            for r in rows
-        ],
-    )
-    return out.result(
-        {"runs": rows, "best": {"lambda": best["lambda"], "output": best["output"], "criterion": "mean eval accuracy"}}
-    )
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of the highest mean eval accuracy; ties (and rows without a mean) go to the smaller λ."""
+    return max(rows, key=lambda r: (r["mean"] if r["mean"] is not None else -math.inf, -r["lambda"]))
