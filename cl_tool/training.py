@@ -24,6 +24,8 @@ moved, so they lag the final weights. After the last epoch's steps they are re-e
 final weights (:func:`recompute_bn_stats`), before that epoch's evaluations, so every eval-mode
 figure of the last epoch is of the model that is written. Under torch.distributed every rank makes
 this pass over the whole task (not its share), so its statistics are those of one process.
+The evaluations (``eval_sets``, the training-data figure) are sharded: each rank evaluates a share
+of the rows and the sums are added over the ranks (``cl_tool.evaluation``).
 """
 
 from __future__ import annotations
@@ -334,6 +336,7 @@ def train(
             what = "the loss" if loss_at <= grad_at else "a gradient"
             raise DivergedError(_diverged_msg(step, epoch, what, penalty, lr_at(cfg, step, total_steps)))
 
+    shard = (dist.rank, dist.world) if dist.world > 1 else None  # evaluations: each rank a share, summed
     started_at = time.perf_counter() if started_at is None else started_at
     set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
@@ -443,7 +446,12 @@ def train(
                     record["bn_stats"] = result.bn_stats["method"]
             for name, eval_task in eval_sets:
                 acc, loss = evaluate_task(
-                    model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision
+                    model,
+                    eval_task,
+                    device=device,
+                    batch_size=cfg.eval_batch_size,
+                    precision=cfg.precision,
+                    shard=shard,
                 )
                 record[f"eval/{name}/accuracy"] = acc
                 record[f"eval/{name}/loss"] = loss
@@ -455,6 +463,7 @@ def train(
                     device=device,
                     batch_size=cfg.eval_batch_size,
                     precision=cfg.precision,
+                    shard=shard,
                 )
                 result.train_eval = {"accuracy": acc, "loss": loss, "samples": m}
                 record["train_eval_accuracy"], record["train_eval_samples"] = acc, m

@@ -275,3 +275,58 @@ def test_debug_prints_the_chunk_sizes_importance_chose(cli, tmp_path):
     assert len(lines) == 1 and "(368,640 floats per sample; limit: CPU cache working set 4 MiB)" in lines[0]
     r = cli(*args, "-o", tmp_path / "j.safetensors")
     assert r.code == 0 and "importance chunks" not in r.err
+
+
+class RowTask:
+    """A task of in-memory tensors read by ``evaluate_task``/``evaluate_slice``; records every row it hands out."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.read = x, y, []
+
+    @property
+    def num_samples(self):
+        return len(self.y)
+
+    def batches(self, order=None, *, batch_size=None, device=None, shard=None):
+        if order is None:
+            order = [list(range(i, min(len(self.y), i + batch_size))) for i in range(0, len(self.y), batch_size)]
+        for rows in order:
+            self.read += rows
+            idx = torch.tensor(rows, dtype=torch.int64)
+            yield Batch(idx, self.x[idx], self.y[idx])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_reads_each_row_once_and_sums_to_one_process(world, monkeypatch):
+    """N ranks each read a contiguous share of ⌈N/world⌉ or ⌊N/world⌋ rows (together every row once); the sums the
+    ranks all-reduce (correct, Σ loss, samples) add up to one process's: the correct count exactly, Σ loss to float
+    rounding. The all-reduce is replaced by one that records each rank's vector (the real one runs under torchrun in
+    test_training.test_torchrun_two_processes_match_one)."""
+    from cl_tool import distributed
+    from cl_tool.evaluation import evaluate_slice, evaluate_task
+
+    model, (x, y) = _mlp(), _data(37)
+    whole = RowTask(x, y)
+    acc, loss = evaluate_task(model, whole, device=torch.device("cpu"), batch_size=8)
+    assert sorted(whole.read) == list(range(37))
+    sent = []
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda v, device: sent.append(v) or v)
+    reads = []
+    for r in range(world):
+        task = RowTask(x, y)
+        evaluate_task(model, task, device=torch.device("cpu"), batch_size=8, shard=(r, world))
+        reads.append(task.read)
+    assert sorted(i for rows in reads for i in rows) == list(range(37))
+    assert all(rows == list(range(rows[0], rows[0] + len(rows))) for rows in reads)  # contiguous
+    assert {len(rows) for rows in reads} <= {37 // world, -(-37 // world)}
+    correct, loss_sum, n = (sum(v[i] for v in sent) for i in range(3))
+    assert n == 37 and correct == round(acc * 37) and correct / n == acc
+    assert loss_sum / n == pytest.approx(loss, rel=1e-6)
+    # the training-data figure: the spread rows, shared the same way
+    sent.clear()
+    whole_slice = evaluate_slice(model, RowTask(x, y), limit=10, device=torch.device("cpu"), batch_size=4)
+    for r in range(world):
+        evaluate_slice(model, RowTask(x, y), limit=10, device=torch.device("cpu"), batch_size=4, shard=(r, world))
+    correct, loss_sum, n = (sum(v[i] for v in sent) for i in range(3))
+    assert whole_slice[2] == n == 10 and correct / n == whole_slice[0]
+    assert loss_sum / n == pytest.approx(whole_slice[1], rel=1e-6)
