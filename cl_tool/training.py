@@ -41,6 +41,7 @@ from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
 from cl_tool.evaluation import evaluate_slice, evaluate_task
 from cl_tool.penalty import divergence_bound
+from cl_tool.resume import restore_rng_states, rng_states
 from cl_tool.runtime import autocast
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -303,7 +304,7 @@ def train(
             opt.load_state_dict(st["optimizer"])
             if st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["rng"])
+            restore_rng_states(st, device)
             if si is not None and st.get("si"):
                 si.load_state_dict(st["si"])
             result.epochs = st.get("epochs", [])
@@ -318,7 +319,7 @@ def train(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": torch.get_rng_state(),
+            **rng_states(device),
             "si": si.state_dict() if si is not None else None,
             "epochs": result.epochs,
         }
