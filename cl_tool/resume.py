@@ -1,7 +1,8 @@
 """The resumable training state of ``train-next --checkpoint-every``: one safetensors file, no pickle.
 
 Tensors: ``model/<name>`` (the state dict), ``opt/<param index>/<key>`` (optimiser state),
-``rng/torch`` (the CPU generator state), ``si/<key>`` (Synaptic Intelligence accumulators).
+``rng/torch`` (the CPU generator state), ``rng/cuda`` (the generator state of the CUDA device the
+run trained on; absent: not saved, a CPU run or a file written before it was saved), ``si/<key>`` (Synaptic Intelligence accumulators).
 Metadata: ``cl_tool.resume`` = "1", ``fingerprint`` of the input checkpoint, ``config`` (the
 training options as JSON; a resume with other options is refused), ``position`` (epoch, batch,
 global step), ``optimizer`` (param groups and which state entries are tensors), ``scaler`` (the
@@ -41,6 +42,8 @@ class ResumeState:
                 keys.append([k, isinstance(v, torch.Tensor)])
             opt_meta["state_keys"][str(idx)] = keys
         tensors["rng/torch"] = st["rng"]
+        if st.get("rng_cuda") is not None:
+            tensors["rng/cuda"] = st["rng_cuda"]
         for k, v in (st.get("si") or {}).items():
             tensors[f"si/{k}"] = v
         meta = {
@@ -88,6 +91,7 @@ class ResumeState:
             "optimizer": {"state": state, "param_groups": opt_meta["param_groups"]},
             "scaler": json.loads(meta.get("scaler", "null")),
             "rng": tensors["rng/torch"],
+            "rng_cuda": tensors.get("rng/cuda"),
             "si": {k[len("si/") :]: v for k, v in tensors.items() if k.startswith("si/")} or None,
             "epochs": json.loads(meta.get("epochs", "[]")),
         }
@@ -95,3 +99,21 @@ class ResumeState:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def rng_states(device) -> dict[str, Any]:
+    """``{"rng": CPU generator state, "rng_cuda": the CUDA generator state of ``device`` or None}`` (uint8 tensors)."""
+    import torch
+
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"rng": torch.get_rng_state(), "rng_cuda": cuda}
+
+
+def restore_rng_states(st: dict[str, Any], device) -> None:
+    """Set the generators :func:`rng_states` saved: the CPU one always; the CUDA one of ``device`` when the run is on
+    CUDA and the state holds one (a state saved on the CPU leaves it as seeded)."""
+    import torch
+
+    torch.set_rng_state(st["rng"])
+    if device.type == "cuda" and st.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(st["rng_cuda"], device)

@@ -24,6 +24,8 @@ moved, so they lag the final weights. After the last epoch's steps they are re-e
 final weights (:func:`recompute_bn_stats`), before that epoch's evaluations, so every eval-mode
 figure of the last epoch is of the model that is written. Under torch.distributed every rank makes
 this pass over the whole task (not its share), so its statistics are those of one process.
+The evaluations (``eval_sets``, the training-data figure) are sharded: each rank evaluates a share
+of the rows and the sums are added over the ranks (``cl_tool.evaluation``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
 from cl_tool.evaluation import evaluate_slice, evaluate_task
 from cl_tool.penalty import divergence_bound
+from cl_tool.resume import restore_rng_states, rng_states
 from cl_tool.runtime import autocast
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -301,7 +304,7 @@ def train(
             opt.load_state_dict(st["optimizer"])
             if st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["rng"])
+            restore_rng_states(st, device)
             if si is not None and st.get("si"):
                 si.load_state_dict(st["si"])
             result.epochs = st.get("epochs", [])
@@ -316,7 +319,7 @@ def train(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": torch.get_rng_state(),
+            **rng_states(device),
             "si": si.state_dict() if si is not None else None,
             "epochs": result.epochs,
         }
@@ -334,6 +337,7 @@ def train(
             what = "the loss" if loss_at <= grad_at else "a gradient"
             raise DivergedError(_diverged_msg(step, epoch, what, penalty, lr_at(cfg, step, total_steps)))
 
+    shard = (dist.rank, dist.world) if dist.world > 1 else None  # evaluations: each rank a share, summed
     started_at = time.perf_counter() if started_at is None else started_at
     set_training_mode(model, cfg.freeze_bn_stats)
     with _SignalFlag() as flag:
@@ -443,7 +447,12 @@ def train(
                     record["bn_stats"] = result.bn_stats["method"]
             for name, eval_task in eval_sets:
                 acc, loss = evaluate_task(
-                    model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision
+                    model,
+                    eval_task,
+                    device=device,
+                    batch_size=cfg.eval_batch_size,
+                    precision=cfg.precision,
+                    shard=shard,
                 )
                 record[f"eval/{name}/accuracy"] = acc
                 record[f"eval/{name}/loss"] = loss
@@ -455,6 +464,7 @@ def train(
                     device=device,
                     batch_size=cfg.eval_batch_size,
                     precision=cfg.precision,
+                    shard=shard,
                 )
                 result.train_eval = {"accuracy": acc, "loss": loss, "samples": m}
                 record["train_eval_accuracy"], record["train_eval_samples"] = acc, m

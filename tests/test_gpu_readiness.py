@@ -275,3 +275,103 @@ def test_debug_prints_the_chunk_sizes_importance_chose(cli, tmp_path):
     assert len(lines) == 1 and "(368,640 floats per sample; limit: CPU cache working set 4 MiB)" in lines[0]
     r = cli(*args, "-o", tmp_path / "j.safetensors")
     assert r.code == 0 and "importance chunks" not in r.err
+
+
+class RowTask:
+    """A task of in-memory tensors read by ``evaluate_task``/``evaluate_slice``; records every row it hands out."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.read = x, y, []
+
+    @property
+    def num_samples(self):
+        return len(self.y)
+
+    def batches(self, order=None, *, batch_size=None, device=None, shard=None):
+        if order is None:
+            order = [list(range(i, min(len(self.y), i + batch_size))) for i in range(0, len(self.y), batch_size)]
+        for rows in order:
+            self.read += rows
+            idx = torch.tensor(rows, dtype=torch.int64)
+            yield Batch(idx, self.x[idx], self.y[idx])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_reads_each_row_once_and_sums_to_one_process(world, monkeypatch):
+    """N ranks each read a contiguous share of ⌈N/world⌉ or ⌊N/world⌋ rows (together every row once); the sums the
+    ranks all-reduce (correct, Σ loss, samples) add up to one process's: the correct count exactly, Σ loss to float
+    rounding. The all-reduce is replaced by one that records each rank's vector (the real one runs under torchrun in
+    test_training.test_torchrun_two_processes_match_one)."""
+    from cl_tool import distributed
+    from cl_tool.evaluation import evaluate_slice, evaluate_task
+
+    model, (x, y) = _mlp(), _data(37)
+    whole = RowTask(x, y)
+    acc, loss = evaluate_task(model, whole, device=torch.device("cpu"), batch_size=8)
+    assert sorted(whole.read) == list(range(37))
+    sent = []
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda v, device: sent.append(v) or v)
+    reads = []
+    for r in range(world):
+        task = RowTask(x, y)
+        evaluate_task(model, task, device=torch.device("cpu"), batch_size=8, shard=(r, world))
+        reads.append(task.read)
+    assert sorted(i for rows in reads for i in rows) == list(range(37))
+    assert all(rows == list(range(rows[0], rows[0] + len(rows))) for rows in reads)  # contiguous
+    assert {len(rows) for rows in reads} <= {37 // world, -(-37 // world)}
+    correct, loss_sum, n = (sum(v[i] for v in sent) for i in range(3))
+    assert n == 37 and correct == round(acc * 37) and correct / n == acc
+    assert loss_sum / n == pytest.approx(loss, rel=1e-6)
+    # the training-data figure: the spread rows, shared the same way
+    sent.clear()
+    whole_slice = evaluate_slice(model, RowTask(x, y), limit=10, device=torch.device("cpu"), batch_size=4)
+    for r in range(world):
+        evaluate_slice(model, RowTask(x, y), limit=10, device=torch.device("cpu"), batch_size=4, shard=(r, world))
+    correct, loss_sum, n = (sum(v[i] for v in sent) for i in range(3))
+    assert whole_slice[2] == n == 10 and correct / n == whole_slice[0]
+    assert loss_sum / n == pytest.approx(whole_slice[1], rel=1e-6)
+
+
+def test_cotangent_scale_is_a_power_of_two_that_unscales_exactly():
+    from cl_tool.importance.engine import scale_to_unit
+
+    v = torch.tensor([[3e-9, -1.5e-7, 0.0], [2.9e-7, 1e-12, -4e-8]])
+    scaled, unscale = scale_to_unit(v, "sq")
+    assert 0.5 <= float(scaled.abs().max()) < 1
+    s = scaled[1, 0] / v[1, 0]
+    assert float(torch.log2(s)) == round(float(torch.log2(s)))  # a power of two: S·v is exact
+    assert float(unscale * s * s) == 1.0 and torch.equal(scaled / s, v)
+    assert float(scale_to_unit(v, "abs")[1] * s) == 1.0
+    zero, unscale = scale_to_unit(torch.zeros(2, 3), "sq")
+    assert torch.equal(zero, torch.zeros(2, 3)) and float(unscale) == 1.0
+    big, unscale = scale_to_unit(torch.tensor([300.0, -2.0]), "abs")  # a large MAS cotangent is scaled down
+    assert big.tolist() == [300 / 512, -2 / 512] and float(unscale) == 512
+
+
+def test_fp16_importance_of_a_confident_model_does_not_underflow():
+    """A model so confident that p − e_y (< 3e-9) is below fp16's smallest number (6e-8): without the per-batch
+    cotangent scale the fp16 backward pass flushes it to 0 or keeps a few bits of it; with it, Fisher is within 5 % (L1)
+    of fp32's. Measured here (torch 2.14, CPU autocast): 46–62 % error per tensor without the scale, 0.8–1.1 % with it."""
+    from cl_tool.importance import api
+    from cl_tool.importance.engine import GradEngine
+
+    model, (x, _) = _mlp(), _data(1024)
+    with torch.no_grad():
+        model[2].weight.mul_(40)
+        model[2].bias.mul_(40)
+        p = model(x).softmax(1)
+        x = x[(1 - p.max(1).values) < 3e-9][:64]  # samples the model is sure of
+        y = model(x).argmax(1)  # labelled by its own predictions
+    assert len(x) == 64
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    ref, _ = api.importance_sums(model, batches, "fisher")
+    got, _ = api.importance_sums(model, batches, "fisher", precision="fp16")
+    fp16 = api._autocast(torch.device("cpu"), "fp16")
+    unscaled = GradEngine(model.eval(), api.LossSpec("fisher", "empirical", "logits"), autocast=fp16)
+    for xb, yb in batches:
+        unscaled.add_batch(xb, yb)
+    for name, r in ref.items():
+        assert float(r.abs().sum()) > 0
+        assert float((got[name] - r).abs().sum() / r.abs().sum()) < 0.05, name
+        # the same fp16 pass without the scale
+        assert float((unscaled.sums[name] - r).abs().sum() / r.abs().sum()) > 0.3, name

@@ -60,6 +60,41 @@ def test_round_trip(tmp_path):
     assert not io.path.exists()
 
 
+def test_cuda_generator_state_is_saved_and_restored_when_the_run_is_on_cuda(tmp_path, monkeypatch):
+    """The CUDA generator state of the run's device round-trips through the file (torch.cuda's getter and setter
+    replaced, as no GPU is here); a CPU run saves none, and a file without one (written before it was saved, or by a
+    CPU run) restores the CPU generator alone."""
+    from safetensors import safe_open
+
+    from cl_tool.resume import restore_rng_states, rng_states
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    got, put = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: got.append(device) or cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append((state, device)))
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    io = ResumeState(tmp_path / "s.resume.safetensors", fingerprint="f" * 32, config={})
+    io.save({**_state(), **rng_states(gpu)})
+    assert got == [gpu]
+    back = io.load()
+    assert torch.equal(back["rng_cuda"], cuda_state)
+    torch.manual_seed(123)
+    restore_rng_states(back, gpu)
+    assert torch.equal(torch.get_rng_state(), back["rng"]) and len(put) == 1
+    assert torch.equal(put[0][0], cuda_state) and put[0][1] == gpu
+    restore_rng_states(back, cpu)  # resumed on the CPU: the CUDA state is not applied
+    assert len(put) == 1
+    # a CPU run: no rng/cuda entry; loading gives None and restoring touches no CUDA generator
+    io.save({**_state(), **rng_states(cpu)})
+    with safe_open(str(io.path), "pt") as f:
+        names = set(f.keys())
+    assert "rng/cuda" not in names and "rng/torch" in names
+    back = io.load()
+    assert back["rng_cuda"] is None and len(got) == 1
+    restore_rng_states(back, gpu)
+    assert len(put) == 1
+
+
 def test_a_state_of_another_run_is_refused(tmp_path):
     path = tmp_path / "s.resume.safetensors"
     ResumeState(path, fingerprint="f" * 32, config={"lr": 0.1}).save(_state())

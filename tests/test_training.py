@@ -108,9 +108,13 @@ def _torchrun(nproc, *args, timeout=300):
     return proc
 
 
-def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
+def test_torchrun_two_processes_match_one(cli, anchored, demo_dir, tmp_path):
     """2 gloo processes = 1 process on N ≡ 1 (mod B) samples: the last global batch has one sample, so rank 1's
     share of it is empty (it used to make a NaN loss there and a false "diverged" exit).
+
+    ``--eval-data`` is sharded over the ranks (each evaluates a contiguous share, the sums are all-reduced): the
+    figures the 2 processes log are those ``evaluate`` computes for the written weights in one process, the
+    accuracy exactly, the loss to float rounding (measured: equal to the last digit, also to the 1-process run).
 
     Bounds, from what differs between the runs: only the order of float32 sums (rank shares summed by the
     all-reduce instead of inside one GEMM), ~1e-7 relative per step. Measured over 2 epochs (16 steps): weights
@@ -134,6 +138,8 @@ def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
         "sgd",
         "--lr",
         "0.05",
+        "--eval-data",
+        f"held={demo_dir}::split=test,limit=301",
     ]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     p1 = _torchrun(1, "train-next", anchored, *common, "-o", one, "--log-json", tmp_path / "one.jsonl", "--json")
@@ -152,6 +158,12 @@ def test_torchrun_two_processes_match_one(anchored, demo_dir, tmp_path):
         assert e2["task_loss"] == pytest.approx(e1["task_loss"], rel=1e-5)
         assert e2["penalty"] == pytest.approx(e1["penalty"], rel=1e-4)
     assert json.loads(p2.stdout)["samples"] == json.loads(p1.stdout)["samples"] == n
+    r = cli("evaluate", two, "--data", f"{demo_dir}::split=test,limit=301", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    (ev,) = json.loads(p2.stdout)["final_eval"]
+    assert ev["samples"] == 301 and ev["accuracy"] == json.loads(r.out)["accuracy"][0][0], ev
+    assert ev["loss"] == pytest.approx(json.loads(r.out)["loss"][0][0], rel=1e-6)
+    assert log2[-1]["eval/held/accuracy"] == ev["accuracy"]
     assert log1[-1]["steps"] == 2 * 9  # ceil(513 / 64) steps per epoch, the last one of a single sample
     # importance on 289 ≡ 1 (mod 32) samples, read as a map (contiguous rank shares) and as a stream (rank 1's
     # share of the last batch is empty)

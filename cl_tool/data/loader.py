@@ -81,13 +81,22 @@ class Batch(NamedTuple):
     y: Any  # int64 (B,), on the device
 
 
-def default_workers() -> int:
-    """DataLoader workers by default: one core for the main process, at most 8; 0 on a one-CPU machine."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return 0 if cpus <= 1 else min(8, cpus - 1)
+def default_workers(cpus: int | None = None, local_ranks: int | None = None) -> int:
+    """DataLoader workers per process by default: min(8, ⌊(C − L) / L⌋) for C usable CPUs and L processes on this
+    host (torchrun's ``LOCAL_WORLD_SIZE``, else 1): one CPU for each process's own work, the rest shared evenly, at
+    most 8 per process; 0 (decode in the process itself) when the processes have no CPU to spare."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    if local_ranks is None:
+        try:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_ranks = 1
+    local_ranks = max(1, local_ranks)
+    return max(0, min(8, (cpus - local_ranks) // local_ranks))
 
 
 def as_worker_error(exc: BaseException) -> ClToolError | None:

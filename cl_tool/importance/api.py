@@ -140,7 +140,14 @@ def importance_sums(
         if spec is None:
             engine = SignalEngine(model, autocast=autocast, bias_score=bias_score)
         else:
-            engine = GradEngine(model, spec, autocast=autocast, budget_bytes=budget, generator=generator)
+            engine = GradEngine(
+                model,
+                spec,
+                autocast=autocast,
+                budget_bytes=budget,
+                generator=generator,
+                scale_cotangents=precision == "fp16",
+            )
         for batch in batches:
             x, y = _batch_tensors(batch, device)
             if x.shape[0] == 0:

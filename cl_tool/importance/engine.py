@@ -31,6 +31,15 @@ hidden use such as weight tying through a functional call). Otherwise the fallba
 Models whose BatchNorm layers have no running statistics mix samples even in eval mode; all
 their parameters go through the fallback (statistic of each sample run on its own).
 
+fp16 (``scale_cotangents``): fp16 has no exponent below 2⁻²⁴, and the backward pass from the logits
+to the layer outputs runs in the forward pass's fp16, so the gradients of a confident model
+(p − e_y ~ 1e-6) lose their digits or become 0 there. Each batch's cotangents are multiplied by
+S = 2^−e, e the exponent of their largest magnitude m (m = f·2^e, f ∈ [½, 1)), so the largest is in
+[½, 1) — a per-batch loss scale that also scales a large cotangent down — and the rules'
+statistics are divided by S² (square) or S (abs) in float32 (exact: S is a power of two). The
+rules widen every output gradient to float32 before they form a per-sample statistic. The fallback
+computes its own per-sample losses and is not scaled.
+
 ``SignalEngine``: forward only, the rules' ``signal`` contributions summed over calls.
 """
 
@@ -130,8 +139,10 @@ class GradEngine:
         autocast=nullcontext,
         budget_bytes: int = 512 << 20,
         generator: torch.Generator | None = None,
+        scale_cotangents: bool = False,
     ):
         self.model, self.spec, self.autocast = model, spec, autocast
+        self.scale_cotangents, self._unscale = scale_cotangents, None
         self.budget_bytes, self.generator = budget_bytes, generator
         self.plan = make_plan(model)
         self.sums = {
@@ -154,6 +165,8 @@ class GradEngine:
         if z.grad_fn is None:
             z = z.view_as(z)  # logits that are a parameter: give the graph a root node
         cotangents = output_cotangents(z, targets, self.spec)
+        if self.scale_cotangents:
+            cotangents, self._unscale = scale_to_unit(cotangents, self.spec.stat)
         graph = GraphIndex(z.grad_fn)
         ruled, rest = self._split(calls, graph, batch)
         taps = {n: t for n in rest if (t := AdditiveTap.find(graph.consumers(self.plan.params[n]))) is not None}
@@ -238,7 +251,7 @@ class GradEngine:
                 self._finish(ruled[j], state)
         for n, s in tap_sums.items():
             if n not in failed:
-                self.sums[n] += s
+                self.sums[n] += s if self._unscale is None else s * self._unscale
         return sorted(failed)
 
     def _grad_hook(self, ruled, states, pending, last, j: int, k: int):
@@ -277,7 +290,7 @@ class GradEngine:
 
     def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:
         for local, s in stats.items():
-            self.sums[rm.names[local]] += s
+            self.sums[rm.names[local]] += s if self._unscale is None else s * self._unscale
 
     def _add_all_fallback(self, x, y) -> None:
         logits = _check_logits(self.fallback.logits(x), x.shape[0])
@@ -286,6 +299,16 @@ class GradEngine:
         self.fallback_names.update(names)
         for n, s in self.fallback.stats(names, x, targets, self.spec.passes(logits.shape[1])).items():
             self.sums[n] += s
+
+
+def scale_to_unit(cotangents: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S·V, 1/S² for ``sq`` or 1/S for ``abs``) with S = 2^−e, e the exponent of max|V| (max|V| = f·2^e,
+    f ∈ [½, 1); S = 1 for V = 0; e clamped to [−60, 60]): the largest cotangent becomes f. Stays on the device."""
+    _, e = torch.frexp(cotangents.detach().abs().amax())
+    e = e.clamp(-60, 60)  # S and 1/S² stay normal float32 numbers
+    scale = torch.ldexp(torch.ones((), dtype=cotangents.dtype, device=cotangents.device), -e)
+    unscale = torch.ldexp(torch.ones((), dtype=torch.float32, device=cotangents.device), e * (2 if stat == "sq" else 1))
+    return cotangents * scale, unscale
 
 
 class SignalEngine:
