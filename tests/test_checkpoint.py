@@ -120,3 +120,19 @@ def test_writer_output_reads_back_through_the_safetensors_library(tmp_path, with
     for entry in header.values():  # every tensor starts aligned to its item size
         size = {"F64": 8, "I64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(entry["dtype"], 1)
         assert entry["data_offsets"][0] % size == 0
+
+
+def test_init_leaves_batchnorm_statistics_untouched(cli, tmp_path):
+    """init's shape probe runs in eval mode: a fresh model's running mean is 0, its variance 1, no batch tracked."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "c.safetensors"
+    assert cli("init", "--arch", "cnn", "--arch-arg", "widths=4,8,8", "-o", out).code == 0
+    state = load_file(str(out))
+    means = [k for k in state if k.endswith("running_mean")]
+    assert means
+    for k in means:
+        stem = k[: -len("running_mean")]
+        assert float(state[k].abs().max()) == 0.0
+        assert float((state[stem + "running_var"] - 1).abs().max()) == 0.0
+        assert int(state[stem + "num_batches_tracked"]) == 0

@@ -76,8 +76,10 @@ class PaperCNN(nn.Module):
             nn.BatchNorm2d(w3),
             act(),
         )
+        self.features.eval()  # the size probe must not move the BatchNorm running statistics
         with torch.no_grad():
             n_flat = self.features(torch.zeros(1, c, h, w)).numel()
+        self.features.train()
         self.classifier = nn.Linear(n_flat, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

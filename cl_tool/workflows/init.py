@@ -115,6 +115,7 @@ def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
             spec.data_config["crop_pct"] = 1.0
     seed_everything(args.seed)
     model = build_model(spec)
+    model.eval()  # the shape probe must not move BatchNorm running statistics (a fresh model's are 0 and 1)
     with torch.no_grad():
         logits = model(torch.zeros((2,) + tuple(spec.input_shape)))
     if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
