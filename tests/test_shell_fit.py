@@ -266,3 +266,17 @@ def test_an_interruption_between_lambdas_leaves_none_of_the_outputs(cli, anchore
     assert r.code == 130, r.err
     assert written == ["b.lambda-0.safetensors"] and len(calls) == 2
     assert snapshot_dir(tmp_path) == before
+
+
+def test_eval_tasks_need_their_own_names(cli, small_mlp, demo_dir, tmp_path):
+    """Two --eval-data tasks named alike would share one column of figures: refused (exit 2) before training."""
+    base = ["train-next", small_mlp, "--data", f"{demo_dir}::limit=64", "--epochs", "1", "--penalty", "none"]
+    same = ["--eval-data", f"{demo_dir}::limit=32", "--eval-data", f"{demo_dir}::limit=32,permute=1"]
+    for extra in ([], ["--lambda", "1,10", "--penalty", "ewc"]):
+        r = cli(*base, *same, *extra, "-o", tmp_path / "o.safetensors")
+        assert r.code == 2 and "named demo" in r.error_line and "A=PATH" in r.error_line, r.err
+        assert not list(tmp_path.glob("o*"))
+    named = ["--eval-data", f"A={demo_dir}::limit=32", "--eval-data", f"B={demo_dir}::limit=32,permute=1"]
+    r = cli(*base, *named, "--workers", "0", "-o", tmp_path / "o.safetensors", "--json")
+    assert r.code == 0, r.err
+    assert [e["on"] for e in json.loads(r.out)["final_eval"]] == ["A", "B"]

@@ -462,6 +462,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
+    check_eval_names(eval_specs)
     runs = sweep_runs(args, eval_specs)
     resuming = args.resume and args.state_path.exists()
     _check_files(
@@ -769,18 +770,23 @@ def _train_next(
     return result_doc
 
 
+def check_eval_names(eval_specs) -> None:
+    """Every ``--eval-data`` task has its own name: the per-epoch figures (and a λ table) are keyed by it."""
+    names = [s.name or Path(s.source).name or s.source for s in eval_specs]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UsageError(
+            f"Two $eval_data tasks are named {twice}; each needs its own name for its figures: name them, "
+            f"e.g. A=PATH and B=PATH."
+        )
+
+
 def sweep_runs(args: TrainNextArgs, eval_specs) -> list[TrainNextArgs]:
     """The arguments of each run of a λ sweep (one λ, output ``OUT.lambda-λ.safetensors``, no plot); [] for one λ."""
     import dataclasses
 
     if len(args.lambdas) < 2:
         return []
-    names = [s.name or Path(s.source).name or s.source for s in eval_specs]
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if twice is not None:
-        raise UsageError(
-            f"Two $eval_data tasks are named {twice}; the λ table needs one column each: name them, e.g. A=PATH and B=PATH."
-        )
     return [
         dataclasses.replace(args, lam=repr(lam), plot=None, output=lambda_output(args.output, lam))
         for lam in args.lambdas
