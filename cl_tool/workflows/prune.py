@@ -10,7 +10,7 @@ from typing import Any, Optional
 from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES
+from cl_tool.importance import BIAS_SCORES, PAPER_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
@@ -88,6 +88,22 @@ class PruneArgs(Args):
         help="--by signal on data: a bias scores its unit's output after the activation (post-activation; softmax "
         "for the classifier; the authors' code) or before it (pre-activation).",
     )
+    signal_norm: Optional[str] = option(
+        None,
+        "--signal-norm",
+        metavar="NORM",
+        choices=SIGNAL_NORMS,
+        help="--by signal: sum (the paper) or mean of the input over each sample's positions (see importance); "
+        "default: the sidecar's, or sum on data. A signal sidecar of another variant is refused.",
+    )
+    signal_stat: Optional[str] = option(
+        None,
+        "--signal-stat",
+        metavar="STAT",
+        choices=SIGNAL_STATS,
+        help="--by signal: l1 (the paper) or l2 (Wanda) of the input (see importance); default: the sidecar's, or "
+        "l1 on data. A signal sidecar of another variant is refused.",
+    )
     bn_stats: str = option(
         "recompute",
         "--bn-stats",
@@ -115,6 +131,9 @@ class PruneArgs(Args):
         )
         self.ignore_unless(bool(self.data or self.score_data), ("bn_stats",), "prune without $data or $score_data")
         self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
+        self.ignore_unless(
+            "signal" in self.by or "importance" in self.by, ("signal_norm", "signal_stat"), f"$by {', '.join(self.by)}"
+        )
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:
@@ -218,6 +237,27 @@ def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> 
         out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
 
 
+def signal_variant(args: PruneArgs) -> dict[str, str]:
+    """The signal variant prune computes on data: the options given, the paper's (sum, l1) for those left out."""
+    return {k: getattr(args, k) or v for k, v in PAPER_SIGNAL.items()}
+
+
+def _check_stored_signal(args: PruneArgs, sc, path) -> None:
+    """A signal sidecar ranks only under the variant it was computed with: an explicit other one is exit 4."""
+    from cl_tool.importance import stored_signal_variant
+
+    if sc.method != "signal":
+        return
+    stored = stored_signal_variant(sc.options)
+    asked = {k: getattr(args, k) for k in stored if getattr(args, k) is not None}
+    wrong = next((k for k, v in asked.items() if v != stored[k]), None)
+    if wrong is not None:
+        raise IncompatibleError(
+            f"${wrong} {asked[wrong]} but {path} holds signal scores computed with {stored[wrong]}; recompute them "
+            f"with `cl-tool importance --method signal ${wrong} {asked[wrong]}`, or drop ${wrong}."
+        )
+
+
 def compute_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -247,6 +287,7 @@ def compute_scores(
             if use.note:
                 out.log(use.note)
             _note_stored_bias_score(args, by, sc, path, out)
+            _check_stored_signal(args, sc, path)
             check_names(path, sc.tensors, named, str(args.checkpoint))
             scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
             bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
@@ -285,11 +326,15 @@ def compute_scores(
             ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
             by,
             device=device,
-            **({"bias_score": args.bias_score} if by == "signal" else {}),
+            **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
         )
     if task.cache_note:
         out.log(task.cache_note)
-    record = {"by": by, "computed_on": task.describe(), **({"bias_score": args.bias_score} if by == "signal" else {})}
+    record = {
+        "by": by,
+        "computed_on": task.describe(),
+        **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
+    }
     return {n: scores[n].cpu() for n in named}, record
 
 
@@ -598,6 +643,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         if use.note:
             out.log(use.note)
         _note_stored_bias_score(args, by, sc, sidecar_path, out)
+        _check_stored_signal(args, sc, sidecar_path)
         check_names(sidecar_path, sc_file.header, shapes, where)
         for n in chosen:
             stored = sc_file.shape(n)
