@@ -17,7 +17,7 @@ from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "output")
 
 
 @dataclass(kw_only=True)
@@ -45,7 +45,8 @@ class PruneArgs(Args):
         "--scope",
         metavar="SCOPE",
         choices=SCOPES,
-        help="global (one threshold for all tensors) or layer (same sparsity in each tensor).",
+        help="global (one threshold for all tensors), layer (same sparsity in each tensor) or output (same sparsity in "
+        "each output row: a Linear row, a conv output channel; in memory).",
     )
     output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Pruned checkpoint to write.")
     mask_out: Optional[Path] = option(
@@ -427,7 +428,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     )
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
-    from cl_tool.pruning import apply_masks, global_masks, layer_masks, sparsity_report
+    from cl_tool.pruning import apply_masks, global_masks, layer_masks, output_masks, sparsity_report
     from cl_tool.runtime import keep_freed_memory, resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
@@ -446,7 +447,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    if args.sweep is None and args.checkpoint.is_file():
+    if args.sweep is None and args.checkpoint.is_file() and args.scope != "output":  # output scope: in memory only
         streamed = _prune_file(args, out)
         if streamed is not None:
             return streamed
@@ -471,7 +472,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     named = {n: ckpt.state[n] for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    make_masks = global_masks if args.scope == "global" else layer_masks
+    make_masks = {"global": global_masks, "layer": layer_masks, "output": output_masks}[args.scope]
     if args.sweep is not None:
         return _sweep(args, out, ckpt, get_model, named, chosen, make_masks, device)
 
