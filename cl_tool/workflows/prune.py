@@ -18,6 +18,8 @@ from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
 SCOPES = ("global", "layer", "output")
+RANKS = ("raw", "saliency")  # rank by Ω as stored, or by Ω·w² (Optimal Brain Damage's loss increase, halved)
+_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that are importances Ω, not already |w|-weighted
 
 
 @dataclass(kw_only=True)
@@ -89,6 +91,14 @@ class PruneArgs(Args):
         help="--by signal on data: a bias scores its unit's output after the activation (post-activation; softmax "
         "for the classifier; the authors' code) or before it (pre-activation).",
     )
+    rank: str = option(
+        "raw",
+        "--rank",
+        metavar="RANK",
+        choices=RANKS,
+        help="--by importance/fisher/mas/si: rank by the stored Ω (raw; the paper) or by Ω·w² (saliency: the "
+        "second-order loss increase ½·Ω·w² of zeroing w, Optimal Brain Damage; in memory).",
+    )
     signal_norm: Optional[str] = option(
         None,
         "--signal-norm",
@@ -135,6 +145,7 @@ class PruneArgs(Args):
         self.ignore_unless(
             "signal" in self.by or "importance" in self.by, ("signal_norm", "signal_stat"), f"$by {', '.join(self.by)}"
         )
+        self.ignore_unless(any(b in _SALIENCY_SCORES for b in self.by), ("rank",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:
@@ -262,10 +273,33 @@ def _check_stored_signal(args: PruneArgs, sc, path) -> None:
 def compute_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Scores for every named parameter, and a record of where they came from.
+    """Scores for every named parameter, and a record of where they came from; with ``--rank saliency`` (an
+    importance Ω), Ω·w² (:func:`saliency`).
 
     ``get_model()`` returns the materialised model; it is only called for scores computed on data.
     """
+    scores, record = _raw_scores(args, by, ckpt, get_model, named, device, out)
+    if args.rank == "saliency" and by in _SALIENCY_SCORES:
+        held = record.get("method", by)
+        if held in ("signal", "magnitude"):
+            raise IncompatibleError(
+                f"$rank saliency multiplies an importance by w², but {args.importance or 'the sidecar'} holds {held} "
+                f"scores, which already weigh |w|; use $rank raw, or a fisher/mas/si sidecar."
+            )
+        scores, record = saliency(scores, named), {**record, "rank": "saliency"}
+    return scores, record
+
+
+def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+    """Ω·w² per element (float32, CPU): the loss increase of zeroing w under a diagonal quadratic model of the
+    loss with curvature Ω is ½·Ω·w² (Optimal Brain Damage, LeCun et al. 1990); the ½ does not change a ranking."""
+    return {n: scores[n].float() * named[n].detach().float().cpu().square() for n in scores}
+
+
+def _raw_scores(
+    args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scores as stored or computed (before ``--rank``), and a record of where they came from."""
     from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import check_sidecar, fit_rows
@@ -447,7 +481,8 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    if args.sweep is None and args.checkpoint.is_file() and args.scope != "output":  # output scope: in memory only
+    in_memory = args.scope == "output" or (args.rank == "saliency" and args.by[0] in _SALIENCY_SCORES)
+    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer, raw
         streamed = _prune_file(args, out)
         if streamed is not None:
             return streamed
