@@ -37,6 +37,10 @@ exactly and deterministically:
   the bracket's copies. A caller that reads the tensors anyway hands the first read to
   :meth:`CutPlanner.observe`. :func:`global_masks` and :func:`layer_masks` are the in-memory
   API over torch tensors or numpy arrays.
+* **Output scope.** :func:`output_masks` (in memory only) applies the rule to each output row of a
+  tensor with ``ndim >= 2`` — the slice ``t[j]``: a Linear weight's row j (the weights into unit j), a
+  conv kernel's output channel j (all its C_in/groups·kh·kw weights) — and to each 1-D tensor as a whole:
+  ``k = floor(s·n_row + 1/2)`` per row, ties pruned at lower indices first (a stable argsort of the row).
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
 float64 and integer scores in float64 (integers above 2**53 lose exactness). The selection
@@ -725,6 +729,34 @@ def layer_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
     flattened tensor). Same errors as :func:`global_masks`.
     """
     return _masks(scores, sparsity, "layer")
+
+
+def output_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
+    """Keep-masks pruning the ``k = floor(s*n + 1/2)`` lowest scores of each output row (``t[j]`` of a tensor with
+    ``ndim >= 2``, ``n`` its elements) and of each 1-D tensor as a whole.
+
+    Ties within a row are pruned in flat-index order (a stable ascending sort of the row; ``-0.0`` equals ``+0.0``).
+    Same errors as :func:`global_masks`; scores compared in the dtype :func:`global_masks` uses.
+    """
+    import numpy as np
+
+    s = check_sparsity(sparsity)
+    sources, back = _in_memory(scores)
+    out = {}
+    for src in sources:
+        cdtype = _compute_dtype([src.dtype])
+        f = _flat(src, cdtype)
+        if np.isnan(f).any():
+            raise _nan_error(src.name)
+        n_rows = src.shape[0] if len(src.shape) >= 2 else 1
+        rows = f.reshape(n_rows, math.prod(src.shape[1:]) if len(src.shape) >= 2 else src.numel) + 0.0  # -0.0 → +0.0
+        k = num_to_prune(rows.shape[1], s)
+        keep = np.ones(rows.shape, dtype=bool)
+        if k and rows.size:
+            lowest = np.argsort(rows, axis=1, kind="stable")[:, :k]
+            np.put_along_axis(keep, lowest, False, axis=1)
+        out[src.name] = back(src.name, keep.reshape(src.shape))
+    return out
 
 
 def _masks(scores: Mapping[str, Any], sparsity: float, scope: str) -> dict[str, Any]:

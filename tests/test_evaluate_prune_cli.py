@@ -248,7 +248,7 @@ def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_
         "cpu",
     )
     assert r.code == 0, r.err
-    assert load_sidecar(side).options == {"bias_score": bias_score}
+    assert load_sidecar(side).options == {"bias_score": bias_score, "signal_norm": "sum", "signal_stat": "l1"}
     stored = tmp_path / "stored.safetensors"
     r = cli("prune", a, "--by", "importance", "--importance", side, *common, "-o", stored)
     assert r.code == 0, r.err

@@ -16,7 +16,11 @@ Methods (per sample n, ℓₙ the per-sample loss, gₙ = ∂ℓₙ/∂θ, see `
 * ``signal`` (paper §4): |w|·(total absolute input signal that reached w over the data), bias:
   total absolute output of its unit, after the activation that consumes it (``bias_score``
   ``post-activation``, the authors' code; softmax for the classifier) or before it
-  (``pre-activation``); a total, not a mean (see ``rules`` and ``SignalEngine``).
+  (``pre-activation``); a total over samples, not a mean (see ``rules`` and ``SignalEngine``).
+  ``signal_norm`` ``sum`` (the paper) totals a sample's positions (tokens, conv output positions),
+  ``mean`` averages them; ``signal_stat`` ``l1`` (the paper) sums |a|, ``l2`` takes √(Σ a²) of
+  the input (Wanda's |w|·‖X‖₂). ``importance_sums`` returns the additive sums (l2: squared),
+  ``finalize_importance(..., signal_stat=)`` the statistic; the formulas per layer are in ``rules``.
 * ``magnitude``: |w|; needs no data (count 0).
 
 The exact per-sample engine is described in ``engine`` (hooks + layer rules + exact fallback).
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from cl_tool.errors import BadInputError, UsageError
-from cl_tool.importance import METHODS
+from cl_tool.importance import METHODS, SIGNAL_STATS
 from cl_tool.importance.checks import check_finite
 from cl_tool.importance.engine import GradEngine, SignalEngine
 from cl_tool.importance.losses import LossSpec
@@ -107,6 +111,8 @@ def importance_sums(
     fisher_labels: str = "empirical",
     mas_output: str = "logits",
     bias_score: str = "post-activation",
+    signal_norm: str = "sum",
+    signal_stat: str = "l1",
     device="cpu",
     precision: str = "fp32",
     memory_budget_mb: float = 512,
@@ -121,7 +127,8 @@ def importance_sums(
     are materialised at once (activations of one batch come on top). The model runs in eval mode
     (BatchNorm on running statistics, dropout off) on ``device``; its modes and device are
     restored afterwards. ``progress(n)`` is called after each batch with its sample count.
-    ``bias_score`` (signal only): ``post-activation`` or ``pre-activation`` (see ``SignalEngine``).
+    ``bias_score`` (signal only): ``post-activation`` or ``pre-activation`` (see ``SignalEngine``);
+    ``signal_norm`` (``sum``/``mean``) and ``signal_stat`` (``l1``/``l2``): the signal variant (signal only).
     Raises BadInputError naming the parameter if a result is not finite.
     """
     _check_method(method)
@@ -138,7 +145,9 @@ def importance_sums(
     count = 0
     with _eval_on(model, device):
         if spec is None:
-            engine = SignalEngine(model, autocast=autocast, bias_score=bias_score)
+            engine = SignalEngine(
+                model, autocast=autocast, bias_score=bias_score, signal_norm=signal_norm, signal_stat=signal_stat
+            )
         else:
             engine = GradEngine(
                 model,
@@ -163,21 +172,28 @@ def importance_sums(
     return check_finite({n: t.float().cpu() for n, t in sums.items()}), count
 
 
-def finalize_importance(sums: dict[str, torch.Tensor], count: int, method: str) -> dict[str, torch.Tensor]:
-    """Importances from sums: fisher/mas → sums / N (per-sample mean); signal and magnitude → as is."""
+def finalize_importance(
+    sums: dict[str, torch.Tensor], count: int, method: str, *, signal_stat: str = "l1"
+) -> dict[str, torch.Tensor]:
+    """Importances from sums: fisher/mas → sums / N (per-sample mean); magnitude and signal l1 → as is; signal l2 →
+    √sums (the sums of squares are summed over batches and processes first)."""
     _check_method(method)
+    if method == "signal" and signal_stat not in SIGNAL_STATS:
+        raise UsageError(f"$signal_stat {signal_stat} is unknown; use one of {', '.join(SIGNAL_STATS)}.")
     if method in ("fisher", "mas"):
         if count <= 0:
             raise BadInputError(
                 f"No samples were seen, so the {method} importance is undefined; give a non-empty dataset."
             )
         out = {n: t.float() / float(count) for n, t in sums.items()}
+    elif method == "signal" and signal_stat == "l2":
+        out = {n: t.float().sqrt() for n, t in sums.items()}
     else:
         out = {n: t.float().clone() for n, t in sums.items()}
     return check_finite(out)
 
 
 def compute_importance(model: nn.Module, batches: Iterable, method: str, **kwargs) -> dict[str, torch.Tensor]:
-    """``finalize_importance(*importance_sums(model, batches, method, **kwargs), method)``."""
+    """``finalize_importance(*importance_sums(model, batches, method, **kwargs), method, signal_stat=...)``."""
     sums, count = importance_sums(model, batches, method, **kwargs)
-    return finalize_importance(sums, count, method)
+    return finalize_importance(sums, count, method, signal_stat=kwargs.get("signal_stat", "l1"))

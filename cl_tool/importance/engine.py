@@ -54,12 +54,12 @@ import torch
 from torch import nn
 
 from cl_tool.errors import IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES
+from cl_tool.importance import BIAS_SCORES, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.importance.capture import first_tensor, record_calls
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
-from cl_tool.importance.rules import Rule, is_activation, rule_for, set_chunk_layer
+from cl_tool.importance.rules import Rule, SignalVariant, is_activation, rule_for, set_chunk_layer
 
 
 @dataclass
@@ -326,12 +326,28 @@ class SignalEngine:
     output (the classifier's units are class probabilities), and the identity otherwise (a conv
     followed by a norm layer, a functional activation, a residual sum). ``pre-activation``:
     Σₙ |yₙⱼ| always. Only the bias scores differ between the two; weights are the same.
+
+    ``signal_norm``/``signal_stat`` choose the :class:`~cl_tool.importance.rules.SignalVariant`. The sums are the
+    additive parts (l2: squared); :meth:`SignalVariant.finish` (``finalize_importance``) turns them into the statistic.
     """
 
-    def __init__(self, model: nn.Module, *, autocast=nullcontext, bias_score: str = "post-activation"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        autocast=nullcontext,
+        bias_score: str = "post-activation",
+        signal_norm: str = "sum",
+        signal_stat: str = "l1",
+    ):
         if bias_score not in BIAS_SCORES:
             raise UsageError(f"$bias_score {bias_score} is unknown; use one of {', '.join(BIAS_SCORES)}.")
+        if signal_norm not in SIGNAL_NORMS:
+            raise UsageError(f"$signal_norm {signal_norm} is unknown; use one of {', '.join(SIGNAL_NORMS)}.")
+        if signal_stat not in SIGNAL_STATS:
+            raise UsageError(f"$signal_stat {signal_stat} is unknown; use one of {', '.join(SIGNAL_STATS)}.")
         self.model, self.autocast, self.bias_score = model, autocast, bias_score
+        self.variant = SignalVariant(signal_norm, signal_stat)
         self.plan = make_plan(model)
         self.sums = {
             n: torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype)) for n, p in self.plan.params.items()
@@ -354,7 +370,7 @@ class SignalEngine:
             if x_in is None or not isinstance(output, torch.Tensor):
                 return
             rm = by_module[module]
-            for local, s in rm.rule.signal(module, x_in.detach(), output.detach()).items():
+            for local, s in rm.rule.signal(module, x_in.detach(), output.detach(), self.variant).items():
                 if post and local == "bias":
                     earlier = waiting.pop(id(output), None)
                     if earlier is not None:  # a freed output whose id is reused: no activation took it
@@ -369,7 +385,7 @@ class SignalEngine:
             if entry is not None and entry[0]() is x_in and isinstance(output, torch.Tensor):
                 del waiting[id(x_in)]
                 rm = entry[1]
-                add(rm, "bias", rm.rule.bias_signal(rm.module, output.detach()))
+                add(rm, "bias", rm.rule.bias_signal(rm.module, output.detach(), self.variant))
 
         activations = [m for m in self.model.modules() if is_activation(m)] if post else []
         handles = [m.register_forward_hook(layer_hook, with_kwargs=True) for m in by_module]
@@ -383,14 +399,15 @@ class SignalEngine:
         for ref, rm, pre in waiting.values():
             t = ref()
             if t is not None and t is result:  # the classifier's output: class probabilities
-                add(rm, "bias", rm.rule.bias_signal(rm.module, torch.softmax(wide(t), dim=-1)))
+                add(rm, "bias", rm.rule.bias_signal(rm.module, torch.softmax(wide(t), dim=-1), self.variant))
             else:
                 add(rm, "bias", pre)
         self.count += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
+        """The additive sums (before :meth:`SignalVariant.finish`); an unsupported parameter θ: power(θ)·N."""
         out = dict(self.sums)
         for n, p in self.plan.params.items():
             if n not in self.plan.signal_owned:
-                out[n] = wide(p.detach()).abs() * float(self.count)
+                out[n] = self.variant.weight(p) * float(self.count)
         return out

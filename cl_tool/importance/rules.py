@@ -16,12 +16,24 @@ along the position (token / spatial) axis: the per-sample gradient of a shared w
 over all positions of all calls, which is exactly what the rules compute.
 
 Rules also give the forward-only ``signal`` statistic (paper §4, Kutalev & Lapina 2021): the
-magnitude of a weight times the total absolute input signal that reached it, see each rule.
+magnitude of a weight times the input signal that reached it, see each rule. With a_{n,p} the input
+that multiplies weight w in sample n at position p (a token, a spatial position of a conv's output;
+P_n positions per sample and call) and :class:`SignalVariant` (norm, stat), a call adds
+
+    l1, sum  (the paper):  |w| · Σₙ Σₚ |a_{n,p}|
+    l1, mean:              |w| · Σₙ (1/Pₙ) Σₚ |a_{n,p}|
+    l2, sum  (Wanda):      |w| · √(Σₙ Σₚ a²_{n,p})              = |w|·‖X_w‖₂ over all samples and positions
+    l2, mean:              |w| · √(Σₙ (1/Pₙ) Σₚ a²_{n,p})       = |w|·√N·RMS of a (equal Pₙ)
+
+A rule returns the additive part of one call (l1: the term itself; l2: w²·Σₙ (1/Pₙ)^[mean] Σₚ a²);
+the square root of the l2 total is taken once, over all calls, batches and processes
+(:meth:`SignalVariant.finish`). A bias is scored by the same formula on its unit's output y (w = 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +241,40 @@ def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_b
     return total
 
 
+@dataclass(frozen=True)
+class SignalVariant:
+    """How the signal statistic summarises the input a weight saw: over a sample's positions ``norm``
+    (``sum`` or ``mean``), of each value ``stat`` (``l1``: |a|, ``l2``: a², rooted at the end)."""
+
+    norm: str = "sum"
+    stat: str = "l1"
+
+    def power(self, t: torch.Tensor) -> torch.Tensor:
+        """|t| (l1) or t² (l2), in the accumulation dtype."""
+        t = wide(t)
+        return t.abs() if self.stat == "l1" else t.square()
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight factor of the additive part: |w| (l1) or w² (l2)."""
+        return self.power(w.detach())
+
+    def per_sample(self, total: torch.Tensor, positions: int) -> torch.Tensor:
+        """A total over samples and ``positions`` positions per sample: as is (sum) or divided by them (mean)."""
+        return total / positions if self.norm == "mean" and positions > 1 else total
+
+    def finish(self, s: torch.Tensor) -> torch.Tensor:
+        """The statistic from the additive total: as is (l1) or its square root (l2)."""
+        return s if self.stat == "l1" else s.sqrt()
+
+
+PAPER = SignalVariant()
+
+
+def _positions(t: torch.Tensor, features: int) -> int:
+    """Positions per sample of ``t`` (batch first) carrying ``features`` values each (1 for an empty or unbatched t)."""
+    return max(1, t.numel() // max(1, t.shape[0] * features)) if t.dim() > 1 else 1
+
+
 class Rule:
     """Base class: which modules a rule accepts and its two statistics."""
 
@@ -248,12 +294,12 @@ class Rule:
         """After the last pass of a batch: the statistics summed in ``state`` (``inputs``: the calls' inputs)."""
         return {}
 
-    def signal(self, module, inp: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Contribution of one call to the signal statistic (the bias's from ``out``, the pre-activation)."""
+    def signal(self, module, inp: torch.Tensor, out: torch.Tensor, v: SignalVariant = PAPER) -> dict[str, torch.Tensor]:
+        """Additive contribution of one call to the signal statistic (the bias's from ``out``, the pre-activation)."""
         raise NotImplementedError
 
-    def bias_signal(self, module, t: torch.Tensor) -> torch.Tensor:
-        """Σ|t| per bias element over samples and positions, for ``t`` shaped like the layer's output
+    def bias_signal(self, module, t: torch.Tensor, v: SignalVariant = PAPER) -> torch.Tensor:
+        """Σₙ (1/Pₙ)^[mean] Σₚ power(t) per bias element, for ``t`` shaped like the layer's output
         (its pre-activation output, or what the activation that consumes it made of it)."""
         raise NotImplementedError
 
@@ -268,7 +314,8 @@ class LinearRule(Rule):
 
     Signal: weight w_ji → |w_ji|·Σₙ Σ_t |aₙₜᵢ| (input units × weight units); bias b_j →
     Σₙ Σ_t |yₙₜⱼ| (the layer's output y, or φ(y) for the activation φ that consumes it: see
-    ``SignalEngine``; output units).
+    ``SignalEngine``; output units). Positions t: the tokens of an input (B, …, d_in), every axis
+    between the first and the last (one for a (B, d_in) input); other variants: module docstring.
     """
 
     base = nn.Linear
@@ -303,15 +350,15 @@ class LinearRule(Rule):
         w = finish_weight_stat(state["weight"], self._inputs(module, inputs), module.in_features, stat, budget_bytes)
         return {"weight": w[0]}
 
-    def signal(self, module, inp, out):
-        a = wide(inp).abs().reshape(-1, module.in_features).sum(0)
-        res = {"weight": wide(module.weight.detach()).abs() * a[None, :]}
+    def signal(self, module, inp, out, v=PAPER):
+        a = v.per_sample(v.power(inp).reshape(-1, module.in_features).sum(0), _positions(inp, module.in_features))
+        res = {"weight": v.weight(module.weight) * a[None, :]}
         if module.bias is not None:
-            res["bias"] = self.bias_signal(module, out)
+            res["bias"] = self.bias_signal(module, out, v)
         return res
 
-    def bias_signal(self, module, t):
-        return wide(t).abs().reshape(-1, module.out_features).sum(0)
+    def bias_signal(self, module, t, v=PAPER):
+        return v.per_sample(v.power(t).reshape(-1, module.out_features).sum(0), _positions(t, module.out_features))
 
 
 class ConvRule(Rule):
@@ -324,7 +371,8 @@ class ConvRule(Rule):
     Signal (generalisation of the paper's linear-layer rule): weight w[o,c,kh,kw] →
     |w[o,c,kh,kw]|·Σₙ Σ_positions |patch value at (c,kh,kw)| — the column sums of |unfold(x)|
     (after padding) for the input channels of o's group, i.e. the total absolute input that was
-    multiplied by that weight; bias → Σₙ Σ_positions |yₙ,o| (pre-activation output).
+    multiplied by that weight; bias → Σₙ Σ_positions |yₙ,o| (pre-activation output). Positions:
+    the L output positions of a call (padding included in the patches); ``mean`` divides by L.
     """
 
     base = (nn.Conv1d, nn.Conv2d)
@@ -412,17 +460,18 @@ class ConvRule(Rule):
             )
         }
 
-    def signal(self, module, inp, out):
+    def signal(self, module, inp, out, v=PAPER):
         g = module.groups
-        col = self.patches(module, wide(inp)).abs().sum(dim=(0, 2))  # (C_in·k,)
+        patches = self.patches(module, wide(inp))  # (B, C_in·k, L)
+        col = v.per_sample(v.power(patches).sum(dim=(0, 2)), patches.shape[2])  # (C_in·k,)
         col = col.reshape(g, 1, -1).expand(g, module.out_channels // g, col.numel() // g)
-        res = {"weight": wide(module.weight.detach()).abs() * col.reshape(module.weight.shape)}
+        res = {"weight": v.weight(module.weight) * col.reshape(module.weight.shape)}
         if module.bias is not None:
-            res["bias"] = self.bias_signal(module, out)
+            res["bias"] = self.bias_signal(module, out, v)
         return res
 
-    def bias_signal(self, module, t):
-        return _abs_sum_except(t, 1)
+    def bias_signal(self, module, t, v=PAPER):
+        return v.per_sample(_abs_sum_except(v.power(t), 1), _positions(t, module.out_channels))
 
 
 class _NormRule(Rule):
@@ -430,7 +479,8 @@ class _NormRule(Rule):
 
     Per sample: ∂ℓₙ/∂γ = Σ_positions Gₙ·x̂ₙ, ∂ℓₙ/∂β = Σ_positions Gₙ (materialised: only
     B × #features values). Signal (the linear rule applied to the diagonal map x̂ ↦ γ·x̂):
-    γ → |γ|·Σₙ Σ_positions |x̂| (x̂ is unitless), β → Σₙ Σ_positions |y| (output units).
+    γ → |γ|·Σₙ Σ_positions |x̂| (x̂ is unitless), β → Σₙ Σ_positions |y| (output units); the
+    positions are those that share one γ (spatial positions, tokens).
     """
 
     def normalized(self, module, x: torch.Tensor) -> torch.Tensor:
@@ -468,17 +518,21 @@ class _NormRule(Rule):
             out["bias"] = f(gb).sum(0)
         return out
 
-    def signal(self, module, inp, out):
+    def _features(self, module) -> int:
+        return (module.weight if module.weight is not None else module.bias).numel()
+
+    def signal(self, module, inp, out, v=PAPER):
         res = {}
         if module.weight is not None:
-            xhat = self.normalized(module, wide(inp)).abs()
-            res["weight"] = wide(module.weight.detach()).abs() * self.per_sample(module, xhat).sum(0)
+            xhat = v.power(self.normalized(module, wide(inp)))
+            total = v.per_sample(self.per_sample(module, xhat).sum(0), _positions(inp, self._features(module)))
+            res["weight"] = v.weight(module.weight) * total
         if module.bias is not None:
-            res["bias"] = self.bias_signal(module, out)
+            res["bias"] = self.bias_signal(module, out, v)
         return res
 
-    def bias_signal(self, module, t):
-        return self.per_sample(module, wide(t).abs()).sum(0)
+    def bias_signal(self, module, t, v=PAPER):
+        return v.per_sample(self.per_sample(module, v.power(t)).sum(0), _positions(t, self._features(module)))
 
 
 class LayerNormRule(_NormRule):
@@ -541,7 +595,8 @@ class EmbeddingRule(Rule):
     row v is the sum of Gₙₜ over the positions t where sample n looked v up (rows at
     ``padding_idx`` get no gradient). Computed by grouping (sample, row) pairs with ``unique``.
 
-    Signal: the linear rule with a one-hot input: row v → |w_v|·(number of look-ups of v).
+    Signal: the linear rule with a one-hot input: row v → |w_v|·(number of look-ups of v); the
+    positions are a sample's look-ups (``mean``: look-ups of v per look-up; ``l2``: |w_v|·√count).
     """
 
     base = nn.Embedding
@@ -567,9 +622,10 @@ class EmbeddingRule(Rule):
         weight = rows.new_zeros(vocab, dim).index_add_(0, uniq % vocab, f(per_sample_rows))
         return {"weight": weight}
 
-    def signal(self, module, inp, out):
+    def signal(self, module, inp, out, v=PAPER):
         counts = torch.bincount(inp.reshape(-1), minlength=module.num_embeddings).to(wide_dtype(module.weight.dtype))
-        return {"weight": wide(module.weight.detach()).abs() * counts[:, None]}
+        counts = v.per_sample(counts, _positions(inp, 1))
+        return {"weight": v.weight(module.weight) * counts[:, None]}
 
 
 RULES: tuple[Rule, ...] = (LinearRule(), ConvRule(), LayerNormRule(), BatchNormRule(), GroupNormRule(), EmbeddingRule())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import UsageError
-from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS
+from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option, precision_option, seed_option
@@ -47,6 +48,21 @@ class ImportanceArgs(Args):
         choices=BIAS_SCORES,
         help="signal: a bias scores its unit's output after the activation (post-activation; softmax for the "
         "classifier; the authors' code) or before it (pre-activation).",
+    )
+    signal_norm: str = option(
+        "sum",
+        "--signal-norm",
+        metavar="NORM",
+        choices=SIGNAL_NORMS,
+        help="signal: the input reaching a weight totalled over each sample's positions (sum; the paper) or "
+        "averaged over them (mean: conv layers and token sequences compare with one-position layers).",
+    )
+    signal_stat: str = option(
+        "l1",
+        "--signal-stat",
+        metavar="STAT",
+        choices=SIGNAL_STATS,
+        help="signal: |w|·Σ|a| (l1; the paper) or |w|·sqrt(Σa²) (l2; Wanda's |w|·||X||_2).",
     )
     output: Optional[Path] = option(
         None,
@@ -105,7 +121,9 @@ class ImportanceArgs(Args):
         )
         self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
         self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
-        self.ignore_unless(self.method == "signal", ("bias_score",), f"$method {self.method}")
+        self.ignore_unless(
+            self.method == "signal", ("bias_score", "signal_norm", "signal_stat"), f"$method {self.method}"
+        )
         if from_data and len(self.data) != 1:
             raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
 
@@ -115,7 +133,7 @@ class ImportanceArgs(Args):
         return {
             "fisher": {"fisher_labels": self.fisher_labels},
             "mas": {"mas_output": self.mas_output},
-            "signal": {"bias_score": self.bias_score},
+            "signal": {"bias_score": self.bias_score, "signal_norm": self.signal_norm, "signal_stat": self.signal_stat},
         }.get(self.method, {})
 
 
@@ -187,6 +205,8 @@ def _sums_on_task(
             fisher_labels=args.fisher_labels,
             mas_output=args.mas_output,
             bias_score=args.bias_score,
+            signal_norm=args.signal_norm,
+            signal_stat=args.signal_stat,
             device=device,
             precision=args.precision,
             memory_budget_mb=args.memory_budget_mb,
@@ -209,6 +229,29 @@ def _sums_on_task(
     return sums, count, data_desc
 
 
+def _combine(args: ImportanceArgs, prev, omega: dict[str, Any]) -> dict[str, Any]:
+    """Ω = γ·Ω_prev + Ω_new; signal sidecars of one variant only, l2 on the squares: √(γ·Ω_prev² + Ω_new²)."""
+    from cl_tool.errors import IncompatibleError
+    from cl_tool.importance import stored_signal_variant
+    from cl_tool.sidecar import combine
+
+    if args.method != "signal" and prev.method != "signal":
+        return combine(prev, omega, args.decay)
+    ours = {"signal_norm": args.signal_norm, "signal_stat": args.signal_stat}
+    theirs = stored_signal_variant(prev.options) if prev.method == "signal" else None
+    if args.method != prev.method or theirs != ours:
+        held = f"{prev.method}" if theirs is None else f"signal ({theirs['signal_norm']}, {theirs['signal_stat']})"
+        raise IncompatibleError(
+            f"$accumulate {prev.path} holds {held} importances, which do not add to {args.method}"
+            f"{f' ({args.signal_norm}, {args.signal_stat})' if args.method == 'signal' else ''} ones; accumulate "
+            f"sidecars of the same method and signal variant."
+        )
+    if args.signal_stat == "l1":
+        return combine(prev, omega, args.decay)
+    prev_sq = dataclasses.replace(prev, tensors={n: t.square() for n, t in prev.tensors.items()})
+    return {n: t.sqrt() for n, t in combine(prev_sq, {n: t.square() for n, t in omega.items()}, args.decay).items()}
+
+
 def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     """Σ of the method's per-sample statistic over the task (sharded over torchrun ranks), finalised, accumulated, written."""
 
@@ -220,7 +263,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.importance.rules import logging_chunks
     from cl_tool.models import trainable_parameters
     from cl_tool.runtime import debug_enabled, keep_freed_memory, seed_everything, set_cuda_precision
-    from cl_tool.sidecar import Sidecar, combine, default_sidecar_path, load_sidecar, save_sidecar
+    from cl_tool.sidecar import Sidecar, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
     specs = task_specs(args.data, args.data_options) if args.method != "magnitude" else []  # magnitude ignores --data
@@ -256,7 +299,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
             task.close()
             if task.cache_note:
                 out.log(task.cache_note)
-    omega = finalize_importance(sums, count, args.method)
+    omega = finalize_importance(sums, count, args.method, signal_stat=args.signal_stat)
     missing = [n for n in named if n not in omega]
     if missing:
         raise RuntimeError(f"importance engine returned no value for {missing[0]}")
@@ -271,7 +314,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
         }
     ]
     if prev is not None:
-        omega = combine(prev, omega, args.decay)
+        omega = _combine(args, prev, omega)
         tasks = prev.tasks + tasks
     summary = layer_summary(omega)
     result = {

@@ -10,14 +10,16 @@ from typing import Any, Optional
 from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES
+from cl_tool.importance import BIAS_SCORES, PAPER_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "output")
+RANKS = ("raw", "saliency")  # rank by Ω as stored, or by Ω·w² (Optimal Brain Damage's loss increase, halved)
+_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that are importances Ω, not already |w|-weighted
 
 
 @dataclass(kw_only=True)
@@ -45,7 +47,8 @@ class PruneArgs(Args):
         "--scope",
         metavar="SCOPE",
         choices=SCOPES,
-        help="global (one threshold for all tensors) or layer (same sparsity in each tensor).",
+        help="global (one threshold for all tensors), layer (same sparsity in each tensor) or output (same sparsity in "
+        "each output row: a Linear row, a conv output channel; in memory).",
     )
     output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Pruned checkpoint to write.")
     mask_out: Optional[Path] = option(
@@ -88,6 +91,30 @@ class PruneArgs(Args):
         help="--by signal on data: a bias scores its unit's output after the activation (post-activation; softmax "
         "for the classifier; the authors' code) or before it (pre-activation).",
     )
+    rank: str = option(
+        "raw",
+        "--rank",
+        metavar="RANK",
+        choices=RANKS,
+        help="--by importance/fisher/mas/si: rank by the stored Ω (raw; the paper) or by Ω·w² (saliency: the "
+        "second-order loss increase ½·Ω·w² of zeroing w, Optimal Brain Damage; in memory).",
+    )
+    signal_norm: Optional[str] = option(
+        None,
+        "--signal-norm",
+        metavar="NORM",
+        choices=SIGNAL_NORMS,
+        help="--by signal: sum (the paper) or mean of the input over each sample's positions (see importance); "
+        "default: the sidecar's, or sum on data. A signal sidecar of another variant is refused.",
+    )
+    signal_stat: Optional[str] = option(
+        None,
+        "--signal-stat",
+        metavar="STAT",
+        choices=SIGNAL_STATS,
+        help="--by signal: l1 (the paper) or l2 (Wanda) of the input (see importance); default: the sidecar's, or "
+        "l1 on data. A signal sidecar of another variant is refused.",
+    )
     bn_stats: str = option(
         "recompute",
         "--bn-stats",
@@ -115,6 +142,10 @@ class PruneArgs(Args):
         )
         self.ignore_unless(bool(self.data or self.score_data), ("bn_stats",), "prune without $data or $score_data")
         self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
+        self.ignore_unless(
+            "signal" in self.by or "importance" in self.by, ("signal_norm", "signal_stat"), f"$by {', '.join(self.by)}"
+        )
+        self.ignore_unless(any(b in _SALIENCY_SCORES for b in self.by), ("rank",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
             if self.sparsity is None:
@@ -218,13 +249,57 @@ def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> 
         out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
 
 
+def signal_variant(args: PruneArgs) -> dict[str, str]:
+    """The signal variant prune computes on data: the options given, the paper's (sum, l1) for those left out."""
+    return {k: getattr(args, k) or v for k, v in PAPER_SIGNAL.items()}
+
+
+def _check_stored_signal(args: PruneArgs, sc, path) -> None:
+    """A signal sidecar ranks only under the variant it was computed with: an explicit other one is exit 4."""
+    from cl_tool.importance import stored_signal_variant
+
+    if sc.method != "signal":
+        return
+    stored = stored_signal_variant(sc.options)
+    asked = {k: getattr(args, k) for k in stored if getattr(args, k) is not None}
+    wrong = next((k for k, v in asked.items() if v != stored[k]), None)
+    if wrong is not None:
+        raise IncompatibleError(
+            f"${wrong} {asked[wrong]} but {path} holds signal scores computed with {stored[wrong]}; recompute them "
+            f"with `cl-tool importance --method signal ${wrong} {asked[wrong]}`, or drop ${wrong}."
+        )
+
+
 def compute_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Scores for every named parameter, and a record of where they came from.
+    """Scores for every named parameter, and a record of where they came from; with ``--rank saliency`` (an
+    importance Ω), Ω·w² (:func:`saliency`).
 
     ``get_model()`` returns the materialised model; it is only called for scores computed on data.
     """
+    scores, record = _raw_scores(args, by, ckpt, get_model, named, device, out)
+    if args.rank == "saliency" and by in _SALIENCY_SCORES:
+        held = record.get("method", by)
+        if held in ("signal", "magnitude"):
+            raise IncompatibleError(
+                f"$rank saliency multiplies an importance by w², but {args.importance or 'the sidecar'} holds {held} "
+                f"scores, which already weigh |w|; use $rank raw, or a fisher/mas/si sidecar."
+            )
+        scores, record = saliency(scores, named), {**record, "rank": "saliency"}
+    return scores, record
+
+
+def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+    """Ω·w² per element (float32, CPU): the loss increase of zeroing w under a diagonal quadratic model of the
+    loss with curvature Ω is ½·Ω·w² (Optimal Brain Damage, LeCun et al. 1990); the ½ does not change a ranking."""
+    return {n: scores[n].float() * named[n].detach().float().cpu().square() for n in scores}
+
+
+def _raw_scores(
+    args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scores as stored or computed (before ``--rank``), and a record of where they came from."""
     from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import check_sidecar, fit_rows
@@ -247,6 +322,7 @@ def compute_scores(
             if use.note:
                 out.log(use.note)
             _note_stored_bias_score(args, by, sc, path, out)
+            _check_stored_signal(args, sc, path)
             check_names(path, sc.tensors, named, str(args.checkpoint))
             scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
             bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
@@ -285,11 +361,15 @@ def compute_scores(
             ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
             by,
             device=device,
-            **({"bias_score": args.bias_score} if by == "signal" else {}),
+            **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
         )
     if task.cache_note:
         out.log(task.cache_note)
-    record = {"by": by, "computed_on": task.describe(), **({"bias_score": args.bias_score} if by == "signal" else {})}
+    record = {
+        "by": by,
+        "computed_on": task.describe(),
+        **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
+    }
     return {n: scores[n].cpu() for n in named}, record
 
 
@@ -382,7 +462,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     )
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
-    from cl_tool.pruning import apply_masks, global_masks, layer_masks, sparsity_report
+    from cl_tool.pruning import apply_masks, global_masks, layer_masks, output_masks, sparsity_report
     from cl_tool.runtime import keep_freed_memory, resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
@@ -401,7 +481,8 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    if args.sweep is None and args.checkpoint.is_file():
+    in_memory = args.scope == "output" or (args.rank == "saliency" and args.by[0] in _SALIENCY_SCORES)
+    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer, raw
         streamed = _prune_file(args, out)
         if streamed is not None:
             return streamed
@@ -426,7 +507,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     named = {n: ckpt.state[n] for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    make_masks = global_masks if args.scope == "global" else layer_masks
+    make_masks = {"global": global_masks, "layer": layer_masks, "output": output_masks}[args.scope]
     if args.sweep is not None:
         return _sweep(args, out, ckpt, get_model, named, chosen, make_masks, device)
 
@@ -598,6 +679,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         if use.note:
             out.log(use.note)
         _note_stored_bias_score(args, by, sc, sidecar_path, out)
+        _check_stored_signal(args, sc, sidecar_path)
         check_names(sidecar_path, sc_file.header, shapes, where)
         for n in chosen:
             stored = sc_file.shape(n)
