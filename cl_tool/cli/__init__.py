@@ -67,7 +67,7 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
     quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout with --json)."
+        False, "--quiet", "-q", help="Only errors and warnings on stderr (the result still goes to stdout)."
     ),
 ):
     """cl-tool: continual learning with stabilized EWC, importances and pruning from the shell."""
