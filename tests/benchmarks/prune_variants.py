@@ -1,4 +1,4 @@
-"""NOT YET RUN — the measurement issue 23 asks for, written before it is made; no figure below exists yet.
+"""The score variants of issue 23 on the paper CNN (first run: seeds 0, 1, 2; README "Pruning the paper CNN by score variant").
 
 Which stored score prunes the paper CNN best: for each seed, the CNN is trained on an MNIST folder (save_to_disk or
 imagefolder, ``--data PATH``) with ±2-pixel shifts, then every score variant is swept over the sparsities 0.5–0.95
