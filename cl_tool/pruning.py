@@ -41,6 +41,10 @@ exactly and deterministically:
   tensor with ``ndim >= 2`` — the slice ``t[j]``: a Linear weight's row j (the weights into unit j), a
   conv kernel's output channel j (all its C_in/groups·kh·kw weights) — and to each 1-D tensor as a whole:
   ``k = floor(s·n_row + 1/2)`` per row, ties pruned at lower indices first (a stable argsort of the row).
+* **LAMP scope.** :func:`lamp_masks` (in memory only) ranks globally by each score's layer-adaptive
+  normalisation (Lee et al. 2021): within a tensor, sorted ascending, ``u ↦ s_u² / Σ_{v ≥ u} s_v²`` (the
+  score's square over the squares of itself and every score above it in that tensor), so every tensor's top
+  score is 1 and keeps at least one element below 100 % sparsity. With ``s = |w|`` this is LAMP itself.
 
 Scores may be any real dtype; float16/bfloat16/float32 are compared in float32,
 float64 and integer scores in float64 (integers above 2**53 lose exactness). The selection
@@ -757,6 +761,42 @@ def output_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
             np.put_along_axis(keep, lowest, False, axis=1)
         out[src.name] = back(src.name, keep.reshape(src.shape))
     return out
+
+
+def lamp_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """Each tensor's scores normalised by LAMP (Lee et al. 2021), float64 numpy, same shapes and order.
+
+    In a tensor with scores sorted ascending ``s_(1) ≤ … ≤ s_(n)``: ``lamp(s_(i)) = s_(i)² / Σ_{j ≥ i} s_(j)²``,
+    in [0, 1], 1 at the top score (0/0 → 0: an all-zero tensor); equal scores get the stable sort's order (the
+    lower flat index first, hence the smaller value). Unitless, so one global threshold compares tensors.
+    """
+    import numpy as np
+
+    sources, _ = _in_memory(scores)
+    out = {}
+    for src in sources:
+        f = _flat(src, "float64")
+        if np.isnan(f).any():
+            raise _nan_error(src.name)
+        order = np.argsort(f, kind="stable")
+        sq = np.square(f[order])
+        tail = np.cumsum(sq[::-1])[::-1]  # Σ_{j ≥ i} s_(j)²
+        lamp = np.empty_like(sq)
+        np.divide(sq, tail, out=lamp, where=tail > 0)
+        lamp[tail <= 0] = 0.0
+        normalised = np.empty_like(lamp)
+        normalised[order] = lamp
+        out[src.name] = normalised.reshape(src.shape)
+    return out
+
+
+def lamp_masks(scores: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
+    """Keep-masks pruning the ``k = floor(s*N + 1/2)`` lowest :func:`lamp_scores` overall (ties as
+    :func:`global_masks`); masks in the input's type and device."""
+    check_sparsity(sparsity)
+    _, back = _in_memory(scores)
+    masks = global_masks(lamp_scores(scores), sparsity)
+    return {n: back(n, m) for n, m in masks.items()}
 
 
 def _masks(scores: Mapping[str, Any], sparsity: float, scope: str) -> dict[str, Any]:

@@ -256,6 +256,17 @@ def task_specs(values: list[str], options: DataOptions, field: str = "data", rol
     return specs
 
 
+def check_unique_names(specs: list[TaskSpec]) -> None:
+    """Every task of one option has its own name (its figures are keyed by it): exit 2 naming the first repeated one."""
+    names = [s.name or Path(s.source).name or s.source for s in specs]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UsageError(
+            f"Two ${specs[0].option} tasks are named {twice}; each needs its own name for its figures: name them, "
+            f"e.g. A=PATH and B=PATH."
+        )
+
+
 def local_paths(specs: list[TaskSpec]) -> list[str]:
     """The sources of ``specs`` that are local files or folders (hub ids are not)."""
     import os

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +18,7 @@ from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
-SCOPES = ("global", "layer", "output")
+SCOPES = ("global", "layer", "output", "lamp")
 RANKS = ("raw", "saliency")  # rank by Ω as stored, or by Ω·w² (Optimal Brain Damage's loss increase, halved)
 _SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that are importances Ω, not already |w|-weighted
 
@@ -47,8 +48,10 @@ class PruneArgs(Args):
         "--scope",
         metavar="SCOPE",
         choices=SCOPES,
-        help="global (one threshold for all tensors), layer (same sparsity in each tensor) or output (same sparsity in "
-        "each output row: a Linear row, a conv output channel; in memory).",
+        help="global (one threshold for all tensors), layer (same sparsity in each tensor), output (same sparsity in "
+        "each output row: a Linear row, a conv output channel; in memory) or lamp (one threshold over each tensor's "
+        "scores normalised as LAMP does, s²/Σ of the s'² ≥ s in that tensor, so tensors of different scales compare; "
+        "in memory).",
     )
     output: Optional[Path] = option(None, "--output", "-o", metavar="FILE", help="Pruned checkpoint to write.")
     mask_out: Optional[Path] = option(
@@ -161,8 +164,10 @@ class PruneArgs(Args):
             raise UsageError("$sweep evaluates without writing checkpoints; drop $output/$mask_out or drop $sweep.")
         if self.sparsity is not None:
             raise UsageError("$sweep and $sparsity contradict each other; use one.")
-        if len(self.data) != 1:
-            raise UsageError("$sweep needs exactly one $data to evaluate on.")
+        if not self.data:
+            raise UsageError(
+                "$sweep needs $data to evaluate on (repeat it for several tasks: a curve each and their mean)."
+            )
         try:
             self.levels = [float(v) for v in self.sweep.split(",") if v.strip()]
         except ValueError as exc:
@@ -199,21 +204,39 @@ def _note_unused_score_data(args: PruneArgs, names, out: Output) -> None:
         out.log(f"note: $by {', '.join(args.by)} on a model without BatchNorm ignores $score_data (not used there).")
 
 
-def _open_bn_task(args: PruneArgs, field: str, ckpt):
+class _Tasks:
+    """Several opened tasks read one after another: BatchNorm statistics re-estimated over all of them."""
+
+    def __init__(self, tasks: list) -> None:
+        self.tasks = tasks
+
+    @property
+    def name(self) -> str:
+        return " + ".join(t.spec.name for t in self.tasks)
+
+    def batches(self, *, batch_size: int, device):
+        for task in self.tasks:
+            yield from task.batches(batch_size=batch_size, device=device)
+
+    def describe(self) -> dict[str, Any] | list[dict[str, Any]]:
+        docs = [t.describe() for t in self.tasks]
+        return docs[0] if len(docs) == 1 else docs
+
+
+def _open_bn_tasks(args: PruneArgs, field: str, ckpt, stack) -> _Tasks:
+    """The tasks of ``field`` (entered on ``stack``) that BatchNorm statistics are re-estimated on, in order."""
     from cl_tool.data import open_tasks, task_specs
 
-    values = getattr(args, field)
-    if len(values) != 1:
-        raise UsageError(
-            f"Re-estimating BatchNorm statistics after pruning needs one ${field} (got {len(values)}); give one, or "
-            f"pass $bn_stats keep."
-        )
     role = "train" if field == "score_data" else "eval"
-    (task,) = open_tasks(task_specs(values, args.data_options, field, role=role), ckpt.spec, args.data_options)
-    return task  # labels are not read: BatchNorm statistics need the images only
+    tasks = open_tasks(
+        task_specs(getattr(args, field), args.data_options, field, role=role), ckpt.spec, args.data_options
+    )
+    return _Tasks([stack.enter_context(t) for t in tasks])  # labels are not read: the statistics need the images only
 
 
-def _bn_note(args: PruneArgs, field: str, task, rec: dict[str, Any], out: Output, sweep: bool) -> dict[str, Any]:
+def _bn_note(
+    args: PruneArgs, field: str, tasks: _Tasks, rec: dict[str, Any], out: Output, sweep: bool
+) -> dict[str, Any]:
     """Log and return the record of a re-estimation after masking."""
     where = (
         " (the evaluation data; $score_data TRAIN estimates them on training data instead)"
@@ -222,9 +245,9 @@ def _bn_note(args: PruneArgs, field: str, task, rec: dict[str, Any], out: Output
     )
     out.log(
         f"BatchNorm statistics re-estimated after masking{' at every sparsity' if sweep else ''} over "
-        f"{rec['samples']:,} samples of {task.spec.name}{where}; $bn_stats keep keeps the checkpoint's."
+        f"{rec['samples']:,} samples of {tasks.name}{where}; $bn_stats keep keeps the checkpoint's."
     )
-    return {"method": "recomputed", "data": task.describe(), **rec}
+    return {"method": "recomputed", "data": tasks.describe(), **rec}
 
 
 def _selected(args: PruneArgs, named: dict[str, Any], layout: dict[str, Any]) -> list[str]:
@@ -374,41 +397,54 @@ def _raw_scores(
 
 
 def _sweep(args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device) -> dict[str, Any]:
-    """Accuracy on ``args.data`` at every sparsity of the sweep, for every ``--by`` score; writes nothing but the plot."""
-    from cl_tool.data import open_tasks, task_specs
+    """Accuracy on every ``--data`` task at every sparsity of the sweep, for every ``--by`` score, and their mean over
+    the tasks; writes nothing but the plot."""
+    from cl_tool.data import check_unique_names, open_tasks, task_specs
 
-    (test,) = open_tasks(
-        task_specs(args.data, args.data_options, role="eval"), ckpt.spec, args.data_options, log=out.log, match=True
-    )
-    try:
-        with test:
+    specs = task_specs(args.data, args.data_options, role="eval")
+    check_unique_names(specs)
+    with ExitStack() as stack:
+        tests = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
+        try:
+            for t in tests:
+                stack.enter_context(t)
             field = _bn_field(args) if _has_bn_stats(ckpt.state) else None
-            if field == "score_data":
-                with _open_bn_task(args, field, ckpt) as bn_task:
-                    return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, test, bn_task)
-            return _sweep_on(
-                args, out, ckpt, get_model, named, chosen, make_masks, device, test, test if field == "data" else None
+            bn_tasks = (
+                _open_bn_tasks(args, field, ckpt, stack)
+                if field == "score_data"
+                else _Tasks(tests)
+                if field == "data"
+                else None
             )
-    finally:
-        if test.cache_note:
-            out.log(test.cache_note)
+            return _sweep_on(args, out, ckpt, get_model, named, chosen, make_masks, device, tests, bn_tasks)
+        finally:
+            for t in tests:
+                if t.cache_note:
+                    out.log(t.cache_note)
+
+
+def _evaluate_all(model, tests, args: PruneArgs, device) -> dict[str, float]:
+    from cl_tool.evaluation import evaluate_task
+
+    return {t.spec.name: evaluate_task(model, t, device=device, batch_size=args.batch_size)[0] for t in tests}
 
 
 def _sweep_on(
-    args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, test, bn_task
+    args: PruneArgs, out: Output, ckpt, get_model, named, chosen, make_masks, device, tests, bn_tasks
 ) -> dict[str, Any]:
-    """The sweep on the opened ``test`` task; ``bn_task``: the task BatchNorm statistics are re-estimated on after
-    masking at every sparsity, or None."""
+    """The sweep on the opened ``tests``; ``bn_tasks``: the tasks BatchNorm statistics are re-estimated on after
+    masking at every sparsity, or None. Each point's ``accuracy`` is the mean over the tasks (the task's own for one),
+    ``tasks`` each task's."""
     import torch
 
-    from cl_tool.evaluation import evaluate_task
     from cl_tool.training import recompute_bn_stats
 
     model = get_model()
     params = dict(model.named_parameters())
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base_acc, _ = evaluate_task(model, test, device=device, batch_size=args.batch_size)
-    curves: dict[str, list[tuple[float, float]]] = {}
+    base = _evaluate_all(model, tests, args, device)
+    base_acc = sum(base.values()) / len(base)
+    curves: dict[str, list[dict[str, Any]]] = {}
     bn = None
     for by in args.by:
         scores, _ = compute_scores(args, by, ckpt, get_model, named, device, out)
@@ -418,33 +454,49 @@ def _sweep_on(
             with torch.no_grad():
                 for n, m in make_masks(scores, s).items():
                     params[n].masked_fill_(m.to(params[n].device).logical_not(), 0)
-            if bn_task is not None:
-                rec = recompute_bn_stats(model, bn_task, device=device, batch_size=args.batch_size)
+            if bn_tasks is not None:
+                rec = recompute_bn_stats(model, bn_tasks, device=device, batch_size=args.batch_size)
                 if rec is not None and bn is None:
-                    bn = _bn_note(args, "score_data" if bn_task is not test else "data", bn_task, rec, out, True)
-            curve.append((s, evaluate_task(model, test, device=device, batch_size=args.batch_size)[0]))
+                    field = "data" if bn_tasks.tasks == tests else "score_data"
+                    bn = _bn_note(args, field, bn_tasks, rec, out, True)
+            acc = _evaluate_all(model, tests, args, device)
+            curve.append({"sparsity": s, "accuracy": sum(acc.values()) / len(acc), "tasks": acc})
             model.load_state_dict(original)
         curves[by] = curve
-    out.table(
-        f"accuracy vs sparsity on {test.spec.name} (unpruned {base_acc:.4f})",
-        ["sparsity"] + list(curves),
-        [[f"{s:g}"] + [curves[b][i][1] for b in curves] for i, s in enumerate(args.levels)],
-    )
+    names = list(base)
+    where = names[0] if len(names) == 1 else f"{', '.join(names)} (mean over the tasks)"
+    if len(names) == 1:
+        header, rows = (
+            ["sparsity"] + list(curves),
+            [[f"{s:g}"] + [curves[b][i]["accuracy"] for b in curves] for i, s in enumerate(args.levels)],
+        )
+    else:
+        header = ["sparsity"] + [f"{b} {n}" for b in curves for n in [*names, "mean"]]
+        rows = [
+            [f"{s:g}"]
+            + [curves[b][i]["tasks"].get(n, curves[b][i]["accuracy"]) for b in curves for n in [*names, "mean"]]
+            for i, s in enumerate(args.levels)
+        ]
+    out.table(f"accuracy vs sparsity on {where} (unpruned {base_acc:.4f})", header, rows)
     if args.plot is not None:
         from cl_tool.plots import plot_prune_curves
 
         plot_prune_curves(
-            curves, args.plot, title=f"{Path(str(args.checkpoint)).name} on {test.spec.name}", force=args.force
+            {b: [(p["sparsity"], p["accuracy"]) for p in c] for b, c in curves.items()},
+            args.plot,
+            title=f"{Path(str(args.checkpoint)).name} on {where}",
+            force=args.force,
         )
     return out.result(
         {
             "checkpoint": str(args.checkpoint),
-            "data": test.describe(),
+            "data": tests[0].describe() if len(tests) == 1 else [t.describe() for t in tests],
             "scope": args.scope,
             "unpruned_accuracy": base_acc,
+            "unpruned": base,
             "bn_stats": bn,
             "sparsities": args.levels,
-            "curves": {b: [{"sparsity": s, "accuracy": a} for s, a in c] for b, c in curves.items()},
+            "curves": curves,
         }
     )
 
@@ -462,7 +514,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     )
     from cl_tool.data import local_paths, task_specs
     from cl_tool.masks import save_mask
-    from cl_tool.pruning import apply_masks, global_masks, layer_masks, output_masks, sparsity_report
+    from cl_tool.pruning import apply_masks, global_masks, lamp_masks, layer_masks, output_masks, sparsity_report
     from cl_tool.runtime import keep_freed_memory, resolve_device
     from cl_tool.sidecar import default_sidecar_path
 
@@ -481,7 +533,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    in_memory = args.scope == "output" or (args.rank == "saliency" and args.by[0] in _SALIENCY_SCORES)
+    in_memory = args.scope in ("output", "lamp") or (args.rank == "saliency" and args.by[0] in _SALIENCY_SCORES)
     if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer, raw
         streamed = _prune_file(args, out)
         if streamed is not None:
@@ -507,7 +559,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     named = {n: ckpt.state[n] for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    make_masks = {"global": global_masks, "layer": layer_masks, "output": output_masks}[args.scope]
+    make_masks = {"global": global_masks, "layer": layer_masks, "output": output_masks, "lamp": lamp_masks}[args.scope]
     if args.sweep is not None:
         return _sweep(args, out, ckpt, get_model, named, chosen, make_masks, device)
 
@@ -523,9 +575,10 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
         model = get_model()
         apply_masks(dict(model.named_parameters()), masks)
-        with _open_bn_task(args, field, ckpt) as task:
-            rec = recompute_bn_stats(model, task, device=device, batch_size=args.batch_size)
-            bn = _bn_note(args, field, task, rec, out, False) if rec is not None else None
+        with ExitStack() as stack:
+            tasks = _open_bn_tasks(args, field, ckpt, stack)
+            rec = recompute_bn_stats(model, tasks, device=device, batch_size=args.batch_size)
+            bn = _bn_note(args, field, tasks, rec, out, False) if rec is not None else None
     state = {k: v.detach().cpu() for k, v in (materialised[0].state_dict() if materialised else ckpt.state).items()}
     apply_masks(state, masks)
     rows, total = sparsity_report(masks)
