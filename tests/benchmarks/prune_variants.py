@@ -1,18 +1,19 @@
-"""The score variants of issue 23 on the paper CNN (first run: seeds 0, 1, 2; README "Pruning the paper CNN by score variant").
+"""Which stored score prunes a trained network best (issue 23; README "Pruning by score variant").
 
-Which stored score prunes the paper CNN best: for each seed, the CNN is trained on an MNIST folder (save_to_disk or
-imagefolder, ``--data PATH``) with ±2-pixel shifts, then every score variant is swept over the sparsities 0.5–0.95
-(one-shot, ``prune --sweep`` on the test split), with and without BatchNorm re-estimation on the training split:
+For each seed, a model (``--arch``: the paper CNN, resnet18 at 1×28×28 with BatchNorm, or a small timm ViT) is
+trained on an MNIST folder (save_to_disk or imagefolder with train and test splits, ``--data PATH``) with ±2-pixel
+shifts, then every score variant is swept over the sparsities 0.5–0.95 (one-shot, ``prune --sweep`` on the test
+split; BatchNorm statistics re-estimated on the training split's first ``--score-samples`` rows after masking):
 
-* magnitude — global, layer, output scope;
-* signal — every ``--signal-norm`` × ``--signal-stat``, global, layer and output scope (computed on the training
-  split's first ``--score-samples`` rows);
-* fisher and mas sidecars — ``--rank raw`` and ``--rank saliency``, global and layer scope.
+* magnitude — global, layer, lamp, output scope (global also with the statistics kept, ``--bn-stats keep``);
+* signal — the paper's (sum, l1) and the per-position means (l1, l2), global; mean-l2 also lamp and output scope;
+* fisher and mas sidecars — raw Ω and Ω·w² (``--rank saliency``), global; saliency also lamp.
 
-Prints a table of mean ± std test accuracy over the seeds per (variant, bn, sparsity), and writes the rows as JSON
-(``--out``). Costs about (seeds × (train + 3 sidecars + 30 sweeps)) CLI runs; run it where a GPU or time is at hand:
+Signal, Fisher and MAS are computed on the same ``--score-samples`` training rows. Prints mean ± std test accuracy
+over the seeds per (variant, bn, sparsity) and writes the rows (``--out``/rows-ARCH.json, one line per seed as it
+finishes in rows-ARCH.jsonl). Costs seeds × (train + 5 sidecars + 16 sweeps) CLI runs:
 
-    python tests/benchmarks/prune_variants.py --data /path/to/mnist --seeds 0,1,2,3,4 --out runs/prune_variants
+    python tests/benchmarks/prune_variants.py --data /path/to/mnist --arch resnet18 --seeds 0,1,2,3,4 --out runs/pv
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ import sys
 from pathlib import Path
 
 SPARSITIES = "0.5,0.7,0.8,0.9,0.95"
-SIGNAL = [(n, s) for n in ("sum", "mean") for s in ("l1", "l2")]
+SIGNAL = [("sum", "l1"), ("mean", "l1"), ("mean", "l2")]
+ARCHS = {  # init options of each --arch
+    "cnn": ["--arch", "cnn"],
+    "resnet18": ["--arch", "resnet18", "--input-shape", "1x28x28", "--num-classes", "10"],
+    "vit": [
+        "--arch", "vit_tiny_patch16_224", "--input-shape", "1x28x28", "--num-classes", "10", "--arch-arg", "img_size=28",
+        "--arch-arg", "patch_size=4", "--arch-arg", "embed_dim=96", "--arch-arg", "depth=4", "--arch-arg", "num_heads=3",
+    ],
+}  # fmt: skip
 
 
 def cl_tool(*args, json_out: bool = False):
@@ -37,24 +46,22 @@ def cl_tool(*args, json_out: bool = False):
     return json.loads(proc.stdout) if json_out else None
 
 
-def variants(work: Path, ckpt: Path) -> list[tuple[str, list[str]]]:
-    """(name, prune options) of every variant; the sidecars they need are written to ``work`` by :func:`sidecars`."""
-    out = []
-    for scope in ("global", "layer", "output"):
-        out.append((f"magnitude/{scope}", ["--by", "magnitude", "--scope", scope]))
-        for norm, stat in SIGNAL:
-            side = work / f"{ckpt.stem}.signal-{norm}-{stat}.safetensors"
-            out.append((f"signal-{norm}-{stat}/{scope}", ["--by", "signal", "--importance", side, "--scope", scope]))
+def variants(work: Path, ckpt: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, bn mode, prune options) of every variant; the sidecars they need are written by :func:`sidecars`."""
+    out = [("magnitude/global", "keep", ["--by", "magnitude", "--scope", "global"])]
+    for scope in ("global", "layer", "lamp", "output"):
+        out.append((f"magnitude/{scope}", "recompute", ["--by", "magnitude", "--scope", scope]))
+    for norm, stat in SIGNAL:
+        side = work / f"{ckpt.stem}.signal-{norm}-{stat}.safetensors"
+        scopes = ("global", "lamp", "output") if (norm, stat) == ("mean", "l2") else ("global",)
+        for scope in scopes:
+            opts = ["--by", "signal", "--importance", side, "--scope", scope]
+            out.append((f"signal-{norm}-{stat}/{scope}", "recompute", opts))
     for method in ("fisher", "mas"):
         side = work / f"{ckpt.stem}.{method}.safetensors"
-        for scope in ("global", "layer"):
-            for rank in ("raw", "saliency"):
-                out.append(
-                    (
-                        f"{method}-{rank}/{scope}",
-                        ["--by", method, "--importance", side, "--scope", scope, "--rank", rank],
-                    )
-                )
+        for rank, scope in (("raw", "global"), ("saliency", "global"), ("saliency", "lamp")):
+            opts = ["--by", method, "--importance", side, "--scope", scope, "--rank", rank]
+            out.append((f"{method}-{rank}/{scope}", "recompute", opts))
     return out
 
 
@@ -70,8 +77,8 @@ def sidecars(work: Path, ckpt: Path, score: str, device: str) -> None:
 
 
 def run_seed(seed: int, args, work: Path) -> list[dict]:
-    init, ckpt = work / f"cnn{seed}-init.safetensors", work / f"cnn{seed}.safetensors"
-    cl_tool("init", "--arch", "cnn", "--seed", seed, "-o", init, "--force")
+    init, ckpt = work / f"{args.arch}{seed}-init.safetensors", work / f"{args.arch}{seed}.safetensors"
+    cl_tool("init", *ARCHS[args.arch], "--seed", seed, "-o", init, "--force")
     cl_tool(
         "train-next", init, "--data", f"{args.data}::split=train", "--epochs", args.epochs, "--augment", "shift=2",
         "--seed", seed, "--device", args.device, "-o", ckpt, "--force",
@@ -79,14 +86,16 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
     train = f"{args.data}::split=train,limit={args.score_samples}"
     sidecars(work, ckpt, train, args.device)
     rows = []
-    for name, opts in variants(work, ckpt):
-        for bn in ("recompute", "keep"):
-            res = cl_tool(
-                "prune", ckpt, *opts, "--sweep", SPARSITIES, "--data", f"{args.data}::split=test",
-                "--score-data", train, "--bn-stats", bn, "--device", args.device, json_out=True,
-            )  # fmt: skip
-            for point in next(iter(res["curves"].values())):
-                rows.append({"seed": seed, "variant": name, "bn": bn, **point})
+    for name, bn, opts in variants(work, ckpt):
+        res = cl_tool(
+            "prune", ckpt, *opts, "--sweep", SPARSITIES, "--data", f"{args.data}::split=test",
+            "--score-data", train, "--bn-stats", bn, "--device", args.device, json_out=True,
+        )  # fmt: skip
+        rows.append({"seed": seed, "variant": name, "bn": bn, "sparsity": 0.0, "accuracy": res["unpruned_accuracy"]})
+        for point in next(iter(res["curves"].values())):
+            rows.append(
+                {"seed": seed, "variant": name, "bn": bn, "sparsity": point["sparsity"], "accuracy": point["accuracy"]}
+            )
     return rows
 
 
@@ -106,15 +115,21 @@ def table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="MNIST folder with train and test splits")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="cnn")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--score-samples", type=int, default=2000)
+    parser.add_argument("--score-samples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/prune_variants"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [r for seed in map(int, args.seeds.split(",")) for r in run_seed(seed, args, args.out)]
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    rows = []
+    for seed in map(int, args.seeds.split(",")):
+        seed_rows = run_seed(seed, args, args.out)
+        with open(args.out / f"rows-{args.arch}.jsonl", "a") as f:
+            f.write(json.dumps(seed_rows) + "\n")
+        rows += seed_rows
+    (args.out / f"rows-{args.arch}.json").write_text(json.dumps(rows, indent=1))
     table(rows)
 
 
