@@ -240,6 +240,24 @@ class SidecarScores(Scores):
             yield self.piece(name, start, min(step, numel - start))
 
 
+class SaliencyScores(SidecarScores):
+    """Ω·w² (float32): the stored importances times the squares of the weights they score, as the in-memory
+    ``prune --rank saliency`` computes them (Ω and w in float32, then one float32 product each)."""
+
+    def __init__(self, sc: TensorFile, tf: TensorFile, shapes: dict[str, tuple[int, ...]], grown: set[str]):
+        super().__init__(sc, shapes, grown)
+        self.tf, self.own = tf, Scratch()  # own buffers: the weights read here never clobber the writer's
+
+    def piece(self, name, start, count, weights=None):
+        import numpy as np
+
+        if weights is None:
+            weights = self.tf.decode(name, self.tf.raw(name, start, count, reuse="saliency"), self.own)
+        omega = super().piece(name, start, count)
+        w2 = np.square(weights.astype(np.float32, copy=False), out=self.own.array("w2", count, np.float32))
+        return np.multiply(omega, w2, out=w2)
+
+
 def check_sidecar_values(
     sc: TensorFile, where: str, planner: CutPlanner | None = None, scores: SidecarScores | None = None
 ) -> None:

@@ -140,8 +140,9 @@ def test_prune_accepts_an_ancestors_sidecar(cli, family, tmp_path, target, gener
     d, f = family
     out = tmp_path / "p.safetensors"
     r = cli(
-        "prune", f[target], "--by", "importance", "--importance", f["a_imp"], "--sparsity", "0.5", "-o", out, "--json"
-    )
+        "prune", f[target], "--by", "importance", "--importance", f["a_imp"], "--rank", "raw", "--sparsity", "0.5",
+        "-o", out, "--json",
+    )  # fmt: skip
     assert r.code == 0, r.err
     gen_text = f"{generations} generation{'s' if generations > 1 else ''} back"
     note = [ln for ln in r.err.splitlines() if ln.startswith("Using the importances")]

@@ -36,9 +36,10 @@ def fisher_sidecar(tmp_path_factory, small_mlp, demo_dir):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_cli_saliency_prunes_the_lowest_omega_w2(cli, small_mlp, fisher_sidecar, tmp_path, scope):
-    """The pruned checkpoint zeroes exactly the masks global/layer scope gives for Ω·w² from the sidecar, which differ
-    from raw Ω's; the record says so; raw stays the default."""
+def test_cli_saliency_prunes_the_lowest_omega_w2(cli, small_mlp, fisher_sidecar, demo_dir, tmp_path, scope):
+    """The pruned checkpoint (the streaming path) zeroes exactly the masks global/layer scope gives for Ω·w² from the
+    sidecar, which differ from raw Ω's; the record says so; saliency is the default (auto) and --rank raw the paper's;
+    the in-memory sweep ranks the same way (its accuracy at 0.6 is the streamed checkpoint's)."""
     from safetensors.torch import load_file
 
     from cl_tool.pruning import global_masks, layer_masks
@@ -46,10 +47,10 @@ def test_cli_saliency_prunes_the_lowest_omega_w2(cli, small_mlp, fisher_sidecar,
 
     common = ["--by", "fisher", "--importance", fisher_sidecar, "--scope", scope, "--sparsity", "0.6", "--json"]
     sal, raw = tmp_path / "s.safetensors", tmp_path / "r.safetensors"
-    r = cli("prune", small_mlp, *common, "--rank", "saliency", "-o", sal)
+    r = cli("prune", small_mlp, *common, "-o", sal)
     assert r.code == 0, r.err
     assert json.loads(r.out)["source"]["rank"] == "saliency"
-    r = cli("prune", small_mlp, *common, "-o", raw)
+    r = cli("prune", small_mlp, *common, "--rank", "raw", "-o", raw)
     assert r.code == 0, r.err
     assert "rank" not in json.loads(r.out)["source"]
     w, omega = load_file(small_mlp), load_sidecar(fisher_sidecar).tensors
@@ -59,6 +60,11 @@ def test_cli_saliency_prunes_the_lowest_omega_w2(cli, small_mlp, fisher_sidecar,
     for n in chosen:
         assert torch.equal(got_sal[n], torch.where(masks[n], w[n], torch.zeros_like(w[n])))
     assert not torch.equal(got_sal["net.1.weight"], got_raw["net.1.weight"])
+    test = f"{demo_dir}::split=test,limit=200"
+    sweep = cli("prune", small_mlp, *common[:6], "--sweep", "0.6", "--data", test, "--json")
+    assert sweep.code == 0, sweep.err
+    ev = json.loads(cli("evaluate", sal, "--data", test, "--json").out)
+    assert json.loads(sweep.out)["curves"]["fisher"][0]["accuracy"] == ev["accuracy"][0][0]
 
 
 def test_saliency_of_a_signal_sidecar_is_refused(cli, small_mlp, demo_dir, tmp_path):

@@ -88,31 +88,37 @@ def test_magnitude_equals_the_in_memory_path(cli, cnn, tmp_path, scope):
     )
 
 
-def test_stored_scores_equal_the_in_memory_path(cli, demo_dir, tmp_path):
+@pytest.mark.parametrize("rank", ["raw", "saliency"])
+def test_stored_scores_equal_the_in_memory_path(cli, demo_dir, tmp_path, rank):
+    """Ω (raw) or Ω·w² (saliency, the default for a Fisher sidecar) streamed: the masks torch computes in memory."""
     a0, a = tmp_path / "a0.safetensors", tmp_path / "a.safetensors"
     data = f"{demo_dir}::limit=64"
     assert cli("init", "--arch", "mlp", "--arch-arg", "sizes=784,16,10", "-o", a0).code == 0
     assert cli("train-next", a0, "--data", data, "--device", "cpu", "-o", a).code == 0
     assert cli("importance", a, "--data", data, "--method", "fisher", "--device", "cpu").code == 0
     out = tmp_path / "p.safetensors"
-    assert cli("prune", a, "--by", "importance", "--sparsity", "0.8", "-o", out).code == 0
+    rank_opt = ["--rank", "raw"] if rank == "raw" else []
+    assert cli("prune", a, "--by", "importance", *rank_opt, "--sparsity", "0.8", "-o", out).code == 0
     from cl_tool.sidecar import load_sidecar
 
     omega = load_sidecar(tmp_path / "a.importance.safetensors").tensors
-    state, _ = _expected(a, lambda n, p: omega[n], 0.8, "global")
+    score = (lambda n, p: omega[n]) if rank == "raw" else (lambda n, p: omega[n].float() * p.float().square())
+    state, _ = _expected(a, score, 0.8, "global")
     pruned = load_checkpoint(out)
     assert all(torch.equal(pruned.state[n], state[n]) for n in state)
 
 
-def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path):
-    """New output rows of a grown head score 0 and go first, exactly as in memory."""
+@pytest.mark.parametrize("method", ["magnitude", "fisher"])
+def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path, method):
+    """New output rows of a grown head score 0 and go first, exactly as in memory (a Fisher sidecar as Ω·w²)."""
 
     from cl_tool.demo import make_dataset
 
     a0, a, b = tmp_path / "a0.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert cli("init", "--arch", "mlp", "--arch-arg", "sizes=784,16,10", "-o", a0).code == 0
     assert cli("train-next", a0, "--data", f"{demo_dir}::limit=64", "--device", "cpu", "-o", a).code == 0
-    assert cli("importance", a, "--method", "magnitude").code == 0
+    data = ["--data", f"{demo_dir}::limit=64", "--device", "cpu"] if method == "fisher" else []
+    assert cli("importance", a, "--method", method, *data).code == 0
     twelve = tmp_path / "twelve"
     make_dataset(48, classes=12, seed=3).save_to_disk(str(twelve))
     assert cli("train-next", a, "--data", twelve, "--grow-head", "--device", "cpu", "--lambda", "1", "-o", b).code == 0
@@ -139,7 +145,8 @@ def test_an_ancestors_scores_after_a_grown_head(cli, demo_dir, tmp_path):
     omega = fit_rows(
         load_sidecar(tmp_path / "a.importance.safetensors").tensors, ckpt_b.state, {"net.3.weight", "net.3.bias"}
     )
-    state, _ = _expected(b, lambda n, p: omega[n], 0.5, "global", include_bias=True, include_classifier=True)
+    score = (lambda n, p: omega[n]) if method == "magnitude" else (lambda n, p: omega[n].float() * p.float().square())
+    state, _ = _expected(b, score, 0.5, "global", include_bias=True, include_classifier=True)
     pruned = load_checkpoint(out)
     assert all(torch.equal(pruned.state[n], state[n]) for n in state)
     assert pruned.state["net.3.weight"][10:].abs().sum() == 0  # the new rows had score 0

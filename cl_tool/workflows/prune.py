@@ -19,8 +19,9 @@ from cl_tool.training import BN_STATS
 
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
 SCOPES = ("global", "layer", "output", "lamp")
-RANKS = ("raw", "saliency")  # rank by Ω as stored, or by Ω·w² (Optimal Brain Damage's loss increase, halved)
-_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that are importances Ω, not already |w|-weighted
+RANKS = ("auto", "raw", "saliency")  # Ω·w² for an importance Ω (auto), Ω as stored (raw), Ω·w² (saliency)
+_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that may be importances Ω
+_WEIGHTED = ("signal", "magnitude")  # scores that already weigh |w|: ranked as they are
 
 
 @dataclass(kw_only=True)
@@ -95,12 +96,13 @@ class PruneArgs(Args):
         "for the classifier; the authors' code) or before it (pre-activation).",
     )
     rank: str = option(
-        "raw",
+        "auto",
         "--rank",
         metavar="RANK",
         choices=RANKS,
-        help="--by importance/fisher/mas/si: rank by the stored Ω (raw; the paper) or by Ω·w² (saliency: the "
-        "second-order loss increase ½·Ω·w² of zeroing w, Optimal Brain Damage; in memory).",
+        help="--by importance/fisher/mas/si: rank an importance Ω by Ω·w² (saliency: the loss increase ½·Ω·w² of "
+        "zeroing w under the quadratic model EWC's penalty and Optimal Brain Damage use; auto, the default, does "
+        "so for Fisher, MAS and SI and ranks signal/magnitude scores as stored) or by Ω as stored (raw; the paper).",
     )
     signal_norm: Optional[str] = option(
         None,
@@ -302,15 +304,25 @@ def compute_scores(
     ``get_model()`` returns the materialised model; it is only called for scores computed on data.
     """
     scores, record = _raw_scores(args, by, ckpt, get_model, named, device, out)
-    if args.rank == "saliency" and by in _SALIENCY_SCORES:
-        held = record.get("method", by)
-        if held in ("signal", "magnitude"):
+    if _rank(args, by, record.get("method", by)) == "saliency":
+        scores, record = saliency(scores, named), {**record, "rank": "saliency"}
+    return scores, record
+
+
+def _rank(args: PruneArgs, by: str, held: str) -> str:
+    """How scores of method ``held`` (a sidecar's, or ``by`` computed on data) are ranked for ``--by by``: "saliency"
+    (Ω·w²) for an importance Ω unless ``--rank raw``; "raw" for scores that already weigh |w| (signal, magnitude),
+    where an explicit ``--rank saliency`` is exit 4."""
+    if by not in _SALIENCY_SCORES:
+        return "raw"
+    if held in _WEIGHTED:
+        if args.rank == "saliency":
             raise IncompatibleError(
                 f"$rank saliency multiplies an importance by w², but {args.importance or 'the sidecar'} holds {held} "
                 f"scores, which already weigh |w|; use $rank raw, or a fisher/mas/si sidecar."
             )
-        scores, record = saliency(scores, named), {**record, "rank": "saliency"}
-    return scores, record
+        return "raw"
+    return "raw" if args.rank == "raw" else "saliency"
 
 
 def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
@@ -533,8 +545,8 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    in_memory = args.scope in ("output", "lamp") or (args.rank == "saliency" and args.by[0] in _SALIENCY_SCORES)
-    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer, raw
+    in_memory = args.scope in ("output", "lamp")
+    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer
         streamed = _prune_file(args, out)
         if streamed is not None:
             return streamed
@@ -662,6 +674,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     from cl_tool.lineage import check_sidecar
     from cl_tool.prune_stream import (
         MagnitudeScores,
+        SaliencyScores,
         SidecarScores,
         TensorFile,
         check_and_fingerprint,
@@ -743,11 +756,19 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
                     f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
                     f"recompute it with `cl-tool importance {where}`."
                 )
-        scores = SidecarScores(sc_file, shapes, set(use.grown))
+        rank = _rank(args, by, sc.method)
+        scores = (
+            SaliencyScores(sc_file, tf, shapes, set(use.grown))
+            if rank == "saliency"
+            else SidecarScores(sc_file, shapes, set(use.grown))
+        )
         sources = scores.sources(chosen, shapes)
         planner = CutPlanner(sources, args.sparsity, args.scope)
-        check_sidecar_values(sc_file, str(sidecar_path), planner, scores)  # the planner's first read of each score
+        # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
+        check_sidecar_values(sc_file, str(sidecar_path), *((planner, scores) if rank == "raw" else ()))
         source = {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
+        if rank == "saliency":
+            source["rank"] = "saliency"
     plan = planner.plan()
     rows = [
         SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
