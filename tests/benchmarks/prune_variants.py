@@ -11,7 +11,8 @@ split; BatchNorm statistics re-estimated on the training split's first ``--score
 
 Signal, Fisher and MAS are computed on the same ``--score-samples`` training rows. Prints mean ± std test accuracy
 over the seeds per (variant, bn, sparsity) and writes the rows (``--out``/rows-ARCH.json, one line per seed as it
-finishes in rows-ARCH.jsonl). Costs seeds × (train + 5 sidecars + 16 sweeps) CLI runs:
+finishes in rows-ARCH.jsonl). ``--variants`` picks some (default: the eight of ``CORE`` and magnitude with the
+statistics kept; ``all``: the 17). Costs seeds × (train + 5 sidecars + a sweep per variant) CLI runs:
 
     python tests/benchmarks/prune_variants.py --data /path/to/mnist --arch resnet18 --seeds 0,1,2,3,4 --out runs/pv
 """
@@ -26,6 +27,10 @@ import sys
 from pathlib import Path
 
 SPARSITIES = "0.5,0.7,0.8,0.9,0.95"
+CORE = (  # the variants run by default (--variants all: every one)
+    "magnitude/global", "magnitude/lamp", "signal-sum-l1/global", "signal-mean-l2/global", "signal-mean-l2/lamp",
+    "fisher-raw/global", "fisher-saliency/global", "mas-saliency/global",
+)  # fmt: skip
 SIGNAL = [("sum", "l1"), ("mean", "l1"), ("mean", "l2")]
 ARCHS = {  # init options of each --arch
     "cnn": ["--arch", "cnn"],
@@ -65,9 +70,11 @@ def variants(work: Path, ckpt: Path) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def sidecars(work: Path, ckpt: Path, score: str, device: str) -> None:
+def sidecars(work: Path, ckpt: Path, score: str, device: str, wanted: str) -> None:
     common = ["--data", score, "--device", device, "--force"]
     for norm, stat in SIGNAL:
+        if wanted != "all" and f"signal-{norm}-{stat}" not in wanted:
+            continue
         out = work / f"{ckpt.stem}.signal-{norm}-{stat}.safetensors"
         cl_tool(
             "importance", ckpt, "--method", "signal", "--signal-norm", norm, "--signal-stat", stat, *common, "-o", out
@@ -84,9 +91,13 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
         "--seed", seed, "--device", args.device, "-o", ckpt, "--force",
     )  # fmt: skip
     train = f"{args.data}::split=train,limit={args.score_samples}"
-    sidecars(work, ckpt, train, args.device)
+    sidecars(work, ckpt, train, args.device, args.variants)
     rows = []
     for name, bn, opts in variants(work, ckpt):
+        if args.variants != "all" and name not in args.variants.split(","):
+            continue
+        if bn == "keep" and args.arch == "vit":  # no BatchNorm: keep is recompute
+            continue
         res = cl_tool(
             "prune", ckpt, *opts, "--sweep", SPARSITIES, "--data", f"{args.data}::split=test",
             "--score-data", train, "--bn-stats", bn, "--device", args.device, json_out=True,
@@ -119,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--score-samples", type=int, default=1000)
+    parser.add_argument("--variants", default=",".join(CORE), help="comma-separated variant names, or all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/prune_variants"))
     args = parser.parse_args()
