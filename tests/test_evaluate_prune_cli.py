@@ -204,8 +204,8 @@ def test_sweep_and_masks(cli, two_stage, demo_dir, tmp_path):
 
 @pytest.mark.parametrize("bias_score", ["post-activation", "pre-activation"])
 def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_dir, tmp_path, bias_score):
-    """One global ranking over all tensors (biases, classifier) by signal scored on a named split; the same
-    masks whether the scores come from `importance --method signal` or are computed by prune itself."""
+    """One global ranking over all tensors (biases, classifier) by the paper's signal (sum, l1) scored on a named split;
+    the same masks whether the scores come from `importance --method signal` or are computed by prune itself."""
     from safetensors.torch import load_file
 
     from cl_tool.sidecar import load_sidecar
@@ -213,12 +213,14 @@ def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_
     d, a0, a, b = two_stage
     score = f"{demo_dir}::limit=200"
     common = ["--scope", "global", "--include-bias", "--include-classifier", "--sparsity", "0.9", "--device", "cpu"]
+    paper = ["--signal-norm", "sum", "--signal-stat", "l1"]
     on_data = tmp_path / "on_data.safetensors"
     r = cli(
         "prune",
         a,
         "--by",
         "signal",
+        *paper,
         "--bias-score",
         bias_score,
         "--score-data",
@@ -238,6 +240,7 @@ def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_
         a,
         "--method",
         "signal",
+        *paper,
         "--bias-score",
         bias_score,
         "--data",
@@ -254,6 +257,10 @@ def test_the_authors_pruning_procedure_is_one_command_line(cli, two_stage, demo_
     assert r.code == 0, r.err
     w1, w2 = load_file(on_data), load_file(stored)
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
+    default = tmp_path / "default.safetensors"
+    r = cli("importance", a, "--method", "signal", "--data", score, "-o", default, "--device", "cpu")
+    assert r.code == 0 and load_sidecar(default).options["signal_stat"] == "l2"  # the measured default: mean, l2
+    assert load_sidecar(default).options["signal_norm"] == "mean"
 
 
 def test_bias_score_is_ignored_with_a_note_where_it_does_not_apply(cli, two_stage, demo_dir, tmp_path):

@@ -15,6 +15,8 @@ BIAS_SCORES = ("post-activation", "pre-activation")  # signal: what a bias's uni
 SIGNAL_NORMS = ("sum", "mean")  # signal: total over a sample's positions (the paper) or their mean (see rules)
 SIGNAL_STATS = ("l1", "l2")  # signal: Σ|a| (the paper) or √(Σa²) (Wanda's ‖X_j‖₂) of the input reaching a weight
 PAPER_SIGNAL = {"signal_norm": "sum", "signal_stat": "l1"}  # what a signal sidecar without these records means
+# what the commands compute when not told: the variant that pruned best in README "Pruning by score variant"
+DEFAULT_SIGNAL = {"signal_norm": "mean", "signal_stat": "l2"}
 
 
 def stored_signal_variant(options: dict) -> dict[str, str]:
@@ -31,6 +33,7 @@ __all__ = [
     "SIGNAL_NORMS",
     "SIGNAL_STATS",
     "PAPER_SIGNAL",
+    "DEFAULT_SIGNAL",
     "stored_signal_variant",
     *_API,
 ]

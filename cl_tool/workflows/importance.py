@@ -9,7 +9,15 @@ from typing import Any, Optional
 
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import UsageError
-from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS, SIGNAL_NORMS, SIGNAL_STATS
+from cl_tool.importance import (
+    BIAS_SCORES,
+    DEFAULT_SIGNAL,
+    FISHER_LABELS,
+    MAS_OUTPUTS,
+    METHODS,
+    SIGNAL_NORMS,
+    SIGNAL_STATS,
+)
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option, precision_option, seed_option
@@ -50,19 +58,19 @@ class ImportanceArgs(Args):
         "classifier; the authors' code) or before it (pre-activation).",
     )
     signal_norm: str = option(
-        "sum",
+        DEFAULT_SIGNAL["signal_norm"],
         "--signal-norm",
         metavar="NORM",
         choices=SIGNAL_NORMS,
-        help="signal: the input reaching a weight totalled over each sample's positions (sum; the paper) or "
-        "averaged over them (mean: conv layers and token sequences compare with one-position layers).",
+        help="signal: the input reaching a weight totalled over each sample's positions (sum; the paper's) or "
+        "averaged over them (mean: conv layers and token sequences compare with one-position layers; prunes best).",
     )
     signal_stat: str = option(
-        "l1",
+        DEFAULT_SIGNAL["signal_stat"],
         "--signal-stat",
         metavar="STAT",
         choices=SIGNAL_STATS,
-        help="signal: |w|·Σ|a| (l1; the paper) or |w|·sqrt(Σa²) (l2; Wanda's |w|·||X||_2).",
+        help="signal: |w|·Σ|a| (l1; the paper's) or |w|·sqrt(Σa²) (l2; Wanda's |w|·||X||_2; prunes best).",
     )
     output: Optional[Path] = option(
         None,

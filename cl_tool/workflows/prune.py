@@ -11,7 +11,7 @@ from typing import Any, Optional
 from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES, PAPER_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
+from cl_tool.importance import BIAS_SCORES, DEFAULT_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
@@ -110,7 +110,7 @@ class PruneArgs(Args):
         metavar="NORM",
         choices=SIGNAL_NORMS,
         help="--by signal: sum (the paper) or mean of the input over each sample's positions (see importance); "
-        "default: the sidecar's, or sum on data. A signal sidecar of another variant is refused.",
+        "default: the sidecar's, or mean on data. A signal sidecar of another variant is refused.",
     )
     signal_stat: Optional[str] = option(
         None,
@@ -118,7 +118,7 @@ class PruneArgs(Args):
         metavar="STAT",
         choices=SIGNAL_STATS,
         help="--by signal: l1 (the paper) or l2 (Wanda) of the input (see importance); default: the sidecar's, or "
-        "l1 on data. A signal sidecar of another variant is refused.",
+        "l2 on data. A signal sidecar of another variant is refused.",
     )
     bn_stats: str = option(
         "recompute",
@@ -275,8 +275,8 @@ def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> 
 
 
 def signal_variant(args: PruneArgs) -> dict[str, str]:
-    """The signal variant prune computes on data: the options given, the paper's (sum, l1) for those left out."""
-    return {k: getattr(args, k) or v for k, v in PAPER_SIGNAL.items()}
+    """The signal variant prune computes on data: the options given, the default (mean, l2) for those left out."""
+    return {k: getattr(args, k) or v for k, v in DEFAULT_SIGNAL.items()}
 
 
 def _check_stored_signal(args: PruneArgs, sc, path) -> None:
