@@ -24,7 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from cl_tool.errors import BadInputError, IncompatibleError
+from cl_tool.lineage import describe_history
 from cl_tool.models import ModelSpec
+from cl_tool.safetensors_io import (
+    FLOAT_CODES,
+    fingerprint,
+    load_tensors,
+    numel,
+    read_header,
+    save_tensors,
+    scan_tensors,
+    sparsity_record,
+    tensor_summary,
+)
 
 FORMAT_VERSION = "1"
 HISTORY_LIMIT = 50  # the newest entries a written checkpoint keeps whole
@@ -45,8 +57,6 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        from cl_tool.safetensors_io import fingerprint
-
         if not hasattr(self, "_fp"):
             self._fp = fingerprint(self.state)
         return self._fp
@@ -62,12 +72,14 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
+def nonfinite_text(where, name: str) -> str:
+    return f"Checkpoint {where} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
+
+
 def refuse_nonfinite(ckpt: Checkpoint, where) -> Checkpoint:
     bad = first_nonfinite(ckpt.state)
     if bad is not None:
-        raise BadInputError(
-            f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint."
-        )
+        raise BadInputError(nonfinite_text(where, bad))
     return ckpt
 
 
@@ -84,8 +96,6 @@ def _json_meta(metadata: dict[str, str], key: str, path, default):
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a cl-tool checkpoint file or a timm-style folder; validate its metadata."""
-    from cl_tool.safetensors_io import load_tensors
-
     p = Path(path)
     if p.is_dir():
         return _load_timm_folder(p)
@@ -121,8 +131,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _load_timm_folder(folder: Path) -> Checkpoint:
-    from cl_tool.safetensors_io import load_tensors
-
     spec, weights = timm_folder_spec(folder)
     tensors, _ = load_tensors(weights, "Checkpoint")
     ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
@@ -276,7 +284,7 @@ def layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: 
             return f"Checkpoint {where} lacks tensor {name!r} that its recorded layout lists; the file is damaged or was edited."
         if not isinstance(rec, list) or not rec or list(rec[0]) != list(header[name]["shape"]):
             return f"Tensor {name!r} in {where} has shape {header[name]['shape']}, not the one its recorded layout lists; the file is damaged or was edited."
-        if len(rec) > 1 and (str(rec[1]).startswith(("float", "bfloat")) != (header[name]["dtype"] in _FLOAT_CODES)):
+        if len(rec) > 1 and (str(rec[1]).startswith(("float", "bfloat")) != (header[name]["dtype"] in FLOAT_CODES)):
             return f"Tensor {name!r} in {where} has dtype {header[name]['dtype']}, not the kind its recorded layout lists ({rec[1]}); the file is damaged."
     extra = [n for n in header if n not in layout["tensors"]]
     if extra:
@@ -285,9 +293,6 @@ def layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: 
     if unknown:
         return f"Checkpoint {where} has a malformed layout record (unknown tensor {unknown[0]!r}); the file is damaged."
     return None
-
-
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def spec_digest(spec: ModelSpec) -> str:
@@ -520,8 +525,6 @@ def save_checkpoint(
     layout: dict[str, Any] | None = None,
 ) -> str:
     """Write a checkpoint atomically; return its fingerprint."""
-    from cl_tool.safetensors_io import fingerprint, save_tensors
-
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     fp = fingerprint(state)
     metadata = {
@@ -535,3 +538,153 @@ def save_checkpoint(
         metadata["cl_tool.layout"] = json.dumps({**layout, "spec": spec_digest(spec)})
     save_tensors(path, state, metadata, force=force)
     return fp
+
+
+# ----------------------------------------------------------------- what `cl-tool info` shows (header first)
+
+
+def _finite_check(where):
+    """A :func:`scan_tensors` check: :func:`nonfinite_text` for a floating-point tensor holding NaN or ±Inf."""
+
+    def check(name, t):
+        import torch  # --verify only: header-only `info` imports no torch
+
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return nonfinite_text(where, name)
+        return None
+
+    return check
+
+
+def _fingerprint_problems(where, recorded: str | None, scan: dict[str, Any]) -> list[str]:
+    """What ``info --verify`` found wrong: a non-finite tensor, no recorded fingerprint, or one the tensors do not give."""
+    problems = [scan["problem"]] if scan["problem"] else []
+    if recorded is None:
+        problems.append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
+    elif scan["fingerprint"] != recorded:
+        problems.append(
+            f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
+            f"the file was changed after cl-tool wrote it."
+        )
+    return problems
+
+
+def describe(path: Path, header, meta, *, problems: list[str], verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a checkpoint: model, parameters, fingerprint, history, lineage, pruning record;
+    ``verify``: the fingerprint recomputed, ``sparsity``: zeros per parameter. Problems found go to ``problems``."""
+    where = str(path)
+    spec = spec_from_metadata(meta, where)
+    history = metadata_json(meta, "cl_tool.history", where, [], (list,))
+    extra = metadata_json(meta, "cl_tool.extra", where, {}, (dict,))
+    layout = layout_from_metadata(meta, where)
+    info: dict[str, Any] = {"format": meta.get("cl_tool.format"), "model": spec.to_dict()}
+    if layout is not None:
+        problem = layout_problem(layout, spec, header, where)
+        if problem:
+            problems.append(problem)
+        params = [n for n in layout["parameters"] if n in header]
+        info["parameters"] = {
+            "trainable": sum(numel(header[n]["shape"]) for n in params),
+            "tensors": len(params),
+            "classifier": list(layout["classifier"]),
+        }
+    else:
+        params = [n for n, e in header.items() if e["dtype"] in FLOAT_CODES]
+        info["parameters"] = None  # not recorded (older file): only the tensors are known
+    recorded = meta.get("cl_tool.fingerprint")
+    info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
+    info.update(describe_history(history, entries=HISTORY_LIMIT, generations=LINEAGE_LIMIT))
+    info["extra"] = extra
+    pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
+    info["pruning"] = (
+        {k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")}
+        if pruning
+        else None
+    )
+    if verify or sparsity:
+        scan = scan_tensors(
+            path,
+            list(header) if verify else params,
+            fingerprint=verify,
+            zeros=set(params) if sparsity else set(),
+            check=_finite_check(where) if verify else None,
+        )
+        if verify:
+            problems.extend(_fingerprint_problems(where, recorded, scan))
+            info["fingerprint"]["computed"] = scan["fingerprint"]
+            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
+        if sparsity:
+            info["sparsity"] = sparsity_record(scan["zeros"])
+    return info
+
+
+def describe_timm_folder(folder: Path, *, verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a timm folder: the model its config.json describes and its weights' tensors."""
+    spec, weights = timm_folder_spec(folder)
+    header, _ = read_header(weights, "Checkpoint")
+    info: dict[str, Any] = {
+        "path": str(folder),
+        "kind": "timm-folder",
+        "file_bytes": weights.stat().st_size,
+        "weights": str(weights),
+        "tensors": tensor_summary(header),
+        "problems": [],
+        "model": spec.to_dict(),
+        "parameters": None,
+        "fingerprint": {"recorded": None, "computed": None, "verified": None},
+        "history": [],
+        "history_entries": 0,
+        "history_dropped": 0,
+        "lineage": [],
+        "pruning": None,
+    }
+    if verify or sparsity:
+        floats = {n for n, e in header.items() if e["dtype"] in FLOAT_CODES}
+        scan = scan_tensors(
+            weights,
+            list(header) if verify else list(floats),
+            fingerprint=verify,
+            zeros=floats if sparsity else set(),
+            check=_finite_check(weights) if verify else None,
+        )
+        info["fingerprint"]["computed"] = scan["fingerprint"]
+        if scan["problem"]:
+            info["problems"].append(scan["problem"])
+        if sparsity:
+            info["sparsity"] = sparsity_record(scan["zeros"])
+    return info
+
+
+def lineage_target(path: Path, verify: bool) -> dict[str, Any]:
+    """What ``info --for`` needs of a checkpoint (or timm folder): fingerprint (recorded, or computed if ``verify`` or
+    none is recorded), history, parameter names (None: not recorded) and tensor shapes; from the header where it can."""
+    if path.is_dir():
+        _, weights = timm_folder_spec(path)
+        header, _ = read_header(weights, "Checkpoint")
+        fp = scan_tensors(weights, list(header), fingerprint=True, zeros=set())["fingerprint"]
+        return {
+            "path": str(path),
+            "fingerprint": fp,
+            "fingerprint_from": "computed",
+            "history": [{"command": "import", "from": str(path)}],
+            "params": None,
+            "shapes": {n: list(e["shape"]) for n, e in header.items()},
+        }
+    header, meta = read_header(path, "--for checkpoint")
+    if "cl_tool.model" not in meta:
+        raise BadInputError(
+            f"--for {path} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file."
+        )
+    history = metadata_json(meta, "cl_tool.history", str(path), [], (list,))
+    layout = layout_from_metadata(meta, str(path))
+    fp, source = meta.get("cl_tool.fingerprint"), "recorded"
+    if verify or not fp:
+        fp, source = scan_tensors(path, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
+    return {
+        "path": str(path),
+        "fingerprint": fp,
+        "fingerprint_from": source,
+        "history": history,
+        "params": list(layout["parameters"]) if layout else None,
+        "shapes": {n: list(e["shape"]) for n, e in header.items()},
+    }
