@@ -162,10 +162,9 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block over 128 KiB on its own and unmaps it when freed (its threshold rises only
     after a larger block has been freed), and returns free memory at the top of the heap beyond 128 KiB. A training
     step allocates and frees its gradients and the optimiser's temporaries (~1 MB each for the paper MLP) every
-    step, so every step faults them in afresh (a zeroed page each 4 KiB). Measured: ``train-next`` of the paper MLP,
-    batch 100, 2 threads, 30 000 samples: 14.6–16.8 k samples/s as it was, 23.8–26.5 k with this, the speed of a
-    hand-written loop. Sets M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (128 MiB), as the ``MALLOC_*_`` variables
-    would; does nothing where malloc is not glibc's or the user set those variables.
+    step, so every step faults them in afresh (a zeroed page each 4 KiB; the README's performance notes give the
+    effect). Sets M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (128 MiB), as the ``MALLOC_*_`` variables would;
+    does nothing where malloc is not glibc's or the user set those variables.
     """
     import ctypes
     import os
