@@ -23,9 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_tool.errors import BadInputError, IncompatibleError
+from cl_tool import __version__
+from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.lineage import describe_history
-from cl_tool.models import ModelSpec
+from cl_tool.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    build_model,
+    classifier_param_names,
+    default_normalisation,
+)
 from cl_tool.safetensors_io import (
     FLOAT_CODES,
     fingerprint,
@@ -64,7 +72,7 @@ class Checkpoint:
 
 def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     """Name of the first floating-point tensor holding NaN or ±Inf, or None."""
-    import torch
+    import torch  # inside functions: `cl-tool --help` and header-only `info` import no torch
 
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
@@ -83,17 +91,6 @@ def refuse_nonfinite(ckpt: Checkpoint, where) -> Checkpoint:
     return ckpt
 
 
-def _json_meta(metadata: dict[str, str], key: str, path, default):
-    if key not in metadata:
-        return default
-    try:
-        return json.loads(metadata[key])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadInputError(
-            f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged."
-        ) from exc
-
-
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a cl-tool checkpoint file or a timm-style folder; validate its metadata."""
     p = Path(path)
@@ -108,16 +105,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise BadInputError(
             f"Checkpoint {p} has no cl-tool model metadata; create checkpoints with `cl-tool init`, or put the weights in a timm folder (config.json + model.safetensors)."
         )
-    spec = ModelSpec.from_dict(_json_meta(metadata, "cl_tool.model", p, {}))
-    history = _json_meta(metadata, "cl_tool.history", p, [])
-    extra = _json_meta(metadata, "cl_tool.extra", p, {})
-    layout = _json_meta(metadata, "cl_tool.layout", p, None)
-    if layout is not None and not (
-        isinstance(layout, dict)
-        and isinstance(layout.get("parameters"), list)
-        and isinstance(layout.get("classifier"), list)
-        and isinstance(layout.get("tensors"), dict)
-    ):
+
+    def meta(key: str, default: Any) -> Any:  # any JSON value: one of the wrong type is replaced below
+        return metadata_json(metadata, key, f"Checkpoint {p}", default, (object,))
+
+    spec = ModelSpec.from_dict(meta("cl_tool.model", {}))
+    history, extra, layout = meta("cl_tool.history", []), meta("cl_tool.extra", {}), meta("cl_tool.layout", None)
+    if layout is not None and not _valid_layout(layout):
         raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     ckpt = Checkpoint(
         spec=spec,
@@ -157,8 +151,6 @@ def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
 
 def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     """A validated ModelSpec from a timm ``config.json``; every field's type is checked (exit 3 naming it)."""
-    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD, default_normalisation
-
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
@@ -262,14 +254,20 @@ def spec_from_metadata(meta: dict[str, str], where: str) -> ModelSpec:
         raise BadInputError(f"{where}: {exc.message[0].lower()}{exc.message[1:]}") from exc
 
 
+def _valid_layout(layout: Any) -> bool:
+    """A layout record of the right shape: lists of parameter and classifier names, a name → [shape, dtype] map."""
+    return (
+        isinstance(layout, dict)
+        and isinstance(layout.get("parameters"), list)
+        and isinstance(layout.get("classifier"), list)
+        and isinstance(layout.get("tensors"), dict)
+    )
+
+
 def layout_from_metadata(meta: dict[str, str], where: str) -> dict[str, Any] | None:
     """The recorded layout (see :func:`model_layout`), or None for a checkpoint written before layouts were recorded."""
     layout = metadata_json(meta, "cl_tool.layout", where, None, (dict,))
-    if layout is not None and not (
-        isinstance(layout.get("parameters"), list)
-        and isinstance(layout.get("classifier"), list)
-        and isinstance(layout.get("tensors"), dict)
-    ):
+    if layout is not None and not _valid_layout(layout):
         raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     return layout
 
@@ -306,8 +304,6 @@ def model_layout(model) -> dict[str, Any]:
     """What a model looks like, recorded in a checkpoint so that tools which only need names and shapes
     (prune) can validate the file and pick tensors without rebuilding the architecture:
     trainable parameter names, the classifier's parameter names, and name → [shape, dtype] of every tensor."""
-    from cl_tool.models import classifier_param_names
-
     return {
         "parameters": [n for n, p in model.named_parameters() if p.requires_grad],
         "classifier": list(classifier_param_names(model)),
@@ -343,9 +339,6 @@ def build_on_meta_device(ckpt: Checkpoint):
     without materialising a second copy of the weights.
     """
     import torch
-
-    from cl_tool.errors import UsageError
-    from cl_tool.models import build_model
 
     where = ckpt.path or "the checkpoint"
     try:
@@ -400,9 +393,6 @@ def _check_tensors(
 
 def instantiate(ckpt: Checkpoint):
     """Build the model described by ``ckpt.spec`` and load its tensors, validating names, shapes and dtypes."""
-    from cl_tool.errors import UsageError
-    from cl_tool.models import build_model
-
     where = ckpt.path or "the checkpoint"
     try:
         model = build_model(ckpt.spec)
@@ -426,8 +416,6 @@ def history_entry(command: str, **fields: Any) -> dict[str, Any]:
     """One ``cl_tool.history`` entry: the command, cl-tool's version, the UTC time and the given fields (None left out)."""
     import datetime
 
-    from cl_tool import __version__
-
     entry = {
         "command": command,
         "cl_tool": __version__,
@@ -442,8 +430,6 @@ def grow_classifier(ckpt: Checkpoint, new_classes: int):
 
     ``ckpt.spec`` and ``ckpt.state`` are updated to the grown model.
     """
-    from cl_tool.models import build_model
-
     spec = ckpt.spec
     if spec.arch == "mlp" and "sizes" in spec.kwargs:
         sizes = [int(s) for s in str(spec.kwargs["sizes"]).split(",")]
@@ -556,17 +542,34 @@ def _finite_check(where):
     return check
 
 
-def _fingerprint_problems(where, recorded: str | None, scan: dict[str, Any]) -> list[str]:
-    """What ``info --verify`` found wrong: a non-finite tensor, no recorded fingerprint, or one the tensors do not give."""
-    problems = [scan["problem"]] if scan["problem"] else []
-    if recorded is None:
-        problems.append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
-    elif scan["fingerprint"] != recorded:
-        problems.append(
-            f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
-            f"the file was changed after cl-tool wrote it."
-        )
-    return problems
+def _read_tensors(path, header, params, where, info, problems, *, verify: bool, sparsity: bool, recorded=()) -> None:
+    """``info --verify`` (the fingerprint and values of every tensor, compared with ``recorded``: (the fingerprint the
+    file records, None if none) or () for a timm folder, which has no record) and ``--sparsity`` (zeros of ``params``)
+    in one pass over the tensors, into ``info``."""
+    if not (verify or sparsity):
+        return
+    scan = scan_tensors(
+        path,
+        list(header) if verify else list(params),
+        fingerprint=verify,
+        zeros=set(params) if sparsity else set(),
+        check=_finite_check(where) if verify else None,
+    )
+    info["fingerprint"]["computed"] = scan["fingerprint"]
+    if scan["problem"]:
+        problems.append(scan["problem"])
+    if verify and recorded:
+        (recorded,) = recorded
+        info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
+        if recorded is None:
+            problems.append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
+        elif scan["fingerprint"] != recorded:
+            problems.append(
+                f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
+                f"the file was changed after cl-tool wrote it."
+            )
+    if sparsity:
+        info["sparsity"] = sparsity_record(scan["zeros"])
 
 
 def describe(path: Path, header, meta, *, problems: list[str], verify: bool, sparsity: bool) -> dict[str, Any]:
@@ -601,20 +604,7 @@ def describe(path: Path, header, meta, *, problems: list[str], verify: bool, spa
         if pruning
         else None
     )
-    if verify or sparsity:
-        scan = scan_tensors(
-            path,
-            list(header) if verify else params,
-            fingerprint=verify,
-            zeros=set(params) if sparsity else set(),
-            check=_finite_check(where) if verify else None,
-        )
-        if verify:
-            problems.extend(_fingerprint_problems(where, recorded, scan))
-            info["fingerprint"]["computed"] = scan["fingerprint"]
-            info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
-        if sparsity:
-            info["sparsity"] = sparsity_record(scan["zeros"])
+    _read_tensors(path, header, params, where, info, problems, verify=verify, sparsity=sparsity, recorded=(recorded,))
     return info
 
 
@@ -638,20 +628,8 @@ def describe_timm_folder(folder: Path, *, verify: bool, sparsity: bool) -> dict[
         "lineage": [],
         "pruning": None,
     }
-    if verify or sparsity:
-        floats = {n for n, e in header.items() if e["dtype"] in FLOAT_CODES}
-        scan = scan_tensors(
-            weights,
-            list(header) if verify else list(floats),
-            fingerprint=verify,
-            zeros=floats if sparsity else set(),
-            check=_finite_check(weights) if verify else None,
-        )
-        info["fingerprint"]["computed"] = scan["fingerprint"]
-        if scan["problem"]:
-            info["problems"].append(scan["problem"])
-        if sparsity:
-            info["sparsity"] = sparsity_record(scan["zeros"])
+    floats = [n for n, e in header.items() if e["dtype"] in FLOAT_CODES]
+    _read_tensors(weights, header, floats, weights, info, info["problems"], verify=verify, sparsity=sparsity)
     return info
 
 
@@ -659,32 +637,26 @@ def lineage_target(path: Path, verify: bool) -> dict[str, Any]:
     """What ``info --for`` needs of a checkpoint (or timm folder): fingerprint (recorded, or computed if ``verify`` or
     none is recorded), history, parameter names (None: not recorded) and tensor shapes; from the header where it can."""
     if path.is_dir():
-        _, weights = timm_folder_spec(path)
-        header, _ = read_header(weights, "Checkpoint")
-        fp = scan_tensors(weights, list(header), fingerprint=True, zeros=set())["fingerprint"]
-        return {
-            "path": str(path),
-            "fingerprint": fp,
-            "fingerprint_from": "computed",
-            "history": [{"command": "import", "from": str(path)}],
-            "params": None,
-            "shapes": {n: list(e["shape"]) for n, e in header.items()},
-        }
-    header, meta = read_header(path, "--for checkpoint")
-    if "cl_tool.model" not in meta:
-        raise BadInputError(
-            f"--for {path} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file."
-        )
-    history = metadata_json(meta, "cl_tool.history", str(path), [], (list,))
-    layout = layout_from_metadata(meta, str(path))
-    fp, source = meta.get("cl_tool.fingerprint"), "recorded"
+        _, tensors_at = timm_folder_spec(path)
+        header, _ = read_header(tensors_at, "Checkpoint")
+        fp, history, params = None, [{"command": "import", "from": str(path)}], None
+    else:
+        header, meta = read_header(path, "--for checkpoint")
+        if "cl_tool.model" not in meta:
+            raise BadInputError(
+                f"--for {path} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file."
+            )
+        history = metadata_json(meta, "cl_tool.history", str(path), [], (list,))
+        layout = layout_from_metadata(meta, str(path))
+        tensors_at, fp, params = path, meta.get("cl_tool.fingerprint"), list(layout["parameters"]) if layout else None
+    source = "recorded"
     if verify or not fp:
-        fp, source = scan_tensors(path, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
+        fp, source = scan_tensors(tensors_at, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
     return {
         "path": str(path),
         "fingerprint": fp,
         "fingerprint_from": source,
         "history": history,
-        "params": list(layout["parameters"]) if layout else None,
+        "params": params,
         "shapes": {n: list(e["shape"]) for n, e in header.items()},
     }

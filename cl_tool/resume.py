@@ -31,7 +31,7 @@ class ResumeState:
         self.config = config
 
     def save(self, st: dict[str, Any]) -> None:
-        import torch  # `info` reads resume states without torch
+        import torch  # inside functions: `info` reads resume states without torch
 
         tensors: dict[str, Any] = {f"model/{k}": v for k, v in st["model"].items()}
         opt = st["optimizer"]

@@ -9,6 +9,7 @@ import sys
 import time
 
 from cl_tool.errors import EnvironmentProblem, UsageError
+from cl_tool.params import option
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _STARTED = [time.perf_counter()]  # when this command began (import of cl-tool, or the last mark_start)
@@ -198,14 +199,10 @@ def command_line() -> str:
 
 
 def device_option():
-    from cl_tool.params import option
-
     return option("auto", "--device", metavar="DEVICE", help=f"{DEVICES_TEXT}.")
 
 
 def precision_option():
-    from cl_tool.params import option
-
     return option(
         "fp32",
         "--precision",
@@ -216,6 +213,4 @@ def precision_option():
 
 
 def seed_option():
-    from cl_tool.params import option
-
     return option(0, "--seed", metavar="N", low=0, high=2**32 - 1, help="Random seed.")

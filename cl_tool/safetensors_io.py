@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from cl_tool.atomic import atomic_path
 from cl_tool.errors import BadInputError, OutputError
 
 #: safetensors dtype codes → the names torch (and cl-tool's layout record) use
@@ -264,8 +265,6 @@ def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike,
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str], *, force: bool) -> None:
     """Write tensors + metadata atomically (temp file in the same folder, fsync, rename)."""
-    from cl_tool.atomic import atomic_path
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, force=force) as tmp:
         write_safetensors_file(tensors, tmp, metadata)

@@ -43,6 +43,7 @@ from cl_tool.data.specs import (
     task_specs,
 )
 from cl_tool.data.transforms import AUGMENTS, Augment, apply_task_transforms, parse_augment, pixel_permutation
+from cl_tool.errors import ClToolError, OutputError
 
 __all__ = [
     "AUGMENTS",
@@ -121,7 +122,6 @@ def open_tasks(
     ``num_classes``, only checked against it. ``log``: called with each task's summary line and its notes.
     """
     _refuse_cache_inside_data(specs, options)
-    from cl_tool.errors import ClToolError
 
     pre = Preprocess.for_model(model_spec)
     tasks: list[Task] = []
@@ -174,7 +174,6 @@ def _refuse_cache_inside_data(specs: list[TaskSpec], options: DataOptions) -> No
     """The decoded cache is never written into a data folder nor a model folder, nor over a file (exit 6)."""
     if options.cache == "none":
         return
-    from cl_tool.errors import OutputError
 
     given = Path(options.cache_dir or default_cache_dir()).expanduser()
     if given.exists() and not given.is_dir():

@@ -36,6 +36,9 @@ from cl_tool.data.cache import (
     folder_writable,
     space_for,
 )
+from cl_tool.data.cache_admin import mark_used
+from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
+from cl_tool.data.transforms import apply_task_transforms, normalise_, parse_augment, shift_batch, to_unit_float
 from cl_tool.errors import BadInputError, ClToolError, EnvironmentProblem, IncompatibleError, OutputError, UsageError
 
 STREAM_SHUFFLE_BUFFER = 10_000
@@ -221,9 +224,6 @@ def open_task(
     ``disk`` (the folder must be writable) or ``none``. A cache file made by an earlier command
     is used without opening the source (no ``datasets`` import, no decoding).
     """
-    from cl_tool.data.cache_admin import mark_used
-    from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
-
     if cache not in CACHE_MODES:
         raise UsageError(f"$cache {cache} is unknown; use {', '.join(CACHE_MODES)}.")
     workers = default_workers() if workers is None else int(workers)
@@ -404,7 +404,7 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         """What was read: source, split (and whether it was the default), subset, samples and samples per class."""
-        from cl_tool.data.classes import class_counts
+        from cl_tool.data.classes import class_counts  # it imports numpy: inside functions, for start-up time
 
         d = self.spec.describe()
         d.update({k: v for k, v in self.info.items() if k not in ("notes", "class_names", "cache_source")})
@@ -461,8 +461,6 @@ class Task:
 
     def _ensure_source(self) -> None:
         if self._sel is None:
-            from cl_tool.data.sources import open_selection
-
             sel = open_selection(self.spec)
             if len(sel.ds) != self._n:
                 raise BadInputError(
@@ -505,8 +503,6 @@ class Task:
         of (seed, epoch, sample index) only.
         """
         import torch
-
-        from cl_tool.data.transforms import parse_augment
 
         aug = parse_augment(augment)
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -769,8 +765,6 @@ class Task:
     def _finish(self, idx, x, aug, seed, epoch, dev, y=None) -> Batch:
         import numpy as np
         import torch
-
-        from cl_tool.data.transforms import apply_task_transforms, normalise_, shift_batch, to_unit_float
 
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         if y is None:

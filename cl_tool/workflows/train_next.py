@@ -46,6 +46,7 @@ from cl_tool.sidecar import Sidecar, check_covers, default_sidecar_path, load_si
 from cl_tool.training import BN_STATS, OPTIMIZERS, SCHEDULES, TRAIN_EVAL_SAMPLES, TrainConfig, train
 
 DEFAULT_LAMBDA = 100.0
+TRAINING = TrainConfig()  # the training options' defaults: one source, TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -81,14 +82,14 @@ class TrainNextArgs(Args):
         help="Importance sidecar of the checkpoint or an ancestor (default: <checkpoint stem>.importance.safetensors beside it).",
     )
     freeze_bn_stats: bool = option(
-        False,
+        TRAINING.freeze_bn_stats,
         "--freeze-bn-stats",
         panel="Penalty",
         help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, "
         "not these statistics, which otherwise drift to the new task.",
     )
     bn_stats: str = option(
-        "recompute",
+        TRAINING.bn_stats,
         "--bn-stats",
         metavar="MODE",
         panel="Penalty",
@@ -99,20 +100,36 @@ class TrainNextArgs(Args):
         "weights). Not with --freeze-bn-stats.",
     )
     optimizer: str = option(
-        "adam", "--optimizer", metavar="NAME", panel="Optimisation", choices=OPTIMIZERS, help="adam, adamw or sgd."
+        TRAINING.optimizer,
+        "--optimizer",
+        metavar="NAME",
+        panel="Optimisation",
+        choices=OPTIMIZERS,
+        help="adam, adamw or sgd.",
     )
-    lr: float = option(1e-3, "--lr", metavar="η", panel="Optimisation", low=0, low_open=True, help="Learning rate η.")
-    momentum: float = option(0.0, "--momentum", metavar="μ", panel="Optimisation", low=0, help="SGD momentum.")
-    nesterov: bool = option(False, "--nesterov", panel="Optimisation", help="Nesterov momentum (SGD).")
-    weight_decay: float = option(0.0, "--weight-decay", metavar="WD", panel="Optimisation", low=0, help="Weight decay.")
+    lr: float = option(
+        TRAINING.lr, "--lr", metavar="η", panel="Optimisation", low=0, low_open=True, help="Learning rate η."
+    )
+    momentum: float = option(
+        TRAINING.momentum, "--momentum", metavar="μ", panel="Optimisation", low=0, help="SGD momentum."
+    )
+    nesterov: bool = option(TRAINING.nesterov, "--nesterov", panel="Optimisation", help="Nesterov momentum (SGD).")
+    weight_decay: float = option(
+        TRAINING.weight_decay, "--weight-decay", metavar="WD", panel="Optimisation", low=0, help="Weight decay."
+    )
     schedule: str = option(
-        "constant", "--schedule", metavar="NAME", panel="Optimisation", choices=SCHEDULES, help="constant or cosine."
+        TRAINING.schedule,
+        "--schedule",
+        metavar="NAME",
+        panel="Optimisation",
+        choices=SCHEDULES,
+        help="constant or cosine.",
     )
     warmup_steps: int = option(
-        0, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps."
+        TRAINING.warmup_steps, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps."
     )
     grad_clip: Optional[float] = option(
-        None,
+        TRAINING.grad_clip,
         "--grad-clip",
         metavar="NORM",
         panel="Optimisation",
@@ -121,10 +138,10 @@ class TrainNextArgs(Args):
         help="Clip the total gradient norm (task + penalty) to NORM.",
     )
     epochs: int = option(
-        1, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task."
+        TRAINING.epochs, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task."
     )
     batch_size: int = option(
-        64, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch."
+        TRAINING.batch_size, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch."
     )
     seed: int = seed_option()
     device: str = device_option()
@@ -196,7 +213,7 @@ class TrainNextArgs(Args):
         None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE."
     )
     checkpoint_every: int = option(
-        0,
+        TRAINING.checkpoint_every,
         "--checkpoint-every",
         metavar="N",
         panel="Resume",
@@ -242,23 +259,9 @@ class TrainNextArgs(Args):
         self.augmentation = parse_augment(self.augment, self.augment_arg)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            optimizer=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            nesterov=self.nesterov,
-            weight_decay=self.weight_decay,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-            precision=self.precision,
-            checkpoint_every=self.checkpoint_every,
-            freeze_bn_stats=self.freeze_bn_stats,
-            bn_stats=self.bn_stats,
-        )
+        """The training options as a TrainConfig (each field is the option of its name; no --eval-batch-size)."""
+        names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"]
+        return TrainConfig(**{name: getattr(self, name) for name in names})
 
     @property
     def state_path(self) -> Path:
