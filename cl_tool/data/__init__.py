@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, default_cache_dir
-from cl_tool.data.loader import Batch, Task, as_worker_error, check_labels, default_workers, open_task
+from cl_tool.data.loader import Batch, Task, check_labels, open_task
 from cl_tool.data.preprocess import Preprocess
 from cl_tool.data.specs import (
     DATA_HELP,
@@ -43,6 +43,7 @@ from cl_tool.data.specs import (
     task_specs,
 )
 from cl_tool.data.transforms import AUGMENTS, Augment, apply_task_transforms, parse_augment, pixel_permutation
+from cl_tool.data.workers import as_worker_error, default_workers
 from cl_tool.errors import ClToolError, OutputError
 
 __all__ = [
