@@ -531,15 +531,7 @@ def save_checkpoint(
 
 def _finite_check(where):
     """A :func:`scan_tensors` check: :func:`nonfinite_text` for a floating-point tensor holding NaN or ±Inf."""
-
-    def check(name, t):
-        import torch  # --verify only: header-only `info` imports no torch
-
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            return nonfinite_text(where, name)
-        return None
-
-    return check
+    return lambda name, t: nonfinite_text(where, name) if first_nonfinite({name: t}) is not None else None
 
 
 def _read_tensors(path, header, params, where, info, problems, *, verify: bool, sparsity: bool, recorded=()) -> None:

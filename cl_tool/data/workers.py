@@ -11,7 +11,10 @@ A map-style task keeps its workers across passes (:class:`Workers`), a stream st
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +36,7 @@ def _close_open_tasks() -> None:
             task.close()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
-    import multiprocessing
+    import multiprocessing  # at exit only: not imported at start-up
 
     for child in multiprocessing.active_children():
         if child.daemon:  # a DataLoader worker of a task dropped without close(): it would never be joined
@@ -96,9 +99,6 @@ def raise_worker_error(err: tuple[str, str]) -> None:
 
 def _install_sigchld_guard() -> None:
     """torch raises RuntimeError from its SIGCHLD handler when a worker dies; make that our one-sentence error."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     handler = signal.getsignal(signal.SIGCHLD)
@@ -118,35 +118,22 @@ def _install_sigchld_guard() -> None:
     signal.signal(signal.SIGCHLD, guard)
 
 
-class _signals_blocked:
+@contextlib.contextmanager
+def _signals_blocked(active: bool):
     """Block SIGINT/SIGTERM in this thread while worker processes start (they inherit the mask, ignore both, then unblock).
 
     Without it a Ctrl-C that reaches the process group while a worker is starting kills the
     worker instead of interrupting the command. Signals that arrive meanwhile are delivered to
     this process when the block ends.
     """
-
-    def __init__(self, active: bool):
-        import threading
-
-        self.active = (
-            active
-            and hasattr(__import__("signal"), "pthread_sigmask")
-            and threading.current_thread() is threading.main_thread()
-        )
-
-    def __enter__(self):
-        if self.active:
-            import signal
-
-            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            import signal
-
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+    if not (active and hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Feed:
