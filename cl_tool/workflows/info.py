@@ -54,10 +54,6 @@ class InfoArgs(Args):
 # ----------------------------------------------------------------- the printers, one per kind
 
 
-def _short_time(t: Any) -> str:
-    return t[:16].replace("T", " ") if isinstance(t, str) else ""
-
-
 def _dtypes(info: dict[str, Any]) -> str:
     by_dtype = info["tensors"]["by_dtype"]
     return ", ".join(f"{d} {v['values']:,} values ({human_bytes(v['bytes'])})" for d, v in by_dtype.items()) or "-"
@@ -132,7 +128,7 @@ def _print_history(info: dict[str, Any], out: Output) -> None:
                     r["data"] or "",
                     r["penalty"] or "",
                     _lambda_text(r["lambda"]),
-                    _short_time(r["time"]),
+                    r["time"][:16].replace("T", " ") if isinstance(r["time"], str) else "",
                     r["detail"] or "",
                 ]
                 for r in info["history"][-SHOWN_ROWS:]
@@ -334,6 +330,8 @@ def run_info(args: InfoArgs, out: Output) -> list[dict[str, Any]]:
         for i in usable:
             header, _ = read_header(i["path"], "File")
             i["for"] = KINDS[i["kind"]].relation(i, target, {n: list(e["shape"]) for n, e in header.items()})
+    for i in infos:  # a format module's sentence may name an option as $name
+        i["problems"] = [out.text(p) for p in i["problems"]]
     problems = [p for i in infos for p in i["problems"]]
     if out.json and not problems:
         out.result(infos)
