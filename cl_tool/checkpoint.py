@@ -23,8 +23,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_tool.errors import BadInputError, IncompatibleError
-from cl_tool.models import ModelSpec
+from cl_tool import __version__
+from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.lineage import describe_history
+from cl_tool.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    build_model,
+    classifier_param_names,
+    default_normalisation,
+)
+from cl_tool.safetensors_io import (
+    FLOAT_CODES,
+    fingerprint,
+    load_tensors,
+    numel,
+    read_header,
+    save_tensors,
+    scan_tensors,
+    sparsity_record,
+    tensor_summary,
+)
 
 FORMAT_VERSION = "1"
 HISTORY_LIMIT = 50  # the newest entries a written checkpoint keeps whole
@@ -45,8 +65,6 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        from cl_tool.safetensors_io import fingerprint
-
         if not hasattr(self, "_fp"):
             self._fp = fingerprint(self.state)
         return self._fp
@@ -54,7 +72,7 @@ class Checkpoint:
 
 def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     """Name of the first floating-point tensor holding NaN or ±Inf, or None."""
-    import torch
+    import torch  # inside functions: `cl-tool --help` and header-only `info` import no torch
 
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
@@ -62,30 +80,19 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
+def nonfinite_text(where, name: str) -> str:
+    return f"Checkpoint {where} has NaN or infinite values in {name!r}; it comes from a diverged run: use an earlier checkpoint."
+
+
 def refuse_nonfinite(ckpt: Checkpoint, where) -> Checkpoint:
     bad = first_nonfinite(ckpt.state)
     if bad is not None:
-        raise BadInputError(
-            f"Checkpoint {where} has NaN or infinite values in {bad!r}; it comes from a diverged run: use an earlier checkpoint."
-        )
+        raise BadInputError(nonfinite_text(where, bad))
     return ckpt
-
-
-def _json_meta(metadata: dict[str, str], key: str, path, default):
-    if key not in metadata:
-        return default
-    try:
-        return json.loads(metadata[key])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadInputError(
-            f"Checkpoint {path} has malformed metadata {key!r} (not JSON); the file is damaged."
-        ) from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a cl-tool checkpoint file or a timm-style folder; validate its metadata."""
-    from cl_tool.safetensors_io import load_tensors
-
     p = Path(path)
     if p.is_dir():
         return _load_timm_folder(p)
@@ -98,16 +105,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise BadInputError(
             f"Checkpoint {p} has no cl-tool model metadata; create checkpoints with `cl-tool init`, or put the weights in a timm folder (config.json + model.safetensors)."
         )
-    spec = ModelSpec.from_dict(_json_meta(metadata, "cl_tool.model", p, {}))
-    history = _json_meta(metadata, "cl_tool.history", p, [])
-    extra = _json_meta(metadata, "cl_tool.extra", p, {})
-    layout = _json_meta(metadata, "cl_tool.layout", p, None)
-    if layout is not None and not (
-        isinstance(layout, dict)
-        and isinstance(layout.get("parameters"), list)
-        and isinstance(layout.get("classifier"), list)
-        and isinstance(layout.get("tensors"), dict)
-    ):
+
+    def meta(key: str, default: Any) -> Any:  # any JSON value: one of the wrong type is replaced below
+        return metadata_json(metadata, key, f"Checkpoint {p}", default, (object,))
+
+    spec = ModelSpec.from_dict(meta("cl_tool.model", {}))
+    history, extra, layout = meta("cl_tool.history", []), meta("cl_tool.extra", {}), meta("cl_tool.layout", None)
+    if layout is not None and not _valid_layout(layout):
         raise BadInputError(f"Checkpoint {p} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     ckpt = Checkpoint(
         spec=spec,
@@ -121,8 +125,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _load_timm_folder(folder: Path) -> Checkpoint:
-    from cl_tool.safetensors_io import load_tensors
-
     spec, weights = timm_folder_spec(folder)
     tensors, _ = load_tensors(weights, "Checkpoint")
     ckpt = Checkpoint(spec=spec, state=tensors, history=[{"command": "import", "from": str(folder)}], path=str(folder))
@@ -149,8 +151,6 @@ def timm_folder_spec(folder: Path) -> tuple[ModelSpec, Path]:
 
 def spec_from_timm_config(cfg_path: Path) -> ModelSpec:
     """A validated ModelSpec from a timm ``config.json``; every field's type is checked (exit 3 naming it)."""
-    from cl_tool.models import IMAGENET_MEAN, IMAGENET_STD, default_normalisation
-
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
@@ -254,14 +254,20 @@ def spec_from_metadata(meta: dict[str, str], where: str) -> ModelSpec:
         raise BadInputError(f"{where}: {exc.message[0].lower()}{exc.message[1:]}") from exc
 
 
+def _valid_layout(layout: Any) -> bool:
+    """A layout record of the right shape: lists of parameter and classifier names, a name → [shape, dtype] map."""
+    return (
+        isinstance(layout, dict)
+        and isinstance(layout.get("parameters"), list)
+        and isinstance(layout.get("classifier"), list)
+        and isinstance(layout.get("tensors"), dict)
+    )
+
+
 def layout_from_metadata(meta: dict[str, str], where: str) -> dict[str, Any] | None:
     """The recorded layout (see :func:`model_layout`), or None for a checkpoint written before layouts were recorded."""
     layout = metadata_json(meta, "cl_tool.layout", where, None, (dict,))
-    if layout is not None and not (
-        isinstance(layout.get("parameters"), list)
-        and isinstance(layout.get("classifier"), list)
-        and isinstance(layout.get("tensors"), dict)
-    ):
+    if layout is not None and not _valid_layout(layout):
         raise BadInputError(f"Checkpoint {where} has malformed metadata 'cl_tool.layout'; the file is damaged.")
     return layout
 
@@ -276,7 +282,7 @@ def layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: 
             return f"Checkpoint {where} lacks tensor {name!r} that its recorded layout lists; the file is damaged or was edited."
         if not isinstance(rec, list) or not rec or list(rec[0]) != list(header[name]["shape"]):
             return f"Tensor {name!r} in {where} has shape {header[name]['shape']}, not the one its recorded layout lists; the file is damaged or was edited."
-        if len(rec) > 1 and (str(rec[1]).startswith(("float", "bfloat")) != (header[name]["dtype"] in _FLOAT_CODES)):
+        if len(rec) > 1 and (str(rec[1]).startswith(("float", "bfloat")) != (header[name]["dtype"] in FLOAT_CODES)):
             return f"Tensor {name!r} in {where} has dtype {header[name]['dtype']}, not the kind its recorded layout lists ({rec[1]}); the file is damaged."
     extra = [n for n in header if n not in layout["tensors"]]
     if extra:
@@ -285,9 +291,6 @@ def layout_problem(layout: dict[str, Any], spec, header: dict[str, Any], where: 
     if unknown:
         return f"Checkpoint {where} has a malformed layout record (unknown tensor {unknown[0]!r}); the file is damaged."
     return None
-
-
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def spec_digest(spec: ModelSpec) -> str:
@@ -301,8 +304,6 @@ def model_layout(model) -> dict[str, Any]:
     """What a model looks like, recorded in a checkpoint so that tools which only need names and shapes
     (prune) can validate the file and pick tensors without rebuilding the architecture:
     trainable parameter names, the classifier's parameter names, and name → [shape, dtype] of every tensor."""
-    from cl_tool.models import classifier_param_names
-
     return {
         "parameters": [n for n, p in model.named_parameters() if p.requires_grad],
         "classifier": list(classifier_param_names(model)),
@@ -338,9 +339,6 @@ def build_on_meta_device(ckpt: Checkpoint):
     without materialising a second copy of the weights.
     """
     import torch
-
-    from cl_tool.errors import UsageError
-    from cl_tool.models import build_model
 
     where = ckpt.path or "the checkpoint"
     try:
@@ -395,9 +393,6 @@ def _check_tensors(
 
 def instantiate(ckpt: Checkpoint):
     """Build the model described by ``ckpt.spec`` and load its tensors, validating names, shapes and dtypes."""
-    from cl_tool.errors import UsageError
-    from cl_tool.models import build_model
-
     where = ckpt.path or "the checkpoint"
     try:
         model = build_model(ckpt.spec)
@@ -421,8 +416,6 @@ def history_entry(command: str, **fields: Any) -> dict[str, Any]:
     """One ``cl_tool.history`` entry: the command, cl-tool's version, the UTC time and the given fields (None left out)."""
     import datetime
 
-    from cl_tool import __version__
-
     entry = {
         "command": command,
         "cl_tool": __version__,
@@ -437,8 +430,6 @@ def grow_classifier(ckpt: Checkpoint, new_classes: int):
 
     ``ckpt.spec`` and ``ckpt.state`` are updated to the grown model.
     """
-    from cl_tool.models import build_model
-
     spec = ckpt.spec
     if spec.arch == "mlp" and "sizes" in spec.kwargs:
         sizes = [int(s) for s in str(spec.kwargs["sizes"]).split(",")]
@@ -520,8 +511,6 @@ def save_checkpoint(
     layout: dict[str, Any] | None = None,
 ) -> str:
     """Write a checkpoint atomically; return its fingerprint."""
-    from cl_tool.safetensors_io import fingerprint, save_tensors
-
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     fp = fingerprint(state)
     metadata = {
@@ -535,3 +524,131 @@ def save_checkpoint(
         metadata["cl_tool.layout"] = json.dumps({**layout, "spec": spec_digest(spec)})
     save_tensors(path, state, metadata, force=force)
     return fp
+
+
+# ----------------------------------------------------------------- what `cl-tool info` shows (header first)
+
+
+def _finite_check(where):
+    """A :func:`scan_tensors` check: :func:`nonfinite_text` for a floating-point tensor holding NaN or ±Inf."""
+    return lambda name, t: nonfinite_text(where, name) if first_nonfinite({name: t}) is not None else None
+
+
+def _read_tensors(path, header, params, where, info, problems, *, verify: bool, sparsity: bool, recorded=()) -> None:
+    """``info --verify`` (the fingerprint and values of every tensor, compared with ``recorded``: (the fingerprint the
+    file records, None if none) or () for a timm folder, which has no record) and ``--sparsity`` (zeros of ``params``)
+    in one pass over the tensors, into ``info``."""
+    if not (verify or sparsity):
+        return
+    scan = scan_tensors(
+        path,
+        list(header) if verify else list(params),
+        fingerprint=verify,
+        zeros=set(params) if sparsity else set(),
+        check=_finite_check(where) if verify else None,
+    )
+    info["fingerprint"]["computed"] = scan["fingerprint"]
+    if scan["problem"]:
+        problems.append(scan["problem"])
+    if verify and recorded:
+        (recorded,) = recorded
+        info["fingerprint"]["verified"] = scan["fingerprint"] == recorded and not scan["problem"]
+        if recorded is None:
+            problems.append(f"Checkpoint {where} records no fingerprint; it was not written completely by cl-tool.")
+        elif scan["fingerprint"] != recorded:
+            problems.append(
+                f"Checkpoint {where}'s tensors do not match its recorded fingerprint (recorded {recorded}, computed {scan['fingerprint']}); "
+                f"the file was changed after cl-tool wrote it."
+            )
+    if sparsity:
+        info["sparsity"] = sparsity_record(scan["zeros"])
+
+
+def describe(path: Path, header, meta, *, problems: list[str], verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a checkpoint: model, parameters, fingerprint, history, lineage, pruning record;
+    ``verify``: the fingerprint recomputed, ``sparsity``: zeros per parameter. Problems found go to ``problems``."""
+    where = str(path)
+    spec = spec_from_metadata(meta, where)
+    history = metadata_json(meta, "cl_tool.history", where, [], (list,))
+    extra = metadata_json(meta, "cl_tool.extra", where, {}, (dict,))
+    layout = layout_from_metadata(meta, where)
+    info: dict[str, Any] = {"format": meta.get("cl_tool.format"), "model": spec.to_dict()}
+    if layout is not None:
+        problem = layout_problem(layout, spec, header, where)
+        if problem:
+            problems.append(problem)
+        params = [n for n in layout["parameters"] if n in header]
+        info["parameters"] = {
+            "trainable": sum(numel(header[n]["shape"]) for n in params),
+            "tensors": len(params),
+            "classifier": list(layout["classifier"]),
+        }
+    else:
+        params = [n for n, e in header.items() if e["dtype"] in FLOAT_CODES]
+        info["parameters"] = None  # not recorded (older file): only the tensors are known
+    recorded = meta.get("cl_tool.fingerprint")
+    info["fingerprint"] = {"recorded": recorded, "computed": None, "verified": None}
+    info.update(describe_history(history, entries=HISTORY_LIMIT, generations=LINEAGE_LIMIT))
+    info["extra"] = extra
+    pruning = extra.get("pruning") if isinstance(extra.get("pruning"), dict) else None
+    info["pruning"] = (
+        {k: pruning.get(k) for k in ("by", "scope", "requested_sparsity", "achieved_sparsity", "source")}
+        if pruning
+        else None
+    )
+    _read_tensors(path, header, params, where, info, problems, verify=verify, sparsity=sparsity, recorded=(recorded,))
+    return info
+
+
+def describe_timm_folder(folder: Path, *, verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a timm folder: the model its config.json describes and its weights' tensors."""
+    spec, weights = timm_folder_spec(folder)
+    header, _ = read_header(weights, "Checkpoint")
+    info: dict[str, Any] = {
+        "path": str(folder),
+        "kind": "timm-folder",
+        "file_bytes": weights.stat().st_size,
+        "weights": str(weights),
+        "tensors": tensor_summary(header),
+        "problems": [],
+        "model": spec.to_dict(),
+        "parameters": None,
+        "fingerprint": {"recorded": None, "computed": None, "verified": None},
+        "history": [],
+        "history_entries": 0,
+        "history_dropped": 0,
+        "lineage": [],
+        "pruning": None,
+    }
+    floats = [n for n, e in header.items() if e["dtype"] in FLOAT_CODES]
+    _read_tensors(weights, header, floats, weights, info, info["problems"], verify=verify, sparsity=sparsity)
+    return info
+
+
+def lineage_target(path: Path, verify: bool) -> dict[str, Any]:
+    """What ``info --for`` needs of a checkpoint (or timm folder): fingerprint (recorded, or computed if ``verify`` or
+    none is recorded), history, parameter names (None: not recorded) and tensor shapes; from the header where it can."""
+    if path.is_dir():
+        _, tensors_at = timm_folder_spec(path)
+        header, _ = read_header(tensors_at, "Checkpoint")
+        fp, history, params = None, [{"command": "import", "from": str(path)}], None
+    else:
+        header, meta = read_header(path, "--for checkpoint")
+        if "cl_tool.model" not in meta:
+            raise BadInputError(
+                f"--for {path} is not a cl-tool checkpoint; give the checkpoint (or timm folder) that would use the file."
+            )
+        history = metadata_json(meta, "cl_tool.history", str(path), [], (list,))
+        layout = layout_from_metadata(meta, str(path))
+        tensors_at, fp, params = path, meta.get("cl_tool.fingerprint"), list(layout["parameters"]) if layout else None
+    source = "recorded"
+    if verify or not fp:
+        fp, source = scan_tensors(tensors_at, list(header), fingerprint=True, zeros=set())["fingerprint"], "computed"
+    return {
+        "path": str(path),
+        "fingerprint": fp,
+        "fingerprint_from": source,
+        "history": history,
+        "params": params,
+        "shapes": {n: list(e["shape"]) for n, e in header.items()},
+    }

@@ -81,11 +81,6 @@ def generations_back(fingerprint: str, own_fingerprint: str, history: Iterable[A
     return None
 
 
-def sidecar_relation(sidecar_fp: str, ckpt) -> int | None:
-    """How many generations back the checkpoint a sidecar was computed for lies from ``ckpt`` (None: not related)."""
-    return generations_back(sidecar_fp, ckpt.fingerprint, ckpt.history)
-
-
 def sequence_break(checkpoints: list[tuple[str | None, list[Any]]]) -> int | None:
     """The first index ``i >= 1`` whose checkpoint does not descend from checkpoint ``i - 1``, or None (a sequence).
 
@@ -104,6 +99,35 @@ def grown_since(history: Iterable[Any], generations: int) -> frozenset[str]:
     return frozenset(name for a in ancestors(history)[:generations] for name in a.grown)
 
 
+def kinship(fingerprint: str, own_fingerprint: str, history: Iterable[Any]) -> tuple[int | None, frozenset[str]]:
+    """(generations back, tensors grown since) of the checkpoint ``fingerprint`` seen from the checkpoint with
+    ``own_fingerprint`` and ``history`` (see :func:`generations_back`); (None, ∅) if it is not a recorded ancestor."""
+    gen = generations_back(fingerprint, own_fingerprint, history)
+    return gen, (grown_since(history, gen) if gen else frozenset())
+
+
+def rows_fit(stored: Iterable[int], wanted: Iterable[int], grown: bool) -> bool:
+    """Whether scores of shape ``stored`` fit a tensor of shape ``wanted``: the same shape, or, for a tensor that
+    ``--grow-head`` gave new output rows since (``grown``), fewer rows along dim 0 and the same otherwise (the new
+    rows score 0)."""
+    stored, wanted = tuple(int(s) for s in stored), tuple(int(s) for s in wanted)
+    return stored == wanted or (
+        grown and len(stored) == len(wanted) >= 1 and stored[1:] == wanted[1:] and stored[0] < wanted[0]
+    )
+
+
+def fit_problem(
+    stored: dict[str, Iterable[int]], wanted: dict[str, Iterable[int]], grown: Iterable[str]
+) -> tuple[str, list[int], list[int]] | None:
+    """The first name of ``wanted`` whose stored scores do not fit it (:func:`rows_fit`), as (name, stored shape,
+    wanted shape); None if all fit. A name ``stored`` lacks is left to the caller's name check."""
+    grown = set(grown)
+    for name, want in wanted.items():
+        if name in stored and not rows_fit(stored[name], want, name in grown):
+            return name, [int(s) for s in stored[name]], [int(s) for s in want]
+    return None
+
+
 def not_related_text(checkpoint_path: str, fingerprint: str, n_ancestors: int) -> str:
     """``which is neither CKPT (fingerprint F) nor one of its N recorded ancestors`` (for the refusal sentences)."""
     if n_ancestors == 0:
@@ -112,6 +136,37 @@ def not_related_text(checkpoint_path: str, fingerprint: str, n_ancestors: int) -
         f"which is neither {checkpoint_path} (fingerprint {fingerprint}) nor one of its {n_ancestors} recorded "
         f"ancestor{'s' if n_ancestors != 1 else ''}"
     )
+
+
+def unrelated_text(target: dict[str, Any]) -> str:
+    """:func:`not_related_text` of an ``info --for`` target (see ``checkpoint.lineage_target``)."""
+    return not_related_text(target["path"], target["fingerprint"], len(ancestor_fingerprints(target["history"])))
+
+
+def target_note(target: dict[str, Any]) -> str:
+    """The end of an ``info --for`` verdict: which fingerprint of the target it was judged by."""
+    if target["fingerprint_from"] == "computed":
+        return ""
+    return f"; judged by the fingerprint {target['path']} records (--verify recomputes it)"
+
+
+def fit_text(
+    names: Iterable[str], stored: dict[str, list[int]], target: dict[str, Any], grown: Iterable[str], *, every: bool
+) -> str | None:
+    """Why tensors of the shapes ``stored`` (scores or masks) do not fit the ``info --for`` target, or None: each of
+    ``names`` must be a tensor of the target whose shape the stored one fits (:func:`rows_fit`); ``every``: each
+    name must also have a stored entry (a sidecar's rule)."""
+    ck, names, grown = target["path"], list(names), set(grown)
+    missing = [n for n in names if n not in stored] if every else []
+    if missing:
+        return f"it has no entry for {missing[0]!r} of {ck}"
+    for n in names:
+        if n not in target["shapes"]:
+            return f"{ck} has no parameter {n!r}"
+        want, got = target["shapes"][n], stored.get(n)
+        if got is not None and not rows_fit(got, want, n in grown):
+            return f"{n!r} has shape {got} there but {want} in {ck}"
+    return None
 
 
 def generations_text(n: int) -> str:
@@ -158,7 +213,7 @@ def check_sidecar(sc, ckpt, checkpoint_path: str, *, fingerprint: str | None = N
     ``fingerprint``: the checkpoint's own fingerprint if already known (default: computed from its tensors).
     """
     own = fingerprint or ckpt.fingerprint
-    gen = generations_back(sc.fingerprint, own, ckpt.history)
+    gen, grown = kinship(sc.fingerprint, own, ckpt.history)
     if gen is None:
         n = len(ancestor_fingerprints(ckpt.history))
         owner = sidecar_owner(sc)
@@ -173,7 +228,7 @@ def check_sidecar(sc, ckpt, checkpoint_path: str, *, fingerprint: str | None = N
         generations=gen,
         checkpoint=checkpoint_path,
         owner=sidecar_owner(sc),
-        grown=grown_since(ckpt.history, gen),
+        grown=grown,
     )
 
 
@@ -188,15 +243,91 @@ def fit_rows(tensors: dict[str, Any], params: dict[str, Any], grown: Iterable[st
     for name, p in params.items():
         om = tensors.get(name)
         shape = tuple(p.shape)
-        if (
-            name in grown
-            and om is not None
-            and len(om.shape) == len(shape) >= 1
-            and tuple(om.shape[1:]) == shape[1:]
-            and om.shape[0] < shape[0]
-        ):
+        if om is not None and tuple(om.shape) != shape and rows_fit(om.shape, shape, name in grown):
             pad = om.new_zeros(shape)
             pad[: om.shape[0]] = om
             om = pad
         out[name] = om
     return out
+
+
+# ----------------------------------------------------------------- the history as `cl-tool info` shows it
+
+CELL_CHARS = 80  # a longer text of a history entry is cut to this
+
+
+def _clip(text: Any) -> Any:
+    return text[: CELL_CHARS - 1] + "…" if isinstance(text, str) and len(text) > CELL_CHARS else text
+
+
+def _omega_text(e: dict[str, Any]) -> str | None:
+    if not e.get("importance"):
+        return None
+    gen = e.get("importance_generations")
+    return f"Ω {e['importance']}" + (f" ({gen} back)" if isinstance(gen, int) and gen > 0 else "")
+
+
+def _detail(cmd: str, e: dict[str, Any]) -> str | None:
+    """What the history table's detail column says of an entry of ``cmd``."""
+    if cmd == "train-next":
+        bits = [
+            _omega_text(e),
+            f"grew {', '.join(map(str, e['grown']))}" if isinstance(e.get("grown"), list) else None,
+            f"mask {e['mask']}" if e.get("mask") else None,
+        ]
+        return "; ".join(b for b in bits if b)
+    if cmd == "prune":
+        achieved = e.get("achieved", e.get("sparsity"))
+        bits = [
+            f"{e.get('by')} {achieved:.1%}" if isinstance(achieved, (int, float)) else f"{e.get('by')}",
+            _omega_text(e),
+        ]
+        return "; ".join(b for b in bits if b)
+    if cmd == "import":
+        return f"from {e.get('from')}"
+    return None
+
+
+def history_rows(history: list[Any]) -> list[dict[str, Any]]:
+    """The history as short records: command, data, penalty, λ, a detail, time (texts cut to CELL_CHARS)."""
+    rows = []
+    for e in history:
+        e = e if isinstance(e, dict) else {}
+        cmd = str(e.get("command", "?"))
+        data = e.get("data")
+        data_text = (
+            (data.get("name") or data.get("source")) if isinstance(data, dict) else (str(data) if data else None)
+        )
+        rows.append(
+            {
+                "command": _clip(cmd),
+                "data": _clip(data_text),
+                "penalty": _clip(e.get("penalty")),
+                "lambda": _clip(e.get("lambda")),
+                "detail": _clip(_detail(cmd, e)) or None,
+                "time": _clip(e.get("time")),
+                "entry": e,  # the entry as stored (split, epochs, lr, command line, ...)
+            }
+        )
+    return rows
+
+
+def describe_history(history: list[Any], *, entries: int, generations: int) -> dict[str, Any]:
+    """The newest ``entries`` history entries as rows, the newest ``generations`` ancestors, and how many entries
+    exist (and were dropped before the oldest kept)."""
+    first = history[0] if history and isinstance(history[0], dict) else {}
+    dropped = first.get("dropped_before")
+    return {
+        "history_entries": len(history),
+        "history_dropped": dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else 0,
+        "history": history_rows(history[-entries:]),
+        "lineage": [
+            {
+                "generations": anc.generations,
+                "fingerprint": _clip(anc.fingerprint),
+                "read_by": _clip(anc.command),
+                "time": _clip(anc.time),
+            }
+            for anc in ancestors(history[-generations:])
+        ],
+    }

@@ -16,7 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cl_tool.checkpoint import metadata_json
 from cl_tool.errors import BadInputError, IncompatibleError
+from cl_tool.lineage import target_note
+from cl_tool.safetensors_io import load_tensors, save_tensors
 
 
 class ResumeState:
@@ -28,9 +31,7 @@ class ResumeState:
         self.config = config
 
     def save(self, st: dict[str, Any]) -> None:
-        import torch
-
-        from cl_tool.safetensors_io import save_tensors
+        import torch  # inside functions: `info` reads resume states without torch
 
         tensors: dict[str, Any] = {f"model/{k}": v for k, v in st["model"].items()}
         opt = st["optimizer"]
@@ -59,8 +60,6 @@ class ResumeState:
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None if there is none; refuses one of another run (other input or options)."""
-        from cl_tool.safetensors_io import load_tensors
-
         if not self.path.exists():
             return None
         tensors, meta = load_tensors(self.path, "Resume state")
@@ -117,3 +116,39 @@ def restore_rng_states(st: dict[str, Any], device) -> None:
     torch.set_rng_state(st["rng"])
     if device.type == "cuda" and st.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(st["rng_cuda"], device)
+
+
+def describe(path: Path, header, meta, *, problems: list[str], verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a resume state: position, the run's options, the input checkpoint's fingerprint
+    and how many tensors of each group (model, opt, rng, si) it holds."""
+    where = f"Resume state {path}"
+    config = metadata_json(meta, "config", where, {}, (dict,))
+    position = metadata_json(meta, "position", where, {}, (dict,))
+    epochs = metadata_json(meta, "epochs", where, [], (list,))
+    groups: dict[str, int] = {}
+    for name in header:
+        prefix = name.split("/", 1)[0]
+        groups[prefix] = groups.get(prefix, 0) + 1
+    data = config.get("data")
+    return {
+        "input_fingerprint": meta.get("fingerprint"),
+        "position": position,
+        "epochs_done": len(epochs),
+        "config": config,
+        "data": data.get("name") if isinstance(data, dict) else data,
+        "tensor_groups": groups,
+    }
+
+
+def relation(info: dict[str, Any], target: dict[str, Any], stored: dict[str, list[int]]) -> dict[str, Any]:
+    """``info --for``: whether ``train-next --resume`` accepts the state ``info`` for the checkpoint ``target``: only a
+    state written by a run from that very checkpoint (the same fingerprint)."""
+    ck, note = target["path"], target_note(target)
+    if info["input_fingerprint"] == target["fingerprint"]:
+        reason = f"yes: it was written by a train-next run from {ck}; rerun the same command with --resume{note}"
+        return {"checkpoint": ck, "usable": True, "generations": 0, "reason": reason}
+    reason = (
+        f"no: it was written by a train-next run from another checkpoint (fingerprint {info['input_fingerprint']}, "
+        f"{ck} has {target['fingerprint']}); train-next --resume refuses it (exit 4){note}"
+    )
+    return {"checkpoint": ck, "usable": False, "generations": None, "reason": reason}

@@ -9,6 +9,7 @@ import sys
 import time
 
 from cl_tool.errors import EnvironmentProblem, UsageError
+from cl_tool.params import option
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _STARTED = [time.perf_counter()]  # when this command began (import of cl-tool, or the last mark_start)
@@ -162,10 +163,9 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block over 128 KiB on its own and unmaps it when freed (its threshold rises only
     after a larger block has been freed), and returns free memory at the top of the heap beyond 128 KiB. A training
     step allocates and frees its gradients and the optimiser's temporaries (~1 MB each for the paper MLP) every
-    step, so every step faults them in afresh (a zeroed page each 4 KiB). Measured: ``train-next`` of the paper MLP,
-    batch 100, 2 threads, 30 000 samples: 14.6–16.8 k samples/s as it was, 23.8–26.5 k with this, the speed of a
-    hand-written loop. Sets M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (128 MiB), as the ``MALLOC_*_`` variables
-    would; does nothing where malloc is not glibc's or the user set those variables.
+    step, so every step faults them in afresh (a zeroed page each 4 KiB; the README's performance notes give the
+    effect). Sets M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (128 MiB), as the ``MALLOC_*_`` variables would;
+    does nothing where malloc is not glibc's or the user set those variables.
     """
     import ctypes
     import os
@@ -199,14 +199,10 @@ def command_line() -> str:
 
 
 def device_option():
-    from cl_tool.params import option
-
     return option("auto", "--device", metavar="DEVICE", help=f"{DEVICES_TEXT}.")
 
 
 def precision_option():
-    from cl_tool.params import option
-
     return option(
         "fp32",
         "--precision",
@@ -217,6 +213,4 @@ def precision_option():
 
 
 def seed_option():
-    from cl_tool.params import option
-
     return option(0, "--seed", metavar="N", low=0, high=2**32 - 1, help="Random seed.")

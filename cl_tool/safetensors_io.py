@@ -8,12 +8,14 @@ Nothing here unpickles anything. torch is imported inside the functions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+from cl_tool.atomic import atomic_path
 from cl_tool.errors import BadInputError, OutputError
 
 #: safetensors dtype codes → the names torch (and cl-tool's layout record) use
@@ -33,6 +35,7 @@ DTYPE_NAMES = {
     "BOOL": "bool",
 }
 
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # the floating-point dtypes of a header
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (it refuses to open a longer header)
 _DTYPE_SIZES = {
     "F64": 8,
@@ -262,8 +265,6 @@ def write_safetensors_file(tensors: dict[str, Any], filename: str | os.PathLike,
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str], *, force: bool) -> None:
     """Write tensors + metadata atomically (temp file in the same folder, fsync, rename)."""
-    from cl_tool.atomic import atomic_path
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, force=force) as tmp:
         write_safetensors_file(tensors, tmp, metadata)
@@ -304,3 +305,61 @@ def fingerprint_update(h, name: str, t) -> None:
     h.update(fingerprint_line(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def tensor_summary(header: dict[str, Any]) -> dict[str, Any]:
+    """Counts, values and bytes of a file's tensors, in total and by dtype (from the header alone)."""
+    by_dtype: dict[str, dict[str, int]] = {}
+    for entry in header.values():
+        d = by_dtype.setdefault(
+            DTYPE_NAMES.get(entry["dtype"], entry["dtype"]), {"tensors": 0, "values": 0, "bytes": 0}
+        )
+        start, end = entry["data_offsets"]
+        d["tensors"] += 1
+        d["values"] += numel(entry["shape"])
+        d["bytes"] += int(end) - int(start)
+    return {
+        "count": len(header),
+        "values": sum(d["values"] for d in by_dtype.values()),
+        "bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "by_dtype": by_dtype,
+    }
+
+
+def scan_tensors(path: Path, names: list[str], *, fingerprint: bool, zeros: set[str], check=None) -> dict[str, Any]:
+    """One pass over the tensors ``names`` of ``path`` (sorted by name, one in memory at a time): the fingerprint of
+    them all (if ``fingerprint``), the zero count of each in ``zeros``, and the first non-None ``check(name, t)``."""
+    from safetensors import SafetensorError, safe_open
+
+    h = fingerprint_hasher() if fingerprint else None
+    counts: dict[str, dict[str, Any]] = {}
+    problem = None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if h is not None:
+                    fingerprint_update(h, name, t)
+                if name in zeros:
+                    n = int(t.numel())
+                    z = n - int(t.count_nonzero())
+                    counts[name] = {"numel": n, "zeros": z, "fraction": z / n if n else 0.0}
+                if check is not None and problem is None:
+                    problem = check(name, t)
+                del t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(
+            f"{path} could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); regenerate it."
+        ) from exc
+    return {"fingerprint": h.hexdigest() if h is not None else None, "zeros": counts, "problem": problem}
+
+
+def sparsity_record(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-tensor zero counts of :func:`scan_tensors` with their totals and the fraction of zeros."""
+    n = sum(c["numel"] for c in counts.values())
+    zeros = sum(c["zeros"] for c in counts.values())
+    return {"tensors": counts, "numel": n, "zeros": zeros, "fraction": zeros / n if n else 0.0}

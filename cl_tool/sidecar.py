@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cl_tool.errors import BadInputError, IncompatibleError
+from cl_tool.lineage import fit_text, generations_text, kinship, sidecar_owner, target_note, unrelated_text
+from cl_tool.safetensors_io import load_tensors, save_tensors, scan_tensors
 
 SUFFIX = ".importance.safetensors"
 
@@ -45,8 +47,6 @@ class Sidecar:
 
 
 def save_sidecar(path: str | os.PathLike, sc: Sidecar, *, force: bool = False) -> None:
-    from cl_tool.safetensors_io import save_tensors
-
     validate_values(sc.tensors, str(path))
     metadata = {
         "cl_tool.sidecar": "1",
@@ -60,25 +60,27 @@ def save_sidecar(path: str | os.PathLike, sc: Sidecar, *, force: bool = False) -
     save_tensors(path, {k: v.float() for k, v in sc.tensors.items()}, metadata, force=force)
 
 
+def value_problem(name: str, t, where: str) -> str | None:
+    """One sentence if the importances ``t`` of ``name`` hold NaN, ±Inf or a negative value; None if they are valid."""
+    import torch  # header-only `info` imports no torch
+
+    if not torch.isfinite(t).all():
+        return f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
+    if (t < 0).any():
+        return f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
+    return None
+
+
 def validate_values(tensors: dict[str, Any], where: str) -> None:
     """Refuse NaN, Inf or negative importances, naming the first offending tensor."""
-    import torch
-
     for name, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise BadInputError(
-                f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
-            )
-        if (t < 0).any():
-            raise BadInputError(
-                f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
-            )
+        problem = value_problem(name, t, where)
+        if problem is not None:
+            raise BadInputError(problem)
 
 
 def load_sidecar(path: str | os.PathLike) -> Sidecar:
     """The sidecar at ``path``, its values checked (finite, non-negative) and its metadata validated."""
-    from cl_tool.safetensors_io import load_tensors
-
     tensors, meta = load_tensors(path, "Importance file")
     sc = sidecar_from_metadata(meta, path)
     sc.tensors = {k: v.float() for k, v in tensors.items()}
@@ -125,15 +127,6 @@ def sidecar_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> Side
             f"Importance file {path} has malformed metadata (options, data or tasks of the wrong type); recompute it with `cl-tool importance`."
         )
     return sc
-
-
-def check_belongs_to(sc: Sidecar, fingerprint: str, checkpoint_path: str) -> None:
-    """Refuse a sidecar computed for other parameters than the anchor checkpoint's."""
-    if sc.fingerprint != fingerprint:
-        raise IncompatibleError(
-            f"Importance file {sc.path} belongs to another checkpoint (fingerprint {sc.fingerprint}, but {checkpoint_path} has {fingerprint}); "
-            f"recompute it with `cl-tool importance {checkpoint_path}`."
-        )
 
 
 def check_names(path: str | os.PathLike, names: Iterable[str], parameters: Iterable[str], checkpoint_path: str) -> None:
@@ -187,3 +180,69 @@ def combine(prev: Sidecar, new: dict[str, Any], decay: float) -> dict[str, Any]:
             )
         out[name] = decay * prev.tensors[name] + t
     return out
+
+
+# ----------------------------------------------------------------- what `cl-tool info` shows
+
+
+def _task_row(t: dict[str, Any]) -> dict[str, Any]:
+    data = t.get("data")
+    return {
+        "method": t.get("method"),
+        "data": (data or {}).get("name") if isinstance(data, dict) else data,
+        "samples": (data or {}).get("samples") if isinstance(data, dict) else None,
+        "checkpoint": t.get("checkpoint"),
+        "fingerprint": t.get("fingerprint"),
+    }
+
+
+def describe(path: Path, header, meta, *, problems: list[str], verify: bool, sparsity: bool) -> dict[str, Any]:
+    """What `cl-tool info` shows of a sidecar: method, data, tasks, decay, the checkpoint it belongs to; ``verify``:
+    its values checked (:func:`value_problem`). Problems found go to ``problems``."""
+    sc = sidecar_from_metadata(meta, path)
+    info = {
+        "method": sc.method,
+        "options": sc.options,
+        "data": sc.data,
+        "samples": sc.data.get("samples") if isinstance(sc.data, dict) else None,
+        "tasks": [_task_row(t) for t in sc.tasks],
+        "decay": sc.decay,
+        "belongs_to": {"fingerprint": sc.fingerprint, "checkpoint": sidecar_owner(sc)},
+        "values_checked": None,
+    }
+    if verify:
+        scan = scan_tensors(
+            path, list(header), fingerprint=False, zeros=set(), check=lambda n, t: value_problem(n, t, str(path))
+        )
+        info["values_checked"] = scan["problem"] is None
+        if scan["problem"]:
+            problems.append(scan["problem"])
+    return info
+
+
+def relation(info: dict[str, Any], target: dict[str, Any], stored: dict[str, list[int]]) -> dict[str, Any]:
+    """``info --for``: whether the checkpoint ``target`` (see :func:`cl_tool.checkpoint.lineage_target`) may use the
+    sidecar described by ``info``, whose tensors have the shapes ``stored``, and why; as prune and train-next judge."""
+    ck, fp = target["path"], info["belongs_to"]["fingerprint"]
+    note = target_note(target)
+    gen, grown = kinship(fp, target["fingerprint"], target["history"])
+    if gen is None:
+        reason = (
+            f"no: it belongs to another checkpoint (fingerprint {fp}), {unrelated_text(target)}; "
+            f"prune and train-next refuse it (exit 4){note}"
+        )
+        return {"checkpoint": ck, "usable": False, "generations": None, "reason": reason}
+    names = target["params"] if target["params"] is not None else list(stored)
+    problem = fit_text(names, stored, target, grown, every=True)
+    if problem:
+        whose = "it" if gen == 0 else "its ancestor " + generations_text(gen)
+        reason = f"no: it belongs to {whose}, but {problem}; recompute it with `cl-tool importance {ck}`"
+    elif gen == 0:
+        reason = f"yes: it was computed for {ck} itself (the fingerprints match){note}"
+    else:
+        reason = (
+            f"yes: it was computed for an ancestor of {ck} {generations_text(gen)}, per the history {ck} records"
+            + (f"; the rows --grow-head added since ({', '.join(sorted(grown))}) score 0" if grown else "")
+            + note
+        )
+    return {"checkpoint": ck, "usable": not problem, "generations": gen, "reason": reason}

@@ -37,12 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cl_tool import distributed
 from cl_tool.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from cl_tool.errors import DivergedError, Interrupted, UsageError
 from cl_tool.evaluation import evaluate_slice, evaluate_task
 from cl_tool.penalty import divergence_bound
 from cl_tool.resume import restore_rng_states, rng_states
-from cl_tool.runtime import autocast
+from cl_tool.runtime import autocast, skip_dynamo_import
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 FINITE_CHECK_EVERY = 32  # steps between reads of the divergence flags (each read waits for the device)
@@ -54,6 +55,8 @@ TRAIN_EVAL_SAMPLES = 2000  # the eval-mode figure on the training data uses at m
 
 @dataclass
 class TrainConfig:
+    """The options of a training run; their defaults are train-next's (its options are declared with these)."""
+
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
@@ -80,7 +83,7 @@ def set_training_mode(model, freeze_bn_stats: bool) -> None:
     on a new task otherwise moves them to the new data, which can undo the old task however
     large λ is. The affine weight and bias still train (and are penalised) either way.
     """
-    from torch import nn
+    from torch import nn  # torch is imported inside functions: `cl-tool --help` imports this module, not torch
 
     model.train()
     if freeze_bn_stats:
@@ -139,8 +142,6 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 def make_optimizer(cfg: TrainConfig, params):
     """The optimiser of ``cfg`` over ``params``, whose ``step`` runs without torch.compile's import (see :func:`_plain_step`)."""
     import torch
-
-    from cl_tool.runtime import skip_dynamo_import
 
     skip_dynamo_import()
     if cfg.optimizer == "sgd":
@@ -274,7 +275,6 @@ def train(
     dist = dist or DistInfo()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    from cl_tool import distributed
 
     train_model, swapped = model, []
     if dist.world > 1:
@@ -294,22 +294,13 @@ def train(
     total_steps = math.ceil(n / cfg.batch_size) * cfg.epochs if n is not None else 0
     mask_list = [(p, masks[nm].to(device, p.dtype)) for nm, p in named if masks and nm in masks]
 
-    start_epoch, start_batch, global_step = 0, 0, 0
     result = TrainResult(steps=0)
-    if state_io is not None:
-        st = state_io.load()
-        if st is not None:
-            start_epoch, start_batch, global_step = st["epoch"], st["batch"], st["global_step"]
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            if st.get("scaler"):
-                scaler.load_state_dict(st["scaler"])
-            restore_rng_states(st, device)
-            if si is not None and st.get("si"):
-                si.load_state_dict(st["si"])
-            result.epochs = st.get("epochs", [])
-            if on_restore is not None:
-                on_restore(result.epochs)
+    st = state_io.load() if state_io is not None else None
+    start_epoch, start_batch, global_step = _restore(st, model, opt, scaler, si, device) if st else (0, 0, 0)
+    if st:
+        result.epochs = st.get("epochs", [])
+        if on_restore is not None:
+            on_restore(result.epochs)
 
     def snapshot(epoch: int, batch: int) -> dict[str, Any]:
         return {
@@ -412,62 +403,14 @@ def train(
                     resumable = state_io is not None and cfg.checkpoint_every > 0
                     if resumable and dist.is_main:
                         state_io.save(snapshot(epoch, b + 1))
-                    name = "SIGTERM" if flag.signum == signal.SIGTERM else "SIGINT"
-                    saved = (
-                        f"resumable state written to {state_io.path}; rerun the same command with $resume to continue"
-                        if resumable
-                        else "nothing was written (use $checkpoint_every N to make runs resumable)"
-                    )
-                    raise Interrupted(f"Interrupted by {name} at step {global_step}; {saved}.", flag.signum)
+                    raise _interrupted(flag.signum, global_step, state_io.path if resumable else None)
             check_finite(epoch)
-            sum_task, correct = float(sum_task), int(correct)
-            pen_val = penalty.value(lr_at(cfg, max(0, global_step - 1), total_steps)) if penalty is not None else 0.0
-            dt = time.perf_counter() - t_epoch if t_epoch is not None else 0.0
-            if dist.world > 1:  # the epoch's statistics over all ranks' shares, not rank 0's alone
-                sum_task, correct, seen = all_reduce_sum([sum_task, float(correct), float(seen)], device)
-                correct, seen = int(correct), int(seen)
-                (dt,) = all_reduce_max([dt], device)
-            result.train_seconds += dt
-            result.samples += seen
-            record = {
-                "epoch": epoch + 1,
-                "steps": global_step,
-                "task_loss": sum_task / max(1, seen),
-                "penalty": pen_val,
-                "loss": sum_task / max(1, seen) + pen_val,
-                "train_accuracy": correct / max(1, seen),
-                "lr": lr_at(cfg, max(0, global_step - 1), total_steps),
-                "seconds": dt,
-                "samples_per_s": seen / max(dt, 1e-9),
-                "setup_seconds": result.setup_seconds,
-            }
-            if epoch == cfg.epochs - 1:  # the model as it will be written: statistics first, then every evaluation
-                result.bn_stats = bn_stats_record(model, task, cfg, device)
-                if result.bn_stats is not None:
-                    record["bn_stats"] = result.bn_stats["method"]
-            for name, eval_task in eval_sets:
-                acc, loss = evaluate_task(
-                    model,
-                    eval_task,
-                    device=device,
-                    batch_size=cfg.eval_batch_size,
-                    precision=cfg.precision,
-                    shard=shard,
-                )
-                record[f"eval/{name}/accuracy"] = acc
-                record[f"eval/{name}/loss"] = loss
-            if epoch == cfg.epochs - 1 and train_eval_limit:
-                acc, loss, m = evaluate_slice(
-                    model,
-                    task,
-                    limit=train_eval_limit,
-                    device=device,
-                    batch_size=cfg.eval_batch_size,
-                    precision=cfg.precision,
-                    shard=shard,
-                )
-                result.train_eval = {"accuracy": acc, "loss": loss, "samples": m}
-                record["train_eval_accuracy"], record["train_eval_samples"] = acc, m
+            lr = lr_at(cfg, max(0, global_step - 1), total_steps)
+            record = _epoch_record(
+                epoch, global_step, lr, sum_task, correct, seen, t_epoch, penalty, dist, device, result
+            )
+            last = epoch == cfg.epochs - 1
+            _evaluate_epoch(model, task, cfg, device, record, result, eval_sets, train_eval_limit, shard, last)
             result.epochs.append(record)
             if log:
                 log(record)
@@ -475,6 +418,83 @@ def train(
     distributed.restore_modules(swapped)
     result.steps = global_step
     return result
+
+
+def _restore(st: dict[str, Any], model, opt, scaler, si, device) -> tuple[int, int, int]:
+    """Model, optimiser, grad scaler, RNG and SI state from a resumable state; (epoch, batch, global step) to go on at."""
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    if st.get("scaler"):
+        scaler.load_state_dict(st["scaler"])
+    restore_rng_states(st, device)
+    if si is not None and st.get("si"):
+        si.load_state_dict(st["si"])
+    return st["epoch"], st["batch"], st["global_step"]
+
+
+def _interrupted(signum: int, step: int, state_path) -> Interrupted:
+    """The Interrupted error of a run stopped by ``signum`` at ``step`` (``state_path``: the resumable state written)."""
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    saved = (
+        f"resumable state written to {state_path}; rerun the same command with $resume to continue"
+        if state_path is not None
+        else "nothing was written (use $checkpoint_every N to make runs resumable)"
+    )
+    return Interrupted(f"Interrupted by {name} at step {step}; {saved}.", signum)
+
+
+def _epoch_record(epoch, global_step, lr, sum_task, correct, seen, t_epoch, penalty, dist, device, result) -> dict:
+    """The record of an epoch (0-based ``epoch``) from its device sums, over all ranks' shares; its time (from
+    ``t_epoch``, its first step, to when the sums are read) and samples are added to ``result``. ``lr``: η at its last
+    step, at which the penalty's value is taken."""
+    sum_task, correct = float(sum_task), int(correct)
+    pen_val = penalty.value(lr) if penalty is not None else 0.0
+    dt = time.perf_counter() - t_epoch if t_epoch is not None else 0.0
+    if dist.world > 1:  # the epoch's statistics over all ranks' shares, not rank 0's alone
+        sum_task, correct, seen = all_reduce_sum([sum_task, float(correct), float(seen)], device)
+        correct, seen = int(correct), int(seen)
+        (dt,) = all_reduce_max([dt], device)
+    result.train_seconds += dt
+    result.samples += seen
+    return {
+        "epoch": epoch + 1,
+        "steps": global_step,
+        "task_loss": sum_task / max(1, seen),
+        "penalty": pen_val,
+        "loss": sum_task / max(1, seen) + pen_val,
+        "train_accuracy": correct / max(1, seen),
+        "lr": lr,
+        "seconds": dt,
+        "samples_per_s": seen / max(dt, 1e-9),
+        "setup_seconds": result.setup_seconds,
+    }
+
+
+def _evaluate_epoch(model, task, cfg, device, record, result, eval_sets, train_eval_limit, shard, last: bool) -> None:
+    """The evaluations after an epoch, into ``record``: after the ``last`` one, the BatchNorm statistics first (the model
+    as it will be written), then every ``eval_sets`` task, then (``train_eval_limit``) the training data."""
+    if last:
+        result.bn_stats = bn_stats_record(model, task, cfg, device)
+        if result.bn_stats is not None:
+            record["bn_stats"] = result.bn_stats["method"]
+    for name, eval_task in eval_sets:
+        acc, loss = evaluate_task(
+            model, eval_task, device=device, batch_size=cfg.eval_batch_size, precision=cfg.precision, shard=shard
+        )
+        record[f"eval/{name}/accuracy"] = acc
+        record[f"eval/{name}/loss"] = loss
+    if last and train_eval_limit:
+        acc, loss, m = evaluate_slice(
+            model,
+            task,
+            limit=train_eval_limit,
+            device=device,
+            batch_size=cfg.eval_batch_size,
+            precision=cfg.precision,
+            shard=shard,
+        )
+        result.train_eval = {"accuracy": acc, "loss": loss, "samples": m}
+        record["train_eval_accuracy"], record["train_eval_samples"] = acc, m
 
 
 def bn_stats_record(model, task, cfg: TrainConfig, device) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """The first version's loader: the whole task decoded into one float32 (N, C, H, W) tensor.
 
-Kept unchanged (``load_task``) so the commands work until they use ``open_task``, and as the
-reference the new per-batch pipeline is tested against (bit-identical for built-in models
-without augmentation). Images become float32 tensors of the model's input shape (C, H, W): PIL
+No command uses it (every command reads data through ``cl_tool.data.open_task``); it lives in the
+tests only, unchanged (``load_task``), as the reference the per-batch pipeline is tested against
+(bit-identical for built-in models without augmentation). Images become float32 tensors of the model's input shape (C, H, W): PIL
 images are converted to L/RGB and resized (bilinear) when their size differs; array columns are
 reshaped when they hold exactly C·H·W values (integer arrays are read as 0..255, float arrays as
 0..1). Task-deriving transforms act on the [0, 1] image (``--rotate``, ``--invert``,

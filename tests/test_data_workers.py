@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 
 
 def _workers_of(task):
-    it = getattr(task._loader, "_iterator", None)
+    it = getattr(task._pool.loader, "_iterator", None)
     return list(getattr(it, "_workers", []))
 
 

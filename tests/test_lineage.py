@@ -121,6 +121,20 @@ def test_fit_rows_pads_only_grown_tensors():
     assert out["missing"] is None
 
 
+def test_the_grown_rows_rule():
+    """One rule for every reader: the same shape, or fewer rows along dim 0 of a tensor grown since."""
+    from cl_tool.lineage import fit_problem, rows_fit
+
+    assert rows_fit([4, 3], (4, 3), grown=False) and rows_fit((2, 3), [4, 3], grown=True)
+    assert not rows_fit((2, 3), (4, 3), grown=False)  # not grown: a different shape does not fit
+    assert not rows_fit((5, 3), (4, 3), grown=True)  # more rows than the tensor
+    assert not rows_fit((2, 2), (4, 3), grown=True) and not rows_fit((), (4,), grown=True)
+    stored = {"w": (2, 3), "b": (2,), "x": (7,)}
+    assert fit_problem(stored, {"w": (4, 3), "b": (4,)}, {"w", "b"}) is None
+    assert fit_problem(stored, {"w": (4, 3), "b": (4,)}, {"w"}) == ("b", [2], [4])
+    assert fit_problem(stored, {"missing": (1,)}, ()) is None  # a missing entry is the name check's to refuse
+
+
 # ----------------------------------------------------------------------------- prune by an ancestor's scores
 
 
@@ -234,6 +248,16 @@ def test_grown_head_rows_score_zero(cli, family, tmp_path):
     head = load_checkpoint(out).state["net.3.weight"]
     assert head.shape[0] == 12
     assert torch.all(head[10:] == 0)  # the two new rows score 0: pruned first
+
+
+def test_info_for_applies_the_grown_rows_rule(cli, family):
+    """`info --for` says yes to an ancestor's sidecar whose head rows are fewer than the grown head's, as prune does."""
+    d, f = family
+    r = cli("info", f["a_imp"], "--for", f["g"], "--json")
+    assert r.code == 0, r.err
+    rel = json.loads(r.out)[0]["for"]
+    assert rel["usable"] is True and rel["generations"] == 1
+    assert "net.3.bias, net.3.weight" in rel["reason"] and "score 0" in rel["reason"]
 
 
 # ----------------------------------------------------------------------------- train-next with an ancestor's Ω

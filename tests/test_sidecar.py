@@ -11,7 +11,6 @@ from cl_tool.errors import BadInputError, IncompatibleError
 from cl_tool.safetensors_io import read_header
 from cl_tool.sidecar import (
     Sidecar,
-    check_belongs_to,
     check_covers,
     combine,
     default_sidecar_path,
@@ -65,10 +64,14 @@ def test_invalid_values_are_never_written(tmp_path, bad):
 
 
 def test_belongs_to_and_covers():
+    from types import SimpleNamespace
+
+    from cl_tool.lineage import check_sidecar
+
     sc = _sidecar()
-    check_belongs_to(sc, "f" * 32, "a.safetensors")
+    assert check_sidecar(sc, SimpleNamespace(fingerprint="f" * 32, history=[]), "a.safetensors").generations == 0
     with pytest.raises(IncompatibleError, match="belongs to another checkpoint"):
-        check_belongs_to(sc, "0" * 32, "b.safetensors")
+        check_sidecar(sc, SimpleNamespace(fingerprint="0" * 32, history=[]), "b.safetensors")
     check_covers(sc, {"w": torch.zeros(2, 2), "b": torch.zeros(2)}, "a.safetensors")
     with pytest.raises(IncompatibleError, match="has shape"):
         check_covers(sc, {"w": torch.zeros(3, 2), "b": torch.zeros(2)}, "a.safetensors")

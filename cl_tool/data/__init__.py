@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_tool.data.cache import CACHE_MODES, RAM_BUDGET, default_cache_dir
-from cl_tool.data.loader import Batch, Task, as_worker_error, check_labels, default_workers, open_task
+from cl_tool.data.loader import Batch, Task, check_labels, open_task
 from cl_tool.data.preprocess import Preprocess
 from cl_tool.data.specs import (
     DATA_HELP,
@@ -44,6 +44,8 @@ from cl_tool.data.specs import (
     task_specs,
 )
 from cl_tool.data.transforms import AUGMENTS, Augment, apply_task_transforms, parse_augment, pixel_permutation
+from cl_tool.data.workers import as_worker_error, default_workers
+from cl_tool.errors import ClToolError, OutputError
 
 __all__ = [
     "AUGMENTS",
@@ -123,7 +125,6 @@ def open_tasks(
     ``num_classes``, only checked against it. ``log``: called with each task's summary line and its notes.
     """
     _refuse_cache_inside_data(specs, options)
-    from cl_tool.errors import ClToolError
 
     pre = Preprocess.for_model(model_spec)
     tasks: list[Task] = []
@@ -176,7 +177,6 @@ def _refuse_cache_inside_data(specs: list[TaskSpec], options: DataOptions) -> No
     """The decoded cache is never written into a data folder nor a model folder, nor over a file (exit 6)."""
     if options.cache == "none":
         return
-    from cl_tool.errors import OutputError
 
     given = Path(options.cache_dir or default_cache_dir()).expanduser()
     if given.exists() and not given.is_dir():

@@ -30,7 +30,7 @@ def worker_init(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
     if hasattr(
         signal, "pthread_sigmask"
-    ):  # forked with both blocked (see loader._signals_blocked): now they are ignored
+    ):  # forked with both blocked (see workers._signals_blocked): now they are ignored
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(1)
 

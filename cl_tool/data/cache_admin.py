@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cl_tool.data.cache import file_header
 from cl_tool.errors import UsageError
 
 SUFFIX = ".cltd"
@@ -81,8 +82,6 @@ def cache_max() -> int | None:
 
 
 def _header(path: Path) -> dict[str, Any] | None:
-    from cl_tool.data.cache import file_header
-
     return file_header(path)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cl_tool.errors import IncompatibleError
+from cl_tool.errors import BadInputError, IncompatibleError
 
 
 @dataclass
@@ -121,8 +121,6 @@ def match_classes(
 
 def check_names(value: Any, num_classes: int, where: str) -> list[str | None] | None:
     """A checkpoint's ``class_names`` entry validated: None, or ``num_classes`` unique names / nulls."""
-    from cl_tool.errors import BadInputError
-
     if value is None:
         return None
     if (

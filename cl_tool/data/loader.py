@@ -17,10 +17,7 @@ shuffle buffer for training) and are reproducible the same way.
 
 from __future__ import annotations
 
-import atexit
 import math
-import os
-import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,156 +33,19 @@ from cl_tool.data.cache import (
     folder_writable,
     space_for,
 )
-from cl_tool.errors import BadInputError, ClToolError, EnvironmentProblem, IncompatibleError, OutputError, UsageError
+from cl_tool.data.cache_admin import mark_used
+from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
+from cl_tool.data.transforms import apply_task_transforms, normalise_, parse_augment, shift_batch, to_unit_float
+from cl_tool.data.workers import Workers, data_loader, default_workers, raise_worker_error, shut_down, track
+from cl_tool.errors import BadInputError, IncompatibleError, OutputError, UsageError
 
 STREAM_SHUFFLE_BUFFER = 10_000
-_OPEN: weakref.WeakSet[Task] = weakref.WeakSet()
-_EXIT_HOOK = False
-
-
-def _close_open_tasks() -> None:
-    """Stop worker processes before multiprocessing's exit handler joins them (they ignore SIGTERM, so its terminate() would not).
-
-    Open tasks are closed; then any daemonic child still alive (the workers of a task dropped without
-    ``close()``) is killed, as multiprocessing would terminate it at exit, had it not to ignore SIGTERM.
-    """
-    for task in list(_OPEN):
-        try:
-            task.close()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        if child.daemon:  # a DataLoader worker of a task dropped without close(): it would never be joined
-            try:
-                child.kill()
-                child.join(timeout=5)
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-
-
-def _register_exit_hook() -> None:
-    """Register after multiprocessing (imported with the DataLoader) so this runs before its exit handler (atexit is LIFO)."""
-    global _EXIT_HOOK
-    if not _EXIT_HOOK:
-        import multiprocessing.util  # noqa: F401 - make sure its handler is registered first
-
-        atexit.register(_close_open_tasks)
-        _EXIT_HOOK = True
 
 
 class Batch(NamedTuple):
     index: Any  # int64 (B,) task rows, on the CPU
     x: Any  # float32 (B, C, H, W), normalised, on the device
     y: Any  # int64 (B,), on the device
-
-
-def default_workers(cpus: int | None = None, local_ranks: int | None = None) -> int:
-    """DataLoader workers per process by default: min(8, ⌊(C − L) / L⌋) for C usable CPUs and L processes on this
-    host (torchrun's ``LOCAL_WORLD_SIZE``, else 1): one CPU for each process's own work, the rest shared evenly, at
-    most 8 per process; 0 (decode in the process itself) when the processes have no CPU to spare."""
-    if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
-    if local_ranks is None:
-        try:
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        except ValueError:
-            local_ranks = 1
-    local_ranks = max(1, local_ranks)
-    return max(0, min(8, (cpus - local_ranks) // local_ranks))
-
-
-def as_worker_error(exc: BaseException) -> ClToolError | None:
-    """The one-sentence error for a DataLoader worker that died (killed, out of memory), or None for other errors."""
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and "DataLoader worker" in text:
-        first = text.strip().splitlines()[0].strip().rstrip(".")
-        first = first.replace("DataLoader worker", "worker").replace(" is killed by signal:", " was killed by signal")
-        return EnvironmentProblem(
-            f"A data-loading process died ({first}), often because the machine ran out of memory; "
-            f"rerun with fewer $workers (or $workers 0)."
-        )
-    return None
-
-
-_ERRORS = {cls.__name__: cls for cls in (BadInputError, IncompatibleError, UsageError, EnvironmentProblem, OutputError)}
-
-
-def _raise(err: tuple[str, str]) -> None:
-    cls_name, message = err
-    raise _ERRORS.get(cls_name, BadInputError)(message)
-
-
-def _install_sigchld_guard() -> None:
-    """torch raises RuntimeError from its SIGCHLD handler when a worker dies; make that our one-sentence error."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    handler = signal.getsignal(signal.SIGCHLD)
-    if not callable(handler) or getattr(handler, "_cl_tool_guard", False):
-        return
-
-    def guard(signum, frame):
-        try:
-            handler(signum, frame)
-        except RuntimeError as exc:
-            err = as_worker_error(exc)
-            if err is None:
-                raise
-            raise err from None
-
-    guard._cl_tool_guard = True  # type: ignore[attr-defined]
-    signal.signal(signal.SIGCHLD, guard)
-
-
-class _signals_blocked:
-    """Block SIGINT/SIGTERM in this thread while worker processes start (they inherit the mask, ignore both, then unblock).
-
-    Without it a Ctrl-C that reaches the process group while a worker is starting kills the
-    worker instead of interrupting the command. Signals that arrive meanwhile are delivered to
-    this process when the block ends.
-    """
-
-    def __init__(self, active: bool):
-        import threading
-
-        self.active = (
-            active
-            and hasattr(__import__("signal"), "pthread_sigmask")
-            and threading.current_thread() is threading.main_thread()
-        )
-
-    def __enter__(self):
-        if self.active:
-            import signal
-
-            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            import signal
-
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
-
-
-class _Feed:
-    """The DataLoader's sampler: yields the requests of the current pass (set before each iteration)."""
-
-    def __init__(self):
-        self._it: Iterator = iter(())
-
-    def set(self, requests: Iterator) -> None:
-        self._it = requests
-
-    def __iter__(self):  # DataLoader may call iter() more than once when it builds an iterator; all get the same pass
-        return self._it
 
 
 def _key_parts(spec, pre, source_id: str) -> dict[str, Any]:
@@ -221,9 +81,6 @@ def open_task(
     ``disk`` (the folder must be writable) or ``none``. A cache file made by an earlier command
     is used without opening the source (no ``datasets`` import, no decoding).
     """
-    from cl_tool.data.cache_admin import mark_used
-    from cl_tool.data.sources import is_local, local_signature, open_selection, read_labels
-
     if cache not in CACHE_MODES:
         raise UsageError(f"$cache {cache} is unknown; use {', '.join(CACHE_MODES)}.")
     workers = default_workers() if workers is None else int(workers)
@@ -337,15 +194,13 @@ class Task:
         self._store: Store | None = store
         self._sel = selection
         self._bad: dict[int, str] = dict(store.bad) if store is not None else {}
-        self._loader = None
-        self._loader_key: tuple | None = None
-        self._feed: _Feed | None = None
+        self._pool = Workers(workers)
         self._label_check: tuple[int, str] | None = None
         self._lookup = None  # data class id → model output row (cl_tool.data.classes), None: the identity
         self._note: str | None = None  # lines for the log (see cache_note)
         self._in_pass = False
         self.stats = {"decoded": 0, "batches": 0}
-        _OPEN.add(self)
+        track(self)
 
     # ------------------------------------------------------------------------------------------- basics
 
@@ -404,7 +259,7 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         """What was read: source, split (and whether it was the default), subset, samples and samples per class."""
-        from cl_tool.data.classes import class_counts
+        from cl_tool.data.classes import class_counts  # it imports numpy: inside functions, for start-up time
 
         d = self.spec.describe()
         d.update({k: v for k, v in self.info.items() if k not in ("notes", "class_names", "cache_source")})
@@ -443,7 +298,7 @@ class Task:
 
     def close(self) -> None:
         """Stop the worker processes; remove an unfinished cache file."""
-        self._drop_loader()
+        self._pool.close()
         if self._store is not None:
             self._store.close()
 
@@ -453,23 +308,15 @@ class Task:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _drop_loader(self) -> None:
-        loader, self._loader, self._loader_key = self._loader, None, None
-        it = getattr(loader, "_iterator", None) if loader is not None else None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-
     def _ensure_source(self) -> None:
         if self._sel is None:
-            from cl_tool.data.sources import open_selection
-
             sel = open_selection(self.spec)
             if len(sel.ds) != self._n:
                 raise BadInputError(
                     f"$data {self.spec.source} changed while cl-tool was using it ({len(sel.ds)} rows instead of {self._n}); run the command again."
                 )
             self._sel = sel
-            self._drop_loader()  # its workers were started without the source
+            self._pool.close()  # its workers were started without the source
 
     def _abandon_store(self, reason: str) -> None:
         """Stop caching (the command logs :attr:`cache_note` when it is done with the task)."""
@@ -505,8 +352,6 @@ class Task:
         of (seed, epoch, sample index) only.
         """
         import torch
-
-        from cl_tool.data.transforms import parse_augment
 
         aug = parse_augment(augment)
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -570,9 +415,9 @@ class Task:
         with_source = store is None or not (store.complete and store.on_disk)
         if with_source:
             self._ensure_source()
-        loader = self._get_loader(dev, with_source)
+        loader = self._pool.map_loader(lambda: self._fetcher(with_source), pin=dev.type == "cuda", source=with_source)
         pending: dict[int, tuple[Any, Any]] = {}
-        self._feed.set(self._requests(order, aug, seed, epoch, store, pending))
+        self._pool.feed.set(self._requests(order, aug, seed, epoch, store, pending))
         self._in_pass = True
         try:
             yield from self._receive_all(loader, pending, store, aug, seed, epoch, dev)
@@ -583,9 +428,9 @@ class Task:
         import numpy as np
         import torch
 
-        for res in self._iterate(loader):
+        for res in self._pool.iterate(loader):
             if res.get("error"):
-                _raise(res["error"])
+                raise_worker_error(res["error"])
             idx, codes = pending.pop(res["pos"])
             rows_w, xw = res["rows"].numpy(), res["x"]
             if res["bad"]:
@@ -660,65 +505,14 @@ class Task:
             pending[pos] = (idx, codes)
             yield Request(pos, idx, codes, paths, dtype, aug if aug.needs_source else None, seed, epoch, fail)
 
-    def _get_loader(self, dev, with_source: bool):
-        import torch
-        from torch.utils.data import DataLoader
+    def _fetcher(self, with_source: bool):
+        from cl_tool.data._fetch import MapFetcher  # it imports torch
 
-        from cl_tool.data._fetch import MapFetcher, identity, worker_init
-
-        pin = dev.type == "cuda"
-        if self._loader is not None and self._loader_key[0] == pin and (self._loader_key[1] or not with_source):
-            return self._loader
-        self._drop_loader()
-        self._feed = _Feed()
-        fetcher = MapFetcher(
-            self._sel.ds if with_source else None,
-            self.info["image_column"],
-            self.preprocess,
-            self.spec.source,
-            self.skip_bad,
-        )
-        kw: dict[str, Any] = {
-            "num_workers": self.workers,
-            "collate_fn": identity,
-            "pin_memory": pin,
-            "generator": torch.Generator(),
-        }
-        if self.workers:
-            kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=worker_init)
-        _register_exit_hook()
-        self._loader = DataLoader(fetcher, batch_size=None, sampler=self._feed, **kw)
-        self._loader_key = (pin, with_source)
-        return self._loader
-
-    def _iterate(self, loader):
-        with _signals_blocked(
-            self.workers > 0
-        ):  # workers are forked with SIGINT/SIGTERM blocked until they ignore them
-            it = iter(loader)
-        if self.workers:
-            _install_sigchld_guard()
-        while True:
-            try:
-                res = next(it)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                err = as_worker_error(exc)
-                if err is None:
-                    raise
-                self._drop_loader()
-                raise err from None
-            except EnvironmentProblem:
-                self._drop_loader()
-                raise
-            yield res
+        ds = self._sel.ds if with_source else None
+        return MapFetcher(ds, self.info["image_column"], self.preprocess, self.spec.source, self.skip_bad)
 
     def _stream(self, batch_size, aug, seed, epoch, dev, shuffle, start_batch, rank, world) -> Iterator[Batch]:
-        import torch
-        from torch.utils.data import DataLoader
-
-        from cl_tool.data._fetch import StreamFetcher, identity, worker_init
+        from cl_tool.data._fetch import StreamFetcher
 
         ds = self._sel.ds
         if shuffle:
@@ -739,38 +533,25 @@ class Task:
             world=world,
             skip_bad=self.skip_bad,
         )
-        kw: dict[str, Any] = {
-            "num_workers": self.workers,
-            "collate_fn": identity,
-            "pin_memory": dev.type == "cuda",
-            "generator": torch.Generator(),
-        }
-        if self.workers:
-            kw.update(prefetch_factor=2, worker_init_fn=worker_init)
-        _register_exit_hook()
-        loader = DataLoader(fetch, batch_size=None, **kw)
+        loader = data_loader(fetch, self.workers, pin=dev.type == "cuda")
         seen = 0
         try:
-            for res in self._iterate(loader):
+            for res in self._pool.iterate(loader):
                 if res.get("error"):
-                    _raise(res["error"])
+                    raise_worker_error(res["error"])
                 if res["bad"]:
                     self._bad.update(dict(res["bad"]))
                 self.stats["decoded"] += len(res["decoded"])
                 seen += 1
                 yield self._finish(res["rows"].numpy(), res["x"], aug, seed, epoch, dev, y=res["y"])
         finally:
-            it = getattr(loader, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
+            shut_down(loader)
         if seen == 0 and start_batch == 0 and rank == 0:
             raise BadInputError(f"$data {self.spec.source} has no samples; give a non-empty dataset.")
 
     def _finish(self, idx, x, aug, seed, epoch, dev, y=None) -> Batch:
         import numpy as np
         import torch
-
-        from cl_tool.data.transforms import apply_task_transforms, normalise_, shift_batch, to_unit_float
 
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         if y is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_tool.data.specs import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, parse_split
 from cl_tool.errors import BadInputError, EnvironmentProblem, UsageError
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -489,8 +490,6 @@ def open_selection(spec, *, streaming: bool = False) -> Selection:
     None), ``notes`` (lines the command prints: e.g. a subset that covers fewer classes than its split).
     """
     import numpy as np
-
-    from cl_tool.data.specs import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, parse_split
 
     split_name, start, stop = parse_split(spec.split)
     role = getattr(spec, "role", "train")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cl_tool.errors import BadInputError, UsageError
+
 MAX_INPUT_VALUES = (
     1 << 26
 )  # values per sample: 3x4096x4096 fits; more is a typo, and building a model for it would exhaust memory
@@ -79,8 +81,6 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        from cl_tool.errors import BadInputError
-
         try:
             spec = cls(
                 arch=str(d["arch"]),
@@ -106,8 +106,6 @@ class ModelSpec:
 
     def validate(self, where: str) -> None:
         """Raise BadInputError unless shape, classes, normalisation and kwargs are sane (``where`` names the source)."""
-        from cl_tool.errors import BadInputError
-
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise BadInputError(
                 f"{where} has an invalid input shape {list(self.input_shape)}; expected C,H,W with positive sizes."
@@ -175,8 +173,6 @@ def is_builtin(arch: str) -> bool:
 
 def build_model(spec: ModelSpec):
     """Build an (untrained) ``nn.Module`` for ``spec``; raise a clear error for unknown names."""
-    from cl_tool.errors import BadInputError, UsageError
-
     _load_builtins()
     if spec.arch in _BUILTIN:
         try:
@@ -203,8 +199,6 @@ def default_spec(
     arch: str, kwargs: dict[str, Any], input_shape: tuple[int, int, int] | None, num_classes: int | None
 ) -> ModelSpec:
     """Fill in input shape, classes and normalisation defaults for ``arch``."""
-    from cl_tool.errors import UsageError
-
     _load_builtins()
     if arch in _BUILTIN:
         shape = input_shape or (1, 28, 28)
@@ -290,8 +284,6 @@ def classifier_param_names(model) -> tuple[str, ...]:
 
 def parse_input_shape(text: str | None, name: str = "input_shape") -> tuple[int, int, int] | None:
     """``"1x28x28"`` (or ``1,28,28``) → (C, H, W); errors name ``$name``."""
-    from cl_tool.errors import UsageError
-
     if text is None:
         return None
     parts = [p for p in text.lower().replace(",", "x").split("x") if p]

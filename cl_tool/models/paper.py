@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from cl_tool.errors import UsageError
 from cl_tool.models import register_model
 
 
@@ -41,8 +42,6 @@ def mlp(input_shape, num_classes, sizes="784,300,150,10", negative_slope: float 
 
     The first size must equal C*H*W and the last the number of classes.
     """
-    from cl_tool.errors import UsageError
-
     sizes = _parse_sizes(sizes)
     d_in = math.prod(input_shape)
     if len(sizes) < 2:
@@ -89,8 +88,6 @@ class PaperCNN(nn.Module):
 @register_model("cnn")
 def cnn(input_shape, num_classes, widths="64,128,256", negative_slope: float = 0.01):
     """``widths``: channels of the three conv layers (the paper: 64,128,256)."""
-    from cl_tool.errors import UsageError
-
     widths = _parse_sizes(widths)
     if len(widths) != 3:
         raise UsageError("$arch_arg widths= needs three channel counts, e.g. widths=64,128,256.")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cl_tool.data.cache import default_cache_dir
+from cl_tool.data.cache_admin import cache_max, entries, evict, parse_duration, parse_size, remove
 from cl_tool.errors import UsageError
 from cl_tool.output import Output, human_bytes
 from cl_tool.params import Args, option
@@ -37,9 +39,6 @@ class CacheArgs(Args):
 
 def run_cache(args: CacheArgs, out: Output) -> dict[str, Any]:
     """List (or remove, or trim) the cache files of the cache folder; the table and total on stdout."""
-    from cl_tool.data.cache import default_cache_dir
-    from cl_tool.data.cache_admin import cache_max, entries, evict, parse_duration, parse_size, remove
-
     folder = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
     if args.max_size is not None and (args.clear or args.older_than is not None):
         raise UsageError("$max_size trims by recency on its own; drop $clear and $older_than, or drop $max_size.")

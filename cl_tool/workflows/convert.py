@@ -12,9 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cl_tool.atomic import FileRoles
+from cl_tool.checkpoint import (
+    Checkpoint,
+    history_entry,
+    instantiate,
+    model_layout,
+    refuse_nonfinite,
+    save_checkpoint,
+    spec_from_timm_config,
+)
 from cl_tool.errors import BadInputError
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, option
+from cl_tool.safetensors_io import load_tensors
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -56,7 +67,7 @@ def _load_pickled_weights(path: Path) -> dict[str, Any]:
     """The tensors of a ``pytorch_model.bin`` through ``torch.load(weights_only=True)``; anything else is refused."""
     import pickle
 
-    import torch
+    import torch  # not at the top: `cl-tool --help` imports no torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -81,18 +92,6 @@ def _load_pickled_weights(path: Path) -> dict[str, Any]:
 
 def run_convert(args: ConvertArgs, out: Output) -> dict[str, Any]:
     """Read FOLDER's config and weights, check them against the architecture, write one cl-tool checkpoint."""
-    from cl_tool.atomic import FileRoles
-    from cl_tool.checkpoint import (
-        Checkpoint,
-        history_entry,
-        instantiate,
-        model_layout,
-        refuse_nonfinite,
-        save_checkpoint,
-        spec_from_timm_config,
-    )
-    from cl_tool.safetensors_io import load_tensors
-
     roles = FileRoles(force=args.force)
     roles.input(args.folder, "FOLDER")
     roles.input(args.config, "$config")

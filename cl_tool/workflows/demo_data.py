@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cl_tool.atomic import atomic_folder, check_output
+from cl_tool.demo import make_dataset
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, force_option, option
 from cl_tool.runtime import seed_option
@@ -25,10 +27,7 @@ class DemoDataArgs(Args):
 
 def run_demo_data(args: DemoDataArgs, out: Output) -> dict[str, Any]:
     """Write 28x28 grey images of noisy class prototypes (see ``cl_tool.demo``) as train and test splits."""
-    import datasets
-
-    from cl_tool.atomic import atomic_folder, check_output
-    from cl_tool.demo import make_dataset
+    import datasets  # not at the top: `cl-tool --help` imports no datasets
 
     check_output(args.output, force=args.force, role="the output folder", folder=True)
     datasets.disable_progress_bars()

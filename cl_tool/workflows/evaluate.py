@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
+from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
+from cl_tool.checkpoint import load_model
+from cl_tool.data import (
+    DATA_HELP,
+    DATA_METAVAR,
+    DataOptions,
+    Preprocess,
+    local_paths,
+    match_task,
+    open_tasks,
+    task_specs,
+)
 from cl_tool.errors import GateFailed, IncompatibleError
+from cl_tool.evaluation import evaluate_task
+from cl_tool.lineage import sequence_break
+from cl_tool.metrics import cl_summary, gate, gate_verdicts
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
-from cl_tool.runtime import device_option, precision_option
+from cl_tool.plots import plot_accuracy_matrix
+from cl_tool.runtime import device_option, keep_freed_memory, precision_option, resolve_device
+from cl_tool.safetensors_io import read_header
 
 
 @dataclass(kw_only=True)
@@ -54,12 +71,6 @@ def accuracy_matrix(
 ) -> tuple[list, list, list[str], list[dict[str, Any]]]:
     """R[i][j] and loss[i][j] for checkpoint i on task j, the task names and what each task read; tasks are opened
     once per preprocessing, their labels mapped to each checkpoint's classes by name."""
-    import json
-
-    from cl_tool.checkpoint import load_model
-    from cl_tool.data import Preprocess, match_task, open_tasks
-    from cl_tool.evaluation import evaluate_task
-
     opened: dict[str, list] = {}
     acc, loss, names, data = [], [], [], []
     said: set[str] = set()
@@ -118,10 +129,6 @@ def _csv_text(stages, names, acc, loss) -> str:
 
 def lineage_record(path: Path) -> tuple[str | None, list[Any]]:
     """(recorded fingerprint, history) of a checkpoint, from its header alone; (None, []) when not recorded."""
-    import json
-
-    from cl_tool.safetensors_io import read_header
-
     if Path(path).is_dir():  # a timm folder records no lineage
         return None, []
     _, meta = read_header(path, "Checkpoint")
@@ -141,12 +148,6 @@ def not_sequence_note(checkpoints: list[Path], i: int) -> str:
 
 def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
     """The accuracy matrix of ``args.checkpoints`` on the tasks ``args.data``, its summaries, optional CSV/plot and gates."""
-    from cl_tool.atomic import FileRoles, all_or_nothing, write_text_atomic
-    from cl_tool.data import local_paths, task_specs
-    from cl_tool.lineage import sequence_break
-    from cl_tool.metrics import cl_summary, gate, gate_verdicts
-    from cl_tool.runtime import keep_freed_memory, resolve_device
-
     specs = task_specs(args.data, args.data_options, role="eval")
     roles = FileRoles(force=args.force)
     for path in args.checkpoints:
@@ -198,8 +199,6 @@ def run_evaluate(args: EvaluateArgs, out: Output) -> dict[str, Any]:
             write_text_atomic(args.csv, _csv_text(stages, names, acc, loss), force=args.force)
             wrote(args.csv)
         if args.plot is not None:
-            from cl_tool.plots import plot_accuracy_matrix
-
             plot_accuracy_matrix(acc, [Path(s).name for s in stages], names, args.plot, force=args.force)
             wrote(args.plot)
     result = {

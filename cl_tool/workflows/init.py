@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cl_tool.atomic import FileRoles
+from cl_tool.checkpoint import history_entry, model_layout, save_checkpoint
+from cl_tool.data.preprocess import resolve_timm_data_config
+from cl_tool.data.transforms import SMALL_INPUT
 from cl_tool.errors import UsageError
+from cl_tool.models import build_model, default_normalisation, default_spec, forbidden_kwarg, parse_input_shape
 from cl_tool.output import Output
 from cl_tool.params import Args, config_option, force_option, option, parse_floats, parse_key_values
-from cl_tool.runtime import seed_option
+from cl_tool.runtime import seed_everything, seed_option
 
 
 @dataclass(kw_only=True)
@@ -54,8 +59,6 @@ class InitArgs(Args):
     config: Optional[Path] = config_option()
 
     def validate(self) -> None:
-        from cl_tool.models import forbidden_kwarg, parse_input_shape
-
         self.kwargs = parse_key_values(self.arch_arg, "arch_arg")
         self.shape = parse_input_shape(self.input_shape)
         if "num_classes" in self.kwargs:
@@ -81,12 +84,7 @@ class InitArgs(Args):
 
 def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
     """Build the model (built-in or timm) with random weights, check it maps the input shape to (batch, classes), write it."""
-    import torch
-
-    from cl_tool.atomic import FileRoles
-    from cl_tool.checkpoint import history_entry, model_layout, save_checkpoint
-    from cl_tool.models import build_model, default_normalisation, default_spec
-    from cl_tool.runtime import seed_everything
+    import torch  # not at the top: `cl-tool --help` imports no torch
 
     roles = FileRoles(force=args.force)
     roles.input(args.config, "$config")
@@ -102,9 +100,6 @@ def run_init(args: InitArgs, out: Output) -> dict[str, Any]:
     if any(s <= 0 for s in spec.std):
         raise UsageError("$std values must be positive.")
     if spec.source == "timm":  # recorded, so that every command preprocesses this model's images the same way
-        from cl_tool.data.preprocess import resolve_timm_data_config
-        from cl_tool.data.transforms import SMALL_INPUT
-
         spec.data_config = resolve_timm_data_config(spec.arch, spec.input_shape, spec.mean, spec.std)
         if min(spec.input_shape[1:]) <= SMALL_INPUT and spec.data_config.get("crop_pct", 1.0) < 1.0:
             out.log(

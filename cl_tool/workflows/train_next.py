@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
+from cl_tool import checkpoint, distributed, plots, runtime  # module calls: tests spy on them
+from cl_tool.atomic import FileRoles, LineFile, all_or_nothing
+from cl_tool.checkpoint import first_nonfinite, grow_classifier, history_entry, load_model, model_layout
+from cl_tool.data import (
+    DATA_HELP,
+    DATA_METAVAR,
+    DataOptions,
+    check_labels,
+    local_paths,
+    open_tasks,
+    parse_augment,
+    task_specs,
+)
+from cl_tool.data.transforms import check_augment_fits, small_input_augment
 from cl_tool.errors import BadInputError, DivergedError, IncompatibleError, OutputError, UsageError
+from cl_tool.lineage import check_sidecar, fit_rows
+from cl_tool.masks import load_mask
+from cl_tool.models import trainable_parameters
 from cl_tool.output import Output
 from cl_tool.params import FLOAT32_MAX, Args, argument, config_option, force_option, group, option
-from cl_tool.penalty import PENALTIES
-from cl_tool.runtime import device_option, precision_option, seed_option
-from cl_tool.training import BN_STATS, OPTIMIZERS, SCHEDULES, TRAIN_EVAL_SAMPLES, TrainConfig
+from cl_tool.penalty import PENALTIES, QuadraticPenalty, divergence_bound
+from cl_tool.resume import ResumeState
+from cl_tool.runtime import (
+    command_line,
+    deterministic_error,
+    device_option,
+    keep_freed_memory,
+    precision_option,
+    seed_option,
+    set_cuda_precision,
+    set_deterministic,
+    started_at,
+)
+from cl_tool.sidecar import Sidecar, check_covers, default_sidecar_path, load_sidecar, save_sidecar
+from cl_tool.training import BN_STATS, OPTIMIZERS, SCHEDULES, TRAIN_EVAL_SAMPLES, TrainConfig, train
 
 DEFAULT_LAMBDA = 100.0
+TRAINING = TrainConfig()  # the training options' defaults: one source, TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -52,14 +82,14 @@ class TrainNextArgs(Args):
         help="Importance sidecar of the checkpoint or an ancestor (default: <checkpoint stem>.importance.safetensors beside it).",
     )
     freeze_bn_stats: bool = option(
-        False,
+        TRAINING.freeze_bn_stats,
         "--freeze-bn-stats",
         panel="Penalty",
         help="Keep BatchNorm running mean/variance fixed (BatchNorm layers in eval mode): the penalty protects weights, "
         "not these statistics, which otherwise drift to the new task.",
     )
     bn_stats: str = option(
-        "recompute",
+        TRAINING.bn_stats,
         "--bn-stats",
         metavar="MODE",
         panel="Penalty",
@@ -70,20 +100,36 @@ class TrainNextArgs(Args):
         "weights). Not with --freeze-bn-stats.",
     )
     optimizer: str = option(
-        "adam", "--optimizer", metavar="NAME", panel="Optimisation", choices=OPTIMIZERS, help="adam, adamw or sgd."
+        TRAINING.optimizer,
+        "--optimizer",
+        metavar="NAME",
+        panel="Optimisation",
+        choices=OPTIMIZERS,
+        help="adam, adamw or sgd.",
     )
-    lr: float = option(1e-3, "--lr", metavar="η", panel="Optimisation", low=0, low_open=True, help="Learning rate η.")
-    momentum: float = option(0.0, "--momentum", metavar="μ", panel="Optimisation", low=0, help="SGD momentum.")
-    nesterov: bool = option(False, "--nesterov", panel="Optimisation", help="Nesterov momentum (SGD).")
-    weight_decay: float = option(0.0, "--weight-decay", metavar="WD", panel="Optimisation", low=0, help="Weight decay.")
+    lr: float = option(
+        TRAINING.lr, "--lr", metavar="η", panel="Optimisation", low=0, low_open=True, help="Learning rate η."
+    )
+    momentum: float = option(
+        TRAINING.momentum, "--momentum", metavar="μ", panel="Optimisation", low=0, help="SGD momentum."
+    )
+    nesterov: bool = option(TRAINING.nesterov, "--nesterov", panel="Optimisation", help="Nesterov momentum (SGD).")
+    weight_decay: float = option(
+        TRAINING.weight_decay, "--weight-decay", metavar="WD", panel="Optimisation", low=0, help="Weight decay."
+    )
     schedule: str = option(
-        "constant", "--schedule", metavar="NAME", panel="Optimisation", choices=SCHEDULES, help="constant or cosine."
+        TRAINING.schedule,
+        "--schedule",
+        metavar="NAME",
+        panel="Optimisation",
+        choices=SCHEDULES,
+        help="constant or cosine.",
     )
     warmup_steps: int = option(
-        0, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps."
+        TRAINING.warmup_steps, "--warmup-steps", metavar="N", panel="Optimisation", low=0, help="Linear warm-up steps."
     )
     grad_clip: Optional[float] = option(
-        None,
+        TRAINING.grad_clip,
         "--grad-clip",
         metavar="NORM",
         panel="Optimisation",
@@ -92,10 +138,10 @@ class TrainNextArgs(Args):
         help="Clip the total gradient norm (task + penalty) to NORM.",
     )
     epochs: int = option(
-        1, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task."
+        TRAINING.epochs, "--epochs", "-e", metavar="N", panel="Optimisation", low=1, help="Epochs over the new task."
     )
     batch_size: int = option(
-        64, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch."
+        TRAINING.batch_size, "--batch-size", "-b", metavar="N", panel="Optimisation", low=1, help="Samples per batch."
     )
     seed: int = seed_option()
     device: str = device_option()
@@ -167,7 +213,7 @@ class TrainNextArgs(Args):
         None, "--log-json", metavar="FILE", panel="Logging", help="Write one JSON object per epoch to FILE."
     )
     checkpoint_every: int = option(
-        0,
+        TRAINING.checkpoint_every,
         "--checkpoint-every",
         metavar="N",
         panel="Resume",
@@ -209,28 +255,13 @@ class TrainNextArgs(Args):
         self.ignore_unless(not self.freeze_bn_stats, ("bn_stats",), "$freeze_bn_stats")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
             raise UsageError("$nesterov needs $momentum > 0.")
-        from cl_tool.data import parse_augment
 
         self.augmentation = parse_augment(self.augment, self.augment_arg)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            optimizer=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            nesterov=self.nesterov,
-            weight_decay=self.weight_decay,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-            precision=self.precision,
-            checkpoint_every=self.checkpoint_every,
-            freeze_bn_stats=self.freeze_bn_stats,
-            bn_stats=self.bn_stats,
-        )
+        """The training options as a TrainConfig (each field is the option of its name; no --eval-batch-size)."""
+        names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"]
+        return TrainConfig(**{name: getattr(self, name) for name in names})
 
     @property
     def state_path(self) -> Path:
@@ -298,10 +329,6 @@ def _check_files(
 ) -> None:
     """Every input and output of the command checked together (see ``FileRoles``); ``outputs``: those written instead
     of $output (a λ sweep's, each with its role)."""
-    from cl_tool.atomic import FileRoles
-    from cl_tool.data import local_paths
-    from cl_tool.sidecar import default_sidecar_path
-
     roles = FileRoles(force=args.force or resuming)
     roles.input(args.checkpoint, "the checkpoint")
     roles.input(
@@ -310,8 +337,8 @@ def _check_files(
     )
     roles.input(args.mask, "$mask")
     roles.input(args.config, "$config")
-    for field, task_specs in (("data", specs), ("eval_data", eval_specs)):
-        for path in local_paths(task_specs):
+    for field, field_specs in (("data", specs), ("eval_data", eval_specs)):
+        for path in local_paths(field_specs):
             roles.input(path, f"${field}")
     for path, role in outputs or [(args.output, "$output")]:
         roles.output(path, role)
@@ -329,10 +356,6 @@ def _check_files(
 
 def _penalty(args: TrainNextArgs, out: Output, ckpt, named: dict[str, Any], grown: list[str]):
     """(QuadraticPenalty or None, sidecar path or None, Sidecar or None, lineage use or None, λ): the penalty of this run."""
-    from cl_tool.lineage import check_sidecar, fit_rows
-    from cl_tool.penalty import QuadraticPenalty, divergence_bound
-    from cl_tool.sidecar import check_covers, default_sidecar_path, load_sidecar
-
     path = args.importance or (None if args.penalty == "none" else default_sidecar_path(args.checkpoint))
     if path is None:
         return None, None, None, None, args.lam
@@ -448,18 +471,6 @@ def _final_text(final_eval: list[dict[str, Any]], bn: dict[str, Any] | None) -> 
 def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     """Train ``args.checkpoint`` on ``args.data`` under the penalty; write the checkpoint (and SI sidecar, log) or nothing."""
 
-    from cl_tool import distributed
-    from cl_tool.checkpoint import load_model
-    from cl_tool.data import task_specs
-    from cl_tool.data.transforms import small_input_augment
-    from cl_tool.runtime import (
-        deterministic_error,
-        keep_freed_memory,
-        seed_everything,
-        set_cuda_precision,
-        set_deterministic,
-    )
-
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
     check_eval_names(eval_specs)
@@ -473,9 +484,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
         outputs=[(r.output, f"the λ={lambda_text(r.lam)} output") for r in runs] if runs else None,
     )
     if args.plot is not None:
-        from cl_tool.plots import require_matplotlib
-
-        require_matplotlib()  # before training, not after it
+        plots.require_matplotlib()  # before training, not after it
     if args.resume and not resuming:
         out.log(f"$resume: no resumable state at {args.state_path}; starting from the beginning.")
 
@@ -488,7 +497,7 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
     try:
         if runs:
             return _sweep(args, runs, out, spec, eval_specs, dist, device, tasks)
-        seed_everything(args.seed)
+        runtime.seed_everything(args.seed)
         ckpt, model = load_model(args.checkpoint)
         args.augmentation, note = small_input_augment(args.augmentation, ckpt.spec.input_shape)
         if note:
@@ -506,40 +515,9 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
                 out.log(t.cache_note)
 
 
-def _train_next(
-    args: TrainNextArgs,
-    out: Output,
-    spec,
-    eval_specs,
-    resuming: bool,
-    dist,
-    device,
-    ckpt,
-    model,
-    tasks: list,
-    published=None,
-) -> dict[str, Any]:
-    """The part of run_train_next that holds open tasks (closed by the caller); ``published(path)`` is called as soon as
-    the output is in place (a λ sweep removes it again if a later run fails)."""
-    import torch
-
-    from cl_tool import distributed
-    from cl_tool.atomic import LineFile, all_or_nothing
-    from cl_tool.checkpoint import first_nonfinite, grow_classifier, history_entry, model_layout, save_checkpoint
-    from cl_tool.data import open_tasks
-    from cl_tool.data.transforms import check_augment_fits
-    from cl_tool.masks import load_mask
-    from cl_tool.models import trainable_parameters
-    from cl_tool.resume import ResumeState
-    from cl_tool.runtime import command_line, started_at
-    from cl_tool.sidecar import Sidecar, save_sidecar
-    from cl_tool.training import train
-
-    anchor_fp = ckpt.fingerprint
-    check_augment_fits(args.augmentation, ckpt.spec.input_shape)
-    if not tasks:  # a λ sweep passes the tasks it opened once
-        tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
-    task = tasks[0]
+def _fit_head(args: TrainNextArgs, out: Output, spec, ckpt, model, task):
+    """(model, grown tensor names): the training labels checked against the model's classes, the classifier grown for
+    new ones (``--grow-head``) and the class names the output records."""
     names = _match_training_classes(args, out, ckpt, task)
     labels = task.labels  # None for a stream: checked batch by batch
     if labels is not None and len(labels) and int(labels.min()) < 0:
@@ -549,8 +527,6 @@ def _train_next(
     classes_in_data = int(labels.max()) + 1 if labels is not None and len(labels) else ckpt.spec.num_classes
     classes_in_data = max(classes_in_data, len(names) if names is not None else 0)
     if labels is None:
-        from cl_tool.data import check_labels
-
         check_labels(task, max(ckpt.spec.num_classes, classes_in_data))
     grown: list[str] = []
     if classes_in_data > ckpt.spec.num_classes:
@@ -565,13 +541,13 @@ def _train_next(
         )
     if names is not None:  # the output records which class each row stands for
         ckpt.spec.class_names = names + [None] * (ckpt.spec.num_classes - len(names))
-    if len(tasks) == 1:
-        tasks += open_tasks(eval_specs, ckpt.spec, args.data_options, log=out.log, match=True)
-    eval_tasks = tasks[1:]
-    model.to(device)
-    named = trainable_parameters(model)
-    pen, sidecar_path, sc, use, lam = _penalty(args, out, ckpt, named, grown)
-    penalty_used = args.penalty if pen is not None and pen.active else "none"
+    return model, grown
+
+
+def _batchnorm_notes(args: TrainNextArgs, out: Output, model, penalty_used: str, dist, device) -> None:
+    """Say that the penalty does not protect BatchNorm statistics, and what data-parallel training does to them."""
+    import torch  # not at the top: `cl-tool --help` imports no torch
+
     if (
         penalty_used != "none"
         and not args.freeze_bn_stats
@@ -583,30 +559,10 @@ def _train_next(
     bn_note = distributed.batchnorm_note(model, dist.world, device, args.freeze_bn_stats)
     if bn_note and dist.is_main:
         out.warn(bn_note)
-    si = None
-    if args.si_out is not None:
-        from cl_tool.importance import SIAccumulator
 
-        si = SIAccumulator(named, xi=args.si_xi)
-    masks = load_mask(args.mask, named) if args.mask is not None else None
 
-    cfg = args.train_config()
-    run_cfg = {
-        **{k: v for k, v in vars(cfg).items() if k not in ("eval_batch_size", "bn_stats")},  # neither changes a step
-        "penalty": penalty_used,
-        "lambda": lam,
-        "data": spec.describe(),
-        "world": dist.world,
-        **({"augment": args.augmentation.describe()} if args.augmentation.kind else {}),
-    }
-    state_io = (
-        ResumeState(args.state_path, fingerprint=anchor_fp, config=run_cfg)
-        if (args.checkpoint_every or args.resume)
-        else None
-    )
-    log_file = (
-        LineFile(args.log_json, force=args.force or resuming) if args.log_json is not None and dist.is_main else None
-    )
+def _epoch_logger(out: Output, dist, log_file):
+    """(write_log(records), on_epoch(record)): the per-epoch records to $log_json and one log line per epoch."""
 
     def write_log(records: list[dict[str, Any]]) -> None:
         for rec in records:
@@ -626,6 +582,152 @@ def _train_next(
                 f"train acc {rec['train_accuracy']:.4f}, lr {rec['lr']:.3g}, {rec['samples_per_s']:.0f} samples/s"
                 f"{(' | eval ' + evals) if evals else ''}"
             )
+
+    return write_log, on_epoch
+
+
+def _finite_results(model, si, result, pen):
+    """(state, SI importances or None) on the CPU; DivergedError if either holds NaN or ±Inf."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise DivergedError(
+            f"Training ended with NaN or infinite values in {bad!r} after step {result.steps}; "
+            f"nothing was written; lower $lr{' or $lam' if pen is not None and pen.active else ''}."
+        )
+    if si is None:
+        return state, None
+    omega = {k: v.detach().float().cpu() for k, v in si.omega(check=False).items()}
+    bad = first_nonfinite(omega)
+    if bad is not None:
+        raise DivergedError(
+            f"The SI importance of {bad!r} is NaN or infinite after step {result.steps}; nothing was written; "
+            f"lower $lr or raise $si_xi."
+        )
+    return state, omega
+
+
+def _history_entry(args: TrainNextArgs, task, run: dict[str, Any], result, anchor_fp: str, grown: list[str]):
+    """The ``train-next`` entry the output's history gains (``run``: penalty, λ, importance file and lineage)."""
+    return history_entry(
+        "train-next",
+        argv=command_line(),
+        data=task.describe(),
+        penalty=run["penalty"],
+        **{"lambda": run["lambda"]},
+        importance=run["importance"],
+        importance_tasks=run["importance_tasks"],
+        **run["lineage"],
+        optimizer=args.optimizer,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        augment=args.augmentation.describe() if args.augmentation.kind else None,
+        freeze_bn_stats=args.freeze_bn_stats or None,
+        bn_stats=result.bn_stats,
+        anchor_fingerprint=anchor_fp,
+        grown=grown or None,
+        mask=str(args.mask) if args.mask else None,
+    )
+
+
+def _write_si(args: TrainNextArgs, task, omega: dict[str, Any], fp: str, force: bool) -> None:
+    """$si_out: the SI importances of the written checkpoint (fingerprint ``fp``)."""
+    task_rec = {
+        "method": "si",
+        "data": task.describe(),
+        "checkpoint": str(args.output),
+        "fingerprint": fp,
+        "xi": args.si_xi,
+    }
+    sidecar = Sidecar(
+        tensors=omega, method="si", options={"xi": args.si_xi}, data=task.describe(), fingerprint=fp, tasks=[task_rec]
+    )
+    save_sidecar(args.si_out, sidecar, force=force)
+
+
+def _resume_state(args: TrainNextArgs, cfg, spec, penalty_used: str, lam, dist, anchor_fp: str):
+    """The resumable state of this run (None without $checkpoint_every and $resume); it records every option that
+    changes a step, so that a resume with other options is refused."""
+    if not (args.checkpoint_every or args.resume):
+        return None
+    run_cfg = {
+        **{k: v for k, v in vars(cfg).items() if k not in ("eval_batch_size", "bn_stats")},  # neither changes a step
+        "penalty": penalty_used,
+        "lambda": lam,
+        "data": spec.describe(),
+        "world": dist.world,
+        **({"augment": args.augmentation.describe()} if args.augmentation.kind else {}),
+    }
+    return ResumeState(args.state_path, fingerprint=anchor_fp, config=run_cfg)
+
+
+def _write_outputs(
+    args, task, ckpt, model, state, omega, hist, log_file, result_doc, resuming: bool, published
+) -> None:
+    """The checkpoint (and $si_out), all or nothing together with $log_json; their fingerprint and paths go to
+    ``result_doc``; ``published(path)`` is told of the checkpoint as soon as it is in place."""
+    with all_or_nothing(log_file) as wrote:
+        fp = checkpoint.save_checkpoint(
+            args.output,
+            ckpt.spec,
+            state,
+            hist,
+            extra=dict(ckpt.extra),
+            force=args.force or resuming,
+            layout=model_layout(model),
+        )
+        wrote(args.output)
+        if published is not None:
+            published(args.output)
+        result_doc["fingerprint"] = fp
+        if omega is not None:
+            _write_si(args, task, omega, fp, force=args.force or resuming)
+            wrote(args.si_out)
+            result_doc["si_out"] = str(args.si_out)
+
+
+def _train_next(
+    args: TrainNextArgs,
+    out: Output,
+    spec,
+    eval_specs,
+    resuming: bool,
+    dist,
+    device,
+    ckpt,
+    model,
+    tasks: list,
+    published=None,
+) -> dict[str, Any]:
+    """The part of run_train_next that holds open tasks (closed by the caller); ``published(path)`` is called as soon as
+    the output is in place (a λ sweep removes it again if a later run fails)."""
+    from cl_tool.importance import SIAccumulator  # not at the top: it imports torch (`cl-tool --help` must not)
+
+    anchor_fp = ckpt.fingerprint
+    check_augment_fits(args.augmentation, ckpt.spec.input_shape)
+    if not tasks:  # a λ sweep passes the tasks it opened once
+        tasks += open_tasks([spec], ckpt.spec, args.data_options, log=out.log)
+    task = tasks[0]
+    model, grown = _fit_head(args, out, spec, ckpt, model, task)
+    if len(tasks) == 1:
+        tasks += open_tasks(eval_specs, ckpt.spec, args.data_options, log=out.log, match=True)
+    eval_tasks = tasks[1:]
+    model.to(device)
+    named = trainable_parameters(model)
+    pen, sidecar_path, sc, use, lam = _penalty(args, out, ckpt, named, grown)
+    penalty_used = args.penalty if pen is not None and pen.active else "none"
+    _batchnorm_notes(args, out, model, penalty_used, dist, device)
+    si = SIAccumulator(named, xi=args.si_xi) if args.si_out is not None else None
+    masks = load_mask(args.mask, named) if args.mask is not None else None
+
+    cfg = args.train_config()
+    state_io = _resume_state(args, cfg, spec, penalty_used, lam, dist, anchor_fp)
+    log_file = (
+        LineFile(args.log_json, force=args.force or resuming) if args.log_json is not None and dist.is_main else None
+    )
+    write_log, on_epoch = _epoch_logger(out, dist, log_file)
 
     try:
         n = task.num_samples
@@ -650,22 +752,7 @@ def _train_next(
                 started_at=started_at(),
                 train_eval_limit=None if eval_tasks else TRAIN_EVAL_SAMPLES,
             )
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        bad = first_nonfinite(state)
-        if bad is not None:
-            raise DivergedError(
-                f"Training ended with NaN or infinite values in {bad!r} after step {result.steps}; "
-                f"nothing was written; lower $lr{' or $lam' if pen is not None and pen.active else ''}."
-            )
-        omega = None
-        if si is not None:
-            omega = {k: v.detach().float().cpu() for k, v in si.omega(check=False).items()}
-            bad = first_nonfinite(omega)
-            if bad is not None:
-                raise DivergedError(
-                    f"The SI importance of {bad!r} is NaN or infinite after step {result.steps}; nothing was written; "
-                    f"lower $lr or raise $si_xi."
-                )
+        state, omega = _finite_results(model, si, result, pen)
     except BaseException as exc:
         if log_file is not None:
             log_file.discard(exc)
@@ -698,65 +785,15 @@ def _train_next(
         "samples_per_s": round(result.samples_per_s, 1),
     }
     if dist.is_main:
-        hist = ckpt.history + [
-            history_entry(
-                "train-next",
-                argv=command_line(),
-                data=task.describe(),
-                penalty=penalty_used,
-                **{"lambda": lam if penalty_used != "none" else None},
-                importance=str(sidecar_path) if sidecar_path else None,
-                importance_tasks=len(sc.tasks) if sc is not None and penalty_used != "none" else None,
-                **lineage,
-                optimizer=args.optimizer,
-                lr=args.lr,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                augment=args.augmentation.describe() if args.augmentation.kind else None,
-                freeze_bn_stats=args.freeze_bn_stats or None,
-                bn_stats=result.bn_stats,
-                anchor_fingerprint=anchor_fp,
-                grown=grown or None,
-                mask=str(args.mask) if args.mask else None,
-            )
-        ]
-        with all_or_nothing(log_file) as wrote:
-            fp = save_checkpoint(
-                args.output,
-                ckpt.spec,
-                state,
-                hist,
-                extra=dict(ckpt.extra),
-                force=args.force or resuming,
-                layout=model_layout(model),
-            )
-            wrote(args.output)
-            if published is not None:
-                published(args.output)
-            result_doc["fingerprint"] = fp
-            if omega is not None:
-                task_rec = {
-                    "method": "si",
-                    "data": task.describe(),
-                    "checkpoint": str(args.output),
-                    "fingerprint": fp,
-                    "xi": args.si_xi,
-                }
-                save_sidecar(
-                    args.si_out,
-                    Sidecar(
-                        tensors=omega,
-                        method="si",
-                        options={"xi": args.si_xi},
-                        data=task.describe(),
-                        fingerprint=fp,
-                        tasks=[task_rec],
-                    ),
-                    force=args.force or resuming,
-                )
-                wrote(args.si_out)
-                result_doc["si_out"] = str(args.si_out)
+        run = {
+            "penalty": penalty_used,
+            "lambda": result_doc["lambda"],
+            "importance": result_doc["importance"],
+            "importance_tasks": len(sc.tasks) if sc is not None and penalty_used != "none" else None,
+            "lineage": lineage,
+        }
+        hist = ckpt.history + [_history_entry(args, task, run, result, anchor_fp, grown)]
+        _write_outputs(args, task, ckpt, model, state, omega, hist, log_file, result_doc, resuming, published)
         if state_io is not None:
             state_io.remove()
         out.log(
@@ -783,8 +820,6 @@ def check_eval_names(eval_specs) -> None:
 
 def sweep_runs(args: TrainNextArgs, eval_specs) -> list[TrainNextArgs]:
     """The arguments of each run of a λ sweep (one λ, output ``OUT.lambda-λ.safetensors``, no plot); [] for one λ."""
-    import dataclasses
-
     if len(args.lambdas) < 2:
         return []
     return [
@@ -796,16 +831,11 @@ def sweep_runs(args: TrainNextArgs, eval_specs) -> list[TrainNextArgs]:
 def _sweep(args: TrainNextArgs, runs, out: Output, spec, eval_specs, dist, device, tasks: list) -> dict[str, Any]:
     """One run per λ from the same checkpoint and seed, on tasks opened (decoded) once by the first run: all outputs
     and the plot, or none of them."""
-    from cl_tool.atomic import all_or_nothing
-    from cl_tool.checkpoint import load_model
-    from cl_tool.data.transforms import small_input_augment
-    from cl_tool.runtime import seed_everything
-
     inner = Output(json=False, quiet=out.quiet, name_of=out.name_of)
     docs = []
     with all_or_nothing() as wrote:
         for run in runs:
-            seed_everything(run.seed)  # each run is the command with that one λ
+            runtime.seed_everything(run.seed)  # each run is the command with that one λ
             ckpt, model = load_model(run.checkpoint)
             run.augmentation, note = small_input_augment(run.augmentation, ckpt.spec.input_shape)
             if note and not docs:
@@ -817,9 +847,7 @@ def _sweep(args: TrainNextArgs, runs, out: Output, spec, eval_specs, dist, devic
         names = [t.spec.name for t in tasks[1:]]
         rows = sweep_rows(args.lambdas, docs, names)
         if args.plot is not None and dist.is_main:
-            from cl_tool.plots import plot_lambda_sweep
-
-            plot_lambda_sweep(
+            plots.plot_lambda_sweep(
                 args.lambdas,
                 {n: [r["accuracy"][n] for r in rows] for n in names},
                 args.plot,
