@@ -11,17 +11,18 @@ from typing import Any, Optional
 from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES, DEFAULT_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
+from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS_BY_NAME, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
-SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
+SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")  # importance: the sidecar's method, whichever
 SCOPES = ("global", "layer", "output", "lamp")
 RANKS = ("auto", "raw", "saliency")  # Ω·w² for an importance Ω (auto), Ω as stored (raw), Ω·w² (saliency)
-_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that may be importances Ω
-_WEIGHTED = ("signal", "magnitude")  # scores that already weigh |w|: ranked as they are
+_ON_DATA = tuple(n for n, m in METHODS_BY_NAME.items() if m.needs_data)  # computed on data without a sidecar
+_SALIENCY_SCORES = ("importance", *(n for n, m in METHODS_BY_NAME.items() if not m.weighs_w))  # may be importances Ω
+_AS_STORED = ("bias_score",)  # options a sidecar's scores are used with as stored (noted, never refused)
 
 
 @dataclass(kw_only=True)
@@ -88,7 +89,7 @@ class PruneArgs(Args):
         "statistics after masking (default: --data).",
     )
     bias_score: str = option(
-        "post-activation",
+        METHODS_BY_NAME["signal"].options["bias_score"],
         "--bias-score",
         metavar="MODE",
         choices=BIAS_SCORES,
@@ -103,6 +104,22 @@ class PruneArgs(Args):
         help="--by importance/fisher/mas/si: rank an importance Ω by Ω·w² (saliency: the loss increase ½·Ω·w² of "
         "zeroing w under the quadratic model EWC's penalty and Optimal Brain Damage use; auto, the default, does "
         "so for Fisher, MAS and SI and ranks signal/magnitude scores as stored) or by Ω as stored (raw; the paper).",
+    )
+    fisher_labels: Optional[str] = option(
+        None,
+        "--fisher-labels",
+        metavar="MODE",
+        choices=FISHER_LABELS,
+        help="--by fisher: empirical (true labels), sampled or exact (see importance); default: the sidecar's, or "
+        "empirical on data. A Fisher sidecar of another mode is refused.",
+    )
+    mas_output: Optional[str] = option(
+        None,
+        "--mas-output",
+        metavar="OUTPUT",
+        choices=MAS_OUTPUTS,
+        help="--by mas: logits or softmax (see importance); default: the sidecar's, or logits on data. A MAS sidecar "
+        "of another output is refused.",
     )
     signal_norm: Optional[str] = option(
         None,
@@ -141,15 +158,15 @@ class PruneArgs(Args):
 
     def validate(self) -> None:
         self.ignore_unless(
-            any(b in ("signal", "fisher", "mas") for b in self.by) or self.bn_stats == "recompute",
+            any(b in _ON_DATA for b in self.by) or self.bn_stats == "recompute",
             ("score_data",),
             f"$by {', '.join(self.by)} with $bn_stats keep",
         )
         self.ignore_unless(bool(self.data or self.score_data), ("bn_stats",), "prune without $data or $score_data")
-        self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
-        self.ignore_unless(
-            "signal" in self.by or "importance" in self.by, ("signal_norm", "signal_stat"), f"$by {', '.join(self.by)}"
-        )
+        self.ignore_unless("signal" in self.by, _AS_STORED, f"$by {', '.join(self.by)}")
+        for m in METHODS_BY_NAME.values():  # the others apply to scores on data and are checked against a sidecar
+            applies = m.name in self.by or "importance" in self.by
+            self.ignore_unless(applies, tuple(o for o in m.options if o not in _AS_STORED), f"$by {', '.join(self.by)}")
         self.ignore_unless(any(b in _SALIENCY_SCORES for b in self.by), ("rank",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
@@ -200,7 +217,7 @@ def _note_unused_score_data(args: PruneArgs, names, out: Output) -> None:
     if (
         args.score_data
         and args.bn_stats == "recompute"  # with keep, validate() has noted it already
-        and not any(b in ("signal", "fisher", "mas") for b in args.by)
+        and not any(b in _ON_DATA for b in args.by)
         and not _has_bn_stats(names)
     ):
         out.log(f"note: $by {', '.join(args.by)} on a model without BatchNorm ignores $score_data (not used there).")
@@ -274,24 +291,28 @@ def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> 
         out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
 
 
-def signal_variant(args: PruneArgs) -> dict[str, str]:
-    """The signal variant prune computes on data: the options given, the default (mean, l2) for those left out."""
-    return {k: getattr(args, k) or v for k, v in DEFAULT_SIGNAL.items()}
+def method_options(args: PruneArgs, by: str) -> dict[str, str]:
+    """The options of method ``by`` that prune computes it with on data: those given, the method's defaults for those
+    left out (signal: mean, l2)."""
+    return {k: getattr(args, k) or v for k, v in METHODS_BY_NAME[by].options.items()}
 
 
-def _check_stored_signal(args: PruneArgs, sc, path) -> None:
-    """A signal sidecar ranks only under the variant it was computed with: an explicit other one is exit 4."""
+def _check_stored_options(args: PruneArgs, sc, path) -> None:
+    """A sidecar ranks only under the options it was computed with (a signal sidecar without the record: the paper's
+    variant): an explicit other one is exit 4."""
     from cl_tool.importance import stored_signal_variant
 
-    if sc.method != "signal":
+    method = METHODS_BY_NAME.get(sc.method)
+    if method is None:
         return
-    stored = stored_signal_variant(sc.options)
-    asked = {k: getattr(args, k) for k in stored if getattr(args, k) is not None}
-    wrong = next((k for k, v in asked.items() if v != stored[k]), None)
+    stored = {**sc.options, **(stored_signal_variant(sc.options) if "signal_stat" in method.options else {})}
+    asked = {k: getattr(args, k) for k in method.options if k not in _AS_STORED and k in stored}
+    asked = {k: v for k, v in asked.items() if v is not None}
+    wrong = next((k for k, v in asked.items() if v != str(stored[k])), None)
     if wrong is not None:
         raise IncompatibleError(
-            f"${wrong} {asked[wrong]} but {path} holds signal scores computed with {stored[wrong]}; recompute them "
-            f"with `cl-tool importance --method signal ${wrong} {asked[wrong]}`, or drop ${wrong}."
+            f"${wrong} {asked[wrong]} but {path} holds {sc.method} scores computed with {stored[wrong]}; recompute "
+            f"them with `cl-tool importance --method {sc.method} ${wrong} {asked[wrong]}`, or drop ${wrong}."
         )
 
 
@@ -315,7 +336,7 @@ def _rank(args: PruneArgs, by: str, held: str) -> str:
     where an explicit ``--rank saliency`` is exit 4."""
     if by not in _SALIENCY_SCORES:
         return "raw"
-    if held in _WEIGHTED:
+    if held in METHODS_BY_NAME and METHODS_BY_NAME[held].weighs_w:
         if args.rank == "saliency":
             raise IncompatibleError(
                 f"$rank saliency multiplies an importance by w², but {args.importance or 'the sidecar'} holds {held} "
@@ -335,13 +356,15 @@ def _raw_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The scores as stored or computed (before ``--rank``), and a record of where they came from."""
+    import torch
+
     from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import check_sidecar, fit_rows
     from cl_tool.sidecar import check_names, default_sidecar_path, load_sidecar
 
-    if by == "magnitude":
-        return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": "magnitude"}
+    if by in METHODS_BY_NAME and METHODS_BY_NAME[by].source == "weights":  # |w|
+        return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": by}
     path = args.importance or default_sidecar_path(args.checkpoint)
     if path.exists():
         sc = load_sidecar(path)
@@ -357,7 +380,7 @@ def _raw_scores(
             if use.note:
                 out.log(use.note)
             _note_stored_bias_score(args, by, sc, path, out)
-            _check_stored_signal(args, sc, path)
+            _check_stored_options(args, sc, path)
             check_names(path, sc.tensors, named, str(args.checkpoint))
             scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
             bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
@@ -373,7 +396,7 @@ def _raw_scores(
                 "tasks": len(sc.tasks),
                 **use.record(),
             }
-    if by in ("importance", "si"):
+    if by not in _ON_DATA:
         raise BadInputError(
             f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
             f"(or train-next $si_out) first, or pass $importance."
@@ -390,21 +413,19 @@ def _raw_scores(
         log=out.log,
         match=True,
     )
+    options = method_options(args, by)
     with task:
         scores = compute_importance(
             get_model(),
             ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
             by,
             device=device,
-            **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
+            generator=torch.Generator(device="cpu").manual_seed(0),  # sampled Fisher labels: importance's --seed 0
+            **options,
         )
     if task.cache_note:
         out.log(task.cache_note)
-    record = {
-        "by": by,
-        "computed_on": task.describe(),
-        **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
-    }
+    record = {"by": by, "computed_on": task.describe(), **options}
     return {n: scores[n].cpu() for n in named}, record
 
 
@@ -695,7 +716,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
 
         resolve_device(args.device)
     sidecar_path = args.importance or default_sidecar_path(args.checkpoint)
-    if by not in ("magnitude", "importance", "si") and not (sidecar_path.exists() and args.importance is not None):
+    if by in _ON_DATA and not (sidecar_path.exists() and args.importance is not None):
         return None  # signal/fisher/mas: computed on data unless a sidecar of that method is given
     try:
         tf = TensorFile(args.checkpoint, "Checkpoint")
@@ -745,7 +766,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         if use.note:
             out.log(use.note)
         _note_stored_bias_score(args, by, sc, sidecar_path, out)
-        _check_stored_signal(args, sc, sidecar_path)
+        _check_stored_options(args, sc, sidecar_path)
         check_names(sidecar_path, sc_file.header, shapes, where)
         for n in chosen:
             stored = sc_file.shape(n)
