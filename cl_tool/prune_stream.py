@@ -261,25 +261,22 @@ class SaliencyScores(SidecarScores):
 def check_sidecar_values(
     sc: TensorFile, where: str, planner: CutPlanner | None = None, scores: SidecarScores | None = None
 ) -> None:
-    """Every importance finite and non-negative (exit 3 naming the first bad tensor), as ``sidecar.load_sidecar`` checks.
+    """Every importance finite and non-negative (exit 3 naming the first bad tensor; ``sidecar.value_problem``).
 
     With ``planner`` and ``scores``, each of the planner's sources whose importances are all stored is observed on
     the way (its first read); a grown tensor is left to the planner.
     """
     import numpy as np
 
+    from cl_tool.sidecar import value_problem
+
     for name in sc.header:
         observed = planner is not None and scores is not None and name in planner.sources and not scores.padded(name)
         for start, raw in sc.pieces(name):
             values = sc.decode(name, raw, sc.scratch)
-            if not np.isfinite(values).all():
-                raise BadInputError(
-                    f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
-                )
-            if (values < 0).any():
-                raise BadInputError(
-                    f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
-                )
+            problem = value_problem(name, values, where, np.isfinite)
+            if problem is not None:
+                raise BadInputError(problem)
             if observed:
                 planner.observe(name, values.astype(np.float32, copy=False), start)
 

@@ -352,6 +352,59 @@ def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
     return {n: scores[n].float() * named[n].detach().float().cpu().square() for n in scores}
 
 
+def _from_weights(by: str) -> bool:
+    """Whether ``--by by`` scores the weights alone (|w|: no data, no sidecar)."""
+    return by in METHODS_BY_NAME and METHODS_BY_NAME[by].source == "weights"
+
+
+def _no_sidecar(by: str, path) -> BadInputError:
+    return BadInputError(
+        f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
+        f"(or train-next $si_out) first, or pass $importance."
+    )
+
+
+def _serves(args: PruneArgs, by: str, sc, path) -> bool:
+    """Whether sidecar ``sc`` holds the scores of ``--by by`` (``importance``: any method's); False when it holds
+    another method's, no $importance was given and ``by`` is computed on data instead; exit 2 otherwise."""
+    if by in ("importance", sc.method):
+        return True
+    if args.importance is None and by in _ON_DATA:
+        return False
+    raise UsageError(
+        f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
+    )
+
+
+def _check_sidecar_for(args: PruneArgs, by: str, sc, path, ckpt, stored, params, fit, out: Output):
+    """Check sidecar ``sc`` (at ``path``) for ``--by by`` on ``ckpt``: the checkpoint's own or a recorded ancestor's
+    (exit 4 otherwise), its options, one entry per parameter (``stored``: name → stored shape; ``params``: name →
+    shape) and the shapes of the names ``fit`` (rows a grown head gained since are allowed); its
+    :class:`~cl_tool.lineage.SidecarUse`."""
+    from cl_tool.lineage import check_sidecar, fit_problem
+    from cl_tool.sidecar import check_names
+
+    where = str(args.checkpoint)
+    use = check_sidecar(sc, ckpt, where)
+    if use.note:
+        out.log(use.note)
+    _note_stored_bias_score(args, by, sc, path, out)
+    _check_stored_options(args, sc, path)
+    check_names(path, stored, params, where)
+    problem = fit_problem(stored, {n: params[n] for n in fit}, use.grown)
+    if problem is not None:
+        name, have, want = problem
+        raise IncompatibleError(
+            f"Importance of {name!r} in {path} has shape {have}, but {where} has {want}; recompute it with "
+            f"`cl-tool importance {where}`."
+        )
+    return use
+
+
+def _sidecar_record(by: str, sc, use) -> dict[str, Any]:
+    return {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
+
+
 def _raw_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -360,47 +413,21 @@ def _raw_scores(
 
     from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
-    from cl_tool.lineage import check_sidecar, fit_rows
-    from cl_tool.sidecar import check_names, default_sidecar_path, load_sidecar
+    from cl_tool.lineage import fit_rows
+    from cl_tool.sidecar import default_sidecar_path, load_sidecar
 
-    if by in METHODS_BY_NAME and METHODS_BY_NAME[by].source == "weights":  # |w|
+    if _from_weights(by):
         return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": by}
     path = args.importance or default_sidecar_path(args.checkpoint)
     if path.exists():
         sc = load_sidecar(path)
-        if by != "importance" and sc.method != by:
-            if args.importance is not None:
-                raise UsageError(
-                    f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
-                )
-        else:
-            use = check_sidecar(
-                sc, ckpt, str(args.checkpoint)
-            )  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
-            if use.note:
-                out.log(use.note)
-            _note_stored_bias_score(args, by, sc, path, out)
-            _check_stored_options(args, sc, path)
-            check_names(path, sc.tensors, named, str(args.checkpoint))
-            scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
-            bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
-            if bad is not None:
-                raise IncompatibleError(
-                    f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {args.checkpoint} has "
-                    f"{list(named[bad].shape)}; recompute it with `cl-tool importance {args.checkpoint}`."
-                )
-            return scores, {
-                "by": by,
-                "method": sc.method,
-                "options": sc.options,
-                "tasks": len(sc.tasks),
-                **use.record(),
-            }
+        if _serves(args, by, sc, path):
+            shapes = {n: tuple(p.shape) for n, p in named.items()}
+            stored = {n: tuple(t.shape) for n, t in sc.tensors.items()}
+            use = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, shapes, out)
+            return fit_rows(sc.tensors, named, use.grown), _sidecar_record(by, sc, use)  # grown rows score 0
     if by not in _ON_DATA:
-        raise BadInputError(
-            f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
-            f"(or train-next $si_out) first, or pass $importance."
-        )
+        raise _no_sidecar(by, path)
     field = "score_data" if args.score_data else "data"
     if len(getattr(args, field)) != 1:
         raise UsageError(
@@ -553,7 +580,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
-    if any(b != "magnitude" for b in args.by):
+    if not all(_from_weights(b) for b in args.by):
         roles.input(
             args.importance or default_sidecar_path(args.checkpoint),
             "$importance" if args.importance else "the importance file beside the checkpoint",
@@ -566,11 +593,11 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    in_memory = args.scope in ("output", "lamp")
-    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer
-        streamed = _prune_file(args, out)
-        if streamed is not None:
-            return streamed
+    if args.device not in ("auto", "cpu"):  # a missing device is an error on either path (streaming runs on none)
+        resolve_device(args.device)
+    streaming = _streaming_file(args)
+    if streaming is not None:
+        return _prune_file(args, out, *streaming)
     device = resolve_device(args.device)
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
@@ -687,12 +714,35 @@ def _finish(
     return out.result(result)
 
 
-def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
-    """Prune a cl-tool checkpoint file by |w| or stored scores with numpy, one tensor at a time (no torch, memory of one
-    tensor); None when it cannot be done that way (a timm folder, an old checkpoint without a layout record, scores that
-    need data) and the in-memory path must."""
-    from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
-    from cl_tool.lineage import check_sidecar
+def _streaming_file(args: PruneArgs):
+    """(the checkpoint file opened for numpy, its layout record) when prune streams it, else None (in memory).
+
+    Streaming: one pruned checkpoint (no $sweep) from a cl-tool checkpoint file with a layout record, scope global or
+    layer, scores |w| or stored in a sidecar (signal/fisher/mas: with $importance given), no BatchNorm statistics to
+    re-estimate on data, and every dtype one numpy reads (not float8).
+    """
+    from cl_tool.checkpoint import layout_from_metadata
+    from cl_tool.prune_stream import TensorFile
+
+    if args.sweep is not None or not args.checkpoint.is_file() or args.scope not in ("global", "layer"):
+        return None
+    if args.by[0] in _ON_DATA and not (args.importance is not None and args.importance.exists()):
+        return None
+    try:
+        tf = TensorFile(args.checkpoint, "Checkpoint")
+    except NotImplementedError:  # a dtype numpy does not read (float8)
+        return None
+    if "cl_tool.model" in tf.metadata and not (_bn_field(args) is not None and _has_bn_stats(tf.header)):
+        layout = layout_from_metadata(tf.metadata, str(args.checkpoint))
+        if layout is not None and "spec" in layout:
+            return tf, layout
+    tf.close()
+    return None
+
+
+def _stream_scores(args: PruneArgs, out: Output, tf, ckpt, shapes, chosen):
+    """(scores, their sources, the cut planner, the record of where they came from) for the streaming path; the
+    checkpoint is checked and fingerprinted on the way (|w| observed by the planner meanwhile)."""
     from cl_tool.prune_stream import (
         MagnitudeScores,
         SaliencyScores,
@@ -700,40 +750,49 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         TensorFile,
         check_and_fingerprint,
         check_sidecar_values,
-        write_masks,
-        write_pruned,
     )
-    from cl_tool.pruning import CutPlanner, SparsityRow, TensorInfo
-    from cl_tool.safetensors_io import DTYPE_NAMES
-    from cl_tool.sidecar import check_names, default_sidecar_path, sidecar_from_metadata
+    from cl_tool.pruning import CutPlanner
+    from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
-    if args.device not in (
-        "auto",
-        "cpu",
-    ):  # nothing runs on a device here, but asking for a missing one is still an error
-        from cl_tool.runtime import resolve_device
+    if _from_weights(by):
+        scores = MagnitudeScores(tf)
+        sources = scores.sources(chosen, shapes)
+        planner = CutPlanner(sources, args.sparsity, args.scope)
+        ckpt._fp = check_and_fingerprint(tf, where, planner)
+        return scores, sources, planner, {"by": by}
+    ckpt._fp = check_and_fingerprint(tf, where)
+    path = args.importance or default_sidecar_path(args.checkpoint)
+    if not path.exists():
+        raise _no_sidecar(by, path)
+    sc_file = TensorFile(path, "Importance file")
+    sc = sidecar_from_metadata(sc_file.metadata, path)
+    _serves(args, by, sc, path)  # True here: scores on data are not streamed
+    stored = {n: sc_file.shape(n) for n in sc_file.header}
+    use = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, chosen, out)
+    rank = _rank(args, by, sc.method)
+    grown = set(use.grown)
+    scores = SaliencyScores(sc_file, tf, shapes, grown) if rank == "saliency" else SidecarScores(sc_file, shapes, grown)
+    sources = scores.sources(chosen, shapes)
+    planner = CutPlanner(sources, args.sparsity, args.scope)
+    # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
+    check_sidecar_values(sc_file, str(path), *((planner, scores) if rank == "raw" else ()))
+    return scores, sources, planner, {**_sidecar_record(by, sc, use), **({"rank": rank} if rank == "saliency" else {})}
 
-        resolve_device(args.device)
-    sidecar_path = args.importance or default_sidecar_path(args.checkpoint)
-    if by in _ON_DATA and not (sidecar_path.exists() and args.importance is not None):
-        return None  # signal/fisher/mas: computed on data unless a sidecar of that method is given
-    try:
-        tf = TensorFile(args.checkpoint, "Checkpoint")
-    except NotImplementedError:  # a dtype numpy does not read (float8)
-        return None
-    meta = tf.metadata
-    if "cl_tool.model" not in meta:
-        return None
-    if _bn_field(args) is not None and _has_bn_stats(tf.header):  # statistics to re-estimate on data: needs the model
-        return None
-    spec = spec_from_metadata(meta, where)
-    layout = layout_from_metadata(meta, where)
-    if layout is None or "spec" not in layout:
-        return None
+
+def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dict[str, Any]:
+    """Prune the cl-tool checkpoint file ``tf`` (see :func:`_streaming_file`) by |w| or stored scores with numpy, one
+    tensor at a time (no torch, memory of one tensor)."""
+    from cl_tool.checkpoint import Checkpoint, metadata_json, spec_from_metadata, validate_layout
+    from cl_tool.masks import mask_metadata
+    from cl_tool.prune_stream import write_masks, write_pruned
+    from cl_tool.pruning import SparsityRow, TensorInfo
+    from cl_tool.safetensors_io import DTYPE_NAMES
+
+    by, where, meta = args.by[0], str(args.checkpoint), tf.metadata
     _note_unused_score_data(args, tf.header, out)
     ckpt = Checkpoint(
-        spec=spec,
+        spec=spec_from_metadata(meta, where),
         state={},
         history=metadata_json(meta, "cl_tool.history", where, [], (list,)),
         extra=metadata_json(meta, "cl_tool.extra", where, {}, (dict,)),
@@ -744,52 +803,7 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    if by == "magnitude":  # |w| is observed by the planner while the checkpoint is checked and hashed
-        scores, source = MagnitudeScores(tf), {"by": "magnitude"}
-        sources = scores.sources(chosen, shapes)
-        planner = CutPlanner(sources, args.sparsity, args.scope)
-        ckpt._fp = check_and_fingerprint(tf, where, planner)
-    else:
-        ckpt._fp = check_and_fingerprint(tf, where)
-        if not sidecar_path.exists():
-            raise BadInputError(
-                f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
-                f"(or train-next $si_out) first, or pass $importance."
-            )
-        sc_file = TensorFile(sidecar_path, "Importance file")
-        sc = sidecar_from_metadata(sc_file.metadata, sidecar_path)
-        if by not in ("importance", sc.method):
-            raise UsageError(
-                f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
-            )
-        use = check_sidecar(sc, ckpt, where)  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
-        if use.note:
-            out.log(use.note)
-        _note_stored_bias_score(args, by, sc, sidecar_path, out)
-        _check_stored_options(args, sc, sidecar_path)
-        check_names(sidecar_path, sc_file.header, shapes, where)
-        for n in chosen:
-            stored = sc_file.shape(n)
-            if stored != shapes[n] and not (
-                n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]
-            ):
-                raise IncompatibleError(
-                    f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
-                    f"recompute it with `cl-tool importance {where}`."
-                )
-        rank = _rank(args, by, sc.method)
-        scores = (
-            SaliencyScores(sc_file, tf, shapes, set(use.grown))
-            if rank == "saliency"
-            else SidecarScores(sc_file, shapes, set(use.grown))
-        )
-        sources = scores.sources(chosen, shapes)
-        planner = CutPlanner(sources, args.sparsity, args.scope)
-        # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
-        check_sidecar_values(sc_file, str(sidecar_path), *((planner, scores) if rank == "raw" else ()))
-        source = {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
-        if rank == "saliency":
-            source["rank"] = "saliency"
+    scores, sources, planner, source = _stream_scores(args, out, tf, ckpt, shapes, chosen)
     plan = planner.plan()
     rows = [
         SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
@@ -799,32 +813,17 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
 
     def write(path, metadata) -> str:
-        return write_pruned(
-            tf,
-            plan,
-            scores,
-            set(chosen),
-            path,
-            {
-                **meta,
-                "cl_tool.history": json.dumps(trim_history(metadata["history"])),
-                "cl_tool.extra": json.dumps(metadata["extra"]),
-            },
-            force=args.force,
-        )
+        history, extra = json.dumps(trim_history(metadata["history"])), json.dumps(metadata["extra"])
+        new_meta = {**meta, "cl_tool.history": history, "cl_tool.extra": extra}
+        return write_pruned(tf, plan, scores, set(chosen), path, new_meta, force=args.force)
 
     def write_mask(path) -> None:
+        fp = ckpt.fingerprint
         write_masks(
             plan,
             sources,
             path,
-            {
-                "cl_tool.mask": "1",
-                "by": by,
-                "scope": args.scope,
-                "sparsity": repr(args.sparsity),
-                "fingerprint": ckpt.fingerprint,
-            },
+            mask_metadata(by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=fp),
             force=args.force,
         )
 
