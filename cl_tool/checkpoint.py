@@ -36,6 +36,7 @@ from cl_tool.models import (
 )
 from cl_tool.safetensors_io import (
     FLOAT_CODES,
+    FLOAT_NAMES,
     fingerprint,
     load_tensors,
     numel,
@@ -362,9 +363,6 @@ def _validate_state(ckpt: Checkpoint, expected: dict[str, Any], where: str) -> N
     )
 
 
-_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
 def _check_tensors(
     ckpt: Checkpoint, expected: dict[str, tuple[list[int], str]], got: dict[str, tuple[list[int], str]], where: str
 ) -> None:
@@ -380,7 +378,7 @@ def _check_tensors(
             raise IncompatibleError(
                 f"Tensor {name!r} in {where} has shape {list(got_shape)}, but {arch} needs {list(shape)}; the file does not match its metadata."
             )
-        if got_dtype != dtype and not (got_dtype in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES):
+        if got_dtype != dtype and not (got_dtype in FLOAT_NAMES and dtype in FLOAT_NAMES):
             raise IncompatibleError(
                 f"Tensor {name!r} in {where} has dtype torch.{got_dtype}, but {arch} needs torch.{dtype}."
             )

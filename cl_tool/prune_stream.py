@@ -29,21 +29,17 @@ from pathlib import Path
 
 from cl_tool.errors import BadInputError
 from cl_tool.pruning import CutPlanner, MaskPlan, Source
-from cl_tool.safetensors_io import DTYPE_NAMES
+from cl_tool.safetensors_io import DTYPE_NAMES, FLOAT_CODES
 
 NUMPY_DTYPES = {**DTYPE_NAMES, "BF16": "uint16"}  # bfloat16: numpy has none; its bits, as uint16
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _RAW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _PLACEHOLDER = "0" * 32  # the output's fingerprint, filled in once the tensors are written
 PIECE_BYTES = 4 << 20  # a tensor is read in pieces of this size: memory does not grow with the largest tensor
 
 
 class Scratch:
-    """Buffers reused from tensor to tensor, one per purpose, so that a read does not fault in fresh pages.
-
-    Measured on ViT-B: filling a freshly allocated buffer costs ~1 µs per 4 KiB page, as long as the
-    read or the arithmetic itself; three passes over 346 MB spent ~0.6 s in page faults.
-    """
+    """Buffers reused from tensor to tensor, one per purpose, so that a read does not fault in fresh pages (a fresh
+    buffer's page faults cost as much as the read itself; README "Pruning at I/O speed")."""
 
     def __init__(self):
         self._buffers: dict[str, object] = {}

@@ -62,6 +62,8 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.models import guess_classifier_names
+from cl_tool.safetensors_io import FLOAT_NAMES
 
 
 class TensorInfo(NamedTuple):
@@ -71,15 +73,12 @@ class TensorInfo(NamedTuple):
     dtype: str
 
 
-_FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
 def _dtype_name(t: Any) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
 def _floating(t: Any) -> bool:
-    return _dtype_name(t) in _FLOAT_NAMES
+    return _dtype_name(t) in FLOAT_NAMES
 
 
 # Parameter-name patterns (fnmatch, matched against the lower-cased name) that are never
@@ -112,19 +111,6 @@ def _matches(name: str, patterns: Iterable[str], *, lower: bool = False) -> bool
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _guess_classifier(named_params: Mapping[str, Any]) -> tuple[str, ...]:
-    last = None
-    for name, t in named_params.items():
-        if _floating(t) and len(t.shape) >= 2:
-            last = name
-    if last is None:
-        return ()
-    if "." not in last:
-        return (last,)
-    prefix = last.rsplit(".", 1)[0] + "."
-    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix) :])
-
-
 def select_prunable(
     named_params: Mapping[str, Any],
     *,
@@ -146,9 +132,8 @@ def select_prunable(
 
     The classifier is ``classifier_names`` (exact parameter names, or module names whose
     ``<module>.`` parameters are meant; see :func:`classifier_param_names`). When
-    ``classifier_names`` is ``None`` it is guessed as the last tensor with ``ndim >= 2``
-    in dict order plus its sibling parameters (``head.weight`` and ``head.bias``); pass
-    ``()`` to declare that there is none.
+    ``classifier_names`` is ``None`` it is guessed from the names (:func:`guess_classifier_names`);
+    pass ``()`` to declare that there is none.
 
     ``include`` / ``exclude`` are lists of fnmatch glob patterns over parameter names
     (case-sensitive). When ``include`` is given it replaces the default rule: exactly the
@@ -168,7 +153,7 @@ def select_prunable(
                 )
 
     if classifier_names is None:
-        classifier_names = _guess_classifier(named_params)
+        classifier_names = guess_classifier_names(named_params)
     cls_exact = set(classifier_names)
     cls_prefixes = tuple(c + "." for c in classifier_names)
 

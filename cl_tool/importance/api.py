@@ -31,7 +31,7 @@ forward pass ran in. The model's ``.grad`` fields are not touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -44,8 +44,7 @@ from cl_tool.importance.engine import GradEngine, SignalEngine
 from cl_tool.importance.losses import LossSpec
 from cl_tool.importance.si import SIAccumulator as SIAccumulator  # re-exported by cl_tool.importance
 from cl_tool.runtime import PRECISIONS
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from cl_tool.runtime import autocast as autocast_context
 
 
 def _method(name: str) -> Method:
@@ -61,12 +60,10 @@ def _method(name: str) -> Method:
 
 
 def _autocast(device: torch.device, precision: str):
+    """A factory of the forward pass's autocast context (:func:`cl_tool.runtime.autocast`)."""
     if precision not in PRECISIONS:
         raise UsageError(f"$precision {precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-    dtype = _DTYPES.get(precision)
-    if dtype is None:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+    return partial(autocast_context, device, precision)
 
 
 @contextmanager

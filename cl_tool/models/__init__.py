@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cl_tool.errors import BadInputError, UsageError
+from cl_tool.safetensors_io import FLOAT_NAMES
 
 MAX_INPUT_VALUES = (
     1 << 26
@@ -247,6 +248,22 @@ def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float
 def trainable_parameters(model) -> dict[str, Any]:
     """name → parameter for the parameters that require gradients, in ``named_parameters()`` order."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def guess_classifier_names(named_params: dict[str, Any]) -> tuple[str, ...]:
+    """The classifier of a model known only by its tensors (name → tensor, array or ``TensorInfo``): the last
+    floating-point tensor with ``ndim >= 2`` in dict order plus its sibling parameters (``head.weight`` and
+    ``head.bias``); ``()`` if there is none. :func:`classifier_param_names` asks the model itself."""
+    last = None
+    for name, t in named_params.items():
+        if str(t.dtype).removeprefix("torch.") in FLOAT_NAMES and len(t.shape) >= 2:
+            last = name
+    if last is None:
+        return ()
+    if "." not in last:
+        return (last,)
+    prefix = last.rsplit(".", 1)[0] + "."
+    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix) :])
 
 
 def classifier_param_names(model) -> tuple[str, ...]:
