@@ -828,17 +828,13 @@ class SparsityRow(NamedTuple):
 
 
 def sparsity_report(masks: Mapping[str, Any]) -> tuple[list[SparsityRow], SparsityRow]:
-    """Per-tensor rows ``(name, numel, pruned, fraction)`` and a ``"total"`` row.
+    """:func:`sparsity_rows` of keep-masks: ``pruned`` counts the entries that are False."""
+    return sparsity_rows((name, math.prod(m.shape), math.prod(m.shape) - int(m.sum())) for name, m in masks.items())
 
-    ``pruned`` counts mask entries that are False; ``fraction = pruned / numel``
-    (0.0 for an empty tensor).
-    """
-    rows = []
-    tot_n = tot_p = 0
-    for name, mask in masks.items():
-        n = math.prod(mask.shape)
-        p = n - int(mask.sum())
-        rows.append(SparsityRow(name, n, p, p / n if n else 0.0))
-        tot_n += n
-        tot_p += p
-    return rows, SparsityRow("total", tot_n, tot_p, tot_p / tot_n if tot_n else 0.0)
+
+def sparsity_rows(counts: Iterable[tuple[str, int, int]]) -> tuple[list[SparsityRow], SparsityRow]:
+    """Per-tensor rows ``(name, numel, pruned, fraction)`` from ``(name, numel, pruned)`` and a ``"total"`` row;
+    ``fraction = pruned / numel`` (0.0 for an empty tensor)."""
+    rows = [SparsityRow(name, n, p, p / n if n else 0.0) for name, n, p in counts]
+    n, p = sum(r.numel for r in rows), sum(r.pruned for r in rows)
+    return rows, SparsityRow("total", n, p, p / n if n else 0.0)

@@ -167,11 +167,6 @@ def forbidden_kwarg(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def is_builtin(arch: str) -> bool:
-    _load_builtins()
-    return arch in _BUILTIN
-
-
 def build_model(spec: ModelSpec):
     """Build an (untrained) ``nn.Module`` for ``spec``; raise a clear error for unknown names."""
     _load_builtins()

@@ -242,14 +242,19 @@ class _Tasks:
         return docs[0] if len(docs) == 1 else docs
 
 
-def _open_bn_tasks(args: PruneArgs, field: str, ckpt, stack) -> _Tasks:
-    """The tasks of ``field`` (entered on ``stack``) that BatchNorm statistics are re-estimated on, in order."""
+def _open_field(args: PruneArgs, field: str, ckpt, **kwargs) -> list:
+    """The tasks of ``--score-data`` (training data) or ``--data`` (evaluation data), opened for ``ckpt``."""
     from cl_tool.data import open_tasks, task_specs
 
     role = "train" if field == "score_data" else "eval"
-    tasks = open_tasks(
-        task_specs(getattr(args, field), args.data_options, field, role=role), ckpt.spec, args.data_options
+    return open_tasks(
+        task_specs(getattr(args, field), args.data_options, field, role=role), ckpt.spec, args.data_options, **kwargs
     )
+
+
+def _open_bn_tasks(args: PruneArgs, field: str, ckpt, stack) -> _Tasks:
+    """The tasks of ``field`` (entered on ``stack``) that BatchNorm statistics are re-estimated on, in order."""
+    tasks = _open_field(args, field, ckpt)
     return _Tasks([stack.enter_context(t) for t in tasks])  # labels are not read: the statistics need the images only
 
 
@@ -284,31 +289,26 @@ def _selected(args: PruneArgs, named: dict[str, Any], layout: dict[str, Any]) ->
     )
 
 
-def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> None:
-    """``--by signal`` with a signal sidecar: its scores are used as stored, whatever ``--bias-score`` says."""
-    stored = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
-    if by == "signal" and sc.method == "signal" and stored != args.bias_score:
-        out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
-
-
 def method_options(args: PruneArgs, by: str) -> dict[str, str]:
     """The options of method ``by`` that prune computes it with on data: those given, the method's defaults for those
     left out (signal: mean, l2)."""
     return {k: getattr(args, k) or v for k, v in METHODS_BY_NAME[by].options.items()}
 
 
-def _check_stored_options(args: PruneArgs, sc, path) -> None:
+def _check_stored_options(args: PruneArgs, by: str, sc, path, out: Output) -> None:
     """A sidecar ranks only under the options it was computed with (a signal sidecar without the record: the paper's
-    variant): an explicit other one is exit 4."""
+    variant): an explicit other one is exit 4; its bias scores are used as stored, whatever $bias_score says (noted)."""
     from cl_tool.importance import stored_signal_variant
 
     method = METHODS_BY_NAME.get(sc.method)
     if method is None:
         return
     stored = {**sc.options, **(stored_signal_variant(sc.options) if "signal_stat" in method.options else {})}
+    bias = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
+    if by == sc.method and "bias_score" in method.options and bias != args.bias_score:
+        out.log(f"note: {path} holds {by} scores with {bias} bias scores; they are used as stored.")
     asked = {k: getattr(args, k) for k in method.options if k not in _AS_STORED and k in stored}
-    asked = {k: v for k, v in asked.items() if v is not None}
-    wrong = next((k for k, v in asked.items() if v != str(stored[k])), None)
+    wrong = next((k for k, v in asked.items() if v is not None and v != str(stored[k])), None)
     if wrong is not None:
         raise IncompatibleError(
             f"${wrong} {asked[wrong]} but {path} holds {sc.method} scores computed with {stored[wrong]}; recompute "
@@ -388,8 +388,7 @@ def _check_sidecar_for(args: PruneArgs, by: str, sc, path, ckpt, stored, params,
     use = check_sidecar(sc, ckpt, where)
     if use.note:
         out.log(use.note)
-    _note_stored_bias_score(args, by, sc, path, out)
-    _check_stored_options(args, sc, path)
+    _check_stored_options(args, by, sc, path, out)
     check_names(path, stored, params, where)
     problem = fit_problem(stored, {n: params[n] for n in fit}, use.grown)
     if problem is not None:
@@ -411,7 +410,6 @@ def _raw_scores(
     """The scores as stored or computed (before ``--rank``), and a record of where they came from."""
     import torch
 
-    from cl_tool.data import open_tasks, task_specs
     from cl_tool.importance import compute_importance
     from cl_tool.lineage import fit_rows
     from cl_tool.sidecar import default_sidecar_path, load_sidecar
@@ -433,13 +431,7 @@ def _raw_scores(
         raise UsageError(
             f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data)."
         )
-    (task,) = open_tasks(
-        task_specs(getattr(args, field), args.data_options, field, role="train" if field == "score_data" else "eval"),
-        ckpt.spec,
-        args.data_options,
-        log=out.log,
-        match=True,
-    )
+    (task,) = _open_field(args, field, ckpt, log=out.log, match=True)
     options = method_options(args, by)
     with task:
         scores = compute_importance(
@@ -602,9 +594,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
     _note_unused_score_data(args, ckpt.state, out)
-    if (
-        ckpt.layout is not None and "spec" in ckpt.layout
-    ):  # written by cl-tool: names/shapes are recorded, no rebuild needed
+    if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes recorded, no rebuild
         validate_layout(ckpt)
         layout = ckpt.layout
     else:  # e.g. a timm folder: build the architecture on the meta device (no memory) to learn its layout
@@ -786,7 +776,7 @@ def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dic
     from cl_tool.checkpoint import Checkpoint, metadata_json, spec_from_metadata, validate_layout
     from cl_tool.masks import mask_metadata
     from cl_tool.prune_stream import write_masks, write_pruned
-    from cl_tool.pruning import SparsityRow, TensorInfo
+    from cl_tool.pruning import TensorInfo, sparsity_rows
     from cl_tool.safetensors_io import DTYPE_NAMES
 
     by, where, meta = args.by[0], str(args.checkpoint), tf.metadata
@@ -805,12 +795,7 @@ def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dic
     chosen = _selected(args, named, layout)
     scores, sources, planner, source = _stream_scores(args, out, tf, ckpt, shapes, chosen)
     plan = planner.plan()
-    rows = [
-        SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
-        for src in sources
-    ]
-    n_all, n_pruned = sum(r.numel for r in rows), sum(r.pruned for r in rows)
-    total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
+    rows, total = sparsity_rows((src.name, src.numel, plan.pruned(src.name)) for src in sources)
 
     def write(path, metadata) -> str:
         history, extra = json.dumps(trim_history(metadata["history"])), json.dumps(metadata["extra"])
