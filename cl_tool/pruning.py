@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
 from cl_tool.models import guess_classifier_names
-from cl_tool.safetensors_io import FLOAT_NAMES
+from cl_tool.safetensors_io import is_float
 
 
 class TensorInfo(NamedTuple):
@@ -71,14 +71,6 @@ class TensorInfo(NamedTuple):
 
     shape: tuple[int, ...]
     dtype: str
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _floating(t: Any) -> bool:
-    return _dtype_name(t) in FLOAT_NAMES
 
 
 # Parameter-name patterns (fnmatch, matched against the lower-cased name) that are never
@@ -162,7 +154,7 @@ def select_prunable(
 
     selected = []
     for name, t in named_params.items():
-        if not _floating(t):
+        if not is_float(t):
             continue
         if name.endswith(_STAT_SUFFIXES):
             continue

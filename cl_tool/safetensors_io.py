@@ -29,6 +29,17 @@ FLOAT_DTYPES = {
 }
 FLOAT_CODES = set(FLOAT_DTYPES)
 FLOAT_NAMES = set(FLOAT_DTYPES.values())
+
+
+def dtype_name(t: Any) -> str:
+    """The dtype name (``float32``, ``int64``...) of a torch tensor, a numpy array or a ``pruning.TensorInfo``."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def is_float(t: Any) -> bool:
+    return dtype_name(t) in FLOAT_NAMES
+
+
 #: safetensors dtype codes → the names torch (and cl-tool's layout record) use (float8: see FLOAT_DTYPES)
 DTYPE_NAMES = {
     **{c: n for c, n in FLOAT_DTYPES.items() if not c.startswith("F8")},

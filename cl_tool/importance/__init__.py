@@ -22,16 +22,12 @@ DEFAULT_SIGNAL = {"signal_norm": "mean", "signal_stat": "l2"}
 
 @dataclass(frozen=True)
 class Method:
-    """One importance method: what it reads, what it sums, how the sums become scores, which options apply.
-
-    ``source``: "data" (one pass over a task), "weights" (|w| alone) or "training" (collected by train-next
-    $si_out). ``loss``: the per-sample loss of ``losses`` whose gradient is summed — "nll" (−log p(y|x)) or
-    "output" (‖o(x)‖₂²) — or None (no gradient). ``statistic``: what is summed over samples — "sq" (g²), "abs"
-    (|g|), "signal" (the forward statistic of ``rules``), "abs_w" (|w|) or "path" (SI's path integral).
-    ``reduce``: "mean" (sums / N) or "sum" (as summed; signal l2: √). ``weighs_w``: the scores already weigh |w|
-    (``prune --rank auto`` ranks them as stored); otherwise an importance Ω, ranked by Ω·w². ``options``: the
-    options that apply, with the value the commands use when not told (in the order a sidecar records them).
-    """
+    """One importance method (formulas: ``api``). ``source``: "data", "weights" or "training" (train-next $si_out).
+    ``loss``: the per-sample loss of ``losses`` — "nll" (−log p(y|x)), "output" (‖o(x)‖₂²) or None (no gradient).
+    ``statistic``: what is summed over samples — "sq" (g²), "abs" (|g|), "signal", "abs_w" (|w|) or "path" (SI).
+    ``reduce``: "mean" (sums / N) or "sum". ``weighs_w``: the scores already weigh |w| (``prune --rank auto`` ranks
+    them as stored), else an importance Ω ranked by Ω·w². ``options``: those that apply, with the commands' defaults,
+    in the order a sidecar records them."""
 
     name: str
     source: str

@@ -9,10 +9,8 @@ Public API (re-exported by ``cl_tool.importance``):
 
 Methods (per sample n, ℓₙ the per-sample loss, gₙ = ∂ℓₙ/∂θ, see ``losses``):
 
-* ``fisher``: Σₙ gₙ² with ℓₙ = −log p(yₙ|xₙ); y = true label (``empirical``), a label drawn from
-  the model's softmax (``sampled``), or all labels weighted by p(y|x) (``exact``). Finalised:
-  the mean over samples (nats² per parameter-unit²).
-* ``mas``: Σₙ |gₙ| with ℓₙ = ‖o(xₙ)‖₂², o = logits or softmax. Finalised: the mean.
+* ``fisher``: Σₙ gₙ², ℓₙ = −log p(yₙ|xₙ) (label modes: ``losses``); ``mas``: Σₙ |gₙ|, ℓₙ = ‖o(xₙ)‖₂², o = logits or
+  softmax. Finalised: the mean over samples (Fisher: nats² per parameter-unit²).
 * ``signal`` (paper §4): |w|·(total absolute input signal that reached w over the data), bias:
   total absolute output of its unit, after the activation that consumes it (``bias_score``
   ``post-activation``, the authors' code; softmax for the classifier) or before it

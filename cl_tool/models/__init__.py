@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cl_tool.errors import BadInputError, UsageError
-from cl_tool.safetensors_io import FLOAT_NAMES
+from cl_tool.safetensors_io import is_float
 
 MAX_INPUT_VALUES = (
     1 << 26
@@ -246,12 +246,11 @@ def trainable_parameters(model) -> dict[str, Any]:
 
 
 def guess_classifier_names(named_params: dict[str, Any]) -> tuple[str, ...]:
-    """The classifier of a model known only by its tensors (name → tensor, array or ``TensorInfo``): the last
-    floating-point tensor with ``ndim >= 2`` in dict order plus its sibling parameters (``head.weight`` and
-    ``head.bias``); ``()`` if there is none. :func:`classifier_param_names` asks the model itself."""
+    """The classifier of a model known by its tensors only (name → tensor, array or ``TensorInfo``): the last float
+    tensor with ``ndim >= 2`` and its siblings (``head.weight``, ``head.bias``); ``()`` if none."""
     last = None
     for name, t in named_params.items():
-        if str(t.dtype).removeprefix("torch.") in FLOAT_NAMES and len(t.shape) >= 2:
+        if is_float(t) and len(t.shape) >= 2:
             last = name
     if last is None:
         return ()

@@ -126,9 +126,8 @@ class ImportanceArgs(Args):
             ("data", "samples", "first_samples", "batch_size", "memory_budget_mb", "precision", "seed"),
             f"$method {self.method}",
         )
-        for other in METHODS_BY_NAME.values():  # one note per method whose options were given
-            if other is not method:
-                self.ignore_unless(False, tuple(other.options), f"$method {self.method}")
+        for other in METHODS_BY_NAME.values():  # one note per other method whose options were given
+            self.ignore_unless(other is method, tuple(other.options), f"$method {self.method}")
         if method.needs_data and len(self.data) != 1:
             raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
 

@@ -22,6 +22,8 @@ SCOPES = ("global", "layer", "output", "lamp")
 RANKS = ("auto", "raw", "saliency")  # Ω·w² for an importance Ω (auto), Ω as stored (raw), Ω·w² (saliency)
 _ON_DATA = tuple(n for n, m in METHODS_BY_NAME.items() if m.needs_data)  # computed on data without a sidecar
 _SALIENCY_SCORES = ("importance", *(n for n, m in METHODS_BY_NAME.items() if not m.weighs_w))  # may be importances Ω
+_WEIGHTED = tuple(n for n, m in METHODS_BY_NAME.items() if m.weighs_w)  # already weigh |w|: ranked as they are
+_FROM_WEIGHTS = tuple(n for n, m in METHODS_BY_NAME.items() if m.source == "weights")  # |w|: no data, no sidecar
 _AS_STORED = ("bias_score",)  # options a sidecar's scores are used with as stored (noted, never refused)
 
 
@@ -110,16 +112,14 @@ class PruneArgs(Args):
         "--fisher-labels",
         metavar="MODE",
         choices=FISHER_LABELS,
-        help="--by fisher: empirical (true labels), sampled or exact (see importance); default: the sidecar's, or "
-        "empirical on data. A Fisher sidecar of another mode is refused.",
+        help="--by fisher: empirical, sampled or exact (see importance); default: the sidecar's, or empirical.",
     )
     mas_output: Optional[str] = option(
         None,
         "--mas-output",
         metavar="OUTPUT",
         choices=MAS_OUTPUTS,
-        help="--by mas: logits or softmax (see importance); default: the sidecar's, or logits on data. A MAS sidecar "
-        "of another output is refused.",
+        help="--by mas: logits or softmax (see importance); default: the sidecar's, or logits.",
     )
     signal_norm: Optional[str] = option(
         None,
@@ -300,14 +300,12 @@ def _check_stored_options(args: PruneArgs, by: str, sc, path, out: Output) -> No
     variant): an explicit other one is exit 4; its bias scores are used as stored, whatever $bias_score says (noted)."""
     from cl_tool.importance import stored_signal_variant
 
-    method = METHODS_BY_NAME.get(sc.method)
-    if method is None:
-        return
-    stored = {**sc.options, **(stored_signal_variant(sc.options) if "signal_stat" in method.options else {})}
+    options = METHODS_BY_NAME[sc.method].options if sc.method in METHODS_BY_NAME else {}
+    stored = {**sc.options, **(stored_signal_variant(sc.options) if "signal_stat" in options else {})}
     bias = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
-    if by == sc.method and "bias_score" in method.options and bias != args.bias_score:
+    if by == sc.method and "bias_score" in options and bias != args.bias_score:
         out.log(f"note: {path} holds {by} scores with {bias} bias scores; they are used as stored.")
-    asked = {k: getattr(args, k) for k in method.options if k not in _AS_STORED and k in stored}
+    asked = {k: getattr(args, k) for k in options if k not in _AS_STORED and k in stored}
     wrong = next((k for k, v in asked.items() if v is not None and v != str(stored[k])), None)
     if wrong is not None:
         raise IncompatibleError(
@@ -336,7 +334,7 @@ def _rank(args: PruneArgs, by: str, held: str) -> str:
     where an explicit ``--rank saliency`` is exit 4."""
     if by not in _SALIENCY_SCORES:
         return "raw"
-    if held in METHODS_BY_NAME and METHODS_BY_NAME[held].weighs_w:
+    if held in _WEIGHTED:
         if args.rank == "saliency":
             raise IncompatibleError(
                 f"$rank saliency multiplies an importance by w², but {args.importance or 'the sidecar'} holds {held} "
@@ -350,11 +348,6 @@ def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
     """Ω·w² per element (float32, CPU): the loss increase of zeroing w under a diagonal quadratic model of the
     loss with curvature Ω is ½·Ω·w² (Optimal Brain Damage, LeCun et al. 1990); the ½ does not change a ranking."""
     return {n: scores[n].float() * named[n].detach().float().cpu().square() for n in scores}
-
-
-def _from_weights(by: str) -> bool:
-    """Whether ``--by by`` scores the weights alone (|w|: no data, no sidecar)."""
-    return by in METHODS_BY_NAME and METHODS_BY_NAME[by].source == "weights"
 
 
 def _no_sidecar(by: str, path) -> BadInputError:
@@ -380,7 +373,7 @@ def _check_sidecar_for(args: PruneArgs, by: str, sc, path, ckpt, stored, params,
     """Check sidecar ``sc`` (at ``path``) for ``--by by`` on ``ckpt``: the checkpoint's own or a recorded ancestor's
     (exit 4 otherwise), its options, one entry per parameter (``stored``: name → stored shape; ``params``: name →
     shape) and the shapes of the names ``fit`` (rows a grown head gained since are allowed); its
-    :class:`~cl_tool.lineage.SidecarUse`."""
+    :class:`~cl_tool.lineage.SidecarUse` and the record of the scores' source."""
     from cl_tool.lineage import check_sidecar, fit_problem
     from cl_tool.sidecar import check_names
 
@@ -397,11 +390,7 @@ def _check_sidecar_for(args: PruneArgs, by: str, sc, path, ckpt, stored, params,
             f"Importance of {name!r} in {path} has shape {have}, but {where} has {want}; recompute it with "
             f"`cl-tool importance {where}`."
         )
-    return use
-
-
-def _sidecar_record(by: str, sc, use) -> dict[str, Any]:
-    return {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
+    return use, {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
 
 
 def _raw_scores(
@@ -414,7 +403,7 @@ def _raw_scores(
     from cl_tool.lineage import fit_rows
     from cl_tool.sidecar import default_sidecar_path, load_sidecar
 
-    if _from_weights(by):
+    if by in _FROM_WEIGHTS:
         return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": by}
     path = args.importance or default_sidecar_path(args.checkpoint)
     if path.exists():
@@ -422,8 +411,8 @@ def _raw_scores(
         if _serves(args, by, sc, path):
             shapes = {n: tuple(p.shape) for n, p in named.items()}
             stored = {n: tuple(t.shape) for n, t in sc.tensors.items()}
-            use = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, shapes, out)
-            return fit_rows(sc.tensors, named, use.grown), _sidecar_record(by, sc, use)  # grown rows score 0
+            use, record = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, shapes, out)
+            return fit_rows(sc.tensors, named, use.grown), record  # the rows a grown head gained score 0
     if by not in _ON_DATA:
         raise _no_sidecar(by, path)
     field = "score_data" if args.score_data else "data"
@@ -572,7 +561,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
-    if not all(_from_weights(b) for b in args.by):
+    if not all(b in _FROM_WEIGHTS for b in args.by):
         roles.input(
             args.importance or default_sidecar_path(args.checkpoint),
             "$importance" if args.importance else "the importance file beside the checkpoint",
@@ -745,7 +734,7 @@ def _stream_scores(args: PruneArgs, out: Output, tf, ckpt, shapes, chosen):
     from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
-    if _from_weights(by):
+    if by in _FROM_WEIGHTS:
         scores = MagnitudeScores(tf)
         sources = scores.sources(chosen, shapes)
         planner = CutPlanner(sources, args.sparsity, args.scope)
@@ -759,7 +748,7 @@ def _stream_scores(args: PruneArgs, out: Output, tf, ckpt, shapes, chosen):
     sc = sidecar_from_metadata(sc_file.metadata, path)
     _serves(args, by, sc, path)  # True here: scores on data are not streamed
     stored = {n: sc_file.shape(n) for n in sc_file.header}
-    use = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, chosen, out)
+    use, record = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, chosen, out)
     rank = _rank(args, by, sc.method)
     grown = set(use.grown)
     scores = SaliencyScores(sc_file, tf, shapes, grown) if rank == "saliency" else SidecarScores(sc_file, shapes, grown)
@@ -767,7 +756,7 @@ def _stream_scores(args: PruneArgs, out: Output, tf, ckpt, shapes, chosen):
     planner = CutPlanner(sources, args.sparsity, args.scope)
     # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
     check_sidecar_values(sc_file, str(path), *((planner, scores) if rank == "raw" else ()))
-    return scores, sources, planner, {**_sidecar_record(by, sc, use), **({"rank": rank} if rank == "saliency" else {})}
+    return scores, sources, planner, {**record, **({"rank": rank} if rank == "saliency" else {})}
 
 
 def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dict[str, Any]:
@@ -803,13 +792,7 @@ def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dic
         return write_pruned(tf, plan, scores, set(chosen), path, new_meta, force=args.force)
 
     def write_mask(path) -> None:
-        fp = ckpt.fingerprint
-        write_masks(
-            plan,
-            sources,
-            path,
-            mask_metadata(by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=fp),
-            force=args.force,
-        )
+        mask_meta = mask_metadata(by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint)
+        write_masks(plan, sources, path, mask_meta, force=args.force)
 
     return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)
