@@ -36,6 +36,8 @@ from cl_tool.models import (
 )
 from cl_tool.safetensors_io import (
     FLOAT_CODES,
+    FLOAT_NAMES,
+    dtype_name,
     fingerprint,
     load_tensors,
     numel,
@@ -319,17 +321,13 @@ def validate_layout(ckpt: Checkpoint, tensors: dict[str, tuple[list[int], str]] 
         raise BadInputError(
             f"Checkpoint {where} describes a model that cannot be built as saved (its model metadata was changed after writing); the file is damaged or was not written by cl-tool."
         )
-    got = tensors if tensors is not None else {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()}
+    got = tensors if tensors is not None else {n: (list(t.shape), dtype_name(t)) for n, t in ckpt.state.items()}
     _check_tensors(ckpt, {n: (list(shape), dtype) for n, (shape, dtype) in ckpt.layout["tensors"].items()}, got, where)
     missing = [n for n in ckpt.layout["parameters"] + ckpt.layout["classifier"] if n not in ckpt.layout["tensors"]]
     if missing:
         raise BadInputError(
             f"Checkpoint {where} has a malformed layout record (unknown tensor {missing[0]!r}); the file is damaged."
         )
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def build_on_meta_device(ckpt: Checkpoint):
@@ -356,13 +354,10 @@ def _validate_state(ckpt: Checkpoint, expected: dict[str, Any], where: str) -> N
     """Every tensor the architecture needs (``expected``: a state dict) is in ``ckpt.state`` with the right shape and dtype kind."""
     _check_tensors(
         ckpt,
-        {n: (list(t.shape), _dtype_name(t)) for n, t in expected.items()},
-        {n: (list(t.shape), _dtype_name(t)) for n, t in ckpt.state.items()},
+        {n: (list(t.shape), dtype_name(t)) for n, t in expected.items()},
+        {n: (list(t.shape), dtype_name(t)) for n, t in ckpt.state.items()},
         where,
     )
-
-
-_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
 def _check_tensors(
@@ -380,7 +375,7 @@ def _check_tensors(
             raise IncompatibleError(
                 f"Tensor {name!r} in {where} has shape {list(got_shape)}, but {arch} needs {list(shape)}; the file does not match its metadata."
             )
-        if got_dtype != dtype and not (got_dtype in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES):
+        if got_dtype != dtype and not (got_dtype in FLOAT_NAMES and dtype in FLOAT_NAMES):
             raise IncompatibleError(
                 f"Tensor {name!r} in {where} has dtype torch.{got_dtype}, but {arch} needs torch.{dtype}."
             )

@@ -29,21 +29,17 @@ from pathlib import Path
 
 from cl_tool.errors import BadInputError
 from cl_tool.pruning import CutPlanner, MaskPlan, Source
-from cl_tool.safetensors_io import DTYPE_NAMES
+from cl_tool.safetensors_io import DTYPE_NAMES, FLOAT_CODES
 
 NUMPY_DTYPES = {**DTYPE_NAMES, "BF16": "uint16"}  # bfloat16: numpy has none; its bits, as uint16
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _RAW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _PLACEHOLDER = "0" * 32  # the output's fingerprint, filled in once the tensors are written
 PIECE_BYTES = 4 << 20  # a tensor is read in pieces of this size: memory does not grow with the largest tensor
 
 
 class Scratch:
-    """Buffers reused from tensor to tensor, one per purpose, so that a read does not fault in fresh pages.
-
-    Measured on ViT-B: filling a freshly allocated buffer costs ~1 µs per 4 KiB page, as long as the
-    read or the arithmetic itself; three passes over 346 MB spent ~0.6 s in page faults.
-    """
+    """Buffers reused from tensor to tensor, one per purpose, so that a read does not fault in fresh pages (a fresh
+    buffer's page faults cost as much as the read itself; README "Pruning at I/O speed")."""
 
     def __init__(self):
         self._buffers: dict[str, object] = {}
@@ -261,25 +257,22 @@ class SaliencyScores(SidecarScores):
 def check_sidecar_values(
     sc: TensorFile, where: str, planner: CutPlanner | None = None, scores: SidecarScores | None = None
 ) -> None:
-    """Every importance finite and non-negative (exit 3 naming the first bad tensor), as ``sidecar.load_sidecar`` checks.
+    """Every importance finite and non-negative (exit 3 naming the first bad tensor; ``sidecar.value_problem``).
 
     With ``planner`` and ``scores``, each of the planner's sources whose importances are all stored is observed on
     the way (its first read); a grown tensor is left to the planner.
     """
     import numpy as np
 
+    from cl_tool.sidecar import value_problem
+
     for name in sc.header:
         observed = planner is not None and scores is not None and name in planner.sources and not scores.padded(name)
         for start, raw in sc.pieces(name):
             values = sc.decode(name, raw, sc.scratch)
-            if not np.isfinite(values).all():
-                raise BadInputError(
-                    f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
-                )
-            if (values < 0).any():
-                raise BadInputError(
-                    f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."
-                )
+            problem = value_problem(name, values, where, np.isfinite)
+            if problem is not None:
+                raise BadInputError(problem)
             if observed:
                 planner.observe(name, values.astype(np.float32, copy=False), start)
 

@@ -62,6 +62,8 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
+from cl_tool.models import guess_classifier_names
+from cl_tool.safetensors_io import is_float
 
 
 class TensorInfo(NamedTuple):
@@ -69,17 +71,6 @@ class TensorInfo(NamedTuple):
 
     shape: tuple[int, ...]
     dtype: str
-
-
-_FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _floating(t: Any) -> bool:
-    return _dtype_name(t) in _FLOAT_NAMES
 
 
 # Parameter-name patterns (fnmatch, matched against the lower-cased name) that are never
@@ -112,19 +103,6 @@ def _matches(name: str, patterns: Iterable[str], *, lower: bool = False) -> bool
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _guess_classifier(named_params: Mapping[str, Any]) -> tuple[str, ...]:
-    last = None
-    for name, t in named_params.items():
-        if _floating(t) and len(t.shape) >= 2:
-            last = name
-    if last is None:
-        return ()
-    if "." not in last:
-        return (last,)
-    prefix = last.rsplit(".", 1)[0] + "."
-    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix) :])
-
-
 def select_prunable(
     named_params: Mapping[str, Any],
     *,
@@ -146,9 +124,8 @@ def select_prunable(
 
     The classifier is ``classifier_names`` (exact parameter names, or module names whose
     ``<module>.`` parameters are meant; see :func:`classifier_param_names`). When
-    ``classifier_names`` is ``None`` it is guessed as the last tensor with ``ndim >= 2``
-    in dict order plus its sibling parameters (``head.weight`` and ``head.bias``); pass
-    ``()`` to declare that there is none.
+    ``classifier_names`` is ``None`` it is guessed from the names (:func:`guess_classifier_names`);
+    pass ``()`` to declare that there is none.
 
     ``include`` / ``exclude`` are lists of fnmatch glob patterns over parameter names
     (case-sensitive). When ``include`` is given it replaces the default rule: exactly the
@@ -168,7 +145,7 @@ def select_prunable(
                 )
 
     if classifier_names is None:
-        classifier_names = _guess_classifier(named_params)
+        classifier_names = guess_classifier_names(named_params)
     cls_exact = set(classifier_names)
     cls_prefixes = tuple(c + "." for c in classifier_names)
 
@@ -177,7 +154,7 @@ def select_prunable(
 
     selected = []
     for name, t in named_params.items():
-        if not _floating(t):
+        if not is_float(t):
             continue
         if name.endswith(_STAT_SUFFIXES):
             continue
@@ -843,17 +820,13 @@ class SparsityRow(NamedTuple):
 
 
 def sparsity_report(masks: Mapping[str, Any]) -> tuple[list[SparsityRow], SparsityRow]:
-    """Per-tensor rows ``(name, numel, pruned, fraction)`` and a ``"total"`` row.
+    """:func:`sparsity_rows` of keep-masks: ``pruned`` counts the entries that are False."""
+    return sparsity_rows((name, math.prod(m.shape), math.prod(m.shape) - int(m.sum())) for name, m in masks.items())
 
-    ``pruned`` counts mask entries that are False; ``fraction = pruned / numel``
-    (0.0 for an empty tensor).
-    """
-    rows = []
-    tot_n = tot_p = 0
-    for name, mask in masks.items():
-        n = math.prod(mask.shape)
-        p = n - int(mask.sum())
-        rows.append(SparsityRow(name, n, p, p / n if n else 0.0))
-        tot_n += n
-        tot_p += p
-    return rows, SparsityRow("total", tot_n, tot_p, tot_p / tot_n if tot_n else 0.0)
+
+def sparsity_rows(counts: Iterable[tuple[str, int, int]]) -> tuple[list[SparsityRow], SparsityRow]:
+    """Per-tensor rows ``(name, numel, pruned, fraction)`` from ``(name, numel, pruned)`` and a ``"total"`` row;
+    ``fraction = pruned / numel`` (0.0 for an empty tensor)."""
+    rows = [SparsityRow(name, n, p, p / n if n else 0.0) for name, n, p in counts]
+    n, p = sum(r.numel for r in rows), sum(r.pruned for r in rows)
+    return rows, SparsityRow("total", n, p, p / n if n else 0.0)

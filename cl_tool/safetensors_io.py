@@ -18,12 +18,31 @@ from typing import Any
 from cl_tool.atomic import atomic_path
 from cl_tool.errors import BadInputError, OutputError
 
-#: safetensors dtype codes → the names torch (and cl-tool's layout record) use
-DTYPE_NAMES = {
+#: the floating-point dtypes: safetensors code → the name torch (and cl-tool's layout record) use
+FLOAT_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
     "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+FLOAT_CODES = set(FLOAT_DTYPES)
+FLOAT_NAMES = set(FLOAT_DTYPES.values())
+
+
+def dtype_name(t: Any) -> str:
+    """The dtype name (``float32``, ``int64``...) of a torch tensor, a numpy array or a ``pruning.TensorInfo``."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def is_float(t: Any) -> bool:
+    return dtype_name(t) in FLOAT_NAMES
+
+
+#: safetensors dtype codes → the names torch (and cl-tool's layout record) use (float8: see FLOAT_DTYPES)
+DTYPE_NAMES = {
+    **{c: n for c, n in FLOAT_DTYPES.items() if not c.startswith("F8")},
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",
@@ -35,7 +54,6 @@ DTYPE_NAMES = {
     "BOOL": "bool",
 }
 
-FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # the floating-point dtypes of a header
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (it refuses to open a longer header)
 _DTYPE_SIZES = {
     "F64": 8,
@@ -195,23 +213,7 @@ def load_tensors(path: str | os.PathLike, what: str = "Input") -> tuple[dict[str
     return tensors, metadata
 
 
-_SAFETENSORS_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "uint16": "U16",
-    "uint32": "U32",
-    "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
+_SAFETENSORS_DTYPES = {n: c for c, n in {**DTYPE_NAMES, **FLOAT_DTYPES}.items()}  # torch name → code
 
 
 def encode_header(header: dict[str, Any], path: str | os.PathLike) -> bytes:

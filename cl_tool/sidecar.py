@@ -60,11 +60,14 @@ def save_sidecar(path: str | os.PathLike, sc: Sidecar, *, force: bool = False) -
     save_tensors(path, {k: v.float() for k, v in sc.tensors.items()}, metadata, force=force)
 
 
-def value_problem(name: str, t, where: str) -> str | None:
-    """One sentence if the importances ``t`` of ``name`` hold NaN, ±Inf or a negative value; None if they are valid."""
-    import torch  # header-only `info` imports no torch
+def value_problem(name: str, t, where: str, isfinite=None) -> str | None:
+    """One sentence if the importances ``t`` of ``name`` hold NaN, ±Inf or a negative value; None if they are valid.
+    ``isfinite``: the element-wise test for ``t``'s kind (default ``torch.isfinite``; ``numpy.isfinite`` for arrays)."""
+    if isfinite is None:
+        import torch  # header-only `info` imports no torch
 
-    if not torch.isfinite(t).all():
+        isfinite = torch.isfinite
+    if not isfinite(t).all():
         return f"Importance of {name!r} in {where} contains NaN or Inf; recompute it (lower $lr or check the data) instead of using it."
     if (t < 0).any():
         return f"Importance of {name!r} in {where} has negative values; importances must be non-negative, recompute it."

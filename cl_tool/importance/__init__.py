@@ -8,7 +8,8 @@ options from them); the functions are imported from :mod:`cl_tool.importance.api
 
 from __future__ import annotations
 
-METHODS = ("fisher", "mas", "signal", "magnitude")  # computed from data (or weights); "si" is collected while training
+from dataclasses import dataclass, field
+
 FISHER_LABELS = ("empirical", "sampled", "exact")
 MAS_OUTPUTS = ("logits", "softmax")
 BIAS_SCORES = ("post-activation", "pre-activation")  # signal: what a bias's unit sends on (see SignalEngine)
@@ -19,6 +20,41 @@ PAPER_SIGNAL = {"signal_norm": "sum", "signal_stat": "l1"}  # what a signal side
 DEFAULT_SIGNAL = {"signal_norm": "mean", "signal_stat": "l2"}
 
 
+@dataclass(frozen=True)
+class Method:
+    """One importance method (formulas: ``api``). ``source``: "data", "weights" or "training" (train-next $si_out).
+    ``loss``: the per-sample loss of ``losses`` — "nll" (−log p(y|x)), "output" (‖o(x)‖₂²) or None (no gradient).
+    ``statistic``: what is summed over samples — "sq" (g²), "abs" (|g|), "signal", "abs_w" (|w|) or "path" (SI).
+    ``reduce``: "mean" (sums / N) or "sum". ``weighs_w``: the scores already weigh |w| (``prune --rank auto`` ranks
+    them as stored), else an importance Ω ranked by Ω·w². ``options``: those that apply, with the commands' defaults,
+    in the order a sidecar records them."""
+
+    name: str
+    source: str
+    loss: str | None
+    statistic: str
+    reduce: str
+    weighs_w: bool
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.source == "data"
+
+
+METHODS_BY_NAME = {
+    m.name: m
+    for m in (
+        Method("fisher", "data", "nll", "sq", "mean", False, {"fisher_labels": "empirical"}),
+        Method("mas", "data", "output", "abs", "mean", False, {"mas_output": "logits"}),
+        Method("signal", "data", None, "signal", "sum", True, {"bias_score": "post-activation", **DEFAULT_SIGNAL}),
+        Method("magnitude", "weights", None, "abs_w", "sum", True),
+        Method("si", "training", None, "path", "sum", False),
+    )
+}
+METHODS = tuple(n for n, m in METHODS_BY_NAME.items() if m.source != "training")  # computed from data or weights
+
+
 def stored_signal_variant(options: dict) -> dict[str, str]:
     """The signal variant a sidecar's options record; a sidecar without the record holds the paper's (sum, l1)."""
     return {k: str(options.get(k, v)) for k, v in PAPER_SIGNAL.items()}
@@ -26,6 +62,8 @@ def stored_signal_variant(options: dict) -> dict[str, str]:
 
 _API = ("importance_sums", "finalize_importance", "compute_importance", "SIAccumulator")
 __all__ = [
+    "Method",
+    "METHODS_BY_NAME",
     "METHODS",
     "FISHER_LABELS",
     "MAS_OUTPUTS",

@@ -9,10 +9,8 @@ Public API (re-exported by ``cl_tool.importance``):
 
 Methods (per sample n, ℓₙ the per-sample loss, gₙ = ∂ℓₙ/∂θ, see ``losses``):
 
-* ``fisher``: Σₙ gₙ² with ℓₙ = −log p(yₙ|xₙ); y = true label (``empirical``), a label drawn from
-  the model's softmax (``sampled``), or all labels weighted by p(y|x) (``exact``). Finalised:
-  the mean over samples (nats² per parameter-unit²).
-* ``mas``: Σₙ |gₙ| with ℓₙ = ‖o(xₙ)‖₂², o = logits or softmax. Finalised: the mean.
+* ``fisher``: Σₙ gₙ², ℓₙ = −log p(yₙ|xₙ) (label modes: ``losses``); ``mas``: Σₙ |gₙ|, ℓₙ = ‖o(xₙ)‖₂², o = logits or
+  softmax. Finalised: the mean over samples (Fisher: nats² per parameter-unit²).
 * ``signal`` (paper §4): |w|·(total absolute input signal that reached w over the data), bias:
   total absolute output of its unit, after the activation that consumes it (``bias_score``
   ``post-activation``, the authors' code; softmax for the classifier) or before it
@@ -31,39 +29,39 @@ forward pass ran in. The model's ``.grad`` fields are not touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 from torch import nn
 
 from cl_tool.errors import BadInputError, UsageError
-from cl_tool.importance import METHODS, SIGNAL_STATS
+from cl_tool.importance import METHODS, METHODS_BY_NAME, SIGNAL_STATS, Method
 from cl_tool.importance.checks import check_finite
 from cl_tool.importance.engine import GradEngine, SignalEngine
 from cl_tool.importance.losses import LossSpec
 from cl_tool.importance.si import SIAccumulator as SIAccumulator  # re-exported by cl_tool.importance
 from cl_tool.runtime import PRECISIONS
+from cl_tool.runtime import autocast as autocast_context
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def _check_method(method: str) -> None:
-    if method == "si":
+def _method(name: str) -> Method:
+    """The record of a method computed from data or weights (UsageError otherwise)."""
+    m = METHODS_BY_NAME.get(name)
+    if m is not None and m.source == "training":
         raise UsageError(
             "SI importances are accumulated during training (SIAccumulator), not computed from data afterwards."
         )
-    if method not in METHODS:
-        raise UsageError(f"$method {method} is unknown; use one of {', '.join(METHODS)}.")
+    if m is None:
+        raise UsageError(f"$method {name} is unknown; use one of {', '.join(METHODS)}.")
+    return m
 
 
 def _autocast(device: torch.device, precision: str):
+    """A factory of the forward pass's autocast context (:func:`cl_tool.runtime.autocast`)."""
     if precision not in PRECISIONS:
         raise UsageError(f"$precision {precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-    dtype = _DTYPES.get(precision)
-    if dtype is None:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+    return partial(autocast_context, device, precision)
 
 
 @contextmanager
@@ -131,14 +129,14 @@ def importance_sums(
     ``signal_norm`` (``sum``/``mean``) and ``signal_stat`` (``l1``/``l2``): the signal variant (signal only).
     Raises BadInputError naming the parameter if a result is not finite.
     """
-    _check_method(method)
+    m = _method(method)
     device = torch.device(device)
-    if method == "magnitude":
+    if m.source == "weights":
         return check_finite(
             {n: p.detach().float().abs().cpu() for n, p in model.named_parameters() if p.requires_grad}
         ), 0
     autocast = _autocast(device, precision)
-    spec = None if method == "signal" else LossSpec(method, fisher_labels, mas_output)
+    spec = None if m.loss is None else LossSpec(method, fisher_labels, mas_output)
     if not float(memory_budget_mb) > 0:
         raise UsageError(f"$memory_budget_mb must be positive, got {memory_budget_mb}.")
     budget = max(1, int(float(memory_budget_mb) * (1 << 20)))
@@ -161,14 +159,14 @@ def importance_sums(
             x, y = _batch_tensors(batch, device)
             if x.shape[0] == 0:
                 continue
-            if method == "signal":
+            if spec is None:
                 engine.add_batch(x)
             else:
                 engine.add_batch(x, y)
             count += x.shape[0]
             if progress is not None:
                 progress(x.shape[0])
-        sums = engine.result() if method == "signal" else engine.sums
+        sums = engine.result() if spec is None else engine.sums
     return check_finite({n: t.float().cpu() for n, t in sums.items()}), count
 
 
@@ -177,16 +175,17 @@ def finalize_importance(
 ) -> dict[str, torch.Tensor]:
     """Importances from sums: fisher/mas → sums / N (per-sample mean); magnitude and signal l1 → as is; signal l2 →
     √sums (the sums of squares are summed over batches and processes first)."""
-    _check_method(method)
-    if method == "signal" and signal_stat not in SIGNAL_STATS:
+    m = _method(method)
+    variant = "signal_stat" in m.options
+    if variant and signal_stat not in SIGNAL_STATS:
         raise UsageError(f"$signal_stat {signal_stat} is unknown; use one of {', '.join(SIGNAL_STATS)}.")
-    if method in ("fisher", "mas"):
+    if m.reduce == "mean":
         if count <= 0:
             raise BadInputError(
                 f"No samples were seen, so the {method} importance is undefined; give a non-empty dataset."
             )
         out = {n: t.float() / float(count) for n, t in sums.items()}
-    elif method == "signal" and signal_stat == "l2":
+    elif variant and signal_stat == "l2":
         out = {n: t.float().sqrt() for n, t in sums.items()}
     else:
         out = {n: t.float().clone() for n, t in sums.items()}

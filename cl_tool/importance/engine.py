@@ -18,11 +18,9 @@ weight gradients taking the place of the usual weight-gradient GEMMs (materialis
 needed, in cache-sized chunks and squared there). Memory: one batch's activations plus a
 budget-bounded chunk of per-sample gradients.
 
-The K passes of exact-label Fisher run one after another. Running them as one backward pass
-vmapped over V (``torch.func.vmap`` of ``autograd.grad``, hooks unwrapping the batched
-gradients) gives the same numbers but was slower on CPU (torch 2.14): 1.3× on the paper CNN
-and the ViT, from the layout copies of the batching rules of the conv, batch-norm and attention
-backward ops, and no faster on the MLP once the one-position rules sum over the passes first.
+The K passes of exact-label Fisher run one after another, not as one backward pass vmapped over V
+(same numbers, slower: the batching rules of the conv, batch-norm and attention backward ops copy
+layouts; README "Benchmarks", exact labels).
 
 A layer rule is trusted for a parameter only if (a) the parameter belongs to that one module,
 (b) every call of the module this batch had a tensor input/output with B rows and an output

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS
+from cl_tool.importance import FISHER_LABELS, MAS_OUTPUTS, METHODS_BY_NAME
 
-GRAD_METHODS = ("fisher", "mas")
+GRAD_METHODS = tuple(n for n, m in METHODS_BY_NAME.items() if m.loss is not None)
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Which per-sample loss and which gradient statistic a method uses."""
+    """Which per-sample loss and which gradient statistic a method uses (its :class:`~cl_tool.importance.Method`)."""
 
     method: str
     fisher_labels: str = "empirical"
@@ -45,21 +45,26 @@ class LossSpec:
             raise UsageError(
                 f"Importance method {self.method!r} has no per-sample loss; use one of {', '.join(GRAD_METHODS)}."
             )
-        if self.method == "fisher" and self.fisher_labels not in FISHER_LABELS:
+        if self.loss == "nll" and self.fisher_labels not in FISHER_LABELS:
             raise UsageError(
                 f"Unknown Fisher label mode {self.fisher_labels!r}; use one of {', '.join(FISHER_LABELS)}."
             )
-        if self.method == "mas" and self.mas_output not in MAS_OUTPUTS:
+        if self.loss == "output" and self.mas_output not in MAS_OUTPUTS:
             raise UsageError(f"Unknown MAS output {self.mas_output!r}; use one of {', '.join(MAS_OUTPUTS)}.")
+
+    @property
+    def loss(self) -> str:
+        """``"nll"`` (−log p(y|x); Fisher) or ``"output"`` (‖o(x)‖₂²; MAS)."""
+        return METHODS_BY_NAME[self.method].loss
 
     @property
     def stat(self) -> str:
         """``"sq"`` (Σ g²) for Fisher, ``"abs"`` (Σ |g|) for MAS."""
-        return "sq" if self.method == "fisher" else "abs"
+        return METHODS_BY_NAME[self.method].statistic
 
     def passes(self, num_classes: int) -> int:
         """Number P of per-sample losses (backward passes) per batch."""
-        return num_classes if (self.method == "fisher" and self.fisher_labels == "exact") else 1
+        return num_classes if (self.loss == "nll" and self.fisher_labels == "exact") else 1
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +92,7 @@ def make_targets(
     default, so a seeded CPU generator gives the same labels on any device); otherwise zeros.
     """
     batch, num_classes = logits.shape
-    if spec.method == "fisher" and spec.fisher_labels == "empirical":
+    if spec.loss == "nll" and spec.fisher_labels == "empirical":
         if not isinstance(y, torch.Tensor):
             raise BadInputError("The empirical Fisher needs the true labels, but a batch came without labels.")
         y = y.to(device=logits.device, dtype=torch.int64).reshape(-1)
@@ -98,7 +103,7 @@ def make_targets(
                 f"Labels must lie in 0..{num_classes - 1} (the model's classes) but a batch has {int(y.min())}..{int(y.max())}."
             )
         return y
-    if spec.method == "fisher" and spec.fisher_labels == "sampled":
+    if spec.loss == "nll" and spec.fisher_labels == "sampled":
         gen_device = generator.device if generator is not None else torch.device("cpu")
         probs = torch.softmax(wide(logits.detach()), dim=-1).to(gen_device)
         return torch.multinomial(probs, 1, generator=generator).reshape(-1).to(logits.device)
@@ -107,7 +112,7 @@ def make_targets(
 
 def per_sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per-sample, per-pass losses ``ℓ`` of shape ``(B, P)`` from float32/64 logits ``(B, K)``."""
-    if spec.method == "fisher":
+    if spec.loss == "nll":
         logp = F.log_softmax(logits, dim=-1)
         if spec.fisher_labels == "exact":
             return -(0.5 * logp.detach()).exp() * logp  # √p(y|x)·(−log p(y|x)), √p constant
@@ -126,7 +131,7 @@ def output_cotangents(logits: torch.Tensor, targets: torch.Tensor, spec: LossSpe
     softmax σ: 2σ∘(σ − ‖σ‖²).
     """
     z = logits.detach()
-    if spec.method == "fisher":
+    if spec.loss == "nll":
         p = torch.softmax(z, dim=-1)  # (B, K)
         if spec.fisher_labels == "exact":
             eye = torch.eye(z.shape[1], device=z.device, dtype=z.dtype)

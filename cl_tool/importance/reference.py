@@ -50,7 +50,7 @@ def naive_sums(
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             targets = None
-            if spec.method == "fisher" and spec.fisher_labels == "sampled":
+            if spec.loss == "nll" and spec.fisher_labels == "sampled":
                 # One draw per batch from all its logits, like the engine (same generator sequence).
                 with torch.no_grad():
                     logits = torch.cat([wide(model(x[i : i + 1])) for i in range(x.shape[0])])

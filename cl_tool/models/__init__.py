@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cl_tool.errors import BadInputError, UsageError
+from cl_tool.safetensors_io import is_float
 
 MAX_INPUT_VALUES = (
     1 << 26
@@ -166,11 +167,6 @@ def forbidden_kwarg(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def is_builtin(arch: str) -> bool:
-    _load_builtins()
-    return arch in _BUILTIN
-
-
 def build_model(spec: ModelSpec):
     """Build an (untrained) ``nn.Module`` for ``spec``; raise a clear error for unknown names."""
     _load_builtins()
@@ -247,6 +243,21 @@ def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float
 def trainable_parameters(model) -> dict[str, Any]:
     """name → parameter for the parameters that require gradients, in ``named_parameters()`` order."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def guess_classifier_names(named_params: dict[str, Any]) -> tuple[str, ...]:
+    """The classifier of a model known by its tensors only (name → tensor, array or ``TensorInfo``): the last float
+    tensor with ``ndim >= 2`` and its siblings (``head.weight``, ``head.bias``); ``()`` if none."""
+    last = None
+    for name, t in named_params.items():
+        if is_float(t) and len(t.shape) >= 2:
+            last = name
+    if last is None:
+        return ()
+    if "." not in last:
+        return (last,)
+    prefix = last.rsplit(".", 1)[0] + "."
+    return tuple(n for n in named_params if n.startswith(prefix) and "." not in n[len(prefix) :])
 
 
 def classifier_param_names(model) -> tuple[str, ...]:

@@ -11,10 +11,9 @@ from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import UsageError
 from cl_tool.importance import (
     BIAS_SCORES,
-    DEFAULT_SIGNAL,
     FISHER_LABELS,
     MAS_OUTPUTS,
-    METHODS,
+    METHODS_BY_NAME,
     SIGNAL_NORMS,
     SIGNAL_STATS,
 )
@@ -32,25 +31,25 @@ class ImportanceArgs(Args):
         "--method",
         "-m",
         metavar="METHOD",
-        choices=METHODS + ("si",),
+        choices=tuple(METHODS_BY_NAME),
         help="fisher, mas, signal, magnitude (si: see train-next --si-out).",
     )
     fisher_labels: str = option(
-        "empirical",
+        METHODS_BY_NAME["fisher"].options["fisher_labels"],
         "--fisher-labels",
         metavar="MODE",
         choices=FISHER_LABELS,
         help="empirical (true labels; the paper), sampled, or exact.",
     )
     mas_output: str = option(
-        "logits",
+        METHODS_BY_NAME["mas"].options["mas_output"],
         "--mas-output",
         metavar="OUTPUT",
         choices=MAS_OUTPUTS,
         help="logits (MAS paper) or softmax (the paper's code).",
     )
     bias_score: str = option(
-        "post-activation",
+        METHODS_BY_NAME["signal"].options["bias_score"],
         "--bias-score",
         metavar="MODE",
         choices=BIAS_SCORES,
@@ -58,7 +57,7 @@ class ImportanceArgs(Args):
         "classifier; the authors' code) or before it (pre-activation).",
     )
     signal_norm: str = option(
-        DEFAULT_SIGNAL["signal_norm"],
+        METHODS_BY_NAME["signal"].options["signal_norm"],
         "--signal-norm",
         metavar="NORM",
         choices=SIGNAL_NORMS,
@@ -66,7 +65,7 @@ class ImportanceArgs(Args):
         "averaged over them (mean: conv layers and token sequences compare with one-position layers; prunes best).",
     )
     signal_stat: str = option(
-        DEFAULT_SIGNAL["signal_stat"],
+        METHODS_BY_NAME["signal"].options["signal_stat"],
         "--signal-stat",
         metavar="STAT",
         choices=SIGNAL_STATS,
@@ -115,34 +114,27 @@ class ImportanceArgs(Args):
     config: Optional[Path] = config_option()
 
     def validate(self) -> None:
-        if self.method == "si":
+        method = METHODS_BY_NAME[self.method]
+        if method.source == "training":
             raise UsageError(
                 "SI importances can only be collected while training: run `cl-tool train-next ... $si_out FILE` for the task instead."
             )
         if self.decay != 1.0 and self.accumulate is None:
             raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
-        from_data = self.method != "magnitude"
         self.ignore_unless(
-            from_data,
+            method.needs_data,
             ("data", "samples", "first_samples", "batch_size", "memory_budget_mb", "precision", "seed"),
-            "$method magnitude",
+            f"$method {self.method}",
         )
-        self.ignore_unless(self.method == "fisher", ("fisher_labels",), f"$method {self.method}")
-        self.ignore_unless(self.method == "mas", ("mas_output",), f"$method {self.method}")
-        self.ignore_unless(
-            self.method == "signal", ("bias_score", "signal_norm", "signal_stat"), f"$method {self.method}"
-        )
-        if from_data and len(self.data) != 1:
+        for other in METHODS_BY_NAME.values():  # one note per other method whose options were given
+            self.ignore_unless(other is method, tuple(other.options), f"$method {self.method}")
+        if method.needs_data and len(self.data) != 1:
             raise UsageError(f"$method {self.method} needs exactly one $data (got {len(self.data)}).")
 
     @property
     def options(self) -> dict[str, Any]:
         """The method's own options, as recorded in the sidecar."""
-        return {
-            "fisher": {"fisher_labels": self.fisher_labels},
-            "mas": {"mas_output": self.mas_output},
-            "signal": {"bias_score": self.bias_score, "signal_norm": self.signal_norm, "signal_stat": self.signal_stat},
-        }.get(self.method, {})
+        return {k: getattr(self, k) for k in METHODS_BY_NAME[self.method].options}
 
 
 def layer_summary(omega: dict[str, Any]) -> list[dict[str, Any]]:
@@ -274,7 +266,8 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.sidecar import Sidecar, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
-    specs = task_specs(args.data, args.data_options) if args.method != "magnitude" else []  # magnitude ignores --data
+    method = METHODS_BY_NAME[args.method]
+    specs = task_specs(args.data, args.data_options) if method.needs_data else []  # magnitude ignores --data
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
     roles.input(args.accumulate, "$accumulate")
@@ -293,8 +286,8 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     named = trainable_parameters(model)
 
     data_desc = None
-    if args.method == "magnitude":
-        sums, count = importance_sums(model, iter(()), "magnitude", device=device)
+    if not method.needs_data:
+        sums, count = importance_sums(model, iter(()), args.method, device=device)
     else:
         (task,) = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
         try:

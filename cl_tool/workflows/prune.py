@@ -11,17 +11,20 @@ from typing import Any, Optional
 from cl_tool.checkpoint import trim_history
 from cl_tool.data import DATA_HELP, DATA_METAVAR, DataOptions
 from cl_tool.errors import BadInputError, IncompatibleError, UsageError
-from cl_tool.importance import BIAS_SCORES, DEFAULT_SIGNAL, SIGNAL_NORMS, SIGNAL_STATS
+from cl_tool.importance import BIAS_SCORES, FISHER_LABELS, MAS_OUTPUTS, METHODS_BY_NAME, SIGNAL_NORMS, SIGNAL_STATS
 from cl_tool.output import Output
 from cl_tool.params import Args, argument, config_option, force_option, group, option
 from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
-SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")
+SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")  # importance: the sidecar's method, whichever
 SCOPES = ("global", "layer", "output", "lamp")
 RANKS = ("auto", "raw", "saliency")  # Ω·w² for an importance Ω (auto), Ω as stored (raw), Ω·w² (saliency)
-_SALIENCY_SCORES = ("importance", "fisher", "mas", "si")  # scores that may be importances Ω
-_WEIGHTED = ("signal", "magnitude")  # scores that already weigh |w|: ranked as they are
+_ON_DATA = tuple(n for n, m in METHODS_BY_NAME.items() if m.needs_data)  # computed on data without a sidecar
+_SALIENCY_SCORES = ("importance", *(n for n, m in METHODS_BY_NAME.items() if not m.weighs_w))  # may be importances Ω
+_WEIGHTED = tuple(n for n, m in METHODS_BY_NAME.items() if m.weighs_w)  # already weigh |w|: ranked as they are
+_FROM_WEIGHTS = tuple(n for n, m in METHODS_BY_NAME.items() if m.source == "weights")  # |w|: no data, no sidecar
+_AS_STORED = ("bias_score",)  # options a sidecar's scores are used with as stored (noted, never refused)
 
 
 @dataclass(kw_only=True)
@@ -88,7 +91,7 @@ class PruneArgs(Args):
         "statistics after masking (default: --data).",
     )
     bias_score: str = option(
-        "post-activation",
+        METHODS_BY_NAME["signal"].options["bias_score"],
         "--bias-score",
         metavar="MODE",
         choices=BIAS_SCORES,
@@ -103,6 +106,20 @@ class PruneArgs(Args):
         help="--by importance/fisher/mas/si: rank an importance Ω by Ω·w² (saliency: the loss increase ½·Ω·w² of "
         "zeroing w under the quadratic model EWC's penalty and Optimal Brain Damage use; auto, the default, does "
         "so for Fisher, MAS and SI and ranks signal/magnitude scores as stored) or by Ω as stored (raw; the paper).",
+    )
+    fisher_labels: Optional[str] = option(
+        None,
+        "--fisher-labels",
+        metavar="MODE",
+        choices=FISHER_LABELS,
+        help="--by fisher: empirical, sampled or exact (see importance); default: the sidecar's, or empirical.",
+    )
+    mas_output: Optional[str] = option(
+        None,
+        "--mas-output",
+        metavar="OUTPUT",
+        choices=MAS_OUTPUTS,
+        help="--by mas: logits or softmax (see importance); default: the sidecar's, or logits.",
     )
     signal_norm: Optional[str] = option(
         None,
@@ -141,15 +158,15 @@ class PruneArgs(Args):
 
     def validate(self) -> None:
         self.ignore_unless(
-            any(b in ("signal", "fisher", "mas") for b in self.by) or self.bn_stats == "recompute",
+            any(b in _ON_DATA for b in self.by) or self.bn_stats == "recompute",
             ("score_data",),
             f"$by {', '.join(self.by)} with $bn_stats keep",
         )
         self.ignore_unless(bool(self.data or self.score_data), ("bn_stats",), "prune without $data or $score_data")
-        self.ignore_unless("signal" in self.by, ("bias_score",), f"$by {', '.join(self.by)}")
-        self.ignore_unless(
-            "signal" in self.by or "importance" in self.by, ("signal_norm", "signal_stat"), f"$by {', '.join(self.by)}"
-        )
+        self.ignore_unless("signal" in self.by, _AS_STORED, f"$by {', '.join(self.by)}")
+        for m in METHODS_BY_NAME.values():  # the others apply to scores on data and are checked against a sidecar
+            applies = m.name in self.by or "importance" in self.by
+            self.ignore_unless(applies, tuple(o for o in m.options if o not in _AS_STORED), f"$by {', '.join(self.by)}")
         self.ignore_unless(any(b in _SALIENCY_SCORES for b in self.by), ("rank",), f"$by {', '.join(self.by)}")
         if self.sweep is None:
             self.levels: list[float] = []
@@ -200,7 +217,7 @@ def _note_unused_score_data(args: PruneArgs, names, out: Output) -> None:
     if (
         args.score_data
         and args.bn_stats == "recompute"  # with keep, validate() has noted it already
-        and not any(b in ("signal", "fisher", "mas") for b in args.by)
+        and not any(b in _ON_DATA for b in args.by)
         and not _has_bn_stats(names)
     ):
         out.log(f"note: $by {', '.join(args.by)} on a model without BatchNorm ignores $score_data (not used there).")
@@ -225,14 +242,19 @@ class _Tasks:
         return docs[0] if len(docs) == 1 else docs
 
 
-def _open_bn_tasks(args: PruneArgs, field: str, ckpt, stack) -> _Tasks:
-    """The tasks of ``field`` (entered on ``stack``) that BatchNorm statistics are re-estimated on, in order."""
+def _open_field(args: PruneArgs, field: str, ckpt, **kwargs) -> list:
+    """The tasks of ``--score-data`` (training data) or ``--data`` (evaluation data), opened for ``ckpt``."""
     from cl_tool.data import open_tasks, task_specs
 
     role = "train" if field == "score_data" else "eval"
-    tasks = open_tasks(
-        task_specs(getattr(args, field), args.data_options, field, role=role), ckpt.spec, args.data_options
+    return open_tasks(
+        task_specs(getattr(args, field), args.data_options, field, role=role), ckpt.spec, args.data_options, **kwargs
     )
+
+
+def _open_bn_tasks(args: PruneArgs, field: str, ckpt, stack) -> _Tasks:
+    """The tasks of ``field`` (entered on ``stack``) that BatchNorm statistics are re-estimated on, in order."""
+    tasks = _open_field(args, field, ckpt)
     return _Tasks([stack.enter_context(t) for t in tasks])  # labels are not read: the statistics need the images only
 
 
@@ -267,31 +289,28 @@ def _selected(args: PruneArgs, named: dict[str, Any], layout: dict[str, Any]) ->
     )
 
 
-def _note_stored_bias_score(args: PruneArgs, by: str, sc, path, out: Output) -> None:
-    """``--by signal`` with a signal sidecar: its scores are used as stored, whatever ``--bias-score`` says."""
-    stored = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
-    if by == "signal" and sc.method == "signal" and stored != args.bias_score:
-        out.log(f"note: {path} holds signal scores with {stored} bias scores; they are used as stored.")
+def method_options(args: PruneArgs, by: str) -> dict[str, str]:
+    """The options of method ``by`` that prune computes it with on data: those given, the method's defaults for those
+    left out (signal: mean, l2)."""
+    return {k: getattr(args, k) or v for k, v in METHODS_BY_NAME[by].options.items()}
 
 
-def signal_variant(args: PruneArgs) -> dict[str, str]:
-    """The signal variant prune computes on data: the options given, the default (mean, l2) for those left out."""
-    return {k: getattr(args, k) or v for k, v in DEFAULT_SIGNAL.items()}
-
-
-def _check_stored_signal(args: PruneArgs, sc, path) -> None:
-    """A signal sidecar ranks only under the variant it was computed with: an explicit other one is exit 4."""
+def _check_stored_options(args: PruneArgs, by: str, sc, path, out: Output) -> None:
+    """A sidecar ranks only under the options it was computed with (a signal sidecar without the record: the paper's
+    variant): an explicit other one is exit 4; its bias scores are used as stored, whatever $bias_score says (noted)."""
     from cl_tool.importance import stored_signal_variant
 
-    if sc.method != "signal":
-        return
-    stored = stored_signal_variant(sc.options)
-    asked = {k: getattr(args, k) for k in stored if getattr(args, k) is not None}
-    wrong = next((k for k, v in asked.items() if v != stored[k]), None)
+    options = METHODS_BY_NAME[sc.method].options if sc.method in METHODS_BY_NAME else {}
+    stored = {**sc.options, **(stored_signal_variant(sc.options) if "signal_stat" in options else {})}
+    bias = sc.options.get("bias_score", "pre-activation")  # sidecars from before the option: pre-activation
+    if by == sc.method and "bias_score" in options and bias != args.bias_score:
+        out.log(f"note: {path} holds {by} scores with {bias} bias scores; they are used as stored.")
+    asked = {k: getattr(args, k) for k in options if k not in _AS_STORED and k in stored}
+    wrong = next((k for k, v in asked.items() if v is not None and v != str(stored[k])), None)
     if wrong is not None:
         raise IncompatibleError(
-            f"${wrong} {asked[wrong]} but {path} holds signal scores computed with {stored[wrong]}; recompute them "
-            f"with `cl-tool importance --method signal ${wrong} {asked[wrong]}`, or drop ${wrong}."
+            f"${wrong} {asked[wrong]} but {path} holds {sc.method} scores computed with {stored[wrong]}; recompute "
+            f"them with `cl-tool importance --method {sc.method} ${wrong} {asked[wrong]}`, or drop ${wrong}."
         )
 
 
@@ -331,80 +350,90 @@ def saliency(scores: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
     return {n: scores[n].float() * named[n].detach().float().cpu().square() for n in scores}
 
 
+def _no_sidecar(by: str, path) -> BadInputError:
+    return BadInputError(
+        f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
+        f"(or train-next $si_out) first, or pass $importance."
+    )
+
+
+def _serves(args: PruneArgs, by: str, sc, path) -> bool:
+    """Whether sidecar ``sc`` holds the scores of ``--by by`` (``importance``: any method's); False when it holds
+    another method's, no $importance was given and ``by`` is computed on data instead; exit 2 otherwise."""
+    if by in ("importance", sc.method):
+        return True
+    if args.importance is None and by in _ON_DATA:
+        return False
+    raise UsageError(
+        f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
+    )
+
+
+def _check_sidecar_for(args: PruneArgs, by: str, sc, path, ckpt, stored, params, fit, out: Output):
+    """Check sidecar ``sc`` (at ``path``) for ``--by by`` on ``ckpt``: the checkpoint's own or a recorded ancestor's
+    (exit 4 otherwise), its options, one entry per parameter (``stored``: name → stored shape; ``params``: name →
+    shape) and the shapes of the names ``fit`` (rows a grown head gained since are allowed); its
+    :class:`~cl_tool.lineage.SidecarUse` and the record of the scores' source."""
+    from cl_tool.lineage import check_sidecar, fit_problem
+    from cl_tool.sidecar import check_names
+
+    where = str(args.checkpoint)
+    use = check_sidecar(sc, ckpt, where)
+    if use.note:
+        out.log(use.note)
+    _check_stored_options(args, by, sc, path, out)
+    check_names(path, stored, params, where)
+    problem = fit_problem(stored, {n: params[n] for n in fit}, use.grown)
+    if problem is not None:
+        name, have, want = problem
+        raise IncompatibleError(
+            f"Importance of {name!r} in {path} has shape {have}, but {where} has {want}; recompute it with "
+            f"`cl-tool importance {where}`."
+        )
+    return use, {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
+
+
 def _raw_scores(
     args: PruneArgs, by: str, ckpt, get_model, named: dict[str, Any], device, out: Output
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The scores as stored or computed (before ``--rank``), and a record of where they came from."""
-    from cl_tool.data import open_tasks, task_specs
-    from cl_tool.importance import compute_importance
-    from cl_tool.lineage import check_sidecar, fit_rows
-    from cl_tool.sidecar import check_names, default_sidecar_path, load_sidecar
+    import torch
 
-    if by == "magnitude":
-        return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": "magnitude"}
+    from cl_tool.importance import compute_importance
+    from cl_tool.lineage import fit_rows
+    from cl_tool.sidecar import default_sidecar_path, load_sidecar
+
+    if by in _FROM_WEIGHTS:
+        return {n: p.detach().abs().float().cpu() for n, p in named.items()}, {"by": by}
     path = args.importance or default_sidecar_path(args.checkpoint)
     if path.exists():
         sc = load_sidecar(path)
-        if by != "importance" and sc.method != by:
-            if args.importance is not None:
-                raise UsageError(
-                    f"$by {by} but $importance {path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
-                )
-        else:
-            use = check_sidecar(
-                sc, ckpt, str(args.checkpoint)
-            )  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
-            if use.note:
-                out.log(use.note)
-            _note_stored_bias_score(args, by, sc, path, out)
-            _check_stored_signal(args, sc, path)
-            check_names(path, sc.tensors, named, str(args.checkpoint))
-            scores = fit_rows(sc.tensors, named, use.grown)  # rows added by --grow-head since then score 0
-            bad = next((n for n in named if tuple(scores[n].shape) != tuple(named[n].shape)), None)
-            if bad is not None:
-                raise IncompatibleError(
-                    f"Importance of {bad!r} in {path} has shape {list(scores[bad].shape)}, but {args.checkpoint} has "
-                    f"{list(named[bad].shape)}; recompute it with `cl-tool importance {args.checkpoint}`."
-                )
-            return scores, {
-                "by": by,
-                "method": sc.method,
-                "options": sc.options,
-                "tasks": len(sc.tasks),
-                **use.record(),
-            }
-    if by in ("importance", "si"):
-        raise BadInputError(
-            f"$by {by} needs an importance sidecar, and {path} does not exist; run `cl-tool importance` "
-            f"(or train-next $si_out) first, or pass $importance."
-        )
+        if _serves(args, by, sc, path):
+            shapes = {n: tuple(p.shape) for n, p in named.items()}
+            stored = {n: tuple(t.shape) for n, t in sc.tensors.items()}
+            use, record = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, shapes, out)
+            return fit_rows(sc.tensors, named, use.grown), record  # the rows a grown head gained score 0
+    if by not in _ON_DATA:
+        raise _no_sidecar(by, path)
     field = "score_data" if args.score_data else "data"
     if len(getattr(args, field)) != 1:
         raise UsageError(
             f"$by {by} without a {by} sidecar computes the scores on data: give one $score_data (or $data)."
         )
-    (task,) = open_tasks(
-        task_specs(getattr(args, field), args.data_options, field, role="train" if field == "score_data" else "eval"),
-        ckpt.spec,
-        args.data_options,
-        log=out.log,
-        match=True,
-    )
+    (task,) = _open_field(args, field, ckpt, log=out.log, match=True)
+    options = method_options(args, by)
     with task:
         scores = compute_importance(
             get_model(),
             ((b.x, b.y) for b in task.batches(batch_size=args.batch_size, device=device)),
             by,
             device=device,
-            **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
+            generator=torch.Generator(device="cpu").manual_seed(0),  # sampled Fisher labels: importance's --seed 0
+            **options,
         )
     if task.cache_note:
         out.log(task.cache_note)
-    record = {
-        "by": by,
-        "computed_on": task.describe(),
-        **({"bias_score": args.bias_score, **signal_variant(args)} if by == "signal" else {}),
-    }
+    record = {"by": by, "computed_on": task.describe(), **options}
     return {n: scores[n].cpu() for n in named}, record
 
 
@@ -532,7 +561,7 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
 
     roles = FileRoles(force=args.force)
     roles.input(args.checkpoint, "the checkpoint")
-    if any(b != "magnitude" for b in args.by):
+    if not all(b in _FROM_WEIGHTS for b in args.by):
         roles.input(
             args.importance or default_sidecar_path(args.checkpoint),
             "$importance" if args.importance else "the importance file beside the checkpoint",
@@ -545,18 +574,16 @@ def run_prune(args: PruneArgs, out: Output) -> dict[str, Any]:
     roles.output(args.mask_out, "$mask_out")
     roles.output(args.plot, "$plot")
     roles.check()
-    in_memory = args.scope in ("output", "lamp")
-    if args.sweep is None and args.checkpoint.is_file() and not in_memory:  # the streaming path: global/layer
-        streamed = _prune_file(args, out)
-        if streamed is not None:
-            return streamed
+    if args.device not in ("auto", "cpu"):  # a missing device is an error on either path (streaming runs on none)
+        resolve_device(args.device)
+    streaming = _streaming_file(args)
+    if streaming is not None:
+        return _prune_file(args, out, *streaming)
     device = resolve_device(args.device)
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
     _note_unused_score_data(args, ckpt.state, out)
-    if (
-        ckpt.layout is not None and "spec" in ckpt.layout
-    ):  # written by cl-tool: names/shapes are recorded, no rebuild needed
+    if ckpt.layout is not None and "spec" in ckpt.layout:  # written by cl-tool: names/shapes recorded, no rebuild
         validate_layout(ckpt)
         layout = ckpt.layout
     else:  # e.g. a timm folder: build the architecture on the meta device (no memory) to learn its layout
@@ -666,12 +693,35 @@ def _finish(
     return out.result(result)
 
 
-def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
-    """Prune a cl-tool checkpoint file by |w| or stored scores with numpy, one tensor at a time (no torch, memory of one
-    tensor); None when it cannot be done that way (a timm folder, an old checkpoint without a layout record, scores that
-    need data) and the in-memory path must."""
-    from cl_tool.checkpoint import Checkpoint, layout_from_metadata, metadata_json, spec_from_metadata, validate_layout
-    from cl_tool.lineage import check_sidecar
+def _streaming_file(args: PruneArgs):
+    """(the checkpoint file opened for numpy, its layout record) when prune streams it, else None (in memory).
+
+    Streaming: one pruned checkpoint (no $sweep) from a cl-tool checkpoint file with a layout record, scope global or
+    layer, scores |w| or stored in a sidecar (signal/fisher/mas: with $importance given), no BatchNorm statistics to
+    re-estimate on data, and every dtype one numpy reads (not float8).
+    """
+    from cl_tool.checkpoint import layout_from_metadata
+    from cl_tool.prune_stream import TensorFile
+
+    if args.sweep is not None or not args.checkpoint.is_file() or args.scope not in ("global", "layer"):
+        return None
+    if args.by[0] in _ON_DATA and not (args.importance is not None and args.importance.exists()):
+        return None
+    try:
+        tf = TensorFile(args.checkpoint, "Checkpoint")
+    except NotImplementedError:  # a dtype numpy does not read (float8)
+        return None
+    if "cl_tool.model" in tf.metadata and not (_bn_field(args) is not None and _has_bn_stats(tf.header)):
+        layout = layout_from_metadata(tf.metadata, str(args.checkpoint))
+        if layout is not None and "spec" in layout:
+            return tf, layout
+    tf.close()
+    return None
+
+
+def _stream_scores(args: PruneArgs, out: Output, tf, ckpt, shapes, chosen):
+    """(scores, their sources, the cut planner, the record of where they came from) for the streaming path; the
+    checkpoint is checked and fingerprinted on the way (|w| observed by the planner meanwhile)."""
     from cl_tool.prune_stream import (
         MagnitudeScores,
         SaliencyScores,
@@ -679,40 +729,49 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
         TensorFile,
         check_and_fingerprint,
         check_sidecar_values,
-        write_masks,
-        write_pruned,
     )
-    from cl_tool.pruning import CutPlanner, SparsityRow, TensorInfo
-    from cl_tool.safetensors_io import DTYPE_NAMES
-    from cl_tool.sidecar import check_names, default_sidecar_path, sidecar_from_metadata
+    from cl_tool.pruning import CutPlanner
+    from cl_tool.sidecar import default_sidecar_path, sidecar_from_metadata
 
     by, where = args.by[0], str(args.checkpoint)
-    if args.device not in (
-        "auto",
-        "cpu",
-    ):  # nothing runs on a device here, but asking for a missing one is still an error
-        from cl_tool.runtime import resolve_device
+    if by in _FROM_WEIGHTS:
+        scores = MagnitudeScores(tf)
+        sources = scores.sources(chosen, shapes)
+        planner = CutPlanner(sources, args.sparsity, args.scope)
+        ckpt._fp = check_and_fingerprint(tf, where, planner)
+        return scores, sources, planner, {"by": by}
+    ckpt._fp = check_and_fingerprint(tf, where)
+    path = args.importance or default_sidecar_path(args.checkpoint)
+    if not path.exists():
+        raise _no_sidecar(by, path)
+    sc_file = TensorFile(path, "Importance file")
+    sc = sidecar_from_metadata(sc_file.metadata, path)
+    _serves(args, by, sc, path)  # True here: scores on data are not streamed
+    stored = {n: sc_file.shape(n) for n in sc_file.header}
+    use, record = _check_sidecar_for(args, by, sc, path, ckpt, stored, shapes, chosen, out)
+    rank = _rank(args, by, sc.method)
+    grown = set(use.grown)
+    scores = SaliencyScores(sc_file, tf, shapes, grown) if rank == "saliency" else SidecarScores(sc_file, shapes, grown)
+    sources = scores.sources(chosen, shapes)
+    planner = CutPlanner(sources, args.sparsity, args.scope)
+    # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
+    check_sidecar_values(sc_file, str(path), *((planner, scores) if rank == "raw" else ()))
+    return scores, sources, planner, {**record, **({"rank": rank} if rank == "saliency" else {})}
 
-        resolve_device(args.device)
-    sidecar_path = args.importance or default_sidecar_path(args.checkpoint)
-    if by not in ("magnitude", "importance", "si") and not (sidecar_path.exists() and args.importance is not None):
-        return None  # signal/fisher/mas: computed on data unless a sidecar of that method is given
-    try:
-        tf = TensorFile(args.checkpoint, "Checkpoint")
-    except NotImplementedError:  # a dtype numpy does not read (float8)
-        return None
-    meta = tf.metadata
-    if "cl_tool.model" not in meta:
-        return None
-    if _bn_field(args) is not None and _has_bn_stats(tf.header):  # statistics to re-estimate on data: needs the model
-        return None
-    spec = spec_from_metadata(meta, where)
-    layout = layout_from_metadata(meta, where)
-    if layout is None or "spec" not in layout:
-        return None
+
+def _prune_file(args: PruneArgs, out: Output, tf, layout: dict[str, Any]) -> dict[str, Any]:
+    """Prune the cl-tool checkpoint file ``tf`` (see :func:`_streaming_file`) by |w| or stored scores with numpy, one
+    tensor at a time (no torch, memory of one tensor)."""
+    from cl_tool.checkpoint import Checkpoint, metadata_json, spec_from_metadata, validate_layout
+    from cl_tool.masks import mask_metadata
+    from cl_tool.prune_stream import write_masks, write_pruned
+    from cl_tool.pruning import TensorInfo, sparsity_rows
+    from cl_tool.safetensors_io import DTYPE_NAMES
+
+    by, where, meta = args.by[0], str(args.checkpoint), tf.metadata
     _note_unused_score_data(args, tf.header, out)
     ckpt = Checkpoint(
-        spec=spec,
+        spec=spec_from_metadata(meta, where),
         state={},
         history=metadata_json(meta, "cl_tool.history", where, [], (list,)),
         extra=metadata_json(meta, "cl_tool.extra", where, {}, (dict,)),
@@ -723,88 +782,17 @@ def _prune_file(args: PruneArgs, out: Output) -> dict[str, Any] | None:
     shapes = {n: tf.shape(n) for n in layout["parameters"]}
     named = {n: TensorInfo(shapes[n], layout["tensors"][n][1]) for n in layout["parameters"]}
     chosen = _selected(args, named, layout)
-    if by == "magnitude":  # |w| is observed by the planner while the checkpoint is checked and hashed
-        scores, source = MagnitudeScores(tf), {"by": "magnitude"}
-        sources = scores.sources(chosen, shapes)
-        planner = CutPlanner(sources, args.sparsity, args.scope)
-        ckpt._fp = check_and_fingerprint(tf, where, planner)
-    else:
-        ckpt._fp = check_and_fingerprint(tf, where)
-        if not sidecar_path.exists():
-            raise BadInputError(
-                f"$by {by} needs an importance sidecar, and {sidecar_path} does not exist; run `cl-tool importance` "
-                f"(or train-next $si_out) first, or pass $importance."
-            )
-        sc_file = TensorFile(sidecar_path, "Importance file")
-        sc = sidecar_from_metadata(sc_file.metadata, sidecar_path)
-        if by not in ("importance", sc.method):
-            raise UsageError(
-                f"$by {by} but $importance {sidecar_path} holds {sc.method} importances; pass a {by} sidecar or $by importance."
-            )
-        use = check_sidecar(sc, ckpt, where)  # the checkpoint's own, or a recorded ancestor's (exit 4 otherwise)
-        if use.note:
-            out.log(use.note)
-        _note_stored_bias_score(args, by, sc, sidecar_path, out)
-        _check_stored_signal(args, sc, sidecar_path)
-        check_names(sidecar_path, sc_file.header, shapes, where)
-        for n in chosen:
-            stored = sc_file.shape(n)
-            if stored != shapes[n] and not (
-                n in use.grown and stored[1:] == shapes[n][1:] and stored[0] < shapes[n][0]
-            ):
-                raise IncompatibleError(
-                    f"Importance of {n!r} in {sidecar_path} has shape {list(stored)}, but {where} has {list(shapes[n])}; "
-                    f"recompute it with `cl-tool importance {where}`."
-                )
-        rank = _rank(args, by, sc.method)
-        scores = (
-            SaliencyScores(sc_file, tf, shapes, set(use.grown))
-            if rank == "saliency"
-            else SidecarScores(sc_file, shapes, set(use.grown))
-        )
-        sources = scores.sources(chosen, shapes)
-        planner = CutPlanner(sources, args.sparsity, args.scope)
-        # the planner's first read of each score, unless the scores are Ω·w² (then the planner reads them itself)
-        check_sidecar_values(sc_file, str(sidecar_path), *((planner, scores) if rank == "raw" else ()))
-        source = {"by": by, "method": sc.method, "options": sc.options, "tasks": len(sc.tasks), **use.record()}
-        if rank == "saliency":
-            source["rank"] = "saliency"
+    scores, sources, planner, source = _stream_scores(args, out, tf, ckpt, shapes, chosen)
     plan = planner.plan()
-    rows = [
-        SparsityRow(src.name, src.numel, plan.pruned(src.name), plan.pruned(src.name) / src.numel if src.numel else 0.0)
-        for src in sources
-    ]
-    n_all, n_pruned = sum(r.numel for r in rows), sum(r.pruned for r in rows)
-    total = SparsityRow("total", n_all, n_pruned, n_pruned / n_all if n_all else 0.0)
+    rows, total = sparsity_rows((src.name, src.numel, plan.pruned(src.name)) for src in sources)
 
     def write(path, metadata) -> str:
-        return write_pruned(
-            tf,
-            plan,
-            scores,
-            set(chosen),
-            path,
-            {
-                **meta,
-                "cl_tool.history": json.dumps(trim_history(metadata["history"])),
-                "cl_tool.extra": json.dumps(metadata["extra"]),
-            },
-            force=args.force,
-        )
+        history, extra = json.dumps(trim_history(metadata["history"])), json.dumps(metadata["extra"])
+        new_meta = {**meta, "cl_tool.history": history, "cl_tool.extra": extra}
+        return write_pruned(tf, plan, scores, set(chosen), path, new_meta, force=args.force)
 
     def write_mask(path) -> None:
-        write_masks(
-            plan,
-            sources,
-            path,
-            {
-                "cl_tool.mask": "1",
-                "by": by,
-                "scope": args.scope,
-                "sparsity": repr(args.sparsity),
-                "fingerprint": ckpt.fingerprint,
-            },
-            force=args.force,
-        )
+        mask_meta = mask_metadata(by=by, scope=args.scope, sparsity=args.sparsity, fingerprint=ckpt.fingerprint)
+        write_masks(plan, sources, path, mask_meta, force=args.force)
 
     return _finish(args, out, ckpt, by, source, rows, total, write, write_mask)
