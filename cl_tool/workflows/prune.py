@@ -17,6 +17,9 @@ from cl_tool.params import Args, argument, config_option, force_option, group, o
 from cl_tool.runtime import device_option
 from cl_tool.training import BN_STATS
 
+# The imports inside functions stay there for start-up time: `--help` imports no torch, and the streaming path
+# (magnitude or stored scores) prunes a checkpoint file with numpy alone (tests/test_prune_stream.py checks both).
+
 SCORES = ("magnitude", "importance", "signal", "fisher", "mas", "si")  # importance: the sidecar's method, whichever
 SCOPES = ("global", "layer", "output", "lamp")
 RANKS = ("auto", "raw", "saliency")  # Ω·w² for an importance Ω (auto), Ω as stored (raw), Ω·w² (saliency)
