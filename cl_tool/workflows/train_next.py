@@ -17,6 +17,7 @@ from cl_tool.data import (
     DATA_METAVAR,
     DataOptions,
     check_labels,
+    check_unique_names,
     local_paths,
     open_tasks,
     parse_augment,
@@ -473,7 +474,8 @@ def run_train_next(args: TrainNextArgs, out: Output) -> dict[str, Any]:
 
     (spec,) = task_specs(args.data, args.data_options)
     eval_specs = task_specs(args.eval_data, args.data_options, "eval_data", role="eval")
-    check_eval_names(eval_specs)
+    if eval_specs:  # the per-epoch figures (and a λ table) are keyed by each task's name
+        check_unique_names(eval_specs)
     runs = sweep_runs(args, eval_specs)
     resuming = args.resume and args.state_path.exists()
     _check_files(
@@ -805,17 +807,6 @@ def _train_next(
         out.result(result_doc)
     distributed.barrier()
     return result_doc
-
-
-def check_eval_names(eval_specs) -> None:
-    """Every ``--eval-data`` task has its own name: the per-epoch figures (and a λ table) are keyed by it."""
-    names = [s.name or Path(s.source).name or s.source for s in eval_specs]
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if twice is not None:
-        raise UsageError(
-            f"Two $eval_data tasks are named {twice}; each needs its own name for its figures: name them, "
-            f"e.g. A=PATH and B=PATH."
-        )
 
 
 def sweep_runs(args: TrainNextArgs, eval_specs) -> list[TrainNextArgs]:

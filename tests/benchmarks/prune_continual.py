@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from prune_variants import cl_tool  # the same runner (this folder is on sys.path when run as a script)
 
 LEVELS = "0.5,0.7,0.8,0.9,0.95"
 RECOVER = (0.8, 0.9)
@@ -34,15 +34,6 @@ PROTOCOLS = {  # init options, task B's transform, training options
 }
 LAMBDA = "100"
 SIGNAL = ("mean", "l2")
-
-
-def cl_tool(*args, json_out: bool = False):
-    """Run ``python -m cl_tool ARGS``; its JSON result when ``json_out``."""
-    argv = [sys.executable, "-m", "cl_tool", *map(str, args), *(["--json"] if json_out else [])]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
-    return json.loads(proc.stdout) if json_out else None
 
 
 def sidecars(ckpt: Path, data: str, prev: Path | None, args) -> dict[str, Path]:
