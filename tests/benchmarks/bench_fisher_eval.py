@@ -1,0 +1,70 @@
+"""Issue 26 item 2: `cl-tool importance --method fisher` against `cl-tool evaluate` on the same task, whole process
+minus start-up (a `cl-tool info` of the checkpoint: imports and reading it), rounds interleaved; min and median of
+each side and of the ratio Fisher / evaluate, with the load average.
+
+    python tests/benchmarks/bench_fisher_eval.py --data MNIST_FOLDER --work /tmp/bfe [--samples 8000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def timed(argv: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="a folder with a train split of at least --samples images")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--arch", default="cnn")
+    p.add_argument("--samples", type=int, default=8000)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = args.work / f"{args.arch}.safetensors"
+    cl = [sys.executable, "-m", "cl_tool"]
+    if not ckpt.exists():
+        subprocess.run([*cl, "init", "--arch", args.arch, "-o", ckpt], check=True)
+    data = f"{args.data}::split=train,limit={args.samples}"
+    common = ["--data", data, "--device", "cpu", "--cache", "none"]
+    sides = {
+        "start-up": [*cl, "info", str(ckpt)],
+        "evaluate": [*cl, "evaluate", str(ckpt), *common],
+        "fisher": [
+            *cl,
+            "importance",
+            str(ckpt),
+            "--method",
+            "fisher",
+            *common,
+            "-o",
+            str(args.work / "f.st"),
+            "--force",
+        ],
+    }
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(args.rounds):
+        for name, argv in sides.items():
+            times[name].append(timed(argv))
+    print(f"{args.arch}, {args.samples} samples, {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
+    for name, t in times.items():
+        print(f"  {name:9s} min {min(t):.2f} s  median {statistics.median(t):.2f} s")
+    net = {k: [t - s for t, s in zip(times[k], times["start-up"], strict=True)] for k in ("evaluate", "fisher")}
+    ratio = [f / e for f, e in zip(net["fisher"], net["evaluate"], strict=True)]
+    print(
+        f"  fisher / evaluate (minus start-up) per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
