@@ -12,14 +12,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def timed(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - t
+from bench_fisher_eval import timed  # the same whole-process timer (this folder is on sys.path as a script)
 
 
 def main() -> None:
