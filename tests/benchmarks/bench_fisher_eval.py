@@ -2,7 +2,10 @@
 minus start-up (a `cl-tool info` of the checkpoint: imports and reading it), rounds interleaved; min and median of
 each side and of the ratio Fisher / evaluate, with the load average.
 
-    python tests/benchmarks/bench_fisher_eval.py --data MNIST_FOLDER --work /tmp/bfe [--samples 8000] [--rounds 3]
+With ``--busy``, every round is run twice, quiet and then beside a process spinning one core (a pure-Python loop),
+and each side's slowdown busy / quiet is reported with the ratio of the two slowdowns (Fisher's ÷ evaluate's).
+
+    python tests/benchmarks/bench_fisher_eval.py --data MNIST_FOLDER --work /tmp/bfe [--samples 8000] [--rounds 3] [--busy]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache", default="auto", help="--cache of both commands (auto: warmed by one evaluate first)")
+    p.add_argument("--busy", action="store_true", help="also run each round beside a process spinning one core")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / f"{args.arch}.safetensors"
@@ -53,20 +57,42 @@ def main() -> None:
             "--force",
         ],
     }
-    times: dict[str, list[float]] = {k: [] for k in sides}
+    conditions = ("quiet", "busy") if args.busy else ("quiet",)
+    times = {(c, k): [] for c in conditions for k in sides}
     timed(sides["evaluate"])  # fills the decoded cache (auto), so every timed round reads it
     for _ in range(args.rounds):
-        for name, argv in sides.items():
-            times[name].append(timed(argv))
+        for condition in conditions:
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition == "busy" else None
+            try:
+                for name, argv in sides.items():
+                    times[condition, name].append(timed(argv))
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
     load = os.getloadavg()[0]
     print(f"{args.arch}, {args.samples} samples, --cache {args.cache}, {args.rounds} rounds, load average {load:.2f}")
-    for name, t in times.items():
-        print(f"  {name:9s} min {min(t):.2f} s  median {statistics.median(t):.2f} s")
-    net = {k: [t - s for t, s in zip(times[k], times["start-up"], strict=True)] for k in ("evaluate", "fisher")}
-    ratio = [f / e for f, e in zip(net["fisher"], net["evaluate"], strict=True)]
-    print(
-        f"  fisher / evaluate (minus start-up) per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}"
-    )
+    net = {}
+    for condition in conditions:
+        print(f" {condition}:")
+        for name in sides:
+            t = times[condition, name]
+            print(f"  {name:9s} min {min(t):.2f} s  median {statistics.median(t):.2f} s")
+        start = times[condition, "start-up"]
+        for k in ("evaluate", "fisher"):
+            net[condition, k] = [t - s for t, s in zip(times[condition, k], start, strict=True)]
+        ratio = [f / e for f, e in zip(net[condition, "fisher"], net[condition, "evaluate"], strict=True)]
+        print(
+            f"  fisher / evaluate (minus start-up) per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}"
+        )
+    if args.busy:
+        slow = {
+            k: [b / q for b, q in zip(net["busy", k], net["quiet", k], strict=True)] for k in ("evaluate", "fisher")
+        }
+        for k, v in slow.items():
+            print(f"  {k} slowdown busy / quiet per round: min {min(v):.2f}  median {statistics.median(v):.2f}")
+        rel = [f / e for f, e in zip(slow["fisher"], slow["evaluate"], strict=True)]
+        print(f"  Fisher's slowdown / evaluate's per round: min {min(rel):.2f}  median {statistics.median(rel):.2f}")
 
 
 if __name__ == "__main__":
