@@ -52,3 +52,22 @@ def test_help_follows_the_click_convention(cli, command):
         assert usage.split()[-1] == "CHECKPOINT", usage
     if command == "evaluate":
         assert usage.split()[-1] == "CHECKPOINT...", usage
+
+
+def test_a_command_line_imports_only_its_own_workflow():
+    """`cl-tool prune --help` builds the prune command alone: no other command's workflow module is imported."""
+    probe = PROBE.format(args=["prune", "--help"]) + (
+        "print('WORKFLOWS=' + ','.join(sorted(m for m in sys.modules if m.startswith('cl_tool.workflows.'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "CODE=0" in proc.stdout, proc.stderr
+    assert "WORKFLOWS=cl_tool.workflows.prune\n" in proc.stdout, proc.stdout
+
+
+def test_root_help_and_an_unknown_command_still_see_every_command(cli):
+    r = cli("--help")
+    assert r.code == 0
+    for c in [*COMMANDS, "batch", "cache"]:
+        assert c in r.out
+    r = cli("prunee", "x.safetensors")
+    assert r.code == 2 and "prune" in r.err

@@ -82,12 +82,13 @@ def test_sample_configs_only_use_known_keys(path):
     """Every sample config parses and maps onto options of the command named in its first line."""
     import typer
 
-    from cl_tool.cli import app, config_default_map
+    from cl_tool.cli import app, config_default_map, register
 
     first = path.read_text().splitlines()[0]
     if "cl-tool " not in first:
         pytest.skip("not a per-command config")
     command = first.split("cl-tool ", 1)[1].split()[0]
+    register()
     group = typer.main.get_command(app)
     assert command in group.commands, first
     mapped = config_default_map(group.commands[command], str(path))

@@ -97,20 +97,31 @@ def reflow(epilog: str) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def _register() -> None:
+_REGISTERED: set[str] = set()
+_TREE: list = []  # the click command tree of what is registered
+
+
+def register(names: list[str] | None = None) -> None:
+    """Add commands ``names`` (default: all) to ``app``; each command's module is imported on its first registration.
+
+    A command line builds only the command it runs, so it imports only that command's workflow; ``cl-tool --help``
+    and an unknown command register all of them.
+    """
     import importlib
 
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"cl_tool.cli.{module_name}")
-        app.command(name, epilog=reflow(module.EPILOG), cls=Command)(
-            command(name, module.ARGS, module.RUN, module.HELP)
-        )
-    for name, module_name in DRIVERS.items():
-        module = importlib.import_module(f"cl_tool.cli.{module_name}")
-        app.command(name, epilog=reflow(module.EPILOG), help=module.HELP, cls=Command)(module.RUN)
-
-
-_register()
+    for name in [*COMMANDS, *DRIVERS] if names is None else names:
+        if name in _REGISTERED:
+            continue
+        if name in COMMANDS:
+            module = importlib.import_module(f"cl_tool.cli.{COMMANDS[name]}")
+            app.command(name, epilog=reflow(module.EPILOG), cls=Command)(
+                command(name, module.ARGS, module.RUN, module.HELP)
+            )
+        else:
+            module = importlib.import_module(f"cl_tool.cli.{DRIVERS[name]}")
+            app.command(name, epilog=reflow(module.EPILOG), help=module.HELP, cls=Command)(module.RUN)
+        _REGISTERED.add(name)
+        _TREE.clear()
 
 
 def _find_command(argv: list[str], names: set[str]) -> str | None:
@@ -253,9 +264,9 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
     wants_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
     PRINTED[0] = False
     try:
-        group = _command_tree()
+        cmd_name = _find_command(argv, {*COMMANDS, *DRIVERS})
+        group = _command_tree(cmd_name)
         extra: dict[str, Any] = {}
-        cmd_name = _find_command(argv, set(group.commands))  # type: ignore[attr-defined]
         empty = empty_path_option(cmd_name, argv)
         if empty is not None:
             raise UsageError(f"{empty} was given an empty path; give a file or folder name (. for the current folder).")
@@ -392,11 +403,12 @@ def _stdout_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
-_TREE: list = []
 
 
-def _command_tree():
-    """typer's click command tree for ``app``, built once per process (in-process callers reuse it)."""
+def _command_tree(name: str | None = None):
+    """typer's click command tree for ``app`` with command ``name`` (None: every command) registered; built again only
+    when a command was added (in-process callers reuse it)."""
+    register(None if name is None else [name])
     if not _TREE:
         _TREE.append(typer.main.get_command(app))
     return _TREE[0]
