@@ -403,8 +403,6 @@ def _stdout_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
-
-
 def _command_tree(name: str | None = None):
     """typer's click command tree for ``app`` with command ``name`` (None: every command) registered; built again only
     when a command was added (in-process callers reuse it)."""
