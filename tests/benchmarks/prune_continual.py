@@ -2,7 +2,8 @@
 learner").
 
 For each seed: a model learns task A (MNIST), its Fisher, MAS and signal sidecars are written, then it learns task B
-(the MLP: A's pixels permuted; the CNN: A rotated by 90°) under the stabilized penalty with A's Fisher; the B
+(the MLP: A's pixels permuted; the CNN: A rotated by 90°) under the stabilized penalty with A's Fisher (every training
+run with ``--augment``, default none; shifts come before B's permutation or rotation); the B
 sidecars are accumulated onto A's (``importance --accumulate``). The trained model is swept one-shot over
 ``--levels`` by each score, evaluated on both tasks' test splits (``prune --sweep --data A --data B``: a curve per task
 and their mean; BatchNorm statistics re-estimated on both tasks' training rows). At 80 % and 90 % the pruned model
@@ -77,6 +78,7 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
     stem = work / f"{args.arch}{seed}"
     init, a, b = (Path(f"{stem}-{n}.safetensors") for n in ("init", "a", "b"))
     common = ["--epochs", args.epochs, "--seed", seed, "--device", args.device, *train_opts, "--force"]
+    common += ["--augment", args.augment]
     cl_tool("init", *init_opts, "--seed", seed, "-o", init, "--force")
     cl_tool("train-next", init, "--data", train_a, *common, "-o", a)
     side_a = sidecars(a, score_a, None, args)
@@ -87,6 +89,8 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
     tests = ["--data", test_a, "--data", test_b]
     bn = ["--score-data", score_a, "--score-data", score_b]
     for name, opts in variants(side, side_a):
+        if args.variants is not None and name not in args.variants:
+            continue
         res = cl_tool("prune", b, *opts, "--sweep", LEVELS, *tests, *bn, "--device", args.device, json_out=True)
         base = res["unpruned"]
         rows.append({"seed": seed, "variant": name, "sparsity": 0.0, "phase": "one-shot", **base})
@@ -137,10 +141,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--score-samples", type=int, default=1000)
     parser.add_argument("--recover", default="magnitude/global,fisher-saliency/global,signal-mean-l2/global")
+    parser.add_argument("--augment", default="none", help="train-next --augment of every training run (e.g. shift=2)")
+    parser.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/prune_continual"))
     args = parser.parse_args()
     args.recover = set(args.recover.split(","))
+    args.variants = None if args.variants is None else set(args.variants.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in map(int, args.seeds.split(",")):
