@@ -277,6 +277,8 @@ def run_variant(args, model: str, variant: str, out: Path) -> dict:
         cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     if args.data:
         cmd += ["--data", args.data]
+    if args.keep_freed_memory:
+        cmd.append("--keep-freed-memory")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise SystemExit(f"{model}/{variant} failed:\n{proc.stderr[-3000:]}")
@@ -312,8 +314,8 @@ def max_rel_err(got: dict, want: dict) -> float:
     )
 
 
-def min_median(ratios: list[float]) -> str:
-    return f"{min(ratios):.2f} / {statistics.median(ratios):.2f}"
+def min_median(values: list[float], digits: int = 2) -> str:
+    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f}"
 
 
 def exact_labels_table(args, names: list[str]) -> None:
@@ -351,6 +353,18 @@ def exact_labels_table(args, names: list[str]) -> None:
     )
 
 
+def ratio_table(args) -> None:
+    """Per model: the alternating rounds' seconds of batch-mean and exact (min / median) and their ratio."""
+    print(f"malloc: {'as cl-tool commands set it' if args.keep_freed_memory else 'glibc defaults'}")
+    print(f"{'model':9} {'batch-mean s min / med':>22} {'exact s min / med':>18} {'exact/batchmean min / median':>28}")
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rounds = run_variant(args, name, "ratio", Path(os.devnull))
+        bm, ex = rounds["batchmean"], rounds["exact"]
+        ratios = [e / b for e, b in zip(ex, bm)]
+        print(f"{name:9} {min_median(bm):>22} {min_median(ex):>18} {min_median(ratios):>28}")
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -376,6 +390,16 @@ def main(argv=None) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--budget-mb", type=float, default=512)
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="set glibc malloc as cl-tool's commands do (runtime.keep_freed_memory) in every worker",
+    )
+    p.add_argument(
+        "--ratio-only",
+        action="store_true",
+        help="only the alternating exact / batch-mean rounds of each model (no loop, no throughput, no BackPACK)",
+    )
     p.add_argument("--check-samples", type=int, default=16, help="samples for the float64 exactness check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -395,6 +419,10 @@ def main(argv=None) -> None:
     if args.labels_samples is None:
         args.labels_samples = args.samples
     if args.worker:
+        if args.keep_freed_memory:
+            from cl_tool.runtime import keep_freed_memory
+
+            keep_freed_memory()
         worker(args)
         return
 
@@ -405,6 +433,9 @@ def main(argv=None) -> None:
         f"({'MNIST t10k from ' + args.data if args.data else 'random data'}), batch {args.batch_size}, device {args.device}, "
         f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
     )
+    if args.ratio_only:
+        ratio_table(args)
+        return
     print(f"{'model':9} {'params':>8} {'variant':10} {'samples':>7} {'seconds':>8} {'samples/s':>10} {'peak MB':>8}")
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
