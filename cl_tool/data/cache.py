@@ -387,11 +387,17 @@ class Store:
         idx = np.asarray(idx, dtype=np.int64)
         if len(idx) == 0:
             return True
-        uniq, first = np.unique(idx, return_index=True)
-        rows = np.ascontiguousarray(x[first])
+        if len(idx) == 1 or bool((np.diff(idx) > 0).all()):  # increasing (a pass in order): the rows as they are
+            uniq, rows = idx, np.ascontiguousarray(x)
+        else:
+            uniq, first = np.unique(idx, return_index=True)
+            rows = np.ascontiguousarray(x[first])
         new = int(np.count_nonzero(self.status[uniq] == 0))
         if self.ram is not None:
-            self.ram[uniq] = rows
+            if uniq[-1] - uniq[0] == len(uniq) - 1:  # one run of consecutive rows: a slice copy
+                self.ram[uniq[0] : uniq[-1] + 1] = rows
+            else:
+                self.ram[uniq] = rows
         fd = self._holder["fd"]
         if fd is not None and self.ram is None:  # with an in-memory copy the file is written in one go at commit
             try:
