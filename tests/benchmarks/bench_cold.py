@@ -108,7 +108,9 @@ def run_tree(root: str, argv: list[str]) -> dict:
     its largest process and peak PSS of its whole tree (MB), its stdout."""
     peak = [0]
     t = time.perf_counter()
-    p = subprocess.Popen(argv, env=_env(Path(root)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        argv, env=_env(Path(root)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     done = threading.Event()
 
     def sample() -> None:
