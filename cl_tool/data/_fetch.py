@@ -131,7 +131,9 @@ def stack_tensor(arrays, shape) -> torch.Tensor:
     if not arrays or torch.utils.data.get_worker_info() is None or not all(a.dtype == np.uint8 for a in arrays):
         return torch.from_numpy(stack(arrays, shape))
     n = len(arrays) * int(np.prod(arrays[0].shape))
-    out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).view(len(arrays), *arrays[0].shape)
+    out = (
+        torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).view(len(arrays), *arrays[0].shape)
+    )
     np.stack(arrays, out=out.numpy())
     return out
 
