@@ -128,12 +128,16 @@ def stack_tensor(arrays, shape) -> torch.Tensor:
     A worker's result reaches the main process through shared memory: a tensor made there already is sent as it
     is, any other is copied into a new shared block first (one copy of the batch less, as torch's default_collate).
     """
-    if not arrays or torch.utils.data.get_worker_info() is None or not all(a.dtype == np.uint8 for a in arrays):
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what default_collate uses; private
+    if (
+        not arrays
+        or new_shared is None
+        or torch.utils.data.get_worker_info() is None
+        or not all(a.dtype == np.uint8 for a in arrays)
+    ):
         return torch.from_numpy(stack(arrays, shape))
     n = len(arrays) * int(np.prod(arrays[0].shape))
-    out = (
-        torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).view(len(arrays), *arrays[0].shape)
-    )
+    out = torch.empty(0, dtype=torch.uint8).set_(new_shared(n)).view(len(arrays), *arrays[0].shape)
     np.stack(arrays, out=out.numpy())
     return out
 
