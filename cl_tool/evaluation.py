@@ -98,6 +98,7 @@ def _evaluate(model, batches, device, precision: str, limit: int | None = None) 
     with torch.inference_mode(), autocast(device, precision):
         for batch in batches:
             x, y = batch.x, batch.y
+            del batch  # x and y go at the end of the step: one batch in memory while the next is made, not two
             if limit is not None:
                 x, y = x[: limit - n], y[: limit - n]
             if not y.shape[0]:
@@ -106,6 +107,7 @@ def _evaluate(model, batches, device, precision: str, limit: int | None = None) 
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
             n += int(y.shape[0])
+            del x, y, out
             if limit is not None and n >= limit:
                 break
     model.train(was_training)

@@ -124,19 +124,20 @@ def test_default_workers(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     n = default_workers()
     cpus = len(os.sched_getaffinity(0))
-    assert n == (0 if cpus <= 1 else min(8, cpus - 1))
-    # one process: one CPU of C for itself, the rest as workers, at most 8
-    assert [default_workers(c, 1) for c in (1, 2, 5, 9, 64)] == [0, 1, 4, 8, 8]
-    # L processes on the host (torchrun): ⌊(C − L) / L⌋ each, at most 8, 0 when no CPU is left over
+    assert n == (0 if cpus <= 1 else min(8, cpus))
+    # one process: a worker per CPU, at most 8; none (decode in the process) on one CPU
+    assert [default_workers(c, 1) for c in (1, 2, 3, 5, 9, 64)] == [0, 2, 3, 5, 8, 8]
+    # L processes on the host (torchrun): ⌊C / L⌋ each, at most 8, 0 when that is under 2
     assert [default_workers(16, 2), default_workers(16, 8), default_workers(96, 8), default_workers(4, 8)] == [
-        7,
-        1,
+        8,
+        2,
         8,
         0,
     ]
-    assert default_workers(2, 2) == 0 and default_workers(3, 2) == 0 and default_workers(4, 2) == 1
+    assert default_workers(2, 2) == 0 and default_workers(3, 2) == 0 and default_workers(4, 2) == 2
+    assert default_workers(15, 8) == 0 and default_workers(24, 8) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_workers(cpus=20) == 4
+    assert default_workers(cpus=20) == 5
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
     assert default_workers(cpus=20) == 8
 

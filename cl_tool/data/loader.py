@@ -380,6 +380,7 @@ class Task:
         for b in batches:
             n += len(b.index)
             yield b
+            del b  # not held while the next batch is made: a consumer that lets go of a batch frees it then
         if n == 0 and self._bad:
             first = next(iter(self._bad.values()))
             raise BadInputError(
@@ -443,7 +444,8 @@ class Task:
                     store.mark_bad(rows, msgs)
                 if len(decoded):
                     sel = np.isin(rows_w, decoded)
-                    if not store.put(rows_w[sel], xw.numpy()[sel]):
+                    rows_new, x_new = (rows_w, xw.numpy()) if sel.all() else (rows_w[sel], xw.numpy()[sel])
+                    if not store.put(rows_new, x_new):
                         self._abandon_store("the images decode to mixed pixel types")
             from cl_tool.data._fetch import FROM_MAIN
 

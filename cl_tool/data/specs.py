@@ -149,8 +149,8 @@ class DataOptions(Args):
         metavar="N",
         low=0,
         high=64,
-        help="Data-loading worker processes per process (default: one per CPU but one, at most 8; under torchrun the "
-        "CPUs left after one per local rank, shared among the local ranks; 0 = in this process; at most 64).",
+        help="Data-loading worker processes per process (default: one per CPU, at most 8; under torchrun the "
+        "CPUs shared among the local ranks; 0 = in this process, the default with one CPU per process; at most 64).",
     )
     cache: str = option(
         "auto",

@@ -71,6 +71,8 @@ def normalise_(x, mean, std):
     """(x − mean) / std per channel, in place on a float32 (N, C, H, W) tensor (the same arithmetic as the first version)."""
     import torch
 
+    if all(float(v) == 0.0 for v in mean) and all(float(v) == 1.0 for v in std):
+        return x  # (x − 0) / 1 is x, bit for bit: two passes over the batch saved
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)

@@ -58,9 +58,14 @@ def _register_exit_hook() -> None:
 
 
 def default_workers(cpus: int | None = None, local_ranks: int | None = None) -> int:
-    """DataLoader workers per process by default: min(8, ⌊(C − L) / L⌋) for C usable CPUs and L processes on this
-    host (torchrun's ``LOCAL_WORLD_SIZE``, else 1): one CPU for each process's own work, the rest shared evenly, at
-    most 8 per process; 0 (decode in the process itself) when the processes have no CPU to spare."""
+    """DataLoader workers per process by default: W = min(8, ⌊C / L⌋) for C usable CPUs and L processes on this host
+    (torchrun's ``LOCAL_WORLD_SIZE``, else 1): the CPUs shared evenly, at most 8 per process; 0 (decode in the
+    process itself) when W < 2, i.e. a process has fewer than 2 CPUs.
+
+    Why not one CPU less: the command's own process mostly waits (for the accelerator, or for decoded batches); its
+    CPU work per batch (uint8 → float32, the cache write, a light model) is a fraction of the decoding, and a worker
+    that is ahead by ``prefetch_factor`` batches sleeps, so W = ⌊C / L⌋ keeps every CPU decoding on a first pass
+    without taking CPU from a heavy model later (the decoding itself is the same work for any W)."""
     if cpus is None:
         try:
             cpus = len(os.sched_getaffinity(0))
@@ -72,7 +77,8 @@ def default_workers(cpus: int | None = None, local_ranks: int | None = None) -> 
         except ValueError:
             local_ranks = 1
     local_ranks = max(1, local_ranks)
-    return max(0, min(8, (cpus - local_ranks) // local_ranks))
+    per = cpus // local_ranks
+    return min(8, per) if per >= 2 else 0
 
 
 def as_worker_error(exc: BaseException) -> ClToolError | None:
