@@ -2,8 +2,9 @@
 and fsync — the I/O floor of writing a pruned copy. Rounds interleaved in one run; min and median of each side and
 their ratio, with the load average.
 
-Two more sides say where prune's time above the copy goes: ``start-up`` (`cl-tool prune --help`: the interpreter,
-the command's imports and its option parser) and ``one-pass floor`` (a fresh Python process that imports numpy, reads
+Two more sides say where prune's time above the copy goes: ``start-up`` (the same `cl-tool prune` command line on a
+checkpoint of 30 parameters: the interpreter, the command's imports, its option parser, the checks and the output's
+rename and fsync, all but the work that grows with the file) and ``one-pass floor`` (a fresh Python process that imports numpy, reads
 the file once in 4 MiB pieces, zeroes every float32 |w| below a threshold given in advance, writes the result and
 fsyncs it: the least work any Python prune that writes its output can do, without finding the threshold, checking or
 hashing anything).
@@ -51,7 +52,11 @@ def main() -> None:
     prune = [sys.executable, "-m", "cl_tool", "prune", str(ckpt), "--by", "magnitude", "-s", "0.9", "-o", str(out)]
     prune.append("--force")
     cp = ["sh", "-c", f"cp {ckpt} {copy} && sync {copy}"]
-    startup = [sys.executable, "-m", "cl_tool", "prune", "--help"]
+    tiny, tiny_out = args.work / "tiny.safetensors", args.work / "tiny-pruned.safetensors"
+    if not tiny.exists():
+        init = [sys.executable, "-m", "cl_tool", "init", "--arch", "mlp", "--arch-arg", "sizes=4,4,2", "-o", tiny]
+        subprocess.run(init, check=True, capture_output=True)
+    startup = [*prune[:4], str(tiny), *prune[5:-3], "-o", str(tiny_out), "--force"]
     floor = [sys.executable, "-c", FLOOR, str(ckpt), str(copy)]
     sides: dict[str, list[float]] = {"prune": [], "cp+fsync": [], "start-up": [], "one-pass floor": []}
     for _ in range(args.rounds):
