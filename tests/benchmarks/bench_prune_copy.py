@@ -54,7 +54,20 @@ def main() -> None:
     cp = ["sh", "-c", f"cp {ckpt} {copy} && sync {copy}"]
     tiny, tiny_out = args.work / "tiny.safetensors", args.work / "tiny-pruned.safetensors"
     if not tiny.exists():
-        init = [sys.executable, "-m", "cl_tool", "init", "--arch", "mlp", "--arch-arg", "sizes=4,4,2", "-o", tiny]
+        init = [
+            sys.executable,
+            "-m",
+            "cl_tool",
+            "init",
+            "--arch",
+            "mlp",
+            "--arch-arg",
+            "sizes=4,4,2",
+            "--input-shape",
+            "1x2x2",
+            "-o",
+            tiny,
+        ]
         subprocess.run(init, check=True, capture_output=True)
     startup = [*prune[:4], str(tiny), *prune[5:-3], "-o", str(tiny_out), "--force"]
     floor = [sys.executable, "-c", FLOOR, str(ckpt), str(copy)]
