@@ -115,7 +115,7 @@ def register(names: list[str] | None = None) -> None:
         if name in COMMANDS:
             module = importlib.import_module(f"cl_tool.cli.{COMMANDS[name]}")
             app.command(name, epilog=reflow(module.EPILOG), cls=Command)(
-                command(name, module.ARGS, module.RUN, module.HELP)
+                command(name, module.ARGS, module.RUN, module.HELP)  # RUN: "module:function" of the workflow
             )
         else:
             module = importlib.import_module(f"cl_tool.cli.{DRIVERS[name]}")

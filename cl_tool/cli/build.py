@@ -9,8 +9,8 @@ value), the :class:`~cl_tool.output.Output` (``--json``, ``--quiet``) and runs t
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
-import sys
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -148,8 +148,9 @@ def _parameters(args_type: type) -> tuple[list[inspect.Parameter], dict[str, tup
     return params, groups
 
 
-def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Callable[..., Any]:
-    """The typer command function of ``name``: its options come from ``args_type``'s fields; it calls ``run(args, out)``."""
+def command(name: str, args_type: type, run: str, doc: str) -> Callable[..., Any]:
+    """The typer command function of ``name``: its options come from ``args_type``'s fields; it calls the workflow
+    ``run`` (``"module:function"``, looked up at each call, so a test may replace it) as ``function(args, out)``."""
     from cl_tool.output import Output
 
     params, groups = _parameters(args_type)
@@ -171,7 +172,8 @@ def command(name: str, args_type: type, run: Callable[..., Any], doc: str) -> Ca
         out = Output(json=values.pop("json_out"), quiet=QUIET[0], name_of=name_of(name))
         for field_name, (group_type, members) in groups.items():
             values[field_name] = group_type(**{m: values.pop(m) for m in members})
-        workflow = getattr(sys.modules[run.__module__], run.__name__)  # looked up at call time (tests may replace it)
+        module_name, function_name = run.split(":")
+        workflow = getattr(importlib.import_module(module_name), function_name)
         args = args_type(**values)
         for note in args.notes:
             out.log(f"note: {note}")

@@ -1,7 +1,8 @@
 """``cl-tool cache``: the decoded-image cache's files, their removal and the size cap."""
 
 from cl_tool.workflows.cache import CacheArgs as ARGS  # noqa: F401
-from cl_tool.workflows.cache import run_cache as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.cache:run_cache"  # the workflow function, looked up each time the command runs
 
 HELP = "List the decoded-image cache (size, rows, last use and source of each file, total); --clear or --max trim it."
 

@@ -1,7 +1,8 @@
 """``cl-tool convert``: a timm folder (also one with only pytorch_model.bin) as one cl-tool checkpoint."""
 
 from cl_tool.workflows.convert import ConvertArgs as ARGS  # noqa: F401
-from cl_tool.workflows.convert import run_convert as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.convert:run_convert"  # the workflow function, looked up each time the command runs
 
 HELP = "Convert a timm model folder (config.json + model.safetensors or pytorch_model.bin) into a cl-tool checkpoint."
 

@@ -1,7 +1,8 @@
 """``cl-tool demo-data``: write a small synthetic dataset (no download) for the quickstart."""
 
 from cl_tool.workflows.demo_data import DemoDataArgs as ARGS  # noqa: F401
-from cl_tool.workflows.demo_data import run_demo_data as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.demo_data:run_demo_data"  # the workflow function, looked up each time the command runs
 
 HELP = "Write synthetic 28x28 grey images of noisy class prototypes (MNIST-like layout) to a folder."
 

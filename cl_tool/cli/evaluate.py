@@ -1,7 +1,8 @@
 """``cl-tool evaluate``: accuracy of checkpoints on tasks, and continual-learning summaries."""
 
 from cl_tool.workflows.evaluate import EvaluateArgs as ARGS  # noqa: F401
-from cl_tool.workflows.evaluate import run_evaluate as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.evaluate:run_evaluate"  # the workflow function, looked up each time the command runs
 
 HELP = "Accuracy and loss of each checkpoint on each task, with average accuracy, BWT and forgetting."
 

@@ -1,7 +1,8 @@
 """``cl-tool importance``: compute weight importances Ω and write a sidecar file."""
 
 from cl_tool.workflows.importance import ImportanceArgs as ARGS  # noqa: F401
-from cl_tool.workflows.importance import run_importance as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.importance:run_importance"  # the workflow function, looked up each time the command runs
 
 HELP = "Compute importances Ω of CHECKPOINT's parameters on a dataset and write them to a sidecar file."
 

@@ -1,7 +1,8 @@
 """``cl-tool info``: what a checkpoint, importance sidecar, mask, resume state or timm folder holds."""
 
 from cl_tool.workflows.info import InfoArgs as ARGS  # noqa: F401
-from cl_tool.workflows.info import run_info as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.info:run_info"  # the workflow function, looked up each time the command runs
 
 HELP = "Describe cl-tool files from their headers: model, size, fingerprint, history, lineage, importances."
 

@@ -1,7 +1,8 @@
 """``cl-tool init``: write a freshly initialised checkpoint for a built-in or timm architecture."""
 
 from cl_tool.workflows.init import InitArgs as ARGS  # noqa: F401
-from cl_tool.workflows.init import run_init as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.init:run_init"  # the workflow function, looked up each time the command runs
 
 HELP = "Create an initialised model checkpoint (random weights) that records how to rebuild the model."
 

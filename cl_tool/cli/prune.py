@@ -1,7 +1,8 @@
 """``cl-tool prune``: zero the weights with the lowest scores (importance, magnitude or signal)."""
 
 from cl_tool.workflows.prune import PruneArgs as ARGS  # noqa: F401
-from cl_tool.workflows.prune import run_prune as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.prune:run_prune"  # the workflow function, looked up each time the command runs
 
 HELP = "Prune CHECKPOINT by stored or computed scores, or sweep sparsities and report accuracy."
 

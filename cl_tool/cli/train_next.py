@@ -1,7 +1,8 @@
 """``cl-tool train-next``: train a checkpoint on the next task under an EWC-family penalty."""
 
 from cl_tool.workflows.train_next import TrainNextArgs as ARGS  # noqa: F401
-from cl_tool.workflows.train_next import run_train_next as RUN  # noqa: F401
+
+RUN = "cl_tool.workflows.train_next:run_train_next"  # the workflow function, looked up each time the command runs
 
 HELP = "Train CHECKPOINT on a new task with a penalty that keeps the old tasks (stabilized EWC by default)."
 
