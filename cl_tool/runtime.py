@@ -36,14 +36,12 @@ def cpu_sample() -> tuple[float, float, float] | None:
 
 _CPU_AT_IMPORT = [cpu_sample()]  # the first sample of busy_elsewhere's window
 OTHERS_BUSY_CORES = 0.5  # others keeping this much of a core busy make OpenMP's idle threads sleep at once
-MIN_WINDOW_S = 0.04  # `python -m cl_tool` parses a command line in ~0.07 s after runtime is imported
 
 
 def busy_elsewhere(start, end) -> float | None:
     """How many CPUs other processes kept busy between two :func:`cpu_sample` readings (machine busy − this
-    process's CPU time, over the wall time); None without both readings or a window of under
-    :data:`MIN_WINDOW_S` (/proc/stat counts in ticks of 10 ms)."""
-    if start is None or end is None or end[0] - start[0] < MIN_WINDOW_S:
+    process's CPU time, over the wall time); None without both readings or a window of under 0.1 s."""
+    if start is None or end is None or end[0] - start[0] < 0.1:
         return None
     return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
 

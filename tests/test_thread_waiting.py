@@ -10,7 +10,7 @@ def test_busy_elsewhere_subtracts_this_process():
     # 1 s of wall time; the machine was busy 1.5 CPU s, 0.5 of them this process's: others kept 1 CPU busy
     assert runtime.busy_elsewhere((10.0, 100.0, 2.0), (11.0, 101.5, 2.5)) == 1.0
     assert runtime.busy_elsewhere((10.0, 100.0, 2.0), (11.0, 100.4, 2.5)) == 0.0  # clamped: tick rounding
-    assert runtime.busy_elsewhere((10.0, 100.0, 2.0), (10.02, 100.1, 2.0)) is None  # too short a window
+    assert runtime.busy_elsewhere((10.0, 100.0, 2.0), (10.05, 100.1, 2.0)) is None  # too short a window
     assert runtime.busy_elsewhere(None, (11.0, 101.0, 2.0)) is None
 
 
