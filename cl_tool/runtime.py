@@ -15,68 +15,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _STARTED = [time.perf_counter()]  # when this command began (import of cl-tool, or the last mark_start)
 
 
-def cpu_sample() -> tuple[float, float, float] | None:
-    """(wall s, CPU s the whole machine has been busy, CPU s of this process) now; None where /proc/stat is not
-    there. Busy = every state of the first ``cpu`` line of /proc/stat but idle and iowait (guest time is already in
-    user); CPU seconds summed over the CPUs."""
-    import os
-
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        ticks = [int(v) for v in fields[1:9]]
-        hz = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-    if not fields or fields[0] != "cpu" or len(ticks) < 5:
-        return None
-    own = os.times()
-    return time.perf_counter(), (sum(ticks) - ticks[3] - ticks[4]) / hz, own.user + own.system
-
-
-_CPU_AT_IMPORT = [cpu_sample()]  # the first sample of busy_elsewhere's window
-OTHERS_BUSY_CORES = 0.5  # others keeping this much of a core busy make OpenMP's idle threads sleep at once
-
-
-def busy_elsewhere(start, end) -> float | None:
-    """How many CPUs other processes kept busy between two :func:`cpu_sample` readings (machine busy − this
-    process's CPU time, over the wall time); None without both readings or a window of under 0.1 s."""
-    if start is None or end is None or end[0] - start[0] < 0.1:
-        return None
-    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
-
-
-def wait_policy(others: float | None, env, torch_loaded: bool) -> str | None:
-    """The ``OMP_WAIT_POLICY`` to set before torch loads its OpenMP, or None to leave the default.
-
-    ``PASSIVE`` (an idle OpenMP thread sleeps at once instead of spinning) when other processes keep at least
-    :data:`OTHERS_BUSY_CORES` of a CPU busy: each of the exact engine's short parallel regions then waits for the
-    thread that shares a core with them, and spinning threads make that worse (README, *Fisher against one
-    evaluation pass*: 2.6× slower beside one busy core by default, 1.4× with PASSIVE). Never when the user set the
-    variable, when torch is loaded already (its OpenMP read the setting then), or under torchrun with several local
-    ranks (they start together and would count each other).
-    """
-    if others is None or torch_loaded or "OMP_WAIT_POLICY" in env:
-        return None
-    try:
-        if int(env.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            return None
-    except ValueError:
-        return None
-    return "PASSIVE" if others >= OTHERS_BUSY_CORES else None
-
-
-def adapt_thread_waiting() -> str | None:
-    """Set ``OMP_WAIT_POLICY`` as :func:`wait_policy` decides from the CPU use since cl-tool was imported (the
-    command line's parsing: a few tenths of a second); return what was set."""
-    import os
-
-    policy = wait_policy(busy_elsewhere(_CPU_AT_IMPORT[0], cpu_sample()), os.environ, "torch" in sys.modules)
-    if policy is not None:
-        os.environ["OMP_WAIT_POLICY"] = policy
-    return policy
-
-
 def mark_start() -> None:
     """The command starts now (the CLI calls this on entry; set-up time is measured from here)."""
     _STARTED[0] = time.perf_counter()

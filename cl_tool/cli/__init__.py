@@ -273,7 +273,6 @@ def run_line(argv: list[str], *, last: bool = True) -> int:
         cfg = _config_path(argv) if cmd_name else None
         if cmd_name and cfg and not any(a in ("-h", "--help") for a in argv):
             extra["default_map"] = {cmd_name: config_default_map(group.commands[cmd_name], cfg)}  # type: ignore[attr-defined]
-        runtime.adapt_thread_waiting()  # before the command imports torch
         rv = group.main(args=argv, prog_name="cl-tool", standalone_mode=False, **extra)
         code = rv if isinstance(rv, int) else 0
         if (
