@@ -25,6 +25,13 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def per_round(label: str, a: list[float], b: list[float]) -> list[float]:
+    """Print ``label: min … median …`` of the per-round ratios a / b and return them."""
+    ratio = [x / y for x, y in zip(a, b, strict=True)]
+    print(f"  {label} per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}")
+    return ratio
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="a folder with a train split of at least --samples images")
@@ -81,18 +88,12 @@ def main() -> None:
         start = times[condition, "start-up"]
         for k in ("evaluate", "fisher"):
             net[condition, k] = [t - s for t, s in zip(times[condition, k], start, strict=True)]
-        ratio = [f / e for f, e in zip(net[condition, "fisher"], net[condition, "evaluate"], strict=True)]
-        print(
-            f"  fisher / evaluate (minus start-up) per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}"
-        )
+        per_round("fisher / evaluate (minus start-up)", net[condition, "fisher"], net[condition, "evaluate"])
     if args.busy:
         slow = {
-            k: [b / q for b, q in zip(net["busy", k], net["quiet", k], strict=True)] for k in ("evaluate", "fisher")
+            k: per_round(f"{k} slowdown busy / quiet", net["busy", k], net["quiet", k]) for k in ("evaluate", "fisher")
         }
-        for k, v in slow.items():
-            print(f"  {k} slowdown busy / quiet per round: min {min(v):.2f}  median {statistics.median(v):.2f}")
-        rel = [f / e for f, e in zip(slow["fisher"], slow["evaluate"], strict=True)]
-        print(f"  Fisher's slowdown / evaluate's per round: min {min(rel):.2f}  median {statistics.median(rel):.2f}")
+        per_round("Fisher's slowdown / evaluate's", slow["fisher"], slow["evaluate"])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_fisher_eval import timed  # the same whole-process timer (this folder is on sys.path as a script)
+from bench_fisher_eval import per_round, timed  # the same whole-process timer (this folder is on sys.path as a script)
 
 FLOOR = """
 import os, sys, numpy as np
@@ -84,8 +84,7 @@ def main() -> None:
     print(f"{args.arch}: {size:.0f} MB, {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
     for name, t in sides.items():
         print(f"  {name:14s} min {min(t):.2f} s  median {statistics.median(t):.2f} s")
-    ratio = [a / b for a, b in zip(sides["prune"], sides["cp+fsync"], strict=True)]
-    print(f"  prune / cp+fsync per round: min {min(ratio):.2f}  median {statistics.median(ratio):.2f}")
+    per_round("prune / cp+fsync", sides["prune"], sides["cp+fsync"])
 
 
 if __name__ == "__main__":
