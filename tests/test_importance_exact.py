@@ -16,6 +16,7 @@ from cl_tool.importance.engine import GradEngine
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.losses import LossSpec, output_cotangents, per_sample_losses
 from cl_tool.importance.reference import naive_sums
+from cl_tool.importance.rules import logging_chunks
 from cl_tool.models import ModelSpec, build_model
 
 TOL = 1e-4
@@ -250,6 +251,22 @@ def test_chunks_and_threads_do_not_change_results():
     torch.set_num_threads(2)
     b, _ = importance_sums(model, batches, "fisher", fisher_labels="exact", memory_budget_mb=0.01)
     assert max_rel_err(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_position_pairs_in_chunks_of_samples(groups):
+    """Position pairs (T ≤ 4) summed over the K exact-label passes, finished in chunks of samples
+    when the memory budget holds only a few samples' pair products, equal the per-sample loop."""
+    torch.manual_seed(0)
+    model = conv_net(nn.Conv2d(2, 4, 5, stride=4, groups=groups))  # 9×9 input → 2×2 positions
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(7, 2, 9, 9, generator=gen), torch.randint(0, 10, (7,), generator=gen))]
+    kw = {"fisher_labels": "exact", "generator": torch.Generator().manual_seed(7)}
+    with logging_chunks() as log:
+        got, _ = importance_sums(model, batches, "fisher", memory_budget_mb=0.002, **kw)
+    assert any(chunk < batch for chunk, batch, *_ in log.rows.values())  # the budget did split the batch
+    want, _ = naive_sums(model, batches, "fisher", fisher_labels="exact", generator=torch.Generator().manual_seed(7))
+    assert max_rel_err(got, want) < TOL
 
 
 def test_exact_labels_equal_backpack_diag_ggn_exact():

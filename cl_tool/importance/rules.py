@@ -156,14 +156,20 @@ PAIRWISE_MAX_POSITIONS = 4
 
 
 def _pair_products(X: torch.Tensor, weighted: bool) -> torch.Tensor:
-    """Products of position pairs t ≤ t' of ``X`` (n, g, T, ·) → (T(T+1)/2, n, g, ·), times
-    c_tt' = 1 (t = t') or 2 with ``weighted``."""
-    T = X.shape[2]
-    first, second = torch.triu_indices(T, T, device=X.device)
-    Xt = X.movedim(2, 0)
-    out = Xt[first] * Xt[second]
-    if weighted:
-        out *= torch.where(first == second, 1.0, 2.0).to(device=X.device, dtype=X.dtype).reshape(-1, 1, 1, 1)
+    """Products of position pairs t ≤ t' of ``X`` (n, g, T, c) → (g, n, T(T+1)/2, c), times
+    c_tt' = 1 (t = t') or 2 with ``weighted``.
+
+    One ``mul`` per pair into a preallocated result (no gathered copies of ``X``), laid out so
+    that :func:`finish_weight_stat` contracts over (sample, pair) with one GEMM per group."""
+    n, g, T, c = X.shape
+    pairs = [(t, u) for t in range(T) for u in range(t, T)]
+    out = X.new_empty(g, n, len(pairs), c)
+    Xg = X.transpose(0, 1)  # (g, n, T, c)
+    for k, (t, u) in enumerate(pairs):
+        dst = out[:, :, k]
+        torch.mul(Xg[:, :, t], Xg[:, :, u], out=dst)
+        if weighted and t != u:
+            dst.mul_(2)
     return out
 
 
@@ -216,7 +222,7 @@ def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, s
     if T == 1:
         factor = stat_fn(stat)(G[..., 0])  # (n, g, o)
     elif stat == "sq" and T <= PAIRWISE_MAX_POSITIONS:
-        factor = _pair_products(G.transpose(2, 3), weighted=True)  # (K, n, g, o)
+        factor = _pair_products(G.transpose(2, 3), weighted=True)  # (g, n, K, o)
     else:
         return _materialised_stat(G, inputs, i, stat, budget_bytes)
     if key in state:
@@ -230,12 +236,14 @@ def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_b
     """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes."""
     if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
         return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
-    k, n, g, o = factor.shape
+    g, n, k, o = factor.shape  # position pairs: Σ over (sample, pair) of factor · input pair products
     total = None
     step = chunk_size(k * g * i, budget_bytes, n, device=factor.device)
     for s in range(0, n, step):
-        part = torch.einsum(
-            "kngo,kngi->goi", factor[:, s : s + step], _pair_products(inputs(s, min(n, s + step)), weighted=False)
+        e = min(n, s + step)
+        part = torch.bmm(
+            factor[:, s:e].reshape(g, (e - s) * k, o).transpose(1, 2),
+            _pair_products(inputs(s, e), weighted=False).view(g, (e - s) * k, i),
         )
         total = part if total is None else total.add_(part)
     return total
@@ -401,15 +409,18 @@ class ConvRule(Rule):
         kernel, stride, dilation = self._geometry(module)
         return F.unfold(self._padded(module, x), kernel, dilation=dilation, stride=stride)
 
-    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
-        """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
-        in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
-        x = self._padded(module, x)
+    def channels_last(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it (padding applied), as a contiguous (B, H, W, C) tensor."""
+        return self._padded(module, x).permute(0, 2, 3, 1).contiguous()
+
+    def gather_patches(self, module, xc: torch.Tensor) -> torch.Tensor:
+        """(B, groups, L, kh·kw·C_in/groups) input patches from :meth:`channels_last` ``xc``, each row a
+        position's receptive field in (kh, kw, channel) order (contiguous runs of C_in/groups values),
+        made by one copy."""
         (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
-        n, c, h, w = x.shape
+        n, h, w, c = xc.shape
         g = module.groups
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         s_n, s_h, s_w, _ = xc.stride()
         view = xc.as_strided(
             (n, oh, ow, kh, kw, g, c // g),
@@ -418,8 +429,21 @@ class ConvRule(Rule):
         )
         return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
 
+    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, groups, L, kh·kw·C_in/groups) input patches of ``x`` (see :meth:`gather_patches`)."""
+        return self.gather_patches(module, self.channels_last(module, x))
+
     def _inputs(self, module, inputs):
-        return lambda s, e: _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a in inputs], 2)
+        """``inputs(s, e)``: the patches of samples s..e−1 of every call. The padded channels-last
+        copy of each call's input is made once, at the first request, and chunks are gathered from it."""
+        whole: list[torch.Tensor] = []
+
+        def chunk(s: int, e: int) -> torch.Tensor:
+            if not whole:
+                whole.extend(self.channels_last(module, wide(a)) for a in inputs)
+            return _cat_positions([self.gather_patches(module, xc[s:e]) for xc in whole], 2)
+
+        return chunk
 
     def _weight(self, module, w: torch.Tensor) -> torch.Tensor:
         """(g, o/g, kh·kw·C/g) in patch order → the weight's shape (o, C/g, kh, kw)."""
