@@ -154,6 +154,7 @@ def importance_sums(
                 budget_bytes=budget,
                 generator=generator,
                 scale_cotangents=precision == "fp16",
+                tune_threads=device.type == "cpu",
             )
         for batch in batches:
             x, y = _batch_tensors(batch, device)

@@ -16,7 +16,9 @@
 Cost: about one forward pass per batch and one backward pass per loss pass, the per-sample
 weight gradients taking the place of the usual weight-gradient GEMMs (materialised, where
 needed, in cache-sized chunks and squared there). Memory: one batch's activations plus a
-budget-bounded chunk of per-sample gradients.
+budget-bounded chunk of per-sample gradients. On a CPU the rules run on all of torch's threads or
+on one, whichever the timing of recent batches says is faster (``threads``: one wins when another
+process keeps a core busy).
 
 The K passes of exact-label Fisher run one after another, not as one backward pass vmapped over V
 (same numbers, slower: the batching rules of the conv, batch-norm and attention backward ops copy
@@ -58,6 +60,7 @@ from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
 from cl_tool.importance.rules import Rule, SignalVariant, is_activation, rule_for, set_chunk_layer
+from cl_tool.importance.threads import RuleThreads
 
 
 @dataclass
@@ -138,8 +141,10 @@ class GradEngine:
         budget_bytes: int = 512 << 20,
         generator: torch.Generator | None = None,
         scale_cotangents: bool = False,
+        tune_threads: bool = False,
     ):
         self.model, self.spec, self.autocast = model, spec, autocast
+        self.threads = RuleThreads(enabled=tune_threads)
         self.scale_cotangents, self._unscale = scale_cotangents, None
         self.budget_bytes, self.generator = budget_bytes, generator
         self.plan = make_plan(model)
@@ -151,6 +156,13 @@ class GradEngine:
         self.fallback_names: set[str] = set()  # for reporting: parameters that needed the fallback
 
     def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.threads.start_batch()
+        try:
+            self._add_batch(x, y)
+        finally:
+            self.threads.end_batch(x.shape[0])
+
+    def _add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.plan.mixes_samples:
             self._add_all_fallback(x, y)
             return
@@ -275,7 +287,9 @@ class GradEngine:
         rm, cs = ruled_module
         set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
-        self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
+        with self.threads.running():
+            stats = rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state)
+        self._add(rm, stats)
         if last and state:
             self._finish(ruled_module, state)
 
@@ -283,7 +297,9 @@ class GradEngine:
         """What the rule summed over the passes, turned into statistics; ``state`` is emptied."""
         rm, cs = ruled_module
         set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
-        self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
+        with self.threads.running():
+            stats = rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state)
+        self._add(rm, stats)
         state.clear()
 
     def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:

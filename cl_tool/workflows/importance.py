@@ -261,6 +261,7 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
     from cl_tool.importance.rules import logging_chunks
+    from cl_tool.importance.threads import describe, logging_threads
     from cl_tool.models import trainable_parameters
     from cl_tool.runtime import debug_enabled, keep_freed_memory, seed_everything, set_cuda_precision
     from cl_tool.sidecar import Sidecar, default_sidecar_path, load_sidecar, save_sidecar
@@ -291,11 +292,12 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     else:
         (task,) = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
         try:
-            with logging_chunks() as chunks:
+            with logging_chunks() as chunks, logging_threads() as threads:
                 sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
             if debug_enabled() and dist.is_main:
-                for line in chunks.lines(device):
-                    out.log(line)
+                for line in [*chunks.lines(device), describe(threads)]:
+                    if line:
+                        out.log(line)
         finally:
             task.close()
             if task.cache_note:
