@@ -110,3 +110,20 @@ def test_prune_by_importance_sidecar(cli, workflow, tmp_path):
     res = json.loads(r.out)
     assert res["source"]["method"] == "fisher"
     assert abs(res["achieved_sparsity"] - 0.9) < 0.005
+
+
+def test_importance_deterministic_gives_the_same_sums_and_restores_torch(cli, workflow, demo_dir, tmp_path):
+    """``--deterministic`` turns torch's deterministic algorithms on for the run only (and with them one
+    thread count for every batch); ``--debug`` logs the batches by thread count."""
+    from safetensors.torch import load_file
+
+    _, a, _, _ = workflow
+    task_a = f"A={demo_dir}::split=train"
+    plain, det = tmp_path / "plain.safetensors", tmp_path / "det.safetensors"
+    assert cli("importance", a, "--data", task_a, "--device", "cpu", "-o", plain).code == 0
+    r = cli("--debug", "importance", a, "--data", task_a, "--device", "cpu", "--deterministic", "-o", det)
+    assert r.code == 0, r.err
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "importance batches by torch threads:" in r.err
+    x, y = load_file(plain), load_file(det)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

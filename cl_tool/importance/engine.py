@@ -16,7 +16,7 @@
 Cost: about one forward pass per batch and one backward pass per loss pass, the per-sample
 weight gradients taking the place of the usual weight-gradient GEMMs (materialised, where
 needed, in cache-sized chunks and squared there). Memory: one batch's activations plus a
-budget-bounded chunk of per-sample gradients. On a CPU the rules run on all of torch's threads or
+budget-bounded chunk of per-sample gradients. On a CPU a batch runs on all of torch's threads or
 on one, whichever the timing of recent batches says is faster (``threads``: one wins when another
 process keeps a core busy).
 
@@ -60,7 +60,7 @@ from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.graph import AdditiveTap, GraphIndex, without_hooked_ancestors
 from cl_tool.importance.losses import LossSpec, make_targets, output_cotangents, stat_fn, wide, wide_dtype
 from cl_tool.importance.rules import Rule, SignalVariant, is_activation, rule_for, set_chunk_layer
-from cl_tool.importance.threads import RuleThreads
+from cl_tool.importance.threads import BatchThreads
 
 
 @dataclass
@@ -144,7 +144,7 @@ class GradEngine:
         tune_threads: bool = False,
     ):
         self.model, self.spec, self.autocast = model, spec, autocast
-        self.threads = RuleThreads(enabled=tune_threads)
+        self.threads = BatchThreads(enabled=tune_threads)
         self.scale_cotangents, self._unscale = scale_cotangents, None
         self.budget_bytes, self.generator = budget_bytes, generator
         self.plan = make_plan(model)
@@ -158,7 +158,8 @@ class GradEngine:
     def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.threads.start_batch()
         try:
-            self._add_batch(x, y)
+            with self.threads.running():
+                self._add_batch(x, y)
         finally:
             self.threads.end_batch(x.shape[0])
 
@@ -287,9 +288,7 @@ class GradEngine:
         rm, cs = ruled_module
         set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
         pairs = [(c.inp, g) for c, g in zip(cs, grads)]
-        with self.threads.running():
-            stats = rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state)
-        self._add(rm, stats)
+        self._add(rm, rm.rule.grad_stat(rm.module, pairs, self.spec.stat, self.budget_bytes, state))
         if last and state:
             self._finish(ruled_module, state)
 
@@ -297,9 +296,7 @@ class GradEngine:
         """What the rule summed over the passes, turned into statistics; ``state`` is emptied."""
         rm, cs = ruled_module
         set_chunk_layer(next(iter(rm.names.values()), "?").rpartition(".")[0])
-        with self.threads.running():
-            stats = rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state)
-        self._add(rm, stats)
+        self._add(rm, rm.rule.finish(rm.module, [c.inp for c in cs], self.spec.stat, self.budget_bytes, state))
         state.clear()
 
     def _add(self, rm: RuleModule, stats: dict[str, torch.Tensor]) -> None:

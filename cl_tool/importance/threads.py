@@ -1,25 +1,24 @@
-"""How many torch threads the layer rules use on a CPU: all of them, or one where that is faster.
+"""How many torch threads the importance engine uses for a batch on a CPU: all of them, or one where that is faster.
 
-The rules' work in a batch is hundreds of short parallel operations (the cache-sized chunks of
-per-sample gradients), and each ends with every thread waiting for the slowest. When another
-process keeps a core busy, the thread that shares it is descheduled for whole time slices and
-holds up every one of them, so one thread alone is faster; on a quiet machine all threads are.
-(On 2 cores, the paper CNN's rules for 2,048 samples: 2.2 s on one thread against 3.6–4.8 s on
-two with one core kept busy; 2.0 s against 1.2–1.6 s quiet.) The load can change during a run,
-so the count is chosen by timing the rules, batch by batch (:class:`RuleThreads`):
+A batch's work (the forward pass, the backward passes to the layer outputs, the layer rules) is
+hundreds of short parallel operations, the rules' cache-sized chunks of per-sample gradients
+above all, and each ends with every thread waiting for the slowest. When another process keeps
+a core busy, the thread that shares it is descheduled for whole time slices and holds up every
+one of them, so one thread alone is faster; on a quiet machine all threads are. The load can
+change during a run, so the count is chosen by timing batches (:class:`BatchThreads`):
 
-* the first :data:`WARMUP` batches run on all threads and are not timed;
-* every later batch's rule time per sample is recorded for the count it ran on, and now and then
-  one batch runs on the other count (a probe): right after the first timed batch, then after
+* batches run on all threads, untimed, until they have taken :data:`WARMUP_SECONDS` in all;
+* every later batch's time per sample is recorded for the count it ran on, and now and then one
+  batch runs on the other count (a probe): right after the first timed batch, then after
   :data:`FIRST_INTERVAL`, twice as many, … batches while the choice stands (at most
   :data:`MAX_INTERVAL`), and at the next batch when the chosen count's time per sample rises
-  above :data:`DRIFT` × its best recent time;
+  above :data:`DRIFT` × its best recent time (that time then replaces its history);
 * a probe faster than :data:`MARGIN` × the chosen count's recent median becomes the choice.
 
 Nothing is tuned on a single thread, on other devices, while torch's deterministic algorithms are
-on (``--deterministic``), or on batches whose rules take under :data:`MIN_SECONDS` (noise): the
-thread count changes how GEMMs and reductions split their sums, so results can differ in the last
-bits (relative ~1e-7) between runs that chose differently.
+on (``--deterministic``), or on batches shorter than :data:`MIN_SECONDS` (noise). The thread count
+changes how GEMMs and reductions split their sums, so runs that chose differently can differ in
+the last bits (relative ~1e-7).
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ from collections import Counter, deque
 
 import torch
 
-WARMUP = 1
+WARMUP_SECONDS = 1.0
 FIRST_INTERVAL = 8
 MAX_INTERVAL = 256
 MARGIN = 0.85
 DRIFT = 1.5
-MIN_SECONDS = 0.02
+MIN_SECONDS = 0.05
 HISTORY = 3
 
 _LOGS: list[Counter] = []
@@ -44,7 +43,7 @@ _LOGS: list[Counter] = []
 
 @contextlib.contextmanager
 def logging_threads():
-    """``with logging_threads() as counts:`` counts, per torch thread count, the batches whose rules ran on it."""
+    """``with logging_threads() as counts:`` counts, per torch thread count, the batches that ran on it."""
     counts: Counter = Counter()
     _LOGS.append(counts)
     try:
@@ -58,13 +57,13 @@ def describe(counts: Counter) -> str:
     if not counts:
         return ""
     parts = ", ".join(f"{n} on {k} thread{'s' if k > 1 else ''}" for k, n in sorted(counts.items(), reverse=True))
-    return f"importance rules: batches by torch threads: {parts}"
+    return f"importance batches by torch threads: {parts}"
 
 
-class RuleThreads:
-    """The torch thread count for the rules of each batch (see the module docstring).
+class BatchThreads:
+    """The torch thread count for each batch (see the module docstring).
 
-    ``start_batch()``, then every rule call inside ``with running():``, then ``end_batch(samples)``.
+    ``start_batch()``, then the batch's work inside ``with running():``, then ``end_batch(samples)``.
     ``threads``: all threads (default: torch's count now); ``enabled``: tune at all (a CPU);
     ``clock``: seconds (for tests).
     """
@@ -75,7 +74,8 @@ class RuleThreads:
         self.choice = self.all
         self.clock = clock
         self.batch = 0
-        self.next_probe = WARMUP + 1
+        self.warm = 0.0  # seconds of the warm-up batches so far
+        self.next_probe: int | None = None  # the batch that probes the other count (after the first timed one)
         self.interval = FIRST_INTERVAL
         self.times: dict[int, deque] = {self.all: deque(maxlen=HISTORY), 1: deque(maxlen=HISTORY)}
         self.now = self.all
@@ -104,12 +104,17 @@ class RuleThreads:
                 torch.set_num_threads(before)
 
     def end_batch(self, samples: int) -> None:
-        """Record the batch's rule time per sample and update the choice and the next probe."""
-        b, self.batch = self.batch, self.batch + 1
+        """Record the batch's time per sample and update the choice and the next probe."""
+        self.batch += 1
         for counts in _LOGS:
             counts[self.now] += 1
-        if not self.enabled or b < WARMUP or samples <= 0:
+        if not self.enabled or samples <= 0:
             return
+        if self.warm < WARMUP_SECONDS:
+            self.warm += self.seconds
+            return
+        if self.next_probe is None:
+            self.next_probe = self.batch  # the batch after this first timed one
         if self.seconds < MIN_SECONDS:  # too short to time: look again later
             if self.probing:
                 self.next_probe = self.batch + self.interval
@@ -118,14 +123,15 @@ class RuleThreads:
         chosen = self.times[self.choice]
         if self.probing:
             if chosen and t < MARGIN * statistics.median(chosen):
-                self.choice = self.now
+                self.choice = self.now  # and the schedule of probes starts again
                 self.interval = FIRST_INTERVAL
-            elif chosen:
-                self.interval = min(MAX_INTERVAL, self.interval * 2)
             self.times[self.now].append(t)
             self.next_probe = self.batch + self.interval
+            if chosen:
+                self.interval = min(MAX_INTERVAL, self.interval * 2)
             return
-        if chosen and t > DRIFT * min(chosen):
+        if chosen and t > DRIFT * min(chosen):  # the load changed: probe now, against this time alone
+            chosen.clear()
             self.next_probe = self.batch
             self.interval = FIRST_INTERVAL
         chosen.append(t)

@@ -109,6 +109,13 @@ class ImportanceArgs(Args):
     seed: int = seed_option()
     device: str = device_option()
     precision: str = precision_option()
+    deterministic: bool = option(
+        False,
+        "--deterministic",
+        help="Bit-reproducible importances: torch.use_deterministic_algorithms(True) and all torch threads for every "
+        "batch (by default a CPU runs each batch on all threads or on one, whichever is faster at the time, which "
+        "can change the last bits).",
+    )
     data_options: DataOptions = group(DataOptions)
     force: bool = force_option()
     config: Optional[Path] = config_option()
@@ -123,7 +130,16 @@ class ImportanceArgs(Args):
             raise UsageError("$decay only applies with $accumulate PREV; add it or drop $decay.")
         self.ignore_unless(
             method.needs_data,
-            ("data", "samples", "first_samples", "batch_size", "memory_budget_mb", "precision", "seed"),
+            (
+                "data",
+                "samples",
+                "first_samples",
+                "batch_size",
+                "memory_budget_mb",
+                "precision",
+                "seed",
+                "deterministic",
+            ),
             f"$method {self.method}",
         )
         for other in METHODS_BY_NAME.values():  # one note per other method whose options were given
@@ -255,6 +271,8 @@ def _combine(args: ImportanceArgs, prev, omega: dict[str, Any]) -> dict[str, Any
 def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     """Σ of the method's per-sample statistic over the task (sharded over torchrun ranks), finalised, accumulated, written."""
 
+    import torch
+
     from cl_tool import distributed
     from cl_tool.atomic import FileRoles
     from cl_tool.checkpoint import load_model
@@ -263,7 +281,14 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.importance.rules import logging_chunks
     from cl_tool.importance.threads import describe, logging_threads
     from cl_tool.models import trainable_parameters
-    from cl_tool.runtime import debug_enabled, keep_freed_memory, seed_everything, set_cuda_precision
+    from cl_tool.runtime import (
+        debug_enabled,
+        deterministic_error,
+        keep_freed_memory,
+        seed_everything,
+        set_cuda_precision,
+        set_deterministic,
+    )
     from cl_tool.sidecar import Sidecar, default_sidecar_path, load_sidecar, save_sidecar
 
     output = args.output or default_sidecar_path(args.checkpoint)
@@ -291,14 +316,23 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
         sums, count = importance_sums(model, iter(()), args.method, device=device)
     else:
         (task,) = open_tasks(specs, ckpt.spec, args.data_options, log=out.log, match=True)
+        deterministic = torch.are_deterministic_algorithms_enabled()
         try:
+            if args.deterministic:
+                set_deterministic(device)
             with logging_chunks() as chunks, logging_threads() as threads:
                 sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
             if debug_enabled() and dist.is_main:
                 for line in [*chunks.lines(device), describe(threads)]:
                     if line:
                         out.log(line)
+        except RuntimeError as exc:
+            err = deterministic_error(exc)
+            if err is None:
+                raise
+            raise err from None
         finally:
+            torch.use_deterministic_algorithms(deterministic)
             task.close()
             if task.cache_note:
                 out.log(task.cache_note)
