@@ -152,6 +152,49 @@ def skip_dynamo_import() -> None:
                 fn.__dynamo_disable = fn
 
 
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(wall s, CPU s the whole machine has been busy, CPU s of this process) now; None where /proc/stat is not
+    there. Busy = every state of the first ``cpu`` line of /proc/stat but idle and iowait (guest time is already in
+    user); CPU seconds summed over the CPUs."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    if not fields or fields[0] != "cpu" or len(ticks) < 5:
+        return None
+    own = os.times()
+    return time.perf_counter(), (sum(ticks) - ticks[3] - ticks[4]) / hz, own.user + own.system
+
+
+#: /proc/stat counts in ticks of 10 ms: a shorter window says too little.
+MIN_WINDOW_S = 0.1
+
+
+def busy_elsewhere(start, end) -> float | None:
+    """How many CPUs other processes kept busy between two :func:`cpu_sample` readings (machine busy − this
+    process's CPU time, over the wall time); None without both readings or a window under :data:`MIN_WINDOW_S`."""
+    if start is None or end is None or end[0] - start[0] < MIN_WINDOW_S:
+        return None
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
+class OthersBusy:
+    """``others()``: the CPUs other processes kept busy since the previous call (None: unknown, e.g. not Linux)."""
+
+    def __init__(self):
+        self.last = cpu_sample()
+
+    def __call__(self) -> float | None:
+        now = cpu_sample()
+        busy, self.last = busy_elsewhere(self.last, now), now
+        return busy
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 KEEP_BELOW_BYTES = 32 << 20  # blocks up to this size come from (and go back to) the heap
 TRIM_ABOVE_BYTES = 128 << 20  # free memory at the top of the heap is given back above this

@@ -18,6 +18,17 @@ class Clock:
         return self.t
 
 
+class Others:
+    """CPUs other processes keep busy during batch b: ``busy_on(b)`` (the tuner asks at a batch's start and end)."""
+
+    def __init__(self, busy_on):
+        self.busy_on, self.calls = busy_on, 0
+
+    def __call__(self):
+        b, self.calls = self.calls // 2, self.calls + 1
+        return self.busy_on(b)
+
+
 def run(tuner: BatchThreads, clock: Clock, seconds_on, batches: int, samples: int = 100) -> list[int]:
     """Feed ``batches`` batches whose time is ``seconds_on(batch, threads)``; the thread count each ran on."""
     used = []
@@ -38,18 +49,19 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_quiet_machine_keeps_all_threads_and_probes_ever_more_rarely(two_threads):
+def test_unknown_load_keeps_all_threads_and_probes_ever_more_rarely(two_threads):
     clock = Clock()
-    tuner = BatchThreads(clock=clock)
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: None))
     used = run(tuner, clock, lambda b, k: 0.5 if k == 2 else 0.8, 60)
     # warm-up: batches 0-1 (1 s); batch 2 the first timed one; probes at 3, then after 8, 16, 32 batches
     assert [b for b, k in enumerate(used) if k == 1] == [3, 12, 29]
     assert torch.get_num_threads() == 2  # restored after every batch
 
 
-def test_busy_core_moves_to_one_thread_at_the_first_probe(two_threads):
+@pytest.mark.parametrize("busy", [None, 1.0], ids=["load-unknown", "core-busy"])
+def test_busy_core_moves_to_one_thread_at_the_first_probe(two_threads, busy):
     clock = Clock()
-    tuner = BatchThreads(clock=clock)
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: busy))
     used = run(tuner, clock, lambda b, k: 1.2 if k == 2 else 0.8, 30)
     assert used[:3] == [2, 2, 1]  # warm-up (one batch of 1.2 s), one timed batch, the probe
     # from then on one thread, with the other count probed after 8 and 16 batches
@@ -59,7 +71,7 @@ def test_busy_core_moves_to_one_thread_at_the_first_probe(two_threads):
 
 def test_load_that_starts_mid_run_is_noticed_at_the_next_batch(two_threads):
     clock = Clock()
-    tuner = BatchThreads(clock=clock)
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: None))
 
     def seconds(b, k):
         busy = b >= 20
@@ -72,9 +84,29 @@ def test_load_that_starts_mid_run_is_noticed_at_the_next_batch(two_threads):
 
 def test_a_probe_within_the_margin_does_not_switch(two_threads):
     clock = Clock()
-    tuner = BatchThreads(clock=clock)
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: None))
     used = run(tuner, clock, lambda b, k: 0.5 if k == 2 else 0.5 * (T.MARGIN + 0.02), 20)
     assert sum(k == 1 for k in used) == 2  # the probes only
+
+
+def test_a_quiet_machine_is_never_probed(two_threads):
+    """Other processes below half a CPU: no batch runs on one thread, even one that would be faster."""
+    clock = Clock()
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: 0.1))
+    assert set(run(tuner, clock, lambda b, k: 0.5 if k == 2 else 0.3, 60)) == {2}
+
+
+def test_back_to_all_threads_as_soon_as_the_other_process_ends(two_threads):
+    clock = Clock()
+    tuner = BatchThreads(clock=clock, others=Others(lambda b: 1.0 if b < 20 else 0.0))
+
+    def seconds(b, k):
+        return (1.2 if b < 20 else 0.5) if k == 2 else 0.8
+
+    used = run(tuner, clock, seconds, 30)
+    assert used[:3] == [2, 2, 1] and set(used[3:11]) == {1}
+    assert used[20] == 1 and used[21] == 2  # batch 20 saw no other load: batch 21 probes all threads, which win
+    assert set(used[21:]) == {2}
 
 
 @pytest.mark.parametrize("case", ["disabled", "one-thread", "deterministic", "short-batches"])
@@ -85,7 +117,7 @@ def test_no_tuning(case, two_threads):
     if case == "deterministic":
         torch.use_deterministic_algorithms(True)
     try:
-        tuner = BatchThreads(clock=clock, enabled=case != "disabled")
+        tuner = BatchThreads(clock=clock, enabled=case != "disabled", others=Others(lambda b: None))
         fast_one = (lambda b, k: 1 / 64) if case == "short-batches" else (lambda b, k: 1.0 if k > 1 else 0.1)
         used = run(tuner, clock, fast_one, 200 if case == "short-batches" else 20)
     finally:

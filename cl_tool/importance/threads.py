@@ -9,10 +9,13 @@ change during a run, so the count is chosen by timing batches (:class:`BatchThre
 
 * batches run on all threads, untimed, until they have taken :data:`WARMUP_SECONDS` in all;
 * every later batch's time per sample is recorded for the count it ran on, and now and then one
-  batch runs on the other count (a probe): right after the first timed batch, then after
-  :data:`FIRST_INTERVAL`, twice as many, … batches while the choice stands (at most
-  :data:`MAX_INTERVAL`), and at the next batch when the chosen count's time per sample rises
-  above :data:`DRIFT` × its best recent time (that time then replaces its history);
+  batch runs on the other count (a probe). On all threads, a probe of one thread is due right
+  after the first timed batch, then after :data:`FIRST_INTERVAL`, twice as many, … batches while
+  the choice stands (at most :data:`MAX_INTERVAL`), and at once when the time per sample rises
+  above :data:`DRIFT` × its best recent time (that time then replaces its history); it runs
+  only while other processes keep at least :data:`OTHERS_BUSY` of a CPU busy (or where that
+  cannot be read), so a quiet machine pays nothing. On one thread, a probe of all threads comes
+  on the same schedule and as soon as the other processes fall below that;
 * a probe faster than :data:`MARGIN` × the chosen count's recent median becomes the choice.
 
 Nothing is tuned on a single thread, on other devices, while torch's deterministic algorithms are
@@ -30,6 +33,8 @@ from collections import Counter, deque
 
 import torch
 
+from cl_tool.runtime import OthersBusy
+
 WARMUP_SECONDS = 1.0
 FIRST_INTERVAL = 8
 MAX_INTERVAL = 256
@@ -37,6 +42,7 @@ MARGIN = 0.85
 DRIFT = 1.5
 MIN_SECONDS = 0.05
 HISTORY = 3
+OTHERS_BUSY = 0.5
 
 _LOGS: list[Counter] = []
 
@@ -65,10 +71,11 @@ class BatchThreads:
 
     ``start_batch()``, then the batch's work inside ``with running():``, then ``end_batch(samples)``.
     ``threads``: all threads (default: torch's count now); ``enabled``: tune at all (a CPU);
-    ``clock``: seconds (for tests).
+    ``clock``: seconds; ``others``: CPUs other processes kept busy since its previous call, or None
+    where unknown (default :class:`~cl_tool.runtime.OthersBusy`).
     """
 
-    def __init__(self, threads: int | None = None, enabled: bool = True, clock=time.perf_counter):
+    def __init__(self, threads: int | None = None, enabled: bool = True, clock=time.perf_counter, others=None):
         self.all = threads or torch.get_num_threads()
         self.enabled = enabled and self.all > 1 and not torch.are_deterministic_algorithms_enabled()
         self.choice = self.all
@@ -81,11 +88,21 @@ class BatchThreads:
         self.now = self.all
         self.probing = False
         self.seconds = 0.0
+        self.others = others if others is not None else (OthersBusy() if self.enabled else lambda: None)
+        self.busy: float | None = None  # CPUs the other processes kept busy during the last batch
+
+    def _contended(self) -> bool:
+        return self.busy is None or self.busy >= OTHERS_BUSY
 
     def start_batch(self) -> None:
         """Choose this batch's count: the choice, or the other count on a probe."""
         self.seconds = 0.0
-        self.probing = self.enabled and self.batch == self.next_probe
+        due = self.next_probe is not None and self.batch >= self.next_probe
+        if self.choice == self.all:
+            self.probing = self.enabled and due and self._contended()
+        else:
+            self.probing = self.enabled and (due or not self._contended())
+        self.others()  # start the window of this batch
         other = 1 if self.choice == self.all else self.all
         self.now = other if self.probing else self.choice
 
@@ -110,6 +127,7 @@ class BatchThreads:
             counts[self.now] += 1
         if not self.enabled or samples <= 0:
             return
+        self.busy = self.others()
         if self.warm < WARMUP_SECONDS:
             self.warm += self.seconds
             return
