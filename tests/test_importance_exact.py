@@ -16,7 +16,7 @@ from cl_tool.importance.engine import GradEngine
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.losses import LossSpec, output_cotangents, per_sample_losses
 from cl_tool.importance.reference import naive_sums
-from cl_tool.importance.rules import logging_chunks
+from cl_tool.importance.rules import ConvRule, logging_chunks
 from cl_tool.models import ModelSpec, build_model
 
 TOL = 1e-4
@@ -253,12 +253,46 @@ def test_chunks_and_threads_do_not_change_results():
     assert max_rel_err(b, a) < 1e-5
 
 
+PADDED_FEW_POSITIONS = {  # ≤ 4 output positions where some kernel offsets see only zero padding
+    "2x2-kernel3-pad1": (lambda: nn.Conv2d(2, 4, 3, padding=1), (2, 2, 2)),
+    "stride2-pad1-groups": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), (2, 4, 4)),
+    "dilated-rect": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=(2, 1), bias=False), (2, 1, 2)),
+    "conv1d-same": (lambda: nn.Conv1d(2, 3, 3, padding="same"), (2, 3)),
+    "reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_FEW_POSITIONS))
+@pytest.mark.parametrize("method,kw", [CASES[0], CASES[2]], ids=["fisher", "fisher-exact"])
+def test_position_pairs_skip_zero_padding(name, method, kw):
+    """With ≤ 4 positions the square of a sum over positions is summed over position pairs; a kernel
+    offset whose input is zero padding at some positions contracts only over the pairs it sees."""
+    torch.manual_seed(0)
+    make, shape = PADDED_FEW_POSITIONS[name]
+    conv = make()
+    model = conv_net(conv, in_shape=shape)
+    rule = ConvRule()
+    seen = rule.seen(conv, [torch.zeros(1, *shape)])
+    assert (seen is None) == (name == "reflect")  # reflect padding repeats the input: never zero
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, *shape, generator=gen), torch.randint(0, 10, (5,), generator=gen))]
+    assert compare(model, batches, method, **kw) < TOL
+
+
+def test_seen_positions_of_a_padded_2x2_convolution():
+    """3×3 kernel, padding 1 on a 2×2 input: the centre offset sees all 4 positions, an edge offset 2, a corner 1."""
+    seen = ConvRule().seen(nn.Conv2d(1, 1, 3, padding=1), [torch.zeros(1, 1, 2, 2)])
+    assert seen.shape == (4, 9)
+    assert seen.sum(0).tolist() == [1, 2, 1, 2, 4, 2, 1, 2, 1]
+    assert seen[:, 0].tolist() == [False, False, False, True]  # offset (−1, −1) reads the input at position (1, 1) only
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_position_pairs_in_chunks_of_samples(groups):
     """Position pairs (T ≤ 4) summed over the K exact-label passes, finished in chunks of samples
     when the memory budget holds only a few samples' pair products, equal the per-sample loop."""
     torch.manual_seed(0)
-    model = conv_net(nn.Conv2d(2, 4, 5, stride=4, groups=groups))  # 9×9 input → 2×2 positions
+    model = conv_net(nn.Conv2d(2, 4, 5, stride=4, padding=1, groups=groups))  # 9×9 input, padded → 2×2 positions
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(7, 2, 9, 9, generator=gen), torch.randint(0, 10, (7,), generator=gen))]
     kw = {"fisher_labels": "exact", "generator": torch.Generator().manual_seed(7)}

@@ -155,14 +155,19 @@ def _cat_positions(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 PAIRWISE_MAX_POSITIONS = 4
 
 
-def _pair_products(X: torch.Tensor, weighted: bool) -> torch.Tensor:
-    """Products of position pairs t ≤ t' of ``X`` (n, g, T, c) → (g, n, T(T+1)/2, c), times
-    c_tt' = 1 (t = t') or 2 with ``weighted``.
+def position_pairs(T: int) -> list[tuple[int, int]]:
+    """The pairs t ≤ t' of T positions, in the order of :func:`_pair_products`."""
+    return [(t, u) for t in range(T) for u in range(t, T)]
+
+
+def _pair_products(X: torch.Tensor, weighted: bool, pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Products of position pairs t ≤ t' of ``X`` (n, g, T, c) → (g, n, len(pairs), c), times
+    c_tt' = 1 (t = t') or 2 with ``weighted``; ``pairs``: a subset (default all, :func:`position_pairs`).
 
     One ``mul`` per pair into a preallocated result (no gathered copies of ``X``), laid out so
     that :func:`finish_weight_stat` contracts over (sample, pair) with one GEMM per group."""
     n, g, T, c = X.shape
-    pairs = [(t, u) for t in range(T) for u in range(t, T)]
+    pairs = position_pairs(T) if pairs is None else pairs
     out = X.new_empty(g, n, len(pairs), c)
     Xg = X.transpose(0, 1)  # (g, n, T, c)
     for k, (t, u) in enumerate(pairs):
@@ -232,20 +237,42 @@ def weight_stat(G: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, s
     return None
 
 
-def finish_weight_stat(factor: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int) -> torch.Tensor:
-    """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes."""
+def finish_weight_stat(
+    factor: torch.Tensor, inputs, i: int, stat: str, budget_bytes: int, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(g, o, i) from a factor summed by :func:`weight_stat` over a batch's passes.
+
+    Position pairs: Σ over (sample, pair) of the factor times the input pair products, one GEMM
+    per group. ``seen`` (T, B) bool, for inputs whose i columns form B equal blocks (a conv's kernel
+    offsets, C/groups channels each): whether a block's inputs at position t can be non-zero (False
+    where they are zero padding whatever the data). A pair with an unseen position adds nothing to
+    that block, so each block contracts over its seen pairs only (at 2×2 positions, 3×3 kernel and
+    padding 1: 26 pairs for the 9 offsets, not 90)."""
     if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
         return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
-    g, n, k, o = factor.shape  # position pairs: Σ over (sample, pair) of factor · input pair products
-    total = None
+    g, n, k, o = factor.shape
+    T = inputs(0, 1).shape[2]
+    pairs = position_pairs(T)
+    if seen is None:
+        blocks = [(0, i, list(range(k)))]
+    else:
+        width = i // seen.shape[1]
+        blocks = [
+            (b * width, (b + 1) * width, [p for p, (t, u) in enumerate(pairs) if seen[t, b] and seen[u, b]])
+            for b in range(seen.shape[1])
+        ]
+    total = factor.new_zeros(g, o, i)
     step = chunk_size(k * g * i, budget_bytes, n, device=factor.device)
     for s in range(0, n, step):
         e = min(n, s + step)
-        part = torch.bmm(
-            factor[:, s:e].reshape(g, (e - s) * k, o).transpose(1, 2),
-            _pair_products(inputs(s, e), weighted=False).view(g, (e - s) * k, i),
-        )
-        total = part if total is None else total.add_(part)
+        X = inputs(s, e)
+        for lo, hi, chosen in blocks:
+            if not chosen:
+                continue
+            f = factor[:, s:e] if len(chosen) == k else factor[:, s:e, chosen]
+            prod = _pair_products(X[..., lo:hi], weighted=False, pairs=[pairs[p] for p in chosen])
+            m = (e - s) * len(chosen)
+            total[:, :, lo:hi].baddbmm_(f.reshape(g, m, o).transpose(1, 2), prod.view(g, m, hi - lo))
     return total
 
 
@@ -433,6 +460,19 @@ class ConvRule(Rule):
         """(B, groups, L, kh·kw·C_in/groups) input patches of ``x`` (see :meth:`gather_patches`)."""
         return self.gather_patches(module, self.channels_last(module, x))
 
+    def seen(self, module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """(L, kh·kw) bool over the calls' positions (in :meth:`_inputs`' order) and kernel offsets: False where
+        the patch entries are zero padding whatever the input; None when there is none (the patches of an
+        all-ones input: padding modes other than zeros repeat the input, so they are never zero)."""
+        (kh, kw), stride, dilation = self._geometry(module)
+        masks = []
+        for a in inputs:
+            ones = torch.ones(1, 1, *a.shape[2:], device=a.device)
+            cols = F.unfold(self._padded(module, ones), (kh, kw), dilation=dilation, stride=stride)  # (1, kh·kw, L)
+            masks.append(cols[0].t() > 0)
+        mask = torch.cat(masks, 0)
+        return None if bool(mask.all()) else mask
+
     def _inputs(self, module, inputs):
         """``inputs(s, e)``: the patches of samples s..e−1 of every call. The padded channels-last
         copy of each call's input is made once, at the first request, and chunks are gathered from it."""
@@ -480,7 +520,10 @@ class ConvRule(Rule):
         i = module.in_channels // module.groups * kh * kw
         return {
             "weight": self._weight(
-                module, finish_weight_stat(state["weight"], self._inputs(module, inputs), i, stat, budget_bytes)
+                module,
+                finish_weight_stat(
+                    state["weight"], self._inputs(module, inputs), i, stat, budget_bytes, self.seen(module, inputs)
+                ),
             )
         }
 
