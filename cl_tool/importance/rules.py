@@ -474,16 +474,9 @@ class ConvRule(Rule):
         return None if bool(mask.all()) else mask
 
     def _inputs(self, module, inputs):
-        """``inputs(s, e)``: the patches of samples s..e−1 of every call. The padded channels-last
-        copy of each call's input is made once, at the first request, and chunks are gathered from it."""
-        whole: list[torch.Tensor] = []
-
-        def chunk(s: int, e: int) -> torch.Tensor:
-            if not whole:
-                whole.extend(self.channels_last(module, wide(a)) for a in inputs)
-            return _cat_positions([self.gather_patches(module, xc[s:e]) for xc in whole], 2)
-
-        return chunk
+        """``inputs(s, e)``: the patches of samples s..e−1 of every call, made for those samples only (a
+        padded channels-last copy of a chunk stays in cache for the gather; of a whole batch it would not)."""
+        return lambda s, e: _cat_positions([self.patches_by_position(module, wide(a[s:e])) for a in inputs], 2)
 
     def _weight(self, module, w: torch.Tensor) -> torch.Tensor:
         """(g, o/g, kh·kw·C/g) in patch order → the weight's shape (o, C/g, kh, kw)."""
