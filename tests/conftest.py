@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -114,15 +115,24 @@ def snapshot_dir(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one torch thread avoids OpenMP start-up/sync cost dominating on a busy machine."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count is ``n`` inside the block, restored after it."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP start-up/sync cost dominating on a busy machine."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

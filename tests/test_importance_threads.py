@@ -7,7 +7,9 @@ import torch
 
 from cl_tool.importance import importance_sums
 from cl_tool.importance import threads as T
-from cl_tool.importance.threads import BatchThreads, describe, logging_threads
+from cl_tool.importance.rules import logging_chunks
+from cl_tool.importance.threads import BatchThreads
+from tests.conftest import torch_threads
 
 
 class Clock:
@@ -43,10 +45,8 @@ def run(tuner: BatchThreads, clock: Clock, seconds_on, batches: int, samples: in
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def test_unknown_load_keeps_all_threads_and_probes_ever_more_rarely(two_threads):
@@ -132,8 +132,9 @@ def test_engine_counts_its_batches_by_threads(two_threads):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))) for _ in range(3)]
-    with logging_threads() as counts:
+    with logging_chunks() as log:
         importance_sums(model, batches, "fisher")
-    assert counts == {2: 3}  # tiny batches: nothing timed, no probe
-    assert describe(counts) == "importance batches by torch threads: 3 on 2 threads"
-    assert describe({2: 29, 1: 3}) == "importance batches by torch threads: 29 on 2 threads, 3 on 1 thread"
+    assert log.threads == {2: 3}  # tiny batches: nothing timed, no probe
+    assert log.lines("cpu")[-1] == "importance batches by torch threads: 3 on 2 threads"
+    log.threads[1] += 2
+    assert log.lines("cpu")[-1] == "importance batches by torch threads: 3 on 2 threads, 2 on 1 thread"

@@ -33,6 +33,7 @@ the square root of the l2 total is taken once, over all calls, batches and proce
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -59,18 +60,24 @@ _EQUIVALENT_SUBCLASSES = {
 
 
 class ChunkLog:
-    """The chunk sizes :func:`chunk_size` chose while this log was active, by layer (for ``--debug``)."""
+    """What the engine chose while this log was active (for ``--debug``): the chunk sizes of
+    :func:`chunk_size`, by layer, and how many batches ran on each torch thread count (``threads``)."""
 
     def __init__(self):
         self.layer = "?"
         self.rows: dict[str, tuple[int, int, int, str]] = {}  # layer -> (chunk, batch, floats per sample, limit)
+        self.threads: Counter = Counter()  # torch threads -> batches
 
     def lines(self, device) -> list[str]:
-        return [
+        lines = [
             f"importance chunks on {device}: {layer}: {chunk} of {batch} samples per chunk "
             f"({elems:,} floats per sample; limit: {limit})"
             for layer, (chunk, batch, elems, limit) in self.rows.items()
         ]
+        if self.threads:
+            parts = ", ".join(f"{n} on {k} thread{'s' if k > 1 else ''}" for k, n in sorted(self.threads.items())[::-1])
+            lines.append(f"importance batches by torch threads: {parts}")
+        return lines
 
 
 _LOGS: list[ChunkLog] = []
@@ -85,6 +92,12 @@ def logging_chunks():
         yield log
     finally:
         _LOGS.remove(log)
+
+
+def count_batch_threads(threads: int) -> None:
+    """One more batch ran on ``threads`` torch threads (for an active :class:`ChunkLog`)."""
+    for log in _LOGS:
+        log.threads[threads] += 1
 
 
 def set_chunk_layer(name: str) -> None:

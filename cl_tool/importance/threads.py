@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections import Counter, deque
+from collections import deque
 
 import torch
 
+from cl_tool.importance.rules import count_batch_threads
 from cl_tool.runtime import OthersBusy
 
 WARMUP_SECONDS = 1.0
@@ -43,27 +44,6 @@ DRIFT = 1.5
 MIN_SECONDS = 0.05
 HISTORY = 3
 OTHERS_BUSY = 0.5
-
-_LOGS: list[Counter] = []
-
-
-@contextlib.contextmanager
-def logging_threads():
-    """``with logging_threads() as counts:`` counts, per torch thread count, the batches that ran on it."""
-    counts: Counter = Counter()
-    _LOGS.append(counts)
-    try:
-        yield counts
-    finally:
-        _LOGS.remove(counts)
-
-
-def describe(counts: Counter) -> str:
-    """One log line from :func:`logging_threads`' counts ('' if none)."""
-    if not counts:
-        return ""
-    parts = ", ".join(f"{n} on {k} thread{'s' if k > 1 else ''}" for k, n in sorted(counts.items(), reverse=True))
-    return f"importance batches by torch threads: {parts}"
 
 
 class BatchThreads:
@@ -123,8 +103,7 @@ class BatchThreads:
     def end_batch(self, samples: int) -> None:
         """Record the batch's time per sample and update the choice and the next probe."""
         self.batch += 1
-        for counts in _LOGS:
-            counts[self.now] += 1
+        count_batch_threads(self.now)
         if not self.enabled or samples <= 0:
             return
         self.busy = self.others()

@@ -279,7 +279,6 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
     from cl_tool.data import local_paths, open_tasks, task_specs
     from cl_tool.importance import finalize_importance, importance_sums
     from cl_tool.importance.rules import logging_chunks
-    from cl_tool.importance.threads import describe, logging_threads
     from cl_tool.models import trainable_parameters
     from cl_tool.runtime import (
         debug_enabled,
@@ -320,12 +319,11 @@ def run_importance(args: ImportanceArgs, out: Output) -> dict[str, Any]:
         try:
             if args.deterministic:
                 set_deterministic(device)
-            with logging_chunks() as chunks, logging_threads() as threads:
+            with logging_chunks() as chunks:
                 sums, count, data_desc = _sums_on_task(args, out, model, task, dist, device)
             if debug_enabled() and dist.is_main:
-                for line in [*chunks.lines(device), describe(threads)]:
-                    if line:
-                        out.log(line)
+                for line in chunks.lines(device):
+                    out.log(line)
         except RuntimeError as exc:
             err = deterministic_error(exc)
             if err is None:
