@@ -264,8 +264,7 @@ def finish_weight_stat(
     if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
         return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
     g, n, k, o = factor.shape
-    T = inputs(0, 1).shape[2]
-    pairs = position_pairs(T)
+    pairs = position_pairs(round(((8 * k + 1) ** 0.5 - 1) / 2))  # k = T(T+1)/2 pairs of T positions
     if seen is None:
         blocks = [(0, i, list(range(k)))]
     else:
@@ -449,18 +448,15 @@ class ConvRule(Rule):
         kernel, stride, dilation = self._geometry(module)
         return F.unfold(self._padded(module, x), kernel, dilation=dilation, stride=stride)
 
-    def channels_last(self, module, x: torch.Tensor) -> torch.Tensor:
-        """The input as the convolution sees it (padding applied), as a contiguous (B, H, W, C) tensor."""
-        return self._padded(module, x).permute(0, 2, 3, 1).contiguous()
-
-    def gather_patches(self, module, xc: torch.Tensor) -> torch.Tensor:
-        """(B, groups, L, kh·kw·C_in/groups) input patches from :meth:`channels_last` ``xc``, each row a
-        position's receptive field in (kh, kw, channel) order (contiguous runs of C_in/groups values),
-        made by one copy."""
+    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
+        in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
+        x = self._padded(module, x)
         (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
-        n, h, w, c = xc.shape
+        n, c, h, w = x.shape
         g = module.groups
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         s_n, s_h, s_w, _ = xc.stride()
         view = xc.as_strided(
             (n, oh, ow, kh, kw, g, c // g),
@@ -468,10 +464,6 @@ class ConvRule(Rule):
             xc.storage_offset(),
         )
         return view.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, g, oh * ow, kh * kw * (c // g))
-
-    def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
-        """(B, groups, L, kh·kw·C_in/groups) input patches of ``x`` (see :meth:`gather_patches`)."""
-        return self.gather_patches(module, self.channels_last(module, x))
 
     def seen(self, module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         """(L, kh·kw) bool over the calls' positions (in :meth:`_inputs`' order) and kernel offsets: False where
