@@ -287,6 +287,27 @@ def test_seen_positions_of_a_padded_2x2_convolution():
     assert seen[:, 0].tolist() == [False, False, False, True]  # offset (−1, −1) reads the input at position (1, 1) only
 
 
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 5, 4)),
+        (lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), (2, 5, 6)),  # uneven: more padding on one side
+        (lambda: nn.Conv2d(2, 3, 3, padding=(0, 2), dilation=2), (2, 7, 5)),
+        (lambda: nn.Conv1d(2, 3, 4, padding="same"), (2, 6)),
+        (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 4, 4)),
+        (lambda: nn.Conv2d(2, 3, 3), (2, 4, 4)),
+    ],
+    ids=["pad1", "same-uneven", "rows-only", "conv1d-same", "circular", "none"],
+)
+def test_channels_last_padding_equals_f_pad(make, shape):
+    """The zeroed channels-last buffer with the input copied into its interior is the padded input."""
+    conv, rule = make(), ConvRule()
+    x = torch.randn(3, *shape)
+    got = rule._padded_channels_last(conv, x)
+    assert got.is_contiguous()
+    assert torch.equal(got, rule._padded(conv, x).permute(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_position_pairs_in_chunks_of_samples(groups):
     """Position pairs (T ≤ 4) summed over the K exact-label passes, finished in chunks of samples

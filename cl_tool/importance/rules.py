@@ -433,15 +433,32 @@ class ConvRule(Rule):
             return (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
         return tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
 
+    @staticmethod
+    def _pads(module) -> list[int]:
+        """F.pad's amounts, last axis first: [left, right] (Conv1d) or [left, right, top, bottom]."""
+        pads = getattr(module, "_reversed_padding_repeated_twice", None)
+        return list(pads) if pads is not None else [p for p in reversed(module.padding) for _ in range(2)]
+
     def _padded(self, module, x: torch.Tensor) -> torch.Tensor:
         """The input as the convolution sees it: padding applied, Conv1d as a 2-d input (B, C, 1, W)."""
-        pads = getattr(module, "_reversed_padding_repeated_twice", None)
-        if pads is None:
-            pads = [p for p in reversed(module.padding) for _ in range(2)]
+        pads = self._pads(module)
         if any(pads):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, list(pads), mode=mode)
+            x = F.pad(x, pads, mode=mode)
         return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+
+    def _padded_channels_last(self, module, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_padded` as a contiguous (B, H, W, C) tensor. Zero padding is written with the copy
+        (a zeroed buffer, the input copied into its interior), not padded first and then copied."""
+        pads = self._pads(module)
+        if module.padding_mode != "zeros" or not any(pads):
+            return self._padded(module, x).permute(0, 2, 3, 1).contiguous()
+        x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+        left, right, top, bottom = (pads + [0, 0])[:4]
+        n, c, h, w = x.shape
+        xc = x.new_zeros(n, top + h + bottom, left + w + right, c)
+        xc[:, top : top + h, left : left + w].copy_(x.permute(0, 2, 3, 1))
+        return xc
 
     def patches(self, module, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in·kh·kw, L) input patches as seen by the convolution (padding applied)."""
@@ -451,12 +468,11 @@ class ConvRule(Rule):
     def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
         """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
         in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
-        x = self._padded(module, x)
+        xc = self._padded_channels_last(module, x)  # (B, H, W, C)
         (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
-        n, c, h, w = x.shape
+        n, h, w, c = xc.shape
         g = module.groups
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        xc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         s_n, s_h, s_w, _ = xc.stride()
         view = xc.as_strided(
             (n, oh, ow, kh, kw, g, c // g),
