@@ -467,7 +467,7 @@ class ConvRule(Rule):
 
     def patches_by_position(self, module, x: torch.Tensor) -> torch.Tensor:
         """(B, groups, L, kh·kw·C_in/groups) input patches, each row a position's receptive field
-        in (kh, kw, channel) order, made by one copy from a channels-last view of ``x``."""
+        in (kh, kw, channel) order: one gather copy from a padded channels-last copy of ``x``."""
         xc = self._padded_channels_last(module, x)  # (B, H, W, C)
         (kh, kw), (sh, sw), (dh, dw) = self._geometry(module)
         n, h, w, c = xc.shape
