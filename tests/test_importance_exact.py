@@ -16,7 +16,7 @@ from cl_tool.importance.engine import GradEngine
 from cl_tool.importance.fallback import PerSampleFallback
 from cl_tool.importance.losses import LossSpec, output_cotangents, per_sample_losses
 from cl_tool.importance.reference import naive_sums
-from cl_tool.importance.rules import ConvRule, logging_chunks
+from cl_tool.importance.rules import ConvRule, logging_chunks, seen_column_runs
 from cl_tool.models import ModelSpec, build_model
 
 TOL = 1e-4
@@ -254,6 +254,8 @@ def test_chunks_and_threads_do_not_change_results():
 
 
 PADDED_FEW_POSITIONS = {  # ≤ 4 output positions where some kernel offsets see only zero padding
+    "1x1-kernel3-pad1": (lambda: nn.Conv2d(2, 4, 3, padding=1), (2, 1, 1)),  # one position: the centre offset
+    "1x1-stride2-pad1": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 2)),  # 4 of 9 offsets, 2 runs
     "2x2-kernel3-pad1": (lambda: nn.Conv2d(2, 4, 3, padding=1), (2, 2, 2)),
     "stride2-pad1-groups": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), (2, 4, 4)),
     "dilated-rect": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=(2, 1), bias=False), (2, 1, 2)),
@@ -266,7 +268,8 @@ PADDED_FEW_POSITIONS = {  # ≤ 4 output positions where some kernel offsets see
 @pytest.mark.parametrize("method,kw", [CASES[0], CASES[2]], ids=["fisher", "fisher-exact"])
 def test_position_pairs_skip_zero_padding(name, method, kw):
     """With ≤ 4 positions the square of a sum over positions is summed over position pairs; a kernel
-    offset whose input is zero padding at some positions contracts only over the pairs it sees."""
+    offset whose input is zero padding at some positions contracts only over the pairs it sees (at one
+    position: the offsets that see only padding are skipped and stay zero)."""
     torch.manual_seed(0)
     make, shape = PADDED_FEW_POSITIONS[name]
     conv = make()
@@ -277,6 +280,14 @@ def test_position_pairs_skip_zero_padding(name, method, kw):
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(5, *shape, generator=gen), torch.randint(0, 10, (5,), generator=gen))]
     assert compare(model, batches, method, **kw) < TOL
+
+
+def test_seen_column_runs_merge_adjacent_blocks():
+    """Seen blocks of ``width`` columns become maximal column ranges; unseen blocks are skipped."""
+    seen = torch.tensor([False, True, True, False, True, False, False, True, True])
+    assert seen_column_runs(seen, 3) == [(3, 9), (12, 15), (21, 27)]
+    assert seen_column_runs(torch.ones(3, dtype=torch.bool), 2) == [(0, 6)]
+    assert seen_column_runs(torch.zeros(2, dtype=torch.bool), 2) == []
 
 
 def test_seen_positions_of_a_padded_2x2_convolution():

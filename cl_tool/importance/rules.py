@@ -260,9 +260,16 @@ def finish_weight_stat(
     offsets, C/groups channels each): whether a block's inputs at position t can be non-zero (False
     where they are zero padding whatever the data). A pair with an unseen position adds nothing to
     that block, so each block contracts over its seen pairs only (at 2×2 positions, 3×3 kernel and
-    padding 1: 26 pairs for the 9 offsets, not 90)."""
+    padding 1: 26 pairs for the 9 offsets, not 90). At one position the unseen blocks are zero and
+    the GEMM runs over the seen runs of blocks only (3×3 kernel, padding 1, 1×1 output: 1 of 9)."""
     if factor.dim() == 3:  # one position: Σₙ (Σₚ f(gₚₙ)) f(aₙ)ᵀ, a (g, o, n)·(g, n, i) GEMM
-        return torch.bmm(factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1))
+        left, right = factor.permute(1, 2, 0), stat_fn(stat)(inputs(0, factor.shape[0])[:, :, 0]).transpose(0, 1)
+        if seen is None:
+            return torch.bmm(left, right)
+        total = factor.new_zeros(left.shape[0], left.shape[1], i)
+        for lo, hi in seen_column_runs(seen[0], i // seen.shape[1]):
+            total[:, :, lo:hi] = torch.bmm(left, right[:, :, lo:hi])
+        return total
     g, n, k, o = factor.shape
     pairs = position_pairs(round(((8 * k + 1) ** 0.5 - 1) / 2))  # k = T(T+1)/2 pairs of T positions
     if seen is None:
@@ -286,6 +293,20 @@ def finish_weight_stat(
             m = (e - s) * len(chosen)
             total[:, :, lo:hi].baddbmm_(f.reshape(g, m, o).transpose(1, 2), prod.view(g, m, hi - lo))
     return total
+
+
+def seen_column_runs(seen: torch.Tensor, width: int) -> list[tuple[int, int]]:
+    """Column ranges [lo, hi) of the maximal runs of True in ``seen`` (B,) bool, block b being the
+    ``width`` columns from b·width."""
+    runs: list[tuple[int, int]] = []
+    for b, s in enumerate(seen.tolist()):
+        if not s:
+            continue
+        if runs and runs[-1][1] == b * width:
+            runs[-1] = (runs[-1][0], (b + 1) * width)
+        else:
+            runs.append((b * width, (b + 1) * width))
+    return runs
 
 
 @dataclass(frozen=True)
