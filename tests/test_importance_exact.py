@@ -434,6 +434,59 @@ class Awkward(nn.Module):
         return self.out(self.frozen(h))
 
 
+class InPlace(nn.Module):
+    """In-place ops after layers: on a source layer's output, on a later layer's output (BatchNorm →
+    ReLU(inplace) after a residual ``+=``) and on a layer's input after the layer read it (which
+    autograd allows only where nothing saved that input: ``reads`` trains its bias alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.mid = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.reads = nn.Linear(8, 8)
+        self.reads.weight.requires_grad_(False)
+        self.out = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu_(self.first(x))  # a source's output overwritten
+        r = self.norm(self.mid(h))
+        r.add_(h).relu_()  # a later layer's output overwritten, twice
+        s = r + 0
+        y = self.reads(s)
+        s.mul_(0.5)  # the input ``reads`` saw, overwritten after the call
+        return self.out(torch.tanh(y) + s)
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=CASE_IDS)
+def test_in_place_ops_after_layers(method, kw):
+    """Overwritten outputs need no copies (their gradient is taken at the node that made them); only a
+    layer whose input was overwritten runs again with copies. All sums stay exact."""
+    model = randomize_norms(InPlace()).eval()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 6, generator=gen), torch.randint(0, 10, (5,), generator=gen))] * 2
+    assert compare(model, batches, method, **kw) < TOL
+    engine = GradEngine(model, LossSpec(method, **kw))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    for x, y in batches:
+        engine.add_batch(x, y)
+    assert engine.copy == {model.reads} and not engine.fallback_names
+    assert len(forwards) == 3  # the first batch once more, with the copy
+
+
+def test_no_copies_for_a_resnet():
+    """timm's ResNet overwrites BatchNorm outputs in place (ReLU(inplace), the residual ``+=``) and
+    never a layer's input: one forward pass per batch, no copies."""
+    model = tiny("resnet").eval()
+    engine = GradEngine(model, LossSpec("fisher"))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    for x, y in image_batches((3, 2)):
+        engine.add_batch(x, y)
+    assert engine.copy == set() and not engine.fallback_names and len(forwards) == 2
+
+
 @pytest.mark.parametrize("method,kw", CASES, ids=CASE_IDS)
 def test_fallbacks_are_exact(method, kw):
     torch.manual_seed(0)

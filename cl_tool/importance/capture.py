@@ -13,17 +13,24 @@ from torch import nn
 class Call:
     """One call of a layer: its (detached) input and its output tensor (attached to the graph).
 
-    The versions let the engine detect an in-place op that later overwrote either tensor (then
-    the output no longer is the layer's output in the graph, and the call is redone with copies).
+    ``node``/``nr``: the output's ``grad_fn`` and ``output_nr`` when the layer returned it. The
+    versions let the engine detect an in-place op that later overwrote either tensor: an
+    overwritten output's gradient is still the one that ``node`` receives as its input ``nr``;
+    an overwritten input is lost (the call is then redone with copies).
     """
 
     inp: torch.Tensor
     out: torch.Tensor
     inp_version: int
     out_version: int
+    node: object = None
+    nr: int = 0
 
-    def overwritten(self) -> bool:
-        return self.inp._version != self.inp_version or self.out._version != self.out_version
+    def input_overwritten(self) -> bool:
+        return self.inp._version != self.inp_version
+
+    def output_overwritten(self) -> bool:
+        return self.out._version != self.out_version
 
 
 def first_tensor(args, kwargs):
@@ -38,8 +45,7 @@ def record_calls(modules: list[nn.Module], copy: set[nn.Module]):
     """Yield ``{module: [Call | None, ...]}`` filled during the forward passes in the block.
 
     ``None`` marks a call the rules cannot use (non-tensor input/output). For modules in ``copy``
-    the input is copied and the output handed on is a copy, so later in-place ops cannot reach
-    the recorded tensors.
+    the recorded input is a copy, so later in-place ops cannot reach it.
     """
     calls: dict[nn.Module, list[Call | None]] = {m: [] for m in modules}
 
@@ -48,12 +54,9 @@ def record_calls(modules: list[nn.Module], copy: set[nn.Module]):
         if x is None or not isinstance(output, torch.Tensor):
             calls[module].append(None)
             return None
-        x = x.detach()
-        replacement = None
-        if module in copy:
-            x, replacement = x.clone(), output.clone()
-        calls[module].append(Call(x, output, x._version, output._version))
-        return replacement
+        x = x.detach().clone() if module in copy else x.detach()
+        calls[module].append(Call(x, output, x._version, output._version, output.grad_fn, output.output_nr))
+        return None
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:

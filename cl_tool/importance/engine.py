@@ -7,7 +7,7 @@
    Hessian) and back-propagates each V[p] from the logits to the recorded layer outputs (not to
    the parameters) — row n of an output gradient is sample n's, because the loss is a sum of
    per-sample terms and eval-mode layers do not mix samples,
-3. hands each (input, output-gradient) pair to the layer's rule from a tensor hook as soon as
+3. hands each (input, output-gradient) pair to the layer's rule from a hook as soon as
    the gradient exists (so output gradients do not pile up), and in the last pass lets each
    rule finish what it summed over the passes (one GEMM per batch for one-position layers);
    additive taps serve ViT-style token/position parameters, and the exact
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
 from cl_tool.errors import IncompatibleError, UsageError
 from cl_tool.importance import BIAS_SCORES, SIGNAL_NORMS, SIGNAL_STATS
@@ -190,14 +191,17 @@ class GradEngine:
             self.sums[n] += s
 
     def _forward(self, x):
+        """The recorded calls and the logits. The modules with a call whose input a later in-place op
+        overwrote are run again, for this and later batches, with copies (an overwritten output needs
+        none: its gradient is taken where the graph's node for it receives it)."""
         modules = [rm.module for rm in self.plan.exclusive]
         for _ in range(2):
             with record_calls(modules, self.copy) as calls, torch.enable_grad(), self.autocast():
                 logits = self.model(x)
-            overwritten = {m for m, cs in calls.items() if any(c is not None and c.overwritten() for c in cs)}
-            if not overwritten - self.copy:
+            lost = {m for m, cs in calls.items() if any(c is not None and c.input_overwritten() for c in cs)}
+            if not lost - self.copy:
                 return calls, logits
-            self.copy |= overwritten  # an in-place op overwrote a layer's output: redo with copies
+            self.copy |= lost
         return calls, logits
 
     def _split(self, calls, graph: GraphIndex, batch: int):
@@ -217,24 +221,29 @@ class GradEngine:
     def _backward_passes(self, z, cotangents, ruled, taps, batch: int) -> list[str]:
         """Run the P backward passes; add rule and tap statistics; return taps that failed.
 
-        Tensor hooks on the recorded layer outputs hand each output gradient to its rule as soon
-        as the backward pass produces it (once all calls of that layer have one), so at most a
-        few output gradients are alive at a time. Autograd is asked only for the outputs without
-        a recorded ancestor and for the tap parameters.
+        Hooks on the recorded layer outputs hand each output gradient to its rule as soon as the
+        backward pass produces it (once all calls of that layer have one), so at most a few output
+        gradients are alive at a time. Autograd is asked only for the outputs without a recorded
+        ancestor ("sources") and for the tap parameters. An output that a later in-place op
+        overwrote is asked for, or hooked, as its node's input (the gradient of the value the layer
+        returned, not of the overwritten one).
         """
         tap_params = [self.plan.params[n] for n in taps]
-        sources = without_hooked_ancestors([c.out for _, cs in ruled for c in cs])
-        if not sources and not tap_params:
-            return []
         passes = cotangents.shape[0]
         states = [{} for _ in ruled]  # per layer: what its rule sums over the passes
         pending = [[None] * len(cs) for _, cs in ruled]
         last = [passes == 1]  # the running pass is the last one: rules finish at once
-        handles = [
-            c.out.register_hook(self._grad_hook(ruled, states, pending, last, j, k))
+        hooks = {
+            (j, k): (c, self._grad_hook(ruled, states, pending, last, j, k))
             for j, (_, cs) in enumerate(ruled)
             for k, c in enumerate(cs)
-        ]
+        }
+        sources = without_hooked_ancestors(list(hooks), node_of=lambda jk: hooks[jk][0].node)
+        if not sources and not tap_params:
+            return []
+        returned = [jk for jk in sources if hooks[jk][0].output_overwritten()]  # autograd's result is their gradient
+        inputs = [GradientEdge(c.node, c.nr) if c.output_overwritten() else c.out for c, _ in map(hooks.get, sources)]
+        handles = [_hook_output_grad(c, hook) for jk, (c, hook) in hooks.items() if jk not in returned]
         tap_sums: dict[str, torch.Tensor] = {}
         failed: set[str] = set()
         for t in taps.values():
@@ -243,7 +252,13 @@ class GradEngine:
         try:
             for k in range(passes):
                 last[0] = k + 1 == passes
-                torch.autograd.grad(z, sources + tap_params, cotangents[k], retain_graph=not last[0], allow_unused=True)
+                grads = torch.autograd.grad(
+                    z, inputs + tap_params, cotangents[k], retain_graph=not last[0], allow_unused=True
+                )
+                for jk, g in zip(sources, grads):
+                    if jk in returned and g is not None:
+                        hooks[jk][1](g)
+                del grads
                 self._flush(ruled, states, pending, last[0])
                 for n, t in taps.items():
                     g = t.take(self.plan.params[n].shape, batch)
@@ -310,6 +325,21 @@ class GradEngine:
         self.fallback_names.update(names)
         for n, s in self.fallback.stats(names, x, targets, self.spec.passes(logits.shape[1])).items():
             self.sums[n] += s
+
+
+def _hook_output_grad(call, hook):
+    """Call ``hook(gradient of the layer's output)`` in each backward pass: a hook on the output tensor,
+    or, where a later in-place op overwrote it, a prehook on the node that made it (the tensor's
+    gradient would be that of the overwritten value)."""
+    if not call.output_overwritten():
+        return call.out.register_hook(hook)
+    nr = call.nr
+
+    def prehook(grad_outputs):
+        if grad_outputs[nr] is not None:
+            hook(grad_outputs[nr])
+
+    return call.node.register_prehook(prehook)
 
 
 def scale_to_unit(cotangents: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,14 +55,15 @@ class GraphIndex:
         return out
 
 
-def without_hooked_ancestors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors none of whose forward ancestors is among ``tensors`` ("sources").
+def without_hooked_ancestors(items: list, node_of=lambda t: t.grad_fn) -> list:
+    """The items (tensors, or anything ``node_of`` maps to its graph node) none of whose forward
+    ancestors is the node of another item ("sources").
 
     Asking autograd for the gradients of just the sources runs the backward pass through every
-    other tensor of the list too (each depends on a source), so their hooks fire while only the
+    other item's node too (each depends on a source), so their hooks fire while only the
     sources' gradients are returned and held.
     """
-    hooked = {t.grad_fn for t in tensors if t.grad_fn is not None}
+    hooked = {node_of(t) for t in items if node_of(t) is not None}
     below: dict = {}  # node -> a hooked node is reachable through next_functions
     for root in hooked:
         stack = [(root, False)]
@@ -76,7 +77,7 @@ def without_hooked_ancestors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             else:
                 stack.append((node, True))
                 stack.extend((c, False) for c in children if c not in below)
-    return [t for t in tensors if t.grad_fn is None or not below[t.grad_fn]]
+    return [t for t in items if node_of(t) is None or not below[node_of(t)]]
 
 
 def reduce_per_sample(grad: torch.Tensor, shape: torch.Size, batch: int) -> torch.Tensor | None:
