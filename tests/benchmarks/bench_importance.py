@@ -142,16 +142,28 @@ def ratio_worker(args) -> None:
             model, data, args.method, device=device, memory_budget_mb=args.budget_mb, **kw
         ),
     }
+    probe = None
+    if args.probe_vcpus and device.type == "cpu" and hasattr(os, "sched_setaffinity"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from vcpu_speed import cpu_speeds
+
+        probe = lambda: min(cpu_speeds().values())
     for f in run.values():
         f()  # warm-up on the whole data: allocator, kernels
     times = {k: [] for k in run}
+    times["slowest_cpu"] = []  # per round: the slowest CPU's GFLOP/s in the probes around its two passes
     for _ in range(args.repeats):
+        speeds = [probe()] if probe else []
         for k, f in run.items():
             start = time.perf_counter()
             f()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[k].append(time.perf_counter() - start)
+            if probe:
+                speeds.append(probe())
+        if probe:
+            times["slowest_cpu"].append(min(speeds))
     print(json.dumps(times))
 
 
@@ -279,6 +291,8 @@ def run_variant(args, model: str, variant: str, out: Path) -> dict:
         cmd += ["--data", args.data]
     if args.keep_freed_memory:
         cmd.append("--keep-freed-memory")
+    if args.probe_vcpus:
+        cmd.append("--probe-vcpus")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise SystemExit(f"{model}/{variant} failed:\n{proc.stderr[-3000:]}")
@@ -353,15 +367,33 @@ def exact_labels_table(args, names: list[str]) -> None:
     )
 
 
+def quiet_rounds(slowest: list[float], ratios: list[float], share: float = 0.7) -> list[float]:
+    """The ratios of the rounds whose slowest probed CPU ran at ≥ ``share`` × the fastest probe of the run."""
+    best = max(slowest, default=0.0)
+    return [r for s, r in zip(slowest, ratios, strict=True) if s >= share * best]
+
+
 def ratio_table(args) -> None:
-    """Per model: the alternating rounds' seconds of batch-mean and exact (min / median) and their ratio."""
+    """Per model: the alternating rounds' seconds of batch-mean and exact (min / median) and their ratio;
+    with ``--probe-vcpus`` also the ratio over the rounds no vCPU was slowed in (see ``vcpu_speed.py``)."""
     print(f"malloc: {'as cl-tool commands set it' if args.keep_freed_memory else 'glibc defaults'}")
-    print(f"{'model':9} {'batch-mean s min / med':>22} {'exact s min / med':>18} {'exact/batchmean min / median':>28}")
+    head = f"{'model':9} {'batch-mean s min / med':>22} {'exact s min / med':>18} {'exact/batchmean min / median':>28}"
+    print(head + (f" {'quiet rounds: n, min / median':>30}" if args.probe_vcpus else ""))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rounds = run_variant(args, name, "ratio", Path(os.devnull))
         bm, ex = rounds["batchmean"], rounds["exact"]
         ratios = [e / b for e, b in zip(ex, bm)]
-        print(f"{name:9} {min_median(bm):>22} {min_median(ex):>18} {min_median(ratios):>28}")
+        line = f"{name:9} {min_median(bm):>22} {min_median(ex):>18} {min_median(ratios):>28}"
+        quiet = quiet_rounds(rounds["slowest_cpu"], ratios) if rounds["slowest_cpu"] else []
+        if args.probe_vcpus:
+            line += f" {f'{len(quiet)}, ' + (min_median(quiet) if quiet else '-'):>30}"
+        print(line)
+    if args.probe_vcpus:
+        print(
+            "quiet rounds: every CPU, probed alone before, between and after the round's two passes, ran at"
+            " >= 0.7 x the fastest probe of that model's run (vcpu_speed.py: the host slows a vCPU for seconds"
+            " at a time, invisibly to the guest)."
+        )
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
@@ -399,6 +431,11 @@ def main(argv=None) -> None:
         "--ratio-only",
         action="store_true",
         help="only the alternating exact / batch-mean rounds of each model (no loop, no throughput, no BackPACK)",
+    )
+    p.add_argument(
+        "--probe-vcpus",
+        action="store_true",
+        help="with the ratios: probe each CPU's speed around every pass and also report the rounds no CPU was slowed in",
     )
     p.add_argument("--check-samples", type=int, default=16, help="samples for the float64 exactness check (0: skip)")
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,31 @@ def rate(fn, flops: float, repeats: int) -> float:
     return repeats * flops / (time.perf_counter() - start) / 1e9
 
 
+SHAPE = (6, 128, 16, 1152)  # (samples, o, T, i): resnet18's layer2 per-sample gradients on 28² inputs
+
+
+def cpu_speeds(repeats: int = 10) -> dict[int, float]:
+    """GFLOP/s of each CPU alone: this thread pinned to it in turn, torch on one thread, ``repeats`` products
+    of :data:`SHAPE` (about 5 ms each). The affinity and torch's thread count are restored."""
+    import torch
+
+    cpus = sorted(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    b, o, t, i = SHAPE
+    g, a, out = torch.randn(b, o, t), torch.randn(b, t, i), torch.empty(b, o, i)
+    flops = 2.0 * b * o * t * i
+    speeds = {}
+    try:
+        torch.set_num_threads(1)
+        for c in cpus:
+            os.sched_setaffinity(0, {c})
+            speeds[c] = rate(lambda: torch.bmm(g, a, out=out), flops, repeats)
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+        torch.set_num_threads(threads)
+    return speeds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=120.0)
@@ -45,7 +70,7 @@ def main() -> None:
         raise SystemExit("vcpu_speed.py: needs os.sched_setaffinity (Linux).")
     cpus = sorted(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
-    b, o, t, i = 6, 128, 16, 1152
+    b, o, t, i = SHAPE
     g, a = torch.randn(b, o, t), torch.randn(b, t, i)
     out = torch.empty(b, o, i)
     flops = 2.0 * b * o * t * i
@@ -57,23 +82,15 @@ def main() -> None:
     samples["all"] = []
     print(f"torch {torch.__version__}; CPUs {cpus}; all = {threads} threads unpinned; GFLOP/s")
     end = time.monotonic() + args.seconds
-    try:
-        while time.monotonic() < end:
-            row = []
-            torch.set_num_threads(1)
-            for c in cpus:
-                os.sched_setaffinity(0, {c})
-                samples[f"cpu{c}"].append(rate(product, flops, args.repeats))
-                row.append(f"cpu{c} {samples[f'cpu{c}'][-1]:5.1f}")
-            os.sched_setaffinity(0, set(cpus))
-            torch.set_num_threads(threads)
-            samples["all"].append(rate(product, flops, args.repeats))
-            row.append(f"all {samples['all'][-1]:5.1f}")
-            print(time.strftime("%H:%M:%S"), "  ".join(row), flush=True)
-            time.sleep(args.interval)
-    finally:
-        os.sched_setaffinity(0, set(cpus))
-        torch.set_num_threads(threads)
+    while time.monotonic() < end:
+        row = []
+        for c, speed in cpu_speeds(args.repeats).items():
+            samples[f"cpu{c}"].append(speed)
+            row.append(f"cpu{c} {speed:5.1f}")
+        samples["all"].append(rate(product, flops, args.repeats))
+        row.append(f"all {samples['all'][-1]:5.1f}")
+        print(time.strftime("%H:%M:%S"), "  ".join(row), flush=True)
+        time.sleep(args.interval)
     best = max(max(samples[f"cpu{c}"]) for c in cpus)
     print(
         f"summary over {len(samples['all'])} samples (slow: under {SLOW} x the fastest single-CPU sample, {best:.1f}):"
