@@ -21,20 +21,22 @@ class Clock:
 
 
 class Others:
-    """CPUs other processes keep busy during batch b: ``busy_on(b)`` (the tuner asks at a batch's start and end)."""
+    """CPUs other processes keep busy during batch ``batch`` (set by :func:`run`): ``busy_on(batch)``."""
 
     def __init__(self, busy_on):
-        self.busy_on, self.calls = busy_on, 0
+        self.busy_on, self.batch, self.calls = busy_on, 0, 0
 
     def __call__(self):
-        b, self.calls = self.calls // 2, self.calls + 1
-        return self.busy_on(b)
+        self.calls += 1
+        return self.busy_on(self.batch)
 
 
 def run(tuner: BatchThreads, clock: Clock, seconds_on, batches: int, samples: int = 100) -> list[int]:
     """Feed ``batches`` batches whose time is ``seconds_on(batch, threads)``; the thread count each ran on."""
     used = []
     for b in range(batches):
+        if isinstance(tuner.others, Others):
+            tuner.others.batch = b
         tuner.start_batch()
         with tuner.running():
             used.append(torch.get_num_threads())
@@ -56,6 +58,17 @@ def test_unknown_load_keeps_all_threads_and_probes_ever_more_rarely(two_threads)
     # warm-up: batches 0-1 (1 s); batch 2 the first timed one; probes at 3, then after 8, 16, 32 batches
     assert [b for b, k in enumerate(used) if k == 1] == [3, 12, 29]
     assert torch.get_num_threads() == 2  # restored after every batch
+
+
+def test_warm_up_batches_do_not_read_the_load(two_threads):
+    """The others' load is read (at a batch's start and end) only for timed batches, not in the warm-up."""
+    clock = Clock()
+    others = Others(lambda b: None)
+    tuner = BatchThreads(clock=clock, others=others)
+    run(tuner, clock, lambda b, k: 0.4, 3)  # 1.2 s of warm-up
+    assert others.calls == 0
+    run(tuner, clock, lambda b, k: 0.4, 2)
+    assert others.calls == 4
 
 
 @pytest.mark.parametrize("busy", [None, 1.0], ids=["load-unknown", "core-busy"])

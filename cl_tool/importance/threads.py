@@ -69,7 +69,8 @@ class BatchThreads:
         self.probing = False
         self.seconds = 0.0
         self.others = others if others is not None else (OthersBusy() if self.enabled else lambda: None)
-        self.busy: float | None = None  # CPUs the other processes kept busy during the last batch
+        self.busy: float | None = None  # CPUs the other processes kept busy during the last timed batch
+        self.timed = False  # this batch is past the warm-up: its time and the others' load are read
 
     def _contended(self) -> bool:
         return self.busy is None or self.busy >= OTHERS_BUSY
@@ -82,7 +83,9 @@ class BatchThreads:
             self.probing = self.enabled and due and self._contended()
         else:
             self.probing = self.enabled and (due or not self._contended())
-        self.others()  # start the window of this batch
+        self.timed = self.enabled and self.warm >= WARMUP_SECONDS
+        if self.timed:
+            self.others()  # start the window of this batch (warm-up batches read nothing: /proc costs ~0.1 ms)
         other = 1 if self.choice == self.all else self.all
         self.now = other if self.probing else self.choice
 
@@ -106,10 +109,10 @@ class BatchThreads:
         count_batch_threads(self.now)
         if not self.enabled or samples <= 0:
             return
-        self.busy = self.others()
-        if self.warm < WARMUP_SECONDS:
+        if not self.timed:
             self.warm += self.seconds
             return
+        self.busy = self.others()
         if self.next_probe is None:
             self.next_probe = self.batch  # the batch after this first timed one
         if self.seconds < MIN_SECONDS:  # too short to time: look again later
