@@ -241,7 +241,7 @@ class GradEngine:
         sources = without_hooked_ancestors(list(hooks), node_of=lambda jk: hooks[jk][0].node)
         if not sources and not tap_params:
             return []
-        returned = [jk for jk in sources if hooks[jk][0].output_overwritten()]  # autograd's result is their gradient
+        returned = {jk for jk in sources if hooks[jk][0].output_overwritten()}  # autograd's result is their gradient
         inputs = [GradientEdge(c.node, c.nr) if c.output_overwritten() else c.out for c, _ in map(hooks.get, sources)]
         handles = [_hook_output_grad(c, hook) for jk, (c, hook) in hooks.items() if jk not in returned]
         tap_sums: dict[str, torch.Tensor] = {}
